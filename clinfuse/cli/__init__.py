@@ -1,0 +1,5 @@
+"""The `clinfuse` command line: a thin shell over library functions (nothing imports it)."""
+
+from clinfuse.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,260 @@
+"""The manifest: the one input contract (DESIGN.md, "The manifest").
+
+A CSV, Parquet or JSONL table, one row a study; paths relative to the manifest's folder.
+`load_manifest` checks the whole structure up front and raises one `ManifestError` naming the
+row and column of the first problem; per-file problems (a corrupt DICOM, an unreadable note)
+are not structural and are found later, study by study, by `validate` or the pipelines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clinfuse.errors import ManifestError
+
+RESERVED = ("study_id", "patient_id", "image", "note", "note_path", "split")
+SPLITS = ("train", "val", "test")
+INPUT_COLUMNS = ("image", "note", "note_path")
+_TRUE = {"1", "1.0", "true"}
+_FALSE = {"0", "0.0", "false"}
+_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
+
+
+@dataclass(frozen=True)
+class PatientSplit:
+    """A seeded patient-level split: every study of a patient lands in the same split.
+
+    The split of a patient depends only on (seed, patient_id), so adding rows to a manifest
+    never moves an existing patient to another split.
+    """
+
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+
+    def assign(self, patient_id: str) -> str:
+        digest = hashlib.sha256(f"{self.seed}:{patient_id}".encode()).hexdigest()
+        u = int(digest[:16], 16) / 2**64  # uniform in [0, 1)
+        if u < self.test:
+            return "test"
+        return "val" if u < self.test + self.val else "train"
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One manifest row, resolved: absolute paths, a split, labels as float (NaN = unknown)."""
+
+    row: int  # 1-based data row, as a spreadsheet numbers it below the header
+    study_id: str
+    patient_id: str
+    image: Path | None
+    note: str | None
+    note_path: Path | None
+    split: str
+    labels: np.ndarray  # (L,) float32: 1.0, 0.0 or NaN
+
+
+@dataclass
+class Manifest:
+    """A checked manifest: the normalised table plus where it lives and which labels it has."""
+
+    path: Path
+    labels: tuple[str, ...]
+    table: pd.DataFrame  # one row a study; every cell a str ("" = empty); labels as float columns
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[StudyRow]:
+        yield from self.rows()
+
+    def rows(self, split: str | None = None) -> Iterator[StudyRow]:
+        """The rows, optionally of one split, in manifest order."""
+        table = self.table if split is None else self.table[self.table["split"] == split]
+        label_values = table[list(self.labels)].to_numpy(dtype=np.float32)
+        for i, record in enumerate(table.itertuples(index=False)):
+            yield StudyRow(
+                row=int(record.row),
+                study_id=record.study_id,
+                patient_id=record.patient_id,
+                image=self.root / record.image if record.image else None,
+                note=record.note or None,
+                note_path=self.root / record.note_path if record.note_path else None,
+                split=record.split,
+                labels=label_values[i],
+            )
+
+    def label_matrix(self, split: str | None = None) -> np.ndarray:
+        """(N, L) float32 labels with NaN for unknown."""
+        table = self.table if split is None else self.table[self.table["split"] == split]
+        return table[list(self.labels)].to_numpy(dtype=np.float32)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV, Parquet or JSONL manifest with every cell as text ("" for empty)."""
+    path = Path(path)
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ManifestError(
+            path, f"unsupported manifest type {path.suffix!r}", hint="use .csv, .parquet or .jsonl"
+        )
+    if not path.is_file():
+        raise ManifestError(path, "manifest file not found", hint="check the path")
+    try:
+        if kind == "csv":
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        elif kind == "parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_json(path, lines=True, dtype=False)
+    except Exception as exc:  # pandas raises many types for a malformed file
+        raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
+    table.columns = [str(c).strip() for c in table.columns]
+    return table.map(_as_text) if len(table) else table.astype(str)
+
+
+def _as_text(value: object) -> str:
+    """A cell as text: None/NaN -> "", 1.0 -> "1", strings stripped."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def load_manifest(
+    path: str | Path,
+    labels: Sequence[str] | None = None,
+    split: PatientSplit | None = None,
+) -> Manifest:
+    """Read and check a manifest; raise `ManifestError` naming the row/column of a problem.
+
+    `labels` names the label columns; by default every column that is not reserved.
+    Rows without a `split` value get the seeded patient-level `split` (default PatientSplit()).
+    """
+    path = Path(path)
+    table = read_table(path)
+    for column in ("study_id", "patient_id"):
+        if column not in table.columns:
+            raise ManifestError(
+                path, "missing required column", column=column, hint=_columns_hint(table)
+            )
+    if not any(c in table.columns for c in INPUT_COLUMNS):
+        raise ManifestError(
+            path,
+            "no input column: a manifest needs 'image', 'note' or 'note_path'",
+            hint=_columns_hint(table),
+        )
+    label_names = _label_columns(path, table, labels)
+    for column in INPUT_COLUMNS + ("split",):
+        if column not in table.columns:
+            table[column] = ""
+    table.insert(0, "row", np.arange(1, len(table) + 1))
+
+    _check_required_values(path, table)
+    _check_unique_studies(path, table)
+    table[list(label_names)] = _parse_labels(path, table, label_names)
+    table["split"] = _resolve_splits(path, table, split or PatientSplit())
+    columns = ["row", *RESERVED, *label_names]
+    return Manifest(path=path, labels=label_names, table=table[columns].reset_index(drop=True))
+
+
+def _columns_hint(table: pd.DataFrame) -> str:
+    return f"columns found: {', '.join(map(str, table.columns)) or 'none'}"
+
+
+def _label_columns(
+    path: Path, table: pd.DataFrame, labels: Sequence[str] | None
+) -> tuple[str, ...]:
+    if labels is None:
+        names = tuple(c for c in table.columns if c not in RESERVED)
+    else:
+        names = tuple(labels)
+        for name in names:
+            if name not in table.columns:
+                raise ManifestError(
+                    path, "label column named in the config is missing", column=name,
+                    hint=_columns_hint(table),
+                )
+            if name in RESERVED:
+                raise ManifestError(path, "a reserved column cannot be a label", column=name)
+    if not names:
+        raise ManifestError(
+            path, "no label columns", hint="add one column per label (values 1, 0 or empty)"
+        )
+    return names
+
+
+def _check_required_values(path: Path, table: pd.DataFrame) -> None:
+    for column in ("study_id", "patient_id"):
+        empty = table.index[table[column] == ""]
+        if len(empty):
+            raise ManifestError(
+                path, "empty value in a required column", row=int(table.at[empty[0], "row"]),
+                column=column, hint="every study needs a study_id and a patient_id",
+            )
+
+
+def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
+    duplicated = table[table["study_id"].duplicated(keep=False)]
+    if len(duplicated):
+        study_id = duplicated["study_id"].iloc[0]
+        rows = duplicated.loc[duplicated["study_id"] == study_id, "row"].tolist()
+        raise ManifestError(
+            path, f"duplicate study_id {study_id!r} (rows {', '.join(map(str, rows))})",
+            row=int(rows[1]), column="study_id", hint="study ids must be unique",
+        )
+
+
+def _parse_labels(path: Path, table: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
+    """Label cells -> float32 1.0 / 0.0 / NaN; any other value is an error naming the cell."""
+    parsed = {}
+    for name in names:
+        values = table[name].str.lower()
+        bad = ~(values.isin(_TRUE) | values.isin(_FALSE) | (values == ""))
+        if bad.any():
+            first = bad.idxmax()
+            raise ManifestError(
+                path, f"label value {table.at[first, name]!r} is not 1, 0 or empty",
+                row=int(table.at[first, "row"]), column=name,
+                hint="use 1 (present), 0 (absent) or leave empty (unknown)",
+            )
+        parsed[name] = np.where(values.isin(_TRUE), 1.0, np.where(values == "", np.nan, 0.0))
+    return pd.DataFrame(parsed, index=table.index).astype(np.float32)
+
+
+def _resolve_splits(path: Path, table: pd.DataFrame, split: PatientSplit) -> pd.Series:
+    """Given splits checked, missing ones assigned per patient; no patient straddles splits."""
+    given = table["split"].str.lower()
+    unknown = ~(given.isin(SPLITS) | (given == ""))
+    if unknown.any():
+        first = unknown.idxmax()
+        raise ManifestError(
+            path, f"unknown split {table.at[first, 'split']!r}", row=int(table.at[first, "row"]),
+            column="split", hint="use train, val or test, or leave empty for a seeded split",
+        )
+    resolved = given.where(given != "", table["patient_id"].map(split.assign))
+    per_patient = resolved.groupby(table["patient_id"]).nunique()
+    straddling = per_patient[per_patient > 1]
+    if len(straddling):
+        patient = straddling.index[0]
+        rows = table.loc[table["patient_id"] == patient, "row"].tolist()
+        raise ManifestError(
+            path, f"a patient's studies straddle splits (rows {', '.join(map(str, rows))})",
+            row=int(rows[0]), column="split",
+            hint="put all of a patient's studies in one split, or leave split empty",
+        )
+    return resolved

@@ -1,0 +1,137 @@
+"""Is this export usable? Per-row verdicts and a summary (`clinfuse validate`).
+
+Every row gets one verdict: `ok` (image and note), `image_only`, `note_only`, or `failed` with
+the reason (`<input>:<reason>: <detail>`). An input the user gave that cannot be read fails the
+row rather than silently turning it into a single-modality study.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clinfuse.data.manifest import SPLITS, Manifest, PatientSplit, StudyRow, load_manifest
+from clinfuse.data.study import load_study
+from clinfuse.errors import ClinfuseError, DicomError
+
+STATUSES = ("ok", "image_only", "note_only", "failed")
+VERDICT_COLUMNS = ("row", "study_id", "split", "status", "reason", "warning")
+
+
+def check_row(row: StudyRow) -> dict[str, object]:
+    """The verdict for one row; never raises for a problem in the row's files."""
+    verdict: dict[str, object] = {"row": row.row, "study_id": row.study_id, "split": row.split}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sample = load_study(row)
+        except ClinfuseError as exc:
+            side = "image" if isinstance(exc, DicomError) else "note"
+            return {**verdict, "status": "failed", "reason": f"{side}:{exc.reason}: {exc}",
+                    "warning": _joined(caught)}
+    if sample.image is None and sample.note is None:
+        status, reason = "failed", "no_input: the row has neither an image nor a note"
+    elif sample.image is None:
+        status, reason = "note_only", ""
+    elif sample.note is None:
+        status, reason = "image_only", ""
+    else:
+        status, reason = "ok", ""
+    if status != "failed" and np.isnan(row.labels).all():
+        caught_text = "all labels unknown (usable for inference, not for training)"
+        return {**verdict, "status": status, "reason": reason,
+                "warning": "; ".join(filter(None, [_joined(caught), caught_text]))}
+    return {**verdict, "status": status, "reason": reason, "warning": _joined(caught)}
+
+
+def _joined(caught: list[warnings.WarningMessage]) -> str:
+    return "; ".join(str(w.message) for w in caught)
+
+
+@dataclass
+class ValidationReport:
+    """Verdicts for every row of a manifest, and what they add up to."""
+
+    manifest: Manifest
+    verdicts: pd.DataFrame  # columns VERDICT_COLUMNS, one row per manifest row, manifest order
+
+    @property
+    def usable(self) -> pd.Series:
+        return self.verdicts["status"] != "failed"
+
+    @property
+    def trainable(self) -> bool:
+        """At least one usable row with at least one known label."""
+        known = ~np.isnan(self.manifest.label_matrix()).all(axis=1)
+        return bool((self.usable.to_numpy() & known).any())
+
+    def failures_by_reason(self) -> dict[str, int]:
+        failed = self.verdicts.loc[~self.usable, "reason"]
+        return failed.str.split(":", n=2).str[:2].str.join(":").value_counts().to_dict()
+
+    def prevalence(self) -> pd.DataFrame:
+        """Per split and label: positives / known among usable rows."""
+        labels = self.manifest.label_matrix()[self.usable.to_numpy()]
+        splits = self.verdicts.loc[self.usable, "split"].to_numpy()
+        rows = []
+        for split in SPLITS:
+            chosen = labels[splits == split]
+            for j, name in enumerate(self.manifest.labels):
+                known = ~np.isnan(chosen[:, j])
+                rows.append({"split": split, "label": name, "known": int(known.sum()),
+                             "positive": int(np.nansum(chosen[:, j]))})
+        return pd.DataFrame(rows)
+
+    def summary(self) -> dict[str, object]:
+        counts = self.verdicts["status"].value_counts()
+        return {
+            "rows": len(self.verdicts),
+            "usable": int(self.usable.sum()),
+            **{status: int(counts.get(status, 0)) for status in STATUSES},
+            "failed_by_reason": self.failures_by_reason(),
+            "split_rows": self.verdicts.loc[self.usable, "split"].value_counts().to_dict(),
+            "trainable": self.trainable,
+        }
+
+    def format_summary(self) -> str:
+        """The summary as a person reads it on a terminal."""
+        s = self.summary()
+        lines = [
+            f"manifest: {self.manifest.path}",
+            f"rows: {s['rows']}  usable: {s['usable']}  (image+note {s['ok']}, "
+            f"image only {s['image_only']}, note only {s['note_only']})  failed: {s['failed']}",
+        ]
+        lines += [f"  failed {reason}: {n}" for reason, n in s["failed_by_reason"].items()]
+        table = self.prevalence()
+        table["prevalence"] = (table["positive"] / table["known"].where(table["known"] > 0)).round(3)
+        wide = table.pivot(index="label", columns="split", values="prevalence")
+        wide = wide.reindex(index=list(self.manifest.labels), columns=list(SPLITS))
+        usable_per_split = ", ".join(f"{k} {s['split_rows'].get(k, 0)}" for k in SPLITS)
+        lines += [f"usable rows per split: {usable_per_split}",
+                  "label prevalence (positive / known) per split:",
+                  wide.to_string(na_rep="-")]
+        lines.append("trainable: yes" if s["trainable"] else
+                     "trainable: NO (no usable row with a known label)")
+        return "\n".join(lines)
+
+
+def validate_manifest(
+    path: str | Path,
+    labels: list[str] | None = None,
+    split: PatientSplit | None = None,
+    workers: int = 1,
+) -> ValidationReport:
+    """Check every row of a manifest; raises `ManifestError` only for structural problems."""
+    manifest = load_manifest(path, labels=labels, split=split)
+    rows = list(manifest.rows())
+    if workers > 1 and len(rows) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            verdicts = list(pool.map(check_row, rows, chunksize=max(1, len(rows) // (8 * workers))))
+    else:
+        verdicts = [check_row(row) for row in rows]
+    return ValidationReport(manifest, pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)))

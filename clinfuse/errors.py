@@ -1,0 +1,95 @@
+"""Typed errors a user can cause, each saying what is wrong, where, and what to do.
+
+Every error a user can trigger (a bad manifest, a corrupt file, a wrong config key) is one of
+these, so a caller (a batch pipeline, `clinfuse validate`) can catch it, record its `reason`
+and carry on with the next study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ClinfuseError(Exception):
+    """Base of every error clinfuse raises on purpose."""
+
+
+class DicomError(ClinfuseError):
+    """A file that cannot become an image.
+
+    `reason` is a short machine-readable code, one of `REASONS`; the message names the file.
+    """
+
+    REASONS = (
+        "missing",  # the path does not exist
+        "not_dicom",  # no DICOM preamble/meta and not parseable as a raw data set
+        "truncated",  # the file ends before its declared data does
+        "no_pixel_data",  # a DICOM object without an image (SR, presentation state, ...)
+        "no_decoder",  # compressed with a transfer syntax no installed plugin decodes
+        "unsupported_photometric",  # e.g. PALETTE COLOR without a LUT, or unknown
+        "decode_failed",  # a decoder was found but failed on the data
+        "inconsistent_series",  # a folder whose files cannot stack into one volume
+        "empty_series",  # a folder holding no readable DICOM image
+    )
+
+    def __init__(self, path: str | Path, reason: str, detail: str, hint: str = "") -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown DicomError reason {reason!r}")
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+        self.hint = hint
+        message = f"{self.path}: {reason}: {detail}"
+        super().__init__(f"{message}. {hint}" if hint else message)
+
+
+class ManifestError(ClinfuseError):
+    """A manifest that breaks the contract in DESIGN.md; names the row and/or column."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        problem: str,
+        *,
+        row: int | None = None,
+        column: str | None = None,
+        hint: str = "",
+    ) -> None:
+        self.path = str(path)
+        self.row = row  # 1-based data row (the header is row 0), as a spreadsheet shows it
+        self.column = column
+        self.problem = problem
+        where = self.path
+        if row is not None:
+            where += f" row {row}"
+        if column is not None:
+            where += f" column {column!r}"
+        message = f"{where}: {problem}"
+        super().__init__(f"{message}. {hint}" if hint else message)
+
+
+class ConfigError(ClinfuseError):
+    """A configuration with an unknown, mistyped or missing key; names the key."""
+
+    def __init__(self, key: str, problem: str, hint: str = "") -> None:
+        self.key = key
+        self.problem = problem
+        message = f"config key {key!r}: {problem}"
+        super().__init__(f"{message}. {hint}" if hint else message)
+
+
+class NoteError(ClinfuseError):
+    """A note file named in the manifest that cannot be opened (missing, a folder, unreadable)."""
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        self.path = str(path)
+        self.reason = "note_unreadable"
+        self.detail = detail
+        super().__init__(
+            f"{self.path}: note_unreadable: {detail}. "
+            "Fix the note_path, or leave it empty for a study without a note"
+        )
+
+
+class NoteWarning(UserWarning):
+    """A note was readable but had to be repaired (invalid UTF-8 bytes, control characters)."""

@@ -1,0 +1,131 @@
+"""The manifest contract: formats, relative paths, labels, splits and the errors that guard it."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clinfuse.data.manifest import PatientSplit, load_manifest
+from clinfuse.errors import ManifestError
+
+ROWS = [
+    {"study_id": "S1", "patient_id": "P1", "image": "img/a.dcm", "note": "fever", "flu": "1",
+     "copd": "0"},
+    {"study_id": "S2", "patient_id": "P1", "image": "", "note": "", "flu": "", "copd": "1"},
+    {"study_id": "S3", "patient_id": "P2", "image": "img/c.dcm", "note": "cough", "flu": "0",
+     "copd": ""},
+]
+
+
+def write(tmp_path, rows, name="manifest.csv"):
+    path = tmp_path / name
+    frame = pd.DataFrame(rows)
+    if name.endswith(".csv"):
+        frame.to_csv(path, index=False)
+    elif name.endswith(".parquet"):
+        frame.to_parquet(path)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.parquet", "m.jsonl"])
+def test_every_format_reads_the_same(tmp_path, name):
+    manifest = load_manifest(write(tmp_path, ROWS, name))
+    assert manifest.labels == ("flu", "copd")
+    np.testing.assert_array_equal(
+        manifest.label_matrix(), np.array([[1, 0], [np.nan, 1], [0, np.nan]], dtype=np.float32)
+    )
+    rows = list(manifest)
+    assert rows[0].image == tmp_path / "img/a.dcm"  # relative to the manifest's folder
+    assert rows[1].image is None and rows[1].note is None
+    assert [r.row for r in rows] == [1, 2, 3]
+
+
+def test_jsonl_numbers_and_nulls_are_labels(tmp_path):
+    rows = [{"study_id": 7, "patient_id": 1, "note": "x", "flu": 1, "copd": None},
+            {"study_id": 8, "patient_id": 2, "note": "y", "flu": 0.0, "copd": True}]
+    manifest = load_manifest(write(tmp_path, rows, "m.jsonl"))
+    assert [r.study_id for r in manifest] == ["7", "8"]
+    np.testing.assert_array_equal(manifest.label_matrix(), [[1, np.nan], [0, 1]])
+
+
+def test_labels_named_in_config_restrict_columns(tmp_path):
+    manifest = load_manifest(write(tmp_path, ROWS), labels=["copd"])
+    assert manifest.labels == ("copd",)
+
+
+def test_patient_split_keeps_a_patients_studies_together_and_is_seeded(tmp_path):
+    rows = [{"study_id": f"S{i}", "patient_id": f"P{i // 3}", "note": "n", "y": "1"}
+            for i in range(300)]
+    path = write(tmp_path, rows)
+    first = load_manifest(path, split=PatientSplit(seed=3)).table
+    again = load_manifest(path, split=PatientSplit(seed=3)).table
+    other = load_manifest(path, split=PatientSplit(seed=4)).table
+    assert (first.groupby("patient_id")["split"].nunique() == 1).all()
+    assert first["split"].tolist() == again["split"].tolist()
+    assert first["split"].tolist() != other["split"].tolist()
+    shares = first["split"].value_counts(normalize=True)
+    assert 0.6 < shares["train"] < 0.8 and shares["val"] > 0.05 and shares["test"] > 0.05
+
+
+def test_adding_rows_never_moves_an_existing_patient(tmp_path):
+    rows = [{"study_id": f"S{i}", "patient_id": f"P{i}", "note": "n", "y": "0"}
+            for i in range(50)]
+    before = load_manifest(write(tmp_path, rows)).table["split"].tolist()
+    extra = rows + [{"study_id": "S999", "patient_id": "P999", "note": "n", "y": "1"}]
+    after = load_manifest(write(tmp_path, extra)).table["split"].tolist()
+    assert after[:50] == before
+
+
+def test_given_split_is_kept_and_empty_cells_are_assigned(tmp_path):
+    rows = [dict(r, split=s) for r, s in zip(ROWS, ["test", "test", ""])]
+    splits = load_manifest(write(tmp_path, rows)).table["split"].tolist()
+    assert splits[:2] == ["test", "test"] and splits[2] in ("train", "val", "test")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda rows: [{k: v for k, v in r.items() if k != "patient_id"} for r in rows],
+         "column 'patient_id': missing required column"),
+        (lambda rows: rows + [dict(rows[0], patient_id="P9")],
+         r"row 4 column 'study_id': duplicate study_id 'S1' \(rows 1, 4\)"),
+        (lambda rows: [dict(r, split="training") for r in rows],
+         "row 1 column 'split': unknown split 'training'"),
+        (lambda rows: [rows[0], dict(rows[1], flu="yes"), rows[2]],
+         "row 2 column 'flu': label value 'yes' is not 1, 0 or empty"),
+        (lambda rows: [rows[0], dict(rows[1], flu="2"), rows[2]],
+         "row 2 column 'flu'"),
+        (lambda rows: [dict(rows[0], split="train"), dict(rows[1], split="test"), rows[2]],
+         "row 1 column 'split': a patient's studies straddle splits"),
+        (lambda rows: [rows[0], dict(rows[1], study_id=""), rows[2]],
+         "row 2 column 'study_id': empty value"),
+        (lambda rows: [{k: v for k, v in r.items() if k not in ("image", "note")} for r in rows],
+         "no input column"),
+        (lambda rows: [{k: r[k] for k in ("study_id", "patient_id", "note")} for r in rows],
+         "no label columns"),
+    ],
+)
+def test_structural_errors_name_row_and_column(tmp_path, change, match):
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(write(tmp_path, change([dict(r) for r in ROWS])))
+
+
+def test_missing_config_label_and_bad_file_type(tmp_path):
+    with pytest.raises(ManifestError, match="column 'effusion': label column named in the config"):
+        load_manifest(write(tmp_path, ROWS), labels=["effusion"])
+    bad = tmp_path / "m.xlsx"
+    bad.write_text("x")
+    with pytest.raises(ManifestError, match="unsupported manifest type '.xlsx'"):
+        load_manifest(bad)
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path / "absent.csv")
+
+
+def test_manifest_error_never_prints_patient_ids(tmp_path):
+    rows = [dict(ROWS[0], split="train"), dict(ROWS[1], split="test"), ROWS[2]]
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write(tmp_path, rows))
+    assert "P1" not in str(info.value)

@@ -1,0 +1,56 @@
+"""Note ingestion: inline or file, repaired with a warning, never a crash; empty = no note."""
+
+import pytest
+
+from clinfuse.data.notes import read_note
+from clinfuse.errors import NoteError, NoteWarning
+
+
+def test_inline_text_is_returned_as_written():
+    assert read_note("Fever and productive cough.") == "Fever and productive cough."
+
+
+def test_inline_wins_over_file(tmp_path):
+    path = tmp_path / "n.txt"
+    path.write_text("from file", encoding="utf-8")
+    assert read_note("inline", path) == "inline"
+    assert read_note("", path) == "from file"
+
+
+@pytest.mark.parametrize("text", [None, "", "   \n\t "])
+def test_empty_or_missing_note_is_no_note(text):
+    assert read_note(text) is None
+
+
+def test_blank_note_file_is_no_note(tmp_path):
+    path = tmp_path / "blank.txt"
+    path.write_text("\n\n", encoding="utf-8")
+    assert read_note(path=path) is None
+
+
+def test_unicode_file_round_trips_with_bom(tmp_path):
+    path = tmp_path / "n.txt"
+    path.write_bytes("\ufeffPatient reports dyspnée, 38.9 °C — crackles.".encode())
+    assert read_note(path=path) == "Patient reports dyspnée, 38.9 °C — crackles."
+
+
+def test_invalid_utf8_bytes_are_replaced_with_a_warning_naming_the_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("fièvre and cough".encode("latin-1"))
+    with pytest.warns(NoteWarning, match="latin1.txt"):
+        note = read_note(path=path)
+    assert note == "fi\ufffdvre and cough"
+
+
+def test_control_characters_become_spaces_so_offsets_hold():
+    text = "fever\x00 and\x07cough\nnext line\tend"
+    with pytest.warns(NoteWarning, match="2 control"):
+        note = read_note(text)
+    assert note == "fever  and cough\nnext line\tend"
+    assert len(note) == len(text)
+    assert note.index("cough") == text.index("cough")
+
+
+def test_unreadable_note_file_is_a_typed_error_naming_it(tmp_path):
+    with pytest.raises(NoteError, match="missing.txt.*note_path"):
+        read_note(path=tmp_path / "missing.txt")
