@@ -10,11 +10,23 @@ from clinfuse.data.manifest import PatientSplit, load_manifest
 from clinfuse.errors import ManifestError
 
 ROWS = [
-    {"study_id": "S1", "patient_id": "P1", "image": "img/a.dcm", "note": "fever", "flu": "1",
-     "copd": "0"},
+    {
+        "study_id": "S1",
+        "patient_id": "P1",
+        "image": "img/a.dcm",
+        "note": "fever",
+        "flu": "1",
+        "copd": "0",
+    },
     {"study_id": "S2", "patient_id": "P1", "image": "", "note": "", "flu": "", "copd": "1"},
-    {"study_id": "S3", "patient_id": "P2", "image": "img/c.dcm", "note": "cough", "flu": "0",
-     "copd": ""},
+    {
+        "study_id": "S3",
+        "patient_id": "P2",
+        "image": "img/c.dcm",
+        "note": "cough",
+        "flu": "0",
+        "copd": "",
+    },
 ]
 
 
@@ -44,8 +56,10 @@ def test_every_format_reads_the_same(tmp_path, name):
 
 
 def test_jsonl_numbers_and_nulls_are_labels(tmp_path):
-    rows = [{"study_id": 7, "patient_id": 1, "note": "x", "flu": 1, "copd": None},
-            {"study_id": 8, "patient_id": 2, "note": "y", "flu": 0.0, "copd": True}]
+    rows = [
+        {"study_id": 7, "patient_id": 1, "note": "x", "flu": 1, "copd": None},
+        {"study_id": 8, "patient_id": 2, "note": "y", "flu": 0.0, "copd": True},
+    ]
     manifest = load_manifest(write(tmp_path, rows, "m.jsonl"))
     assert [r.study_id for r in manifest] == ["7", "8"]
     np.testing.assert_array_equal(manifest.label_matrix(), [[1, np.nan], [0, 1]])
@@ -57,8 +71,9 @@ def test_labels_named_in_config_restrict_columns(tmp_path):
 
 
 def test_patient_split_keeps_a_patients_studies_together_and_is_seeded(tmp_path):
-    rows = [{"study_id": f"S{i}", "patient_id": f"P{i // 3}", "note": "n", "y": "1"}
-            for i in range(300)]
+    rows = [
+        {"study_id": f"S{i}", "patient_id": f"P{i // 3}", "note": "n", "y": "1"} for i in range(300)
+    ]
     path = write(tmp_path, rows)
     first = load_manifest(path, split=PatientSplit(seed=3)).table
     again = load_manifest(path, split=PatientSplit(seed=3)).table
@@ -71,8 +86,7 @@ def test_patient_split_keeps_a_patients_studies_together_and_is_seeded(tmp_path)
 
 
 def test_adding_rows_never_moves_an_existing_patient(tmp_path):
-    rows = [{"study_id": f"S{i}", "patient_id": f"P{i}", "note": "n", "y": "0"}
-            for i in range(50)]
+    rows = [{"study_id": f"S{i}", "patient_id": f"P{i}", "note": "n", "y": "0"} for i in range(50)]
     before = load_manifest(write(tmp_path, rows)).table["split"].tolist()
     extra = rows + [{"study_id": "S999", "patient_id": "P999", "note": "n", "y": "1"}]
     after = load_manifest(write(tmp_path, extra)).table["split"].tolist()
@@ -88,24 +102,39 @@ def test_given_split_is_kept_and_empty_cells_are_assigned(tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda rows: [{k: v for k, v in r.items() if k != "patient_id"} for r in rows],
-         "column 'patient_id': missing required column"),
-        (lambda rows: rows + [dict(rows[0], patient_id="P9")],
-         r"row 4 column 'study_id': duplicate study_id 'S1' \(rows 1, 4\)"),
-        (lambda rows: [dict(r, split="training") for r in rows],
-         "row 1 column 'split': unknown split 'training'"),
-        (lambda rows: [rows[0], dict(rows[1], flu="yes"), rows[2]],
-         "row 2 column 'flu': label value 'yes' is not 1, 0 or empty"),
-        (lambda rows: [rows[0], dict(rows[1], flu="2"), rows[2]],
-         "row 2 column 'flu'"),
-        (lambda rows: [dict(rows[0], split="train"), dict(rows[1], split="test"), rows[2]],
-         "row 1 column 'split': a patient's studies straddle splits"),
-        (lambda rows: [rows[0], dict(rows[1], study_id=""), rows[2]],
-         "row 2 column 'study_id': empty value"),
-        (lambda rows: [{k: v for k, v in r.items() if k not in ("image", "note")} for r in rows],
-         "no input column"),
-        (lambda rows: [{k: r[k] for k in ("study_id", "patient_id", "note")} for r in rows],
-         "no label columns"),
+        (
+            lambda rows: [{k: v for k, v in r.items() if k != "patient_id"} for r in rows],
+            "column 'patient_id': missing required column",
+        ),
+        (
+            lambda rows: rows + [dict(rows[0], patient_id="P9")],
+            r"row 4 column 'study_id': duplicate study_id 'S1' \(rows 1, 4\)",
+        ),
+        (
+            lambda rows: [dict(r, split="training") for r in rows],
+            "row 1 column 'split': unknown split 'training'",
+        ),
+        (
+            lambda rows: [rows[0], dict(rows[1], flu="yes"), rows[2]],
+            "row 2 column 'flu': label value 'yes' is not 1, 0 or empty",
+        ),
+        (lambda rows: [rows[0], dict(rows[1], flu="2"), rows[2]], "row 2 column 'flu'"),
+        (
+            lambda rows: [dict(rows[0], split="train"), dict(rows[1], split="test"), rows[2]],
+            "row 1 column 'split': a patient's studies straddle splits",
+        ),
+        (
+            lambda rows: [rows[0], dict(rows[1], study_id=""), rows[2]],
+            "row 2 column 'study_id': empty value",
+        ),
+        (
+            lambda rows: [{k: v for k, v in r.items() if k not in ("image", "note")} for r in rows],
+            "no input column",
+        ),
+        (
+            lambda rows: [{k: r[k] for k in ("study_id", "patient_id", "note")} for r in rows],
+            "no label columns",
+        ),
     ],
 )
 def test_structural_errors_name_row_and_column(tmp_path, change, match):

@@ -186,7 +186,9 @@ def _label_columns(
         for name in names:
             if name not in table.columns:
                 raise ManifestError(
-                    path, "label column named in the config is missing", column=name,
+                    path,
+                    "label column named in the config is missing",
+                    column=name,
                     hint=_columns_hint(table),
                 )
             if name in RESERVED:
@@ -203,8 +205,11 @@ def _check_required_values(path: Path, table: pd.DataFrame) -> None:
         empty = table.index[table[column] == ""]
         if len(empty):
             raise ManifestError(
-                path, "empty value in a required column", row=int(table.at[empty[0], "row"]),
-                column=column, hint="every study needs a study_id and a patient_id",
+                path,
+                "empty value in a required column",
+                row=int(table.at[empty[0], "row"]),
+                column=column,
+                hint="every study needs a study_id and a patient_id",
             )
 
 
@@ -214,8 +219,11 @@ def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
         study_id = duplicated["study_id"].iloc[0]
         rows = duplicated.loc[duplicated["study_id"] == study_id, "row"].tolist()
         raise ManifestError(
-            path, f"duplicate study_id {study_id!r} (rows {', '.join(map(str, rows))})",
-            row=int(rows[1]), column="study_id", hint="study ids must be unique",
+            path,
+            f"duplicate study_id {study_id!r} (rows {', '.join(map(str, rows))})",
+            row=int(rows[1]),
+            column="study_id",
+            hint="study ids must be unique",
         )
 
 
@@ -228,8 +236,10 @@ def _parse_labels(path: Path, table: pd.DataFrame, names: tuple[str, ...]) -> pd
         if bad.any():
             first = bad.idxmax()
             raise ManifestError(
-                path, f"label value {table.at[first, name]!r} is not 1, 0 or empty",
-                row=int(table.at[first, "row"]), column=name,
+                path,
+                f"label value {table.at[first, name]!r} is not 1, 0 or empty",
+                row=int(table.at[first, "row"]),
+                column=name,
                 hint="use 1 (present), 0 (absent) or leave empty (unknown)",
             )
         parsed[name] = np.where(values.isin(_TRUE), 1.0, np.where(values == "", np.nan, 0.0))
@@ -243,8 +253,11 @@ def _resolve_splits(path: Path, table: pd.DataFrame, split: PatientSplit) -> pd.
     if unknown.any():
         first = unknown.idxmax()
         raise ManifestError(
-            path, f"unknown split {table.at[first, 'split']!r}", row=int(table.at[first, "row"]),
-            column="split", hint="use train, val or test, or leave empty for a seeded split",
+            path,
+            f"unknown split {table.at[first, 'split']!r}",
+            row=int(table.at[first, "row"]),
+            column="split",
+            hint="use train, val or test, or leave empty for a seeded split",
         )
     resolved = given.where(given != "", table["patient_id"].map(split.assign))
     per_patient = resolved.groupby(table["patient_id"]).nunique()
@@ -253,8 +266,10 @@ def _resolve_splits(path: Path, table: pd.DataFrame, split: PatientSplit) -> pd.
         patient = straddling.index[0]
         rows = table.loc[table["patient_id"] == patient, "row"].tolist()
         raise ManifestError(
-            path, f"a patient's studies straddle splits (rows {', '.join(map(str, rows))})",
-            row=int(rows[0]), column="split",
+            path,
+            f"a patient's studies straddle splits (rows {', '.join(map(str, rows))})",
+            row=int(rows[0]),
+            column="split",
             hint="put all of a patient's studies in one split, or leave split empty",
         )
     return resolved

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from clinfuse.data.dicom import DicomImage, read_dicom
+
 from clinfuse.data.manifest import StudyRow
 from clinfuse.data.notes import read_note
 
@@ -31,6 +31,4 @@ def load_study(row: StudyRow) -> Sample:
     """Read a row's image and note; raises `DicomError` or `NoteError` naming the file."""
     image = read_dicom(row.image) if row.image is not None else None
     note = read_note(row.note, row.note_path)
-    return Sample(
-        study_id=row.study_id, image=image, note=note, labels=row.labels, split=row.split
-    )
+    return Sample(study_id=row.study_id, image=image, note=note, labels=row.labels, split=row.split)

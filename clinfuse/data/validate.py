@@ -32,8 +32,12 @@ def check_row(row: StudyRow) -> dict[str, object]:
             sample = load_study(row)
         except ClinfuseError as exc:
             side = "image" if isinstance(exc, DicomError) else "note"
-            return {**verdict, "status": "failed", "reason": f"{side}:{exc.reason}: {exc}",
-                    "warning": _joined(caught)}
+            return {
+                **verdict,
+                "status": "failed",
+                "reason": f"{side}:{exc.reason}: {exc}",
+                "warning": _joined(caught),
+            }
     if sample.image is None and sample.note is None:
         status, reason = "failed", "no_input: the row has neither an image nor a note"
     elif sample.image is None:
@@ -44,8 +48,12 @@ def check_row(row: StudyRow) -> dict[str, object]:
         status, reason = "ok", ""
     if status != "failed" and np.isnan(row.labels).all():
         caught_text = "all labels unknown (usable for inference, not for training)"
-        return {**verdict, "status": status, "reason": reason,
-                "warning": "; ".join(filter(None, [_joined(caught), caught_text]))}
+        return {
+            **verdict,
+            "status": status,
+            "reason": reason,
+            "warning": "; ".join(filter(None, [_joined(caught), caught_text])),
+        }
     return {**verdict, "status": status, "reason": reason, "warning": _joined(caught)}
 
 
@@ -83,8 +91,14 @@ class ValidationReport:
             chosen = labels[splits == split]
             for j, name in enumerate(self.manifest.labels):
                 known = ~np.isnan(chosen[:, j])
-                rows.append({"split": split, "label": name, "known": int(known.sum()),
-                             "positive": int(np.nansum(chosen[:, j]))})
+                rows.append(
+                    {
+                        "split": split,
+                        "label": name,
+                        "known": int(known.sum()),
+                        "positive": int(np.nansum(chosen[:, j])),
+                    }
+                )
         return pd.DataFrame(rows)
 
     def summary(self) -> dict[str, object]:
@@ -108,15 +122,22 @@ class ValidationReport:
         ]
         lines += [f"  failed {reason}: {n}" for reason, n in s["failed_by_reason"].items()]
         table = self.prevalence()
-        table["prevalence"] = (table["positive"] / table["known"].where(table["known"] > 0)).round(3)
+        table["prevalence"] = (table["positive"] / table["known"].where(table["known"] > 0)).round(
+            3
+        )
         wide = table.pivot(index="label", columns="split", values="prevalence")
         wide = wide.reindex(index=list(self.manifest.labels), columns=list(SPLITS))
         usable_per_split = ", ".join(f"{k} {s['split_rows'].get(k, 0)}" for k in SPLITS)
-        lines += [f"usable rows per split: {usable_per_split}",
-                  "label prevalence (positive / known) per split:",
-                  wide.to_string(na_rep="-")]
-        lines.append("trainable: yes" if s["trainable"] else
-                     "trainable: NO (no usable row with a known label)")
+        lines += [
+            f"usable rows per split: {usable_per_split}",
+            "label prevalence (positive / known) per split:",
+            wide.to_string(na_rep="-"),
+        ]
+        lines.append(
+            "trainable: yes"
+            if s["trainable"]
+            else "trainable: NO (no usable row with a known label)"
+        )
         return "\n".join(lines)
 
 
