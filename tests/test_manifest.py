@@ -94,7 +94,7 @@ def test_adding_rows_never_moves_an_existing_patient(tmp_path):
 
 
 def test_given_split_is_kept_and_empty_cells_are_assigned(tmp_path):
-    rows = [dict(r, split=s) for r, s in zip(ROWS, ["test", "test", ""])]
+    rows = [dict(r, split=s) for r, s in zip(ROWS, ["test", "test", ""], strict=True)]
     splits = load_manifest(write(tmp_path, rows)).table["split"].tolist()
     assert splits[:2] == ["test", "test"] and splits[2] in ("train", "val", "test")
 
