@@ -1,0 +1,150 @@
+"""Typed configuration: one pydantic model per component, round-tripping to JSON/YAML.
+
+An unknown or mistyped key fails when the config loads, as a `ConfigError` naming the key
+(`model.fusion.widht: unknown key`), never deep inside a constructor. `key=value` overrides
+from the command line reach any field by its dotted path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from clinfuse.errors import ConfigError
+
+FusionMode = Literal["cross_attention", "late", "image_only", "text_only"]
+C = TypeVar("C", bound="Config")
+
+
+class Config(BaseModel):
+    """Base of every config: unknown keys are errors, fields are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ImageConfig(Config):
+    """A MONAI image backbone cut before its classifier; its last feature map becomes tokens."""
+
+    backbone: Literal["densenet", "resnet", "vit"] = "densenet"
+    spatial_dims: Literal[2, 3] = 2
+    in_channels: int = 1
+    # densenet: init_features, growth_rate, block_config (DenseNet121 = 64, 32, (6, 12, 24, 16))
+    init_features: int = 16
+    growth_rate: int = 16
+    block_config: tuple[int, ...] = (2, 2, 2)
+    # resnet: layers and block_inplanes (ResNet18 = (2, 2, 2, 2), (64, 128, 256, 512))
+    layers: tuple[int, ...] = (1, 1, 1, 1)
+    block_inplanes: tuple[int, ...] = (16, 32, 64, 128)
+    # vit: patch size, width, depth, heads
+    patch_size: int = 16
+    vit_hidden: int = 128
+    vit_layers: int = 2
+    vit_heads: int = 4
+    pretrained: str | None = None  # a local .safetensors (or state-dict .pt) file of the backbone
+
+
+class TextConfig(Config):
+    """A transformers encoder: a local folder / hub name, or built in memory (the default)."""
+
+    pretrained: str | None = None  # folder or hub name of a BERT-family encoder + tokenizer
+    vocab_size: int = 2000  # for the WordPiece tokenizer trained on the training notes
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 128
+    max_length: int = 128  # tokens, including [CLS] and [SEP]
+    long_notes: Literal["truncate", "chunk"] = "truncate"
+    max_chunks: int = 4  # with long_notes=chunk: at most this many windows of max_length
+
+
+class FusionConfig(Config):
+    """How the two sides meet: the mode and the cross-attention stack's shape."""
+
+    mode: FusionMode = "cross_attention"
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+    modality_dropout: float = 0.15  # per study, training only: drop one side with this chance
+
+
+class PreprocessConfig(Config):
+    """The preprocessing spec; saved in the checkpoint so inference never restates it."""
+
+    spatial_size: tuple[int, ...] = (128, 128)  # (H, W) or (D, H, W): resize longest side, pad
+    window: Literal["file", "percentile"] = "file"  # the file's VOI window, else percentiles
+    normalize: tuple[float, float] = (0.5, 0.25)  # (mean, std) after windowing to [0, 1]
+
+
+class ModelConfig(Config):
+    """Everything needed to build the model (not its weights)."""
+
+    name: str = "custom"
+    labels: tuple[str, ...] = ()
+    image: ImageConfig = ImageConfig()
+    text: TextConfig = TextConfig()
+    fusion: FusionConfig = FusionConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+
+def parse_config(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
+    """Validate a dict into `cls`; the first problem becomes a `ConfigError` naming its key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        if error["type"] == "extra_forbidden":
+            raise ConfigError(key, "unknown key", hint=_known_keys_hint(cls, error["loc"])) from exc
+        raise ConfigError(key, error["msg"]) from exc
+
+
+def _known_keys_hint(cls: type[Config], loc: tuple[Any, ...]) -> str:
+    model: Any = cls
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    return f"known keys here: {', '.join(model.model_fields)}"
+
+
+def load_config_file(cls: type[C], path: str | Path, prefix: str = "") -> C:
+    """Read a YAML or JSON config file into `cls`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a config file must hold a mapping of keys to values")
+    return parse_config(cls, data, prefix)
+
+
+def apply_overrides(config: C, overrides: Iterable[str]) -> C:
+    """Apply `dotted.key=value` strings (values parsed as YAML) and re-validate."""
+    data = config.model_dump(mode="json")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "an override must look like key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(key, "unknown key", hint=f"{part!r} is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(key, "unknown key", hint=f"known keys here: {', '.join(node)}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    return parse_config(type(config), data)
+
+
+def to_json(config: Config) -> str:
+    return json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=False)

@@ -1,0 +1,127 @@
+"""A checkpoint is a folder that carries everything needed to predict; loading never unpickles.
+
+config.json        model config (architecture, labels, preprocessing spec), the text
+                   encoder's transformers config, calibration, metrics, provenance
+model.safetensors  every weight and buffer (temperatures and thresholds included)
+tokenizer/         the note tokenizer (tokenizer.json)
+MODEL_CARD.md      generated: what the model is for, its labels, calibration and metrics
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from clinfuse import __version__
+from clinfuse.config import ModelConfig, parse_config
+from clinfuse.errors import ConfigError
+from clinfuse.model.model import FusionModel
+from clinfuse.model.text_encoder import load_tokenizer
+
+FORMAT_VERSION = 1
+NOTICE = "Decision support, not a diagnosis: every output is for review by a clinician."
+
+
+def save_checkpoint(
+    model: FusionModel, folder: str | Path, info: dict[str, Any] | None = None
+) -> Path:
+    """Write `model` to `folder` (created); `info` (metrics, manifest hash, ...) is recorded."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    config = {
+        "format_version": FORMAT_VERSION,
+        "clinfuse_version": __version__,
+        "model": model.cfg.model_dump(mode="json"),
+        "text_model": model.text_encoder.saved_config() if model.text_encoder else None,
+        "calibration": {
+            name: {"temperature": float(t), "threshold": float(th)}
+            for name, t, th in zip(model.labels, model.temperature, model.thresholds, strict=True)
+        },
+        **(info or {}),
+    }
+    tmp = folder / "model.safetensors.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(folder / "model.safetensors")  # atomic: a crash never leaves half a file
+    model.note_tokenizer.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "MODEL_CARD.md").write_text(model_card(model, config), encoding="utf-8")
+    return folder
+
+
+def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            str(folder),
+            "not a clinfuse model folder (no config.json)",
+            hint="pass the folder `clinfuse train --out` wrote",
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> FusionModel:
+    """Rebuild the model from `folder` in eval mode: config, tokenizer, safetensors weights."""
+    folder = Path(folder)
+    config = read_checkpoint_config(folder)
+    cfg = parse_config(ModelConfig, config["model"], "model")
+    # The weights come from model.safetensors; never re-read the user's pretrained files.
+    cfg = cfg.model_copy(update={"image": cfg.image.model_copy(update={"pretrained": None})})
+    model = FusionModel(cfg, load_tokenizer(str(folder / "tokenizer")), config.get("text_model"))
+    load_model(model, str(folder / "model.safetensors"), strict=True, device="cpu")
+    return model.to(device).eval()
+
+
+def model_card(model: FusionModel, config: dict[str, Any]) -> str:
+    """A Markdown card a person reads before trusting the model."""
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = "\n".join(
+        f"| {name} | {c['temperature']:.3f} | {c['threshold']:.3f} |"
+        for name, c in config["calibration"].items()
+    )
+    metrics = config.get("metrics")
+    metrics_text = (
+        "```json\n" + json.dumps(metrics, indent=2)[:4000] + "\n```"
+        if metrics
+        else "Not yet evaluated: run `clinfuse evaluate` before relying on this model."
+    )
+    text_source = cfg.text.pretrained or "built in memory, WordPiece tokenizer trained on the notes"
+    return f"""# clinfuse model card: {cfg.name}
+
+**{NOTICE}**
+
+- clinfuse version: {config["clinfuse_version"]} (checkpoint format {config["format_version"]})
+- fusion: `{cfg.fusion.mode}` (width {cfg.fusion.width}, depth {cfg.fusion.depth}, \
+heads {cfg.fusion.heads}); parameters: {n_params:,}
+- image encoder: MONAI {cfg.image.backbone}, {cfg.image.spatial_dims}D, \
+{cfg.image.in_channels} channel(s), input {tuple(cfg.preprocess.spatial_size)}, \
+window `{cfg.preprocess.window}`
+- note encoder: {text_source}; {cfg.text.max_length} tokens, long notes: {cfg.text.long_notes}
+- training manifest sha256: {config.get("manifest_sha256", "not recorded")}
+- written on: Python {platform.python_version()}, torch {torch.__version__}
+
+## Labels, calibration and operating points
+
+Probabilities are `sigmoid(logit / temperature)`; a label is called at or above its threshold.
+
+| label | temperature | threshold |
+|---|---|---|
+{rows}
+
+## Validation metrics
+
+{metrics_text}
+
+## Intended use and limits
+
+Scores studies of the kind it was trained on (modality, view, population, note style) for a
+clinician to review. A study without its image or its note is scored from the side it has,
+which is less reliable; every prediction records which sides it used. It has not been
+validated for clinical use.
+"""

@@ -1,0 +1,199 @@
+"""`FusionModel`: image encoder + note encoder -> fusion -> pooled (B, D) -> logits (B, L).
+
+`forward` takes tensors and returns one logits tensor so captum can drive it; the richer
+outputs (per-side tokens, pooled features, attention maps) come from `forward_intermediates`.
+One config key, `fusion.mode`, chooses the model or one of its baselines:
+
+- `cross_attention` (default): intermediate bidirectional cross-attention, then pooling;
+- `late`: each side pooled on its own, the two pooled vectors concatenated;
+- `image_only` / `text_only`: one side, pooled.
+
+A study may lack its image or its note: a learned token stands in for the missing side, and
+modality dropout in training (`fusion.modality_dropout`) teaches the model to use either side
+alone. Like torchxrayvision, the model knows its label names and carries its per-label
+temperature and decision thresholds as buffers, so the checkpoint alone is enough to predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from clinfuse.config import ModelConfig
+from clinfuse.model.fusion import BlockAttention, Fusion
+from clinfuse.model.image_encoder import ImageEncoder
+from clinfuse.model.text_encoder import NoteTokenizer, TextEncoder
+
+
+@dataclass
+class Intermediates:
+    """Everything `forward` computes on the way to the logits."""
+
+    text_tokens: torch.Tensor  # (B, Nt, D) after fusion (or encoding, without fusion)
+    image_tokens: torch.Tensor  # (B, Ni, D)
+    text_valid: torch.Tensor  # (B, Nt) bool
+    image_valid: torch.Tensor  # (B, Ni) bool
+    image_used: torch.Tensor  # (B,) bool: the image side was real (not the missing token)
+    note_used: torch.Tensor  # (B,) bool
+    pooled: torch.Tensor  # (B, D)
+    logits: torch.Tensor  # (B, L)
+    attention: list[BlockAttention]  # one per fusion block when asked for, else empty
+
+
+def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, N, D), (B, N) -> (B, D) mean over the valid tokens."""
+    weights = valid.to(tokens.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class FusionModel(nn.Module):
+    """Multimodal multi-label classifier; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        text_saved: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if not cfg.labels:
+            raise ValueError("a model needs at least one label (ModelConfig.labels)")
+        self.cfg = cfg
+        self.labels = tuple(cfg.labels)
+        self.note_tokenizer = NoteTokenizer(tokenizer, cfg.text)
+        width, mode = cfg.fusion.width, cfg.fusion.mode
+        self.uses_image = mode != "text_only"
+        self.uses_text = mode != "image_only"
+        self.image_encoder = (
+            ImageEncoder(cfg.image, cfg.preprocess.spatial_size, width) if self.uses_image else None
+        )
+        self.text_encoder = (
+            TextEncoder(cfg.text, width, len(tokenizer), text_saved) if self.uses_text else None
+        )
+        self.missing_image = nn.Parameter(torch.zeros(1, 1, width))
+        self.missing_text = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.normal_(self.missing_image, std=0.02)
+        nn.init.normal_(self.missing_text, std=0.02)
+        self.fusion = Fusion(cfg.fusion) if mode == "cross_attention" else None
+        pooled_in = width * (int(self.uses_image) + int(self.uses_text))
+        self.pool = nn.Sequential(
+            nn.LayerNorm(pooled_in),
+            nn.Linear(pooled_in, width),
+            nn.GELU(),
+            nn.Dropout(cfg.fusion.dropout),
+        )
+        self.head = nn.Linear(width, len(self.labels))  # one logit a label
+        n = len(self.labels)
+        self.register_buffer("temperature", torch.ones(n))  # fitted after training
+        self.register_buffer("thresholds", torch.full((n,), 0.5))  # on calibrated probabilities
+
+    # -- the two towers -------------------------------------------------------------------
+    def encode_image(
+        self, image: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, *spatial), (B,) -> tokens (B, Ni, D), valid (B, Ni); missing -> learned token."""
+        tokens = self.image_encoder(image)  # (B, Ni, D)
+        return self._stand_in(tokens, present, self.missing_image)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Nt) ids and mask, (B,) -> tokens (B, Nt, D), valid (B, Nt)."""
+        tokens = self.text_encoder(input_ids, attention_mask)  # (B, Nt, D)
+        tokens, stand_in_valid = self._stand_in(tokens, present, self.missing_text)
+        return tokens, torch.where(present[:, None], attention_mask.bool(), stand_in_valid)
+
+    @staticmethod
+    def _stand_in(
+        tokens: torch.Tensor, present: torch.Tensor, missing: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace an absent side by one valid learned token (position 0), the rest masked."""
+        B, N, _ = tokens.shape
+        tokens = torch.where(present[:, None, None], tokens, missing.expand(B, N, -1))
+        valid = present[:, None].expand(B, N).clone()
+        valid[:, 0] = True
+        return tokens, valid
+
+    def _modality_dropout(
+        self, image_present: torch.Tensor, note_present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training only: with both sides present, drop one (chosen at random) with chance p."""
+        p = self.cfg.fusion.modality_dropout
+        if not self.training or p <= 0 or not (self.uses_image and self.uses_text):
+            return image_present, note_present
+        both = image_present & note_present
+        drop = both & (torch.rand_like(both, dtype=torch.float32) < p)
+        drop_image = drop & (torch.rand_like(both, dtype=torch.float32) < 0.5)
+        return image_present & ~drop_image, note_present & ~(drop & ~drop_image)
+
+    # -- fusion and heads -----------------------------------------------------------------
+    def forward_intermediates(
+        self,
+        image: torch.Tensor,  # (B, C, *spatial) float
+        input_ids: torch.Tensor,  # (B, Nt) long
+        attention_mask: torch.Tensor,  # (B, Nt) long
+        image_present: torch.Tensor,  # (B,) bool
+        note_present: torch.Tensor,  # (B,) bool
+        need_weights: bool = False,
+    ) -> Intermediates:
+        B = image.shape[0]
+        image_present, note_present = self._modality_dropout(
+            image_present.bool(), note_present.bool()
+        )
+        width = self.head.in_features
+        empty = (
+            image.new_zeros(B, 1, width),
+            torch.ones(B, 1, dtype=torch.bool, device=image.device),
+        )
+        image_tokens, image_valid = (
+            self.encode_image(image, image_present) if self.uses_image else empty
+        )
+        text_tokens, text_valid = (
+            self.encode_text(input_ids, attention_mask, note_present) if self.uses_text else empty
+        )
+        attention: list[BlockAttention] = []
+        if self.fusion is not None:
+            text_tokens, image_tokens, attention = self.fusion(
+                text_tokens, image_tokens, text_valid, image_valid, need_weights
+            )
+        sides = []
+        if self.uses_text:
+            sides.append(masked_mean(text_tokens, text_valid))  # (B, D)
+        if self.uses_image:
+            sides.append(masked_mean(image_tokens, image_valid))  # (B, D)
+        pooled = self.pool(torch.cat(sides, dim=1))  # (B, D)
+        return Intermediates(
+            text_tokens=text_tokens,
+            image_tokens=image_tokens,
+            text_valid=text_valid,
+            image_valid=image_valid,
+            image_used=image_present & self.uses_image,
+            note_used=note_present & self.uses_text,
+            pooled=pooled,
+            logits=self.head(pooled),
+            attention=attention,
+        )
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_present: torch.Tensor,
+        note_present: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (B, L)."""
+        return self.forward_intermediates(
+            image, input_ids, attention_mask, image_present, note_present
+        ).logits
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities (B, L): sigmoid(logits / per-label temperature)."""
+        return torch.sigmoid(logits / self.temperature)
+
+    def decisions(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: calibrated probability at or above the label's saved threshold."""
+        return probabilities >= self.thresholds

@@ -1,0 +1,182 @@
+"""`TextEncoder` and `NoteTokenizer`: clinical notes -> tokens (B, Nt, D).
+
+The encoder is any transformers `AutoModel` (a local folder or a hub name such as
+Bio_ClinicalBERT or RadBERT, used only when the user supplies it) or, the offline default, a
+small BERT built from an in-memory config with a WordPiece tokenizer trained on the training
+notes. Nothing is downloaded at run time unless the user names a hub model.
+
+Long notes: with `long_notes="truncate"` (default) a note longer than `max_length` tokens is
+cut, with a warning naming how many notes were cut; with `long_notes="chunk"` it is split into
+up to `max_chunks` windows of `max_length` tokens, each encoded on its own and concatenated, so
+the fusion sees up to `max_chunks * max_length` tokens (anything beyond is cut with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tokenizers import BertWordPieceTokenizer
+from tokenizers.processors import TemplateProcessing
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
+
+from clinfuse.config import TextConfig
+
+log = logging.getLogger(__name__)
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def train_tokenizer(notes: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A lower-casing WordPiece tokenizer trained on `notes` (the offline default)."""
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(
+        (n for n in notes if n),
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+    )
+    backend = wordpiece._tokenizer  # the tokenizers.Tokenizer inside the implementation wrapper
+    backend.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[(t, backend.token_to_id(t)) for t in ("[CLS]", "[SEP]")],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=1_000_000,
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from a folder or hub name (fast: character offsets are required)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{name_or_path}: clinfuse needs a fast tokenizer (tokenizer.json)")
+    return tokenizer
+
+
+@dataclass
+class TokenizedNotes:
+    """A batch of notes as encoder input; windows of `max_length` tokens laid side by side."""
+
+    input_ids: torch.Tensor  # (B, K*T) long; K windows of T tokens
+    attention_mask: torch.Tensor  # (B, K*T) long, 1 = real token
+    offsets: torch.Tensor  # (B, K*T, 2) long character span of each token in its note
+    note_present: torch.Tensor  # (B,) bool
+    truncated: torch.Tensor  # (B,) bool: part of the note did not fit
+
+
+class NoteTokenizer:
+    """Notes (str or None) -> `TokenizedNotes`, honouring the long-note policy of `TextConfig`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, cfg: TextConfig) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = cfg.max_length
+        self.windows = cfg.max_chunks if cfg.long_notes == "chunk" else 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.windows * self.max_length
+
+    def __call__(self, notes: Sequence[str | None]) -> TokenizedNotes:
+        texts = [note or "" for note in notes]
+        enc = self.tokenizer(
+            texts,
+            max_length=self.max_length,
+            truncation=True,
+            padding="max_length",
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )  # (W, T) over all windows of all notes; overflow_to_sample_mapping says whose
+        owner = enc["overflow_to_sample_mapping"].tolist()
+        B, K, T = len(texts), self.windows, self.max_length
+        input_ids = torch.full((B, K, T), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(B, K, T, dtype=torch.long)
+        offsets = torch.zeros(B, K, T, 2, dtype=torch.long)
+        seen = [0] * B
+        for w, b in enumerate(owner):
+            k = seen[b]
+            seen[b] += 1
+            if k < K:
+                input_ids[b, k] = enc["input_ids"][w]
+                attention_mask[b, k] = enc["attention_mask"][w]
+                offsets[b, k] = enc["offset_mapping"][w]
+        truncated = torch.tensor([n > K for n in seen])
+        if truncated.any():
+            log.warning(
+                "%d of %d notes longer than %d tokens were cut (text.long_notes=%s)",
+                int(truncated.sum()),
+                B,
+                K * T,
+                "chunk" if K > 1 else "truncate",
+            )
+        present = torch.tensor([bool(t.strip()) for t in texts])
+        return TokenizedNotes(
+            input_ids=input_ids.view(B, K * T),
+            attention_mask=attention_mask.view(B, K * T) * present[:, None],
+            offsets=offsets.view(B, K * T, 2),
+            note_present=present,
+            truncated=truncated,
+        )
+
+
+def build_text_model(cfg: TextConfig, vocab_size: int, saved: dict[str, Any] | None) -> nn.Module:
+    """The transformers encoder: rebuilt from a saved config, loaded from `pretrained`, or new."""
+    if saved is not None:  # from a clinfuse checkpoint: architecture here, weights in safetensors
+        config = AutoConfig.for_model(**saved)
+        return (
+            AutoModel.from_config(config, add_pooling_layer=False)
+            if config.model_type == "bert"
+            else AutoModel.from_config(config)
+        )
+    if cfg.pretrained:
+        return AutoModel.from_pretrained(cfg.pretrained)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.intermediate,
+        max_position_embeddings=max(cfg.max_length, 16),
+    )
+    return AutoModel.from_config(config, add_pooling_layer=False)
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, K*T) and mask -> tokens (B, K*T, D) projected to the fusion width."""
+
+    def __init__(
+        self, cfg: TextConfig, width: int, vocab_size: int, saved: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        self.max_length = cfg.max_length
+        self.model = build_text_model(cfg, vocab_size, saved)
+        limit = getattr(self.model.config, "max_position_embeddings", cfg.max_length)
+        if cfg.max_length > limit:
+            raise ValueError(f"text.max_length {cfg.max_length} exceeds the encoder's {limit}")
+        self.project = nn.Linear(self.model.config.hidden_size, width)
+
+    @property
+    def embeddings(self) -> nn.Module:
+        """The token embedding layer (layer integrated gradients attribute over it)."""
+        return self.model.get_input_embeddings()
+
+    def saved_config(self) -> dict[str, Any]:
+        return self.model.config.to_dict()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, L = input_ids.shape
+        T = self.max_length
+        windows_ids = input_ids.view(B * (L // T), T)  # (B*K, T): each window encoded alone
+        windows_mask = attention_mask.view(B * (L // T), T)
+        hidden = self.model(input_ids=windows_ids, attention_mask=windows_mask).last_hidden_state
+        return self.project(hidden.reshape(B, L, -1))  # (B, K*T, D)
