@@ -77,7 +77,8 @@ class FusionConfig(Config):
 class PreprocessConfig(Config):
     """The preprocessing spec; saved in the checkpoint so inference never restates it."""
 
-    spatial_size: tuple[int, ...] = (128, 128)  # (H, W) or (D, H, W): resize longest side, pad
+    spatial_size: tuple[int, ...] = (128, 128)  # (H, W) or (D, H, W)
+    fit: Literal["pad", "stretch"] = "pad"  # keep aspect ratio and pad, or resize every axis
     window: Literal["file", "percentile"] = "file"  # the file's VOI window, else percentiles
     normalize: tuple[float, float] = (0.5, 0.25)  # (mean, std) after windowing to [0, 1]
 

@@ -30,6 +30,7 @@ class DicomError(ClinfuseError):
         "decode_failed",  # a decoder was found but failed on the data
         "inconsistent_series",  # a folder whose files cannot stack into one volume
         "empty_series",  # a folder holding no readable DICOM image
+        "wrong_dimensions",  # a volume given to a 2D model, or a single image to a 3D model
     )
 
     def __init__(self, path: str | Path, reason: str, detail: str, hint: str = "") -> None:

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
     p.add_argument("--n", type=int, default=400, help="number of studies (default 400)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     p.set_defaults(run=_sample_data)
 
     p = commands.add_parser(

@@ -75,6 +75,9 @@ class _ViTTrunk(nn.Module):
             spatial_dims=cfg.spatial_dims,
             classification=False,
         )
+        for block in self.vit.blocks:  # MONAI builds this norm even without cross-attention
+            if not block.with_cross_attention:
+                block.norm_cross_attn = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.vit(x)  # (B, N, hidden)
@@ -142,10 +145,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     # own state_dict loads as is; its classifier keys are ignored.
     if isinstance(backbone, _ViTTrunk) and not any(k.startswith("vit.") for k in state):
         state = {f"vit.{k}": v for k, v in state.items()}
-    missing, _ = backbone.load_state_dict(state, strict=False)
-    if len(missing) == len(backbone.state_dict()):
+    if not set(state) & set(backbone.state_dict()):
         raise ConfigError(
             "model.image.pretrained",
             f"{path} shares no parameter names with the {type(backbone).__name__} backbone",
             hint="save the backbone's own state_dict (the encoder's `backbone` module)",
         )
+    backbone.load_state_dict(state, strict=False)  # the classifier's keys are left out

@@ -73,10 +73,13 @@ class FusionModel(nn.Module):
         self.text_encoder = (
             TextEncoder(cfg.text, width, len(tokenizer), text_saved) if self.uses_text else None
         )
-        self.missing_image = nn.Parameter(torch.zeros(1, 1, width))
-        self.missing_text = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.normal_(self.missing_image, std=0.02)
-        nn.init.normal_(self.missing_text, std=0.02)
+        # learned stand-ins for an absent image / note (only for the sides this mode uses)
+        self.missing_image = (
+            nn.Parameter(0.02 * torch.randn(1, 1, width)) if self.uses_image else None
+        )
+        self.missing_text = (
+            nn.Parameter(0.02 * torch.randn(1, 1, width)) if self.uses_text else None
+        )
         self.fusion = Fusion(cfg.fusion) if mode == "cross_attention" else None
         pooled_in = width * (int(self.uses_image) + int(self.uses_text))
         self.pool = nn.Sequential(

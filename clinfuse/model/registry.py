@@ -6,11 +6,13 @@ Each entry returns the nested overrides of `ModelConfig` that define it. `tiny` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from clinfuse.config import ModelConfig, parse_config
 from clinfuse.errors import ConfigError
+from clinfuse.model.model import FusionModel
+from clinfuse.model.text_encoder import load_tokenizer, train_tokenizer
 
 Entry = Callable[[], dict[str, Any]]
 _REGISTRY: dict[str, Entry] = {}
@@ -51,6 +53,15 @@ def model_config(
     return parse_config(ModelConfig, {**data, "name": name, "labels": tuple(labels)}, "model")
 
 
+def create_model(cfg: ModelConfig, notes: Iterable[str | None] = ()) -> FusionModel:
+    """A new model: the tokenizer comes with `text.pretrained`, else is trained on `notes`."""
+    if cfg.text.pretrained:
+        tokenizer = load_tokenizer(cfg.text.pretrained)
+    else:
+        tokenizer = train_tokenizer((n for n in notes if n), cfg.text.vocab_size)
+    return FusionModel(cfg, tokenizer)
+
+
 @register
 def tiny() -> dict[str, Any]:
     """For tests: a few thousand parameters per tower, 64x64 images, 1 fusion block."""
@@ -84,7 +95,7 @@ def tiny_3d() -> dict[str, Any]:
 
 @register
 def small() -> dict[str, Any]:
-    """The CPU default: a compact DenseNet at 128x128, a 2-layer BERT, 2 fusion blocks."""
+    """The CPU default: a compact DenseNet at 96x96, a 2-layer BERT, 2 fusion blocks."""
     return {
         "image": {
             "backbone": "densenet",

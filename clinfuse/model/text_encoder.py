@@ -132,23 +132,22 @@ class NoteTokenizer:
 def build_text_model(cfg: TextConfig, vocab_size: int, saved: dict[str, Any] | None) -> nn.Module:
     """The transformers encoder: rebuilt from a saved config, loaded from `pretrained`, or new."""
     if saved is not None:  # from a clinfuse checkpoint: architecture here, weights in safetensors
-        config = AutoConfig.for_model(**saved)
-        return (
-            AutoModel.from_config(config, add_pooling_layer=False)
-            if config.model_type == "bert"
-            else AutoModel.from_config(config)
+        model = AutoModel.from_config(AutoConfig.for_model(**saved))
+    elif cfg.pretrained:
+        model = AutoModel.from_pretrained(cfg.pretrained)
+    else:
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            intermediate_size=cfg.intermediate,
+            max_position_embeddings=max(cfg.max_length, 16),
         )
-    if cfg.pretrained:
-        return AutoModel.from_pretrained(cfg.pretrained)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        intermediate_size=cfg.intermediate,
-        max_position_embeddings=max(cfg.max_length, 16),
-    )
-    return AutoModel.from_config(config, add_pooling_layer=False)
+        model = AutoModel.from_config(config)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # clinfuse pools the fused tokens itself; an unused pooler breaks DDP
+    return model
 
 
 class TextEncoder(nn.Module):

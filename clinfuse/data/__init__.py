@@ -1,0 +1,1 @@
+"""Data: manifests, DICOM images, clinical notes, and the samples and batches built from them."""

@@ -1,0 +1,129 @@
+"""Image preprocessing: one builder of MONAI dictionary transforms, driven by the saved spec.
+
+The `PreprocessConfig` travels inside the checkpoint, so inference rebuilds exactly the
+transforms training used. The resize geometry is computed in one place (`fit_geometry`) and
+used both ways: forwards to make the model input, backwards (`to_original_grid`) to put an
+attribution map back on the DICOM's own pixel grid.
+
+No flips in augmentation: laterality carries meaning (a finding's side is in the note).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensityd,
+    RandAffined,
+    RandGaussianNoised,
+    Resize,
+    SpatialPad,
+)
+
+from clinfuse.config import PreprocessConfig
+from clinfuse.data.dicom import DicomImage, apply_window, default_window
+from clinfuse.errors import DicomError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an original grid maps into the model's input grid."""
+
+    resized: tuple[int, ...]  # size after resizing, before padding
+    pad_before: tuple[int, ...]  # padding added before each axis
+
+
+def fit_geometry(original: tuple[int, ...], spec: PreprocessConfig) -> Geometry:
+    """Resize so the image fits `spatial_size` (keeping aspect with fit=pad), pad symmetrically."""
+    target = tuple(spec.spatial_size)
+    if spec.fit == "stretch":
+        return Geometry(target, (0,) * len(target))
+    scale = min(t / o for t, o in zip(target, original, strict=True))
+    resized = tuple(min(t, max(1, round(o * scale))) for t, o in zip(target, original, strict=True))
+    return Geometry(resized, tuple((t - r) // 2 for t, r in zip(target, resized, strict=True)))
+
+
+def to_original_grid(
+    values: torch.Tensor, original: tuple[int, ...], spec: PreprocessConfig
+) -> torch.Tensor:
+    """(..., *spatial_size) on the model grid -> (..., *original): un-pad, then resize back."""
+    geometry = fit_geometry(original, spec)
+    n = len(original)
+    lead = values.shape[:-n]
+    index = [slice(None)] * len(lead) + [
+        slice(p, p + r) for p, r in zip(geometry.pad_before, geometry.resized, strict=True)
+    ]
+    cropped = values[tuple(index)].reshape(-1, 1, *geometry.resized).float()  # (M, 1, *resized)
+    mode = "bilinear" if n == 2 else "trilinear"
+    back = torch.nn.functional.interpolate(cropped, size=original, mode=mode, align_corners=False)
+    return back.reshape(*lead, *original)
+
+
+class WindowAndFitd(MapTransform):
+    """DicomImage -> (C, *spatial_size) float32 in [0, 1]: window, channels, resize, pad."""
+
+    def __init__(self, keys: str, spec: PreprocessConfig, in_channels: int) -> None:
+        super().__init__(keys)
+        self.spec = spec
+        self.in_channels = in_channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.prepare(d[key], d.get("path", key))
+        return d
+
+    def prepare(self, image: DicomImage, path: str) -> torch.Tensor:
+        spatial = len(self.spec.spatial_size)
+        if image.pixels.ndim - 1 != spatial:
+            raise DicomError(
+                path,
+                "wrong_dimensions",
+                f"a {image.pixels.ndim - 1}D image given to a {spatial}D model",
+                hint="use a model whose image.spatial_dims matches the studies",
+            )
+        if self.spec.window == "file" and image.window is not None:
+            center, width = image.window
+        else:
+            center, width = default_window(
+                DicomImage(image.pixels, image.spacing, None, image.meta)
+            )
+        pixels = apply_window(image.pixels, center, width)  # (C, *orig) in [0, 1]
+        if pixels.shape[0] != self.in_channels:
+            # colour to grey for a 1-channel model; grey repeated for a 3-channel one
+            pixels = pixels.mean(0, keepdims=True).repeat(self.in_channels, axis=0)
+        geometry = fit_geometry(tuple(pixels.shape[1:]), self.spec)
+        resized = Resize(geometry.resized, mode="area")(
+            torch.from_numpy(np.ascontiguousarray(pixels))
+        )
+        padded = SpatialPad(tuple(self.spec.spatial_size), method="symmetric")(resized)
+        return torch.as_tensor(padded, dtype=torch.float32)
+
+
+def build_transforms(spec: PreprocessConfig, in_channels: int, train: bool = False) -> Compose:
+    """The image pipeline for one study dict {"image": DicomImage, "path": str}."""
+    steps: list[Any] = [WindowAndFitd("image", spec, in_channels)]
+    if train:
+        spatial = len(spec.spatial_size)
+        steps += [
+            RandAffined(
+                "image",
+                prob=0.5,
+                rotate_range=[0.05] * (1 if spatial == 2 else 3),
+                scale_range=[0.05] * spatial,
+                translate_range=[s * 0.03 for s in spec.spatial_size],
+                padding_mode="zeros",
+            ),
+            RandGaussianNoised("image", prob=0.3, std=0.02),
+        ]
+    mean, std = spec.normalize
+    steps.append(NormalizeIntensityd("image", subtrahend=mean, divisor=std))
+    steps.append(EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False))
+    return Compose(steps, map_items=False)

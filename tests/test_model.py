@@ -1,0 +1,307 @@
+"""The fusion model: one contract over every registered architecture, plus the behaviours a
+user relies on (missing sides, masks, residual path, baselines, checkpoint, configs)."""
+
+import json
+
+import pytest
+import torch
+from monai.networks.nets import DenseNet
+from safetensors.torch import save_file
+from transformers import BertConfig, BertModel
+
+from clinfuse.config import ModelConfig, apply_overrides, parse_config
+from clinfuse.errors import ConfigError
+from clinfuse.model import (
+    create_model,
+    list_models,
+    load_checkpoint,
+    model_config,
+    save_checkpoint,
+)
+from clinfuse.model.image_encoder import ImageEncoder
+from clinfuse.model.text_encoder import train_tokenizer
+
+LABELS = ("pneumonia", "copd", "effusion")
+NOTES = [
+    "Fever and productive cough; crackles at the left base.",
+    "No history of COPD. Denies fever.",
+    "Type 2 diabetes on metformin. Chest pain.",
+    "Emphysema on home oxygen, evaluate for effusion.",
+]
+MODES = ("cross_attention", "late", "image_only", "text_only")
+
+
+def inputs(model, notes=(NOTES[0], None, NOTES[1]), image_present=(True, True, False), seed=0):
+    torch.manual_seed(seed)
+    enc = model.note_tokenizer(list(notes))
+    image = torch.randn(len(notes), model.cfg.image.in_channels, *model.cfg.preprocess.spatial_size)
+    present = torch.tensor(image_present)
+    return image, enc.input_ids, enc.attention_mask, present, enc.note_present
+
+
+def build(name="tiny", **overrides):
+    return create_model(model_config(name, LABELS, **overrides), NOTES)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_meets_the_contract(name):
+    """Logits (B, L), finite, and every parameter gets a gradient (timm-style contract)."""
+    model = build(name).train()
+    # one study with both sides, one without a note, one without an image
+    logits = model(*inputs(model))
+    assert logits.shape == (3, len(LABELS))
+    assert torch.isfinite(logits).all()
+    logits.sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert no_grad == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_fusion_mode_meets_the_contract_and_uses_only_its_sides(mode):
+    model = build(fusion={"mode": mode}).eval()
+    args = inputs(model, image_present=(True, True, True))
+    out = model.forward_intermediates(*args)
+    assert out.logits.shape == (3, len(LABELS))
+    assert out.image_used.tolist() == [mode != "text_only"] * 3
+    assert out.note_used.tolist() == [mode != "image_only", False, mode != "image_only"]
+    changed_image = (args[0] + 5.0, *args[1:])
+    moved = not torch.allclose(model(*changed_image), out.logits)
+    assert moved == (mode != "text_only")
+
+
+@pytest.mark.parametrize(
+    ("backbone", "spatial_dims", "channels", "size", "tokens"),
+    [
+        ("densenet", 2, 1, (64, 64), 64),  # stem /4, one transition /2: 64 / 8 -> 8x8
+        ("densenet", 2, 3, (64, 96), 96),  # any channel count, non-square grid: 8x12
+        ("densenet", 3, 1, (16, 32, 32), 2 * 4 * 4),
+        ("resnet", 2, 1, (64, 64), 4),  # stem /4 and three strided stages: 64 / 32 -> 2x2
+        ("resnet", 3, 2, (64, 64, 64), 8),
+        ("vit", 2, 1, (64, 64), 16),  # 16x16 patches
+    ],
+)
+def test_image_encoder_turns_any_backbone_into_tokens(
+    backbone, spatial_dims, channels, size, tokens
+):
+    cfg = model_config(
+        "tiny",
+        LABELS,
+        image={
+            "backbone": backbone,
+            "spatial_dims": spatial_dims,
+            "in_channels": channels,
+            "vit_hidden": 32,
+            "vit_heads": 2,
+            "vit_layers": 1,
+        },
+    )
+    encoder = ImageEncoder(cfg.image, size, width=32)
+    out = encoder(torch.randn(2, channels, *size))
+    assert out.shape == (2, tokens, 32)
+    assert encoder.num_tokens == tokens
+
+
+def test_an_absent_side_is_ignored_whatever_its_tensor_holds():
+    model = build().eval()
+    image, ids, mask, image_present, note_present = inputs(model)
+    logits = model(image, ids, mask, image_present, note_present)
+    # study 2 has no image: its image tensor's content must not matter
+    noisy = image.clone()
+    noisy[2] = torch.randn_like(noisy[2]) * 100
+    # study 1 has no note: its token ids must not matter
+    ids2 = ids.clone()
+    ids2[1] = torch.randint(5, 50, ids2[1].shape)
+    mask2 = mask.clone()
+    mask2[1] = 1
+    again = model(noisy, ids2, mask2, image_present, note_present)
+    torch.testing.assert_close(again, logits)
+
+
+def test_padding_tokens_are_masked_out():
+    model = build().eval()
+    image, ids, mask, image_present, note_present = inputs(model)
+    logits = model(image, ids, mask, image_present, note_present)
+    ids2 = torch.where(mask.bool(), ids, torch.randint(5, 50, ids.shape))
+    torch.testing.assert_close(model(image, ids2, mask, image_present, note_present), logits)
+
+
+def test_modality_dropout_only_in_training():
+    model = build(fusion={"modality_dropout": 1.0})
+    args = inputs(model, notes=(NOTES[0], NOTES[1], NOTES[2]), image_present=(True, True, True))
+    model.train()
+    out = model.forward_intermediates(*args)
+    assert not (out.image_used & out.note_used).any()  # p=1: every study lost one side
+    model.eval()
+    out = model.forward_intermediates(*args)
+    assert (out.image_used & out.note_used).all()
+
+
+def test_attention_maps_are_available_on_request():
+    model = build(fusion={"depth": 2}).eval()
+    args = inputs(model)
+    out = model.forward_intermediates(*args, need_weights=True)
+    assert len(out.attention) == 2
+    text_to_image = out.attention[0].text_to_image
+    assert text_to_image.shape == (3, args[1].shape[1], model.image_encoder.num_tokens)
+    torch.testing.assert_close(text_to_image.sum(-1), torch.ones(text_to_image.shape[:2]))
+    assert model.forward_intermediates(*args).attention == []
+
+
+def test_cross_attention_learns_a_label_that_depends_on_the_note_alone():
+    """The residual path: a note-only label is learnable through the fusion blocks."""
+    torch.manual_seed(0)
+    words = ["copd", "asthma", "fever", "cough", "diabetes", "chest", "pain", "left", "right"]
+    notes = [" ".join(words[(i * 7 + k) % len(words)] for k in range(4)) for i in range(64)]
+    target = torch.tensor([[float("copd" in n)] for n in notes])
+    cfg = model_config("tiny", ["copd"], fusion={"dropout": 0.0, "modality_dropout": 0.0})
+    model = create_model(cfg, notes)
+    enc = model.note_tokenizer(notes)
+    image = torch.randn(64, 1, 64, 64)
+    present = torch.ones(64, dtype=torch.bool)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        logits = model(image, enc.input_ids, enc.attention_mask, present, enc.note_present)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(image, enc.input_ids, enc.attention_mask, present, enc.note_present) > 0
+    assert (predicted.float() == target).float().mean() > 0.95
+
+
+def test_long_notes_are_truncated_with_a_warning_or_chunked(caplog):
+    long_note = " ".join(["fever cough"] * 100)
+    truncating = build(text={"max_length": 32})
+    enc = truncating.note_tokenizer([long_note, NOTES[0]])
+    assert enc.input_ids.shape == (2, 32) and enc.truncated.tolist() == [True, False]
+    assert "1 of 2 notes longer than 32 tokens were cut" in caplog.text
+    chunking = build(text={"max_length": 32, "long_notes": "chunk", "max_chunks": 3})
+    enc = chunking.note_tokenizer([long_note])
+    assert enc.input_ids.shape == (1, 96)
+    cls = chunking.note_tokenizer.tokenizer.cls_token_id
+    assert enc.input_ids[0, ::32].tolist() == [cls] * 3  # each window is its own sequence
+    starts = enc.offsets[0, 1::32, 0].tolist()
+    assert starts == sorted(starts) and starts[1] > 0  # later windows continue the note
+    logits = chunking.eval()(*inputs(chunking, notes=(long_note,), image_present=(True,)))
+    assert torch.isfinite(logits).all()
+
+
+def test_checkpoint_folder_restores_the_exact_model_without_unpickling(tmp_path, monkeypatch):
+    model = build().eval()
+    model.temperature.copy_(torch.tensor([1.5, 0.8, 1.1]))
+    model.thresholds.copy_(torch.tensor([0.3, 0.6, 0.45]))
+    args = inputs(model)
+    expected = model(*args)
+    save_checkpoint(model, tmp_path / "m", info={"manifest_sha256": "abc"})
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer",
+        "MODEL_CARD.md",
+    }
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model"]["labels"] == list(LABELS)
+    assert config["model"]["preprocess"]["spatial_size"] == [64, 64]
+    assert config["calibration"]["copd"] == {
+        "temperature": pytest.approx(0.8),
+        "threshold": pytest.approx(0.6),
+    }
+    card = (tmp_path / "m" / "MODEL_CARD.md").read_text()
+    assert "Decision support, not a diagnosis" in card and "| copd | 0.800 | 0.600 |" in card
+
+    def no_pickle(*a, **k):
+        raise AssertionError("a checkpoint must never be unpickled")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded = load_checkpoint(tmp_path / "m")
+    torch.testing.assert_close(loaded(*args), expected)
+    assert loaded.labels == LABELS
+    torch.testing.assert_close(loaded.thresholds, model.thresholds)
+    assert (
+        loaded.note_tokenizer.tokenizer("fever")["input_ids"]
+        == model.note_tokenizer.tokenizer("fever")["input_ids"]
+    )
+
+
+def test_checkpoint_with_an_unknown_key_fails_naming_it(tmp_path):
+    save_checkpoint(build(), tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["fusion"]["widht"] = 64
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="'model.fusion.widht': unknown key"):
+        load_checkpoint(tmp_path / "m")
+
+
+def test_configs_reject_unknown_and_mistyped_keys_by_name():
+    with pytest.raises(ConfigError, match="'model.image.backbon': unknown key.*backbone"):
+        parse_config(ModelConfig, {"image": {"backbon": "resnet"}}, "model")
+    with pytest.raises(ConfigError, match="'model.fusion.depth'"):
+        parse_config(ModelConfig, {"fusion": {"depth": "deep"}}, "model")
+    with pytest.raises(ConfigError, match="'model.fusion.mode'"):
+        model_config("tiny", LABELS, fusion={"mode": "early"})
+    with pytest.raises(ConfigError, match="unknown architecture 'huge'"):
+        model_config("huge", LABELS)
+    cfg = apply_overrides(model_config("tiny", LABELS), ["fusion.mode=late", "text.layers=2"])
+    assert cfg.fusion.mode == "late" and cfg.text.layers == 2
+    with pytest.raises(ConfigError, match="'fusion.widht': unknown key"):
+        apply_overrides(cfg, ["fusion.widht=3"])
+    assert parse_config(ModelConfig, json.loads(cfg.model_dump_json())) == cfg  # round trip
+
+
+def test_pretrained_image_weights_load_from_a_local_safetensors_file(tmp_path):
+    monai_net = DenseNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=4,
+        init_features=8,
+        growth_rate=8,
+        block_config=(1, 1),
+    )
+    save_file(monai_net.state_dict(), tmp_path / "densenet.safetensors")
+    model = build(image={"pretrained": str(tmp_path / "densenet.safetensors")})
+    torch.testing.assert_close(
+        model.image_encoder.backbone.features.conv0.weight, monai_net.features.conv0.weight
+    )
+    (tmp_path / "other.safetensors").write_bytes(b"")
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match="shares no parameter names"):
+        build(image={"pretrained": str(tmp_path / "other.safetensors")})
+
+
+def test_pretrained_text_encoder_and_tokenizer_load_from_a_local_folder(tmp_path):
+    tokenizer = train_tokenizer(NOTES * 3, 200)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
+    bert.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    model = build(text={"pretrained": str(tmp_path / "bert")})
+    assert model.text_encoder.model.config.hidden_size == 48
+    torch.testing.assert_close(
+        model.text_encoder.embeddings.weight, bert.get_input_embeddings().weight
+    )
+    save_checkpoint(model, tmp_path / "ckpt")
+    (tmp_path / "bert" / "model.safetensors").unlink()  # the checkpoint alone must suffice
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    args = inputs(model)
+    torch.testing.assert_close(loaded(*args), model.eval()(*args))
+
+
+def test_calibrated_probabilities_and_decisions_use_saved_buffers():
+    model = build()
+    model.temperature.copy_(torch.tensor([2.0, 1.0, 0.5]))
+    model.thresholds.copy_(torch.tensor([0.6, 0.5, 0.9]))
+    logits = torch.tensor([[1.0, 1.0, 1.0]])
+    probs = model.probabilities(logits)
+    torch.testing.assert_close(probs, torch.sigmoid(torch.tensor([[0.5, 1.0, 2.0]])))
+    assert model.decisions(probs).tolist() == [[True, True, False]]
