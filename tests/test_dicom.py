@@ -155,6 +155,8 @@ def test_float_pixel_data_is_read_as_is(tmp_path):
     ds.FloatPixelData = np.array([1.5, -2.25, 3e3, 0], dtype="<f4").tobytes()
     image = read_dicom(write(ds, tmp_path / "f.dcm"))
     np.testing.assert_array_equal(image.pixels[0], [[1.5, -2.25], [3e3, 0]])
+    ds.FloatPixelData = np.array([1, np.nan, 0, 0], dtype="<f4").tobytes()
+    assert reason_of(write(ds, tmp_path / "nan.dcm")) == "decode_failed"  # never NaN downstream
 
 
 def test_modality_lut_sequence_maps_stored_values(tmp_path):
@@ -377,14 +379,20 @@ def test_signed_ct_with_rescale_survives_every_writable_syntax(tmp_path, syntax)
     np.testing.assert_array_equal(expected[0], pixels.astype(np.float32) - 1024)
 
 
-def test_raw_data_set_without_preamble_is_read(tmp_path):
+@pytest.mark.parametrize("little_endian", [True, False])
+def test_raw_data_set_without_preamble_is_read(tmp_path, little_endian):
     pixels = np.arange(6, dtype=np.uint16).reshape(2, 3)
     ds = make_dataset(pixels)
     del ds.file_meta
+    ds.PixelData = pixels.astype("<u2" if little_endian else ">u2").tobytes()
     path = tmp_path / "raw.dcm"
-    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)
-    assert open(path, "rb").read(132)[128:] != b"DICM"
+    pydicom.dcmwrite(path, ds, implicit_vr=little_endian, little_endian=little_endian)
+    assert path.read_bytes()[128:132] != b"DICM"
     np.testing.assert_array_equal(read_dicom(path).pixels[0], pixels)
+    ds.PixelData = encapsulate([b"\xff\x4f" + bytes(20)])  # compressed, but with which codec?
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    pydicom.dcmwrite(path, ds, implicit_vr=False, little_endian=True)
+    assert reason_of(path) == "no_decoder"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -399,6 +407,9 @@ def test_text_file_and_named_pipe_are_not_dicom(tmp_path):
     text.write_text("Chest X-ray: no acute findings.\n" * 20)
     assert reason_of(text) == "not_dicom"
     assert reason_of(shipped("zipMR.gz")) == "not_dicom"
+    broken = tmp_path / "broken.bin"  # looks like an element header, then breaks the parser
+    broken.write_bytes(b"\x08\x00\x05\x00SQ\x00\x00\xff\xff\xff\xff" + bytes(range(256)))
+    assert reason_of(broken) == "not_dicom"
     if hasattr(os, "mkfifo"):  # a pipe must not block the reader forever
         os.mkfifo(tmp_path / "pipe")
         assert reason_of(tmp_path / "pipe") == "not_dicom"
@@ -413,8 +424,18 @@ def test_truncated_copy_of_a_real_file(tmp_path, name, fraction):
     assert reason_of(cut) == "truncated"
 
 
-def test_truncated_files_shipped_with_pydicom():
+def test_truncated_inside_a_header_sequence_and_shipped_truncated_files(tmp_path):
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(Path(shipped("JPEG2000.dcm")).read_bytes()[:1000])  # inside (0008,2112)
+    assert reason_of(cut) == "truncated"
     assert reason_of(shipped("MR_truncated.dcm")) == "truncated"
+    assert reason_of(shipped("rtplan_truncated.dcm")) == "truncated"
+
+
+def test_pixel_data_shorter_than_the_header_declares(tmp_path):
+    ds = make_dataset(np.zeros((4, 4), np.uint16))
+    ds.Rows = 8
+    assert reason_of(write(ds, tmp_path / "short.dcm")) == "truncated"
 
 
 def test_dicom_without_pixel_data(tmp_path):
@@ -425,6 +446,13 @@ def test_dicom_without_pixel_data(tmp_path):
     assert reason_of(write(ds, tmp_path / "report.dcm")) == "no_pixel_data"
     assert reason_of(shipped("rtplan.dcm")) == "no_pixel_data"
     assert reason_of(shipped("test-SR.dcm")) == "no_pixel_data"
+
+
+def test_pixel_data_on_a_jpip_server_is_no_decoder(tmp_path):
+    ds = make_dataset(np.zeros((2, 2), np.uint8))
+    del ds.PixelData
+    ds.PixelDataProviderURL = "https://pacs.example.org/jpip?id=1"
+    assert reason_of(write(ds, tmp_path / "jpip.dcm")) == "no_decoder"
 
 
 def swap_syntax(path: Path, old: str, new: str) -> Path:
@@ -461,6 +489,9 @@ def test_unsupported_photometric(tmp_path):
     assert reason_of(write(ds, tmp_path / "hsv.dcm")) == "unsupported_photometric"
     palette = make_dataset(np.zeros((2, 2), np.uint8), "PALETTE COLOR")  # but no palette
     assert reason_of(write(palette, tmp_path / "pal.dcm")) == "unsupported_photometric"
+    grey_rgb = make_dataset(np.zeros((2, 2, 3), np.uint8), "RGB")
+    grey_rgb.PhotometricInterpretation = "MONOCHROME2"  # three samples cannot be grey
+    assert reason_of(write(grey_rgb, tmp_path / "grey.dcm")) == "unsupported_photometric"
 
 
 def test_decoder_failure_on_corrupt_data(tmp_path):
@@ -470,6 +501,17 @@ def test_decoder_failure_on_corrupt_data(tmp_path):
     assert reason_of(write(ds, tmp_path / "bad.dcm")) == "decode_failed"
     assert reason_of(shipped("JPEG2000-embedded-sequence-delimiter.dcm")) == "decode_failed"
     assert reason_of(shipped("badVR.dcm")) == "decode_failed"  # NumberOfFrames '1A'
+    lut = Dataset()
+    lut.add_new("LUTDescriptor", "US", [4])  # needs three values
+    lut.add_new("LUTData", "US", [1, 2, 3, 4])
+    bad_lut = make_dataset(np.zeros((2, 2), np.uint16), ModalityLUTSequence=[lut])
+    assert reason_of(write(bad_lut, tmp_path / "lut.dcm")) == "decode_failed"
+
+
+def test_header_declaring_a_giant_image_fails_fast(tmp_path):
+    ds = make_dataset(np.zeros((4, 4), np.uint16))
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 60000, 60000, 1000  # 7 TB of float32
+    assert reason_of(write(ds, tmp_path / "giant.dcm")) == "decode_failed"
 
 
 @pytest.mark.parametrize(

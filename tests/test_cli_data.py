@@ -1,0 +1,106 @@
+"""`clinfuse sample-data` and `clinfuse validate` end to end, as a user runs them."""
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from pydicom.data import get_testdata_file
+
+from clinfuse.cli import main
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    assert main(["sample-data", str(out), "--n", "40", "--seed", "1", "--size", "64"]) == 0
+    return out
+
+
+def test_console_script_has_help_for_every_subcommand():
+    for args in (["--help"], ["sample-data", "--help"], ["validate", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "clinfuse", *args], capture_output=True, text=True, check=True
+        )
+        assert "usage: clinfuse" in done.stdout
+
+
+def test_sample_data_then_validate_is_trainable(export, capsys):
+    assert main(["validate", str(export / "manifest.csv"), "--out", str(export / "v.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "rows: 40  usable: 40" in printed and "trainable: yes" in printed
+    verdicts = pd.read_csv(export / "v.csv", keep_default_na=False)
+    assert list(verdicts.columns[:6]) == ["row", "study_id", "split", "status", "reason", "warning"]
+    assert set(verdicts["status"]) <= {"ok", "image_only", "note_only"}
+    assert len(verdicts) == 40
+
+
+def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, capsys):
+    manifest = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    shutil.copytree(export, tmp_path / "x")
+    root = tmp_path / "x"
+    (root / "bad").mkdir()
+    (root / "bad" / "text.dcm").write_text("not an image at all")
+    real = (root / manifest.at[0, "image"]).read_bytes()
+    (root / "bad" / "short.dcm").write_bytes(real[: len(real) // 2])
+    shutil.copy(get_testdata_file("rtplan.dcm"), root / "bad" / "plan.dcm")  # no pixel data
+    (root / "bad" / "latin1.txt").write_bytes("fi\xe8vre".encode("latin-1"))
+    manifest.loc[0, "image"] = "bad/text.dcm"
+    manifest.loc[1, "image"] = "bad/short.dcm"
+    manifest.loc[2, "image"] = "bad/plan.dcm"
+    manifest.loc[3, "image"] = "bad/absent.dcm"
+    manifest.loc[4, ["image", "note_path"]] = ["", ""]
+    manifest.loc[5, "note_path"] = "bad/latin1.txt"
+    manifest.loc[6, "note_path"] = "bad/absent.txt"
+    manifest.to_csv(root / "manifest.csv", index=False)
+
+    assert main(["validate", str(root / "manifest.csv"), "--out", str(tmp_path / "v.csv")]) == 0
+    verdicts = pd.read_csv(tmp_path / "v.csv", keep_default_na=False).set_index("row")
+    assert len(verdicts) == 40  # every row accounted for
+    reasons = verdicts["reason"]
+    assert reasons[1].startswith("image:not_dicom") and "text.dcm" in reasons[1]
+    assert reasons[2].startswith("image:truncated") and "short.dcm" in reasons[2]
+    assert reasons[3].startswith("image:no_pixel_data")
+    assert reasons[4].startswith("image:missing")
+    assert reasons[5].startswith("no_input")
+    assert reasons[7].startswith("note:note_unreadable") and "absent.txt" in reasons[7]
+    assert (verdicts.loc[[1, 2, 3, 4, 5, 7], "status"] == "failed").all()
+    assert verdicts.at[6, "status"] != "failed" and "invalid UTF-8" in verdicts.at[6, "warning"]
+    assert (verdicts.loc[8:, "status"] != "failed").all()
+    printed = capsys.readouterr().out
+    assert "failed: 6" in printed and "failed image:truncated: 1" in printed
+
+
+def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
+    manifest = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    broken = manifest.drop(columns=["patient_id"])
+    broken.to_csv(tmp_path / "broken.csv", index=False)
+    assert main(["validate", str(tmp_path / "broken.csv")]) == 2
+    assert "column 'patient_id': missing required column" in capsys.readouterr().err
+
+    unlabeled = manifest.copy()
+    for label in ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"):
+        unlabeled[label] = ""
+    unlabeled["image"] = unlabeled["image"].map(lambda p: str(export / p) if p else "")
+    unlabeled["note_path"] = unlabeled["note_path"].map(lambda p: str(export / p) if p else "")
+    unlabeled.to_csv(tmp_path / "unlabeled.csv", index=False)
+    assert main(["validate", str(tmp_path / "unlabeled.csv")]) == 1
+    assert "trainable: NO" in capsys.readouterr().out
+
+
+def test_committed_sample_data_is_what_the_documented_command_writes(tmp_path):
+    """sample_data/ in the repository = `clinfuse sample-data OUT --n 400 --seed 0`."""
+    from pathlib import Path
+
+    committed = Path(__file__).parents[1] / "sample_data"
+    assert main(["sample-data", str(tmp_path / "s"), "--n", "400", "--seed", "0"]) == 0
+    written = {p.relative_to(tmp_path / "s") for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    shipped = {
+        p.relative_to(committed)
+        for p in committed.rglob("*")
+        if p.is_file() and not p.name.endswith(".verdicts.csv")
+    }
+    assert written == shipped
+    for name in sorted(written):
+        assert (tmp_path / "s" / name).read_bytes() == (committed / name).read_bytes(), name
