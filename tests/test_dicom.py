@@ -286,9 +286,12 @@ def test_series_without_positions_is_ordered_by_instance_number(tmp_path):
     assert image.spacing == (4.0, 1.0, 1.0)
 
 
-def test_folder_with_one_multiframe_file_is_that_volume(tmp_path):
+def test_folder_with_one_file_is_still_a_volume(tmp_path):
     write_image(tmp_path / "mf" / "a.dcm", np.zeros((4, 2, 2), np.uint8), NumberOfFrames=4)
     assert read_dicom(tmp_path / "mf").pixels.shape == (1, 4, 2, 2)
+    write_image(tmp_path / "one" / "a.dcm", np.zeros((2, 2), np.uint8), SliceThickness=3.0)
+    single = read_dicom(tmp_path / "one")
+    assert single.pixels.shape == (1, 1, 2, 2) and single.spacing == (3.0, 1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- colour
@@ -400,6 +403,7 @@ def test_raw_data_set_without_preamble_is_read(tmp_path, little_endian):
 
 def test_missing_path(tmp_path):
     assert reason_of(tmp_path / "nowhere.dcm") == "missing"
+    assert reason_of(tmp_path / "bad\0name.dcm") == "missing"  # a path no file system holds
 
 
 def test_text_file_and_named_pipe_are_not_dicom(tmp_path):

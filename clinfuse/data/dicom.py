@@ -168,11 +168,8 @@ def _parse(path: Path) -> Dataset:
         if "PixelData" in ds and ds["PixelData"].is_undefined_length:
             raise _error(path, "no_decoder", "compressed Pixel Data but no Transfer Syntax UID")
         implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (
-            uids.ImplicitVRLittleEndian if implicit else uids.ExplicitVRLittleEndian
-        )
-        if not (implicit or little):
-            ds.file_meta.TransferSyntaxUID = uids.ExplicitVRBigEndian
+        explicit = uids.ExplicitVRLittleEndian if little else uids.ExplicitVRBigEndian
+        ds.file_meta.TransferSyntaxUID = uids.ImplicitVRLittleEndian if implicit else explicit
     return ds
 
 
