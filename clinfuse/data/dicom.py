@@ -98,12 +98,12 @@ def apply_window(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
     """
     if not width > 0:
         raise ValueError(f"window width must be > 0, got {width}")
-    values = np.asarray(pixels, dtype=np.float64)
+    values = np.asarray(pixels, dtype=np.float32)
     if width > 1:
-        out = (values - (center - 0.5)) / (width - 1) + 0.5
+        out = (values - np.float32(center - 0.5)) / np.float32(width - 1) + np.float32(0.5)
     else:
-        out = (values - center) / width + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        out = (values - np.float32(center)) / np.float32(width) + np.float32(0.5)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def default_window(image: DicomImage) -> tuple[float, float]:
@@ -209,7 +209,8 @@ def _to_image(path: Path, ds: Dataset) -> DicomImage:
         detail = f"decoded as {decoded_as} with {array.shape[-1]} samples per pixel"
         raise _error(path, "unsupported_photometric", detail)
 
-    pixels = np.ascontiguousarray(np.moveaxis(array.astype(np.float32), -1, 0))  # (C, F, H, W)
+    array = array.astype(np.float32, copy=False)
+    pixels = np.ascontiguousarray(np.moveaxis(array, -1, 0))  # (C, F, H, W)
     if not np.isfinite(pixels).all():
         raise _error(path, "decode_failed", "pixel values include NaN or infinity")
     spacing = _pixel_spacing(ds)
@@ -237,9 +238,9 @@ def _decode(path: Path, ds: Dataset) -> tuple[np.ndarray, str]:
     except Exception as exc:
         if "less than expected" in str(exc) or isinstance(exc, EOFError):
             raise _error(path, "truncated", _describe(exc)) from exc
-        hint = None
-        if package and decoder.missing_dependencies:
-            hint = f"the data may be corrupt, or another decoder may read it: pip install {package}"
+        missing = "; ".join(decoder.missing_dependencies)  # plugins pydicom knows but cannot load
+        hint = f"the data may be corrupt, or a plugin not installed may read it ({missing})"
+        hint = hint if missing else None
         raise _error(path, "decode_failed", f"{named}: {_describe(exc)}", hint) from exc
     return array, str(info.get("photometric_interpretation", "")).upper()
 
@@ -254,16 +255,19 @@ def _to_modality_units(
         signed = ds.get("PixelRepresentation") == 1
         stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
     if "ModalityLUTSequence" in ds:
-        array, stored = apply_modality_lut(array, ds), apply_modality_lut(stored, ds)
+        values = apply_modality_lut(array, ds).astype(np.float32)
+        stored = apply_modality_lut(stored, ds)
     else:
         slope, intercept = _rescale(ds)
-        array, stored = array * slope + intercept, stored * slope + intercept
-    array, window = array.astype(np.float64), _file_window(ds)
+        values, stored = array.astype(np.float32), stored * slope + intercept
+        values *= slope  # in place: the image is held once as float32
+        values += intercept
+    window = _file_window(ds)
     if photometric == "MONOCHROME1":  # reflect about the middle of the representable range
         pivot = float(np.min(stored) + np.max(stored))
-        array = pivot - array
+        np.subtract(pivot, values, out=values)
         window = None if window is None else (pivot - window[0], window[1])
-    return array, window
+    return values, window
 
 
 def _rescale(ds: Dataset) -> tuple[float, float]:
