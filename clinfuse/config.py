@@ -149,3 +149,64 @@ def apply_overrides(config: C, overrides: Iterable[str]) -> C:
 
 def to_json(config: Config) -> str:
     return json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=False)
+
+
+class DataConfig(Config):
+    """Which labels to learn and how to split patients when the manifest has no `split`."""
+
+    labels: tuple[str, ...] | None = None  # default: every non-reserved manifest column
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+
+
+class TrainConfig(Config):
+    """The optimisation: budget, schedule, stopping, calibration rule, resources."""
+
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05  # of all steps, linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0
+    patience: int = 6  # epochs without a better validation macro AUROC before stopping
+    class_weighting: Literal["balanced", "none"] = "balanced"  # pos_weight = negatives/positives
+    max_pos_weight: float = 10.0
+    threshold_rule: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = 0.9  # with threshold_rule=sensitivity
+    augment: bool = True
+    workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    checkpoint_every: int = 50  # steps between resumable checkpoints (and at every epoch end)
+    seed: int = 0
+    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    bootstrap: int = 1000  # resamples for the validation metrics' confidence intervals
+
+
+class RunConfig(Config):
+    """One training run: `clinfuse train --config run.yaml key=value ...`."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def resolve_run_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """YAML file (optional) + `key=value` overrides -> a validated `RunConfig`.
+
+    `model.name` picks a registered architecture whose settings are the defaults that the file
+    and the overrides refine.
+    """
+    from clinfuse.model.registry import DEFAULT_MODEL, architecture, merge
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = load_config_file(RunConfig, path).model_dump(mode="json", exclude_unset=True)
+    overrides = list(overrides)
+    for item in overrides:  # the architecture must be known before its defaults apply
+        key, _, value = item.partition("=")
+        if key == "model.name":
+            data.setdefault("model", {})["name"] = value
+    model = data.get("model", {})
+    name = model.get("name", DEFAULT_MODEL)
+    data["model"] = merge({**architecture(name), "name": name}, model)
+    return apply_overrides(parse_config(RunConfig, data), overrides)

@@ -46,6 +46,51 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.trainable else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from clinfuse.config import resolve_run_config
+    from clinfuse.training.trainer import train
+
+    cfg = resolve_run_config(args.config, args.overrides)
+    result = train(args.manifest, args.out, cfg, device=args.device)
+    macro = result.validation["macro"]
+    if result.already_done:
+        print(f"{result.model_dir} is already trained (rerun with a new --out to train again)")
+    print(
+        f"model: {result.model_dir}  epochs: {result.epochs} (best {result.best_epoch})  "
+        f"time: {result.seconds:.0f} s{'  (resumed)' if result.resumed else ''}"
+    )
+    print(
+        f"validation: macro AUROC {_fmt(macro['auroc'])}  AUPRC {_fmt(macro['auprc'])}  "
+        f"ECE {_fmt(macro['ece'])} (before temperature {_fmt(macro.get('ece_before_temperature'))})"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from clinfuse.evaluation.evaluate import evaluate_model, unique_names, write_evaluation
+
+    runs = {
+        name: evaluate_model(
+            folder, args.manifest, split=args.split, device=args.device, bootstrap=args.bootstrap
+        )
+        for name, folder in zip(unique_names(args.model), args.model, strict=True)
+    }
+    report = write_evaluation(args.out, runs)
+    for name, (run, _) in runs.items():
+        macro = run.metrics["macro"]
+        print(
+            f"{name} ({run.model_version}) on {args.split}, n={run.metrics['n']}: "
+            f"macro AUROC {_fmt(macro['auroc'])}  AUPRC {_fmt(macro['auprc'])}  "
+            f"ECE {_fmt(macro['ece'])}"
+        )
+    print(f"metrics: {Path(args.out) / 'metrics.json'}\nreport: {report}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinfuse",
@@ -85,6 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes reading files")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.set_defaults(run=_validate)
+
+    p = commands.add_parser(
+        "train",
+        help="train, calibrate and save a model folder (resumable; DDP under torchrun)",
+        description="Train on a manifest's train split, stop early on validation macro AUROC, "
+        "fit per-label temperatures and thresholds on validation, and save a model folder. "
+        "Rerunning the same command after an interruption resumes. Under `torchrun "
+        "--nproc_per_node N` it trains with DistributedDataParallel.",
+        epilog="examples of key=value: model.name=tiny model.fusion.mode=late train.epochs=5 "
+        "train.lr=3e-4 data.labels=[copd,pneumonia]",
+    )
+    p.add_argument("--manifest", required=True, type=Path, help="training manifest")
+    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument("--config", type=Path, help="YAML run config (see pipelines/*.yaml)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU when present)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser(
+        "evaluate",
+        help="metrics, predictions and an HTML report of model folders on a split",
+        description="Score a manifest split with one or more model folders (side by side) at "
+        "their saved calibration and thresholds; write metrics.json, predictions.csv and "
+        "report.html. The split is rebuilt with each model's saved split settings.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        action="append",
+        help="model folder (repeat to compare several)",
+    )
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--out", required=True, type=Path, help="report folder to write")
+    p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% CIs")
+    p.set_defaults(run=_evaluate)
     return parser
 
 

@@ -39,12 +39,8 @@ class CrossAttentionBlock(nn.Module):
         super().__init__()
         self.norm_text = nn.LayerNorm(width)
         self.norm_image = nn.LayerNorm(width)
-        self.text_reads_image = nn.MultiheadAttention(
-            width, heads, dropout=dropout, batch_first=True
-        )
-        self.image_reads_text = nn.MultiheadAttention(
-            width, heads, dropout=dropout, batch_first=True
-        )
+        self.text_reads_image = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.image_reads_text = nn.MultiheadAttention(width, heads, batch_first=True)
         self.norm_text_ff = nn.LayerNorm(width)
         self.norm_image_ff = nn.LayerNorm(width)
         self.ff_text = FeedForward(width, mlp_ratio, dropout)

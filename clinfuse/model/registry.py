@@ -39,17 +39,22 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def model_config(
-    name: str = DEFAULT_MODEL, labels: Sequence[str] = (), **overrides: Any
-) -> ModelConfig:
-    """The `ModelConfig` of a registered architecture, with nested `overrides` merged in."""
+def architecture(name: str) -> dict[str, Any]:
+    """The nested `ModelConfig` settings of a registered architecture."""
     if name not in _REGISTRY:
         raise ConfigError(
             "model.name",
             f"unknown architecture {name!r}",
             hint=f"registered: {', '.join(list_models())}",
         )
-    data = merge(_REGISTRY[name](), overrides)
+    return _REGISTRY[name]()
+
+
+def model_config(
+    name: str = DEFAULT_MODEL, labels: Sequence[str] = (), **overrides: Any
+) -> ModelConfig:
+    """The `ModelConfig` of a registered architecture, with nested `overrides` merged in."""
+    data = merge(architecture(name), overrides)
     return parse_config(ModelConfig, {**data, "name": name, "labels": tuple(labels)}, "model")
 
 
@@ -89,7 +94,11 @@ def tiny() -> dict[str, Any]:
 def tiny_3d() -> dict[str, Any]:
     """For tests of volumes: a tiny 3D DenseNet on 16x32x32."""
     return merge(
-        tiny(), {"image": {"spatial_dims": 3}, "preprocess": {"spatial_size": (16, 32, 32)}}
+        tiny(),
+        {
+            "image": {"spatial_dims": 3},
+            "preprocess": {"spatial_size": (16, 32, 32), "fit": "stretch"},
+        },
     )
 
 
@@ -112,7 +121,7 @@ def small() -> dict[str, Any]:
             "max_length": 128,
         },
         "fusion": {"width": 64, "depth": 2, "heads": 4},
-        "preprocess": {"spatial_size": (128, 128)},
+        "preprocess": {"spatial_size": (96, 96)},
     }
 
 

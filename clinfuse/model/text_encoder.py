@@ -14,12 +14,16 @@ the fusion sees up to `max_chunks * max_length` tokens (anything beyond is cut w
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tokenizers import BertWordPieceTokenizer
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import WordPiece
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
@@ -31,15 +35,26 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def train_tokenizer(notes: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A lower-casing WordPiece tokenizer trained on `notes` (the offline default)."""
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(
-        (n for n in notes if n),
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
-    )
-    backend = wordpiece._tokenizer  # the tokenizers.Tokenizer inside the implementation wrapper
+    """A lower-casing WordPiece tokenizer whose vocabulary comes from `notes` (offline default).
+
+    Deterministic (the `tokenizers` trainer breaks frequency ties in hash order, so two runs
+    could disagree): the special tokens, every character seen (alone and as a `##` piece, so any
+    word can be spelled), then whole words by frequency, ties alphabetical, up to `vocab_size`.
+    """
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for note in notes:
+        if note:
+            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(note))
+            counts.update(word for word, _ in words)
+    alphabet = sorted({char for word in counts for char in word})
+    vocab = [*SPECIAL_TOKENS, *alphabet, *(f"##{char}" for char in alphabet)]
+    known = set(vocab)
+    by_frequency = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    vocab += [w for w, _ in by_frequency if w not in known][: max(0, vocab_size - len(vocab))]
+    backend = Tokenizer(WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
+    backend.decoder = decoders.WordPiece()
     backend.post_processor = TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[(t, backend.token_to_id(t)) for t in ("[CLS]", "[SEP]")],
@@ -67,7 +82,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
 class TokenizedNotes:
     """A batch of notes as encoder input; windows of `max_length` tokens laid side by side."""
 
-    input_ids: torch.Tensor  # (B, K*T) long; K windows of T tokens
+    input_ids: torch.Tensor  # (B, K*T) long; K windows of T <= max_length tokens
     attention_mask: torch.Tensor  # (B, K*T) long, 1 = real token
     offsets: torch.Tensor  # (B, K*T, 2) long character span of each token in its note
     note_present: torch.Tensor  # (B,) bool
@@ -81,6 +96,8 @@ class NoteTokenizer:
         self.tokenizer = tokenizer
         self.max_length = cfg.max_length
         self.windows = cfg.max_chunks if cfg.long_notes == "chunk" else 1
+        self.cut = 0  # notes cut so far, reported once as a warning, then at debug level
+        self.warned = False
 
     @property
     def num_tokens(self) -> int:
@@ -92,13 +109,14 @@ class NoteTokenizer:
             texts,
             max_length=self.max_length,
             truncation=True,
-            padding="max_length",
+            padding="longest",  # to the longest window in the batch, not to max_length
+            pad_to_multiple_of=8,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
             return_tensors="pt",
         )  # (W, T) over all windows of all notes; overflow_to_sample_mapping says whose
         owner = enc["overflow_to_sample_mapping"].tolist()
-        B, K, T = len(texts), self.windows, self.max_length
+        B, K, T = len(texts), self.windows, enc["input_ids"].shape[1]
         input_ids = torch.full((B, K, T), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(B, K, T, dtype=torch.long)
         offsets = torch.zeros(B, K, T, 2, dtype=torch.long)
@@ -112,12 +130,16 @@ class NoteTokenizer:
                 offsets[b, k] = enc["offset_mapping"][w]
         truncated = torch.tensor([n > K for n in seen])
         if truncated.any():
-            log.warning(
-                "%d of %d notes longer than %d tokens were cut (text.long_notes=%s)",
-                int(truncated.sum()),
-                B,
-                K * T,
+            self.cut += int(truncated.sum())
+            level = logging.DEBUG if self.warned else logging.WARNING
+            self.warned = True
+            log.log(
+                level,
+                "notes longer than %d tokens are cut (text.long_notes=%s; %d so far); raise "
+                "text.max_length or use text.long_notes=chunk to keep more",
+                K * self.max_length,
                 "chunk" if K > 1 else "truncate",
+                self.cut,
             )
         present = torch.tensor([bool(t.strip()) for t in texts])
         return TokenizedNotes(
@@ -143,6 +165,7 @@ def build_text_model(cfg: TextConfig, vocab_size: int, saved: dict[str, Any] | N
             num_attention_heads=cfg.heads,
             intermediate_size=cfg.intermediate,
             max_position_embeddings=max(cfg.max_length, 16),
+            attention_probs_dropout_prob=0.0,  # dropout on attention weights is slow on CPU
         )
         model = AutoModel.from_config(config)
     if getattr(model, "pooler", None) is not None:
@@ -157,7 +180,7 @@ class TextEncoder(nn.Module):
         self, cfg: TextConfig, width: int, vocab_size: int, saved: dict[str, Any] | None = None
     ) -> None:
         super().__init__()
-        self.max_length = cfg.max_length
+        self.windows = cfg.max_chunks if cfg.long_notes == "chunk" else 1
         self.model = build_text_model(cfg, vocab_size, saved)
         limit = getattr(self.model.config, "max_position_embeddings", cfg.max_length)
         if cfg.max_length > limit:
@@ -174,8 +197,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, L = input_ids.shape
-        T = self.max_length
-        windows_ids = input_ids.view(B * (L // T), T)  # (B*K, T): each window encoded alone
-        windows_mask = attention_mask.view(B * (L // T), T)
+        T = L // self.windows
+        windows_ids = input_ids.reshape(B * self.windows, T)  # (B*K, T): each window alone
+        windows_mask = attention_mask.reshape(B * self.windows, T)
         hidden = self.model(input_ids=windows_ids, attention_mask=windows_mask).last_hidden_state
         return self.project(hidden.reshape(B, L, -1))  # (B, K*T, D)

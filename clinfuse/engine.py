@@ -1,0 +1,103 @@
+"""Where device and precision are decided, once, and the one prediction loop.
+
+Modules are built on CPU in float32; the engine moves them to the device and picks the
+autocast context (bfloat16/float16 on GPU when asked, nothing on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from clinfuse.data.batch import Batch
+from clinfuse.model.model import FusionModel
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    """`requested`, else this process's GPU (LOCAL_RANK under torchrun) when there is one."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on GPU (bfloat16 where supported, else float16); a no-op on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass
+class Predictions:
+    """Model outputs for a set of studies, in the order they came."""
+
+    study_ids: list[str] = field(default_factory=list)
+    logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, L)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, L)
+    image_used: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
+    note_used: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (study_id, reason)
+
+    def modalities(self) -> list[str]:
+        """Per study: "image+note", "image" or "note" — the sides the prediction used."""
+        return [
+            "+".join(s for s, used in (("image", i), ("note", n)) if used)
+            for i, n in zip(self.image_used, self.note_used, strict=True)
+        ]
+
+
+def iter_predictions(
+    model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
+) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch: (batch, logits (B, L) float32 on CPU, image_used (B,), note_used (B,))."""
+    model.eval()
+    with torch.inference_mode():
+        for batch in batches:
+            if len(batch) == 0:
+                yield (
+                    batch,
+                    torch.zeros(0, len(model.labels)),
+                    torch.zeros(0, dtype=torch.bool),
+                    torch.zeros(0, dtype=torch.bool),
+                )
+                continue
+            on_device = batch.to(device)
+            with autocast(device, amp):
+                out = model.forward_intermediates(*on_device.model_inputs())
+            yield batch, out.logits.float().cpu(), out.image_used.cpu(), out.note_used.cpu()
+
+
+def predict(
+    model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
+) -> Predictions:
+    """Run the model over every batch and gather logits, labels, sides used and failures."""
+    ids, logits, labels, image_used, note_used, failures = [], [], [], [], [], []
+    for batch, batch_logits, batch_image, batch_note in iter_predictions(
+        model, batches, device, amp
+    ):
+        failures += batch.failures
+        if len(batch) == 0:
+            continue
+        ids += batch.study_ids
+        logits.append(batch_logits.numpy())
+        labels.append(batch.labels.numpy())
+        image_used.append(batch_image.numpy())
+        note_used.append(batch_note.numpy())
+    if not ids:
+        return Predictions(failures=failures)
+    return Predictions(
+        study_ids=ids,
+        logits=np.concatenate(logits),
+        labels=np.concatenate(labels),
+        image_used=np.concatenate(image_used),
+        note_used=np.concatenate(note_used),
+        failures=failures,
+    )

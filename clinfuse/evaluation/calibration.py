@@ -1,0 +1,95 @@
+"""Calibration fitted on validation data: one temperature and one decision threshold a label.
+
+Both are fitted on known cells only (`y` is 1.0 / 0.0 / NaN, NaN = unknown) and saved with the
+model, which predicts `sigmoid(logit / temperature) >= threshold` (see `FusionModel`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+from sklearn.metrics import roc_curve
+
+TEMPERATURE_BOUNDS = (1e-2, 1e2)  # searched over log T; a separable label ends at the low bound
+DEFAULT_THRESHOLD = 0.5  # for a label with no positives or no negatives to fit on
+THRESHOLD_RULES = ("youden", "sensitivity")
+
+
+def apply_temperature(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities (N, L): sigmoid(logits / T) with one T a label."""
+    return expit(np.asarray(logits, dtype=float) / np.asarray(temperatures, dtype=float))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(L,) temperatures T > 0, each minimising the NLL of sigmoid(logit / T) on known cells.
+
+    A bounded 1-D search over log T in `TEMPERATURE_BOUNDS`. A label with fewer than two known
+    cells, or only one class among them, keeps T = 1.0.
+    """
+    logits, y = check_scores(logits, y, "logits")
+    temperatures = np.ones(y.shape[1])
+    for j in range(y.shape[1]):
+        known = ~np.isnan(y[:, j])
+        z, t = logits[known, j], y[known, j]
+        if t.size < 2 or t.min() == t.max():
+            continue
+
+        def nll(log_t: float, z: np.ndarray = z, t: np.ndarray = t) -> float:
+            # Binary cross-entropy on logits, log(1 + e^s) - t*s: stable where sigmoid saturates.
+            s = z / np.exp(log_t)
+            return float(np.mean(np.logaddexp(0.0, s) - t * s))
+
+        result = minimize_scalar(nll, bounds=np.log(TEMPERATURE_BOUNDS), method="bounded")
+        temperatures[j] = float(np.exp(result.x))
+    return temperatures
+
+
+def fit_thresholds(
+    probs: np.ndarray, y: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.9
+) -> np.ndarray:
+    """(L,) decision thresholds on calibrated probabilities; a label is called at `probs >= t`.
+
+    Rules, each over the label's ROC curve on known cells (`sklearn.metrics.roc_curve`, every
+    distinct score a candidate threshold):
+
+    - ``"youden"``: the threshold maximising Youden's J = sensitivity + specificity - 1; ties go
+      to the highest threshold. On a separable label this is the lowest positive score.
+    - ``"sensitivity"``: the highest threshold whose sensitivity reaches `target_sensitivity`,
+      i.e. the most specific operating point that still finds that share of positives.
+
+    A label with no positives or no negatives among its known cells gets 0.5.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; use one of {THRESHOLD_RULES}")
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    probs, y = check_scores(probs, y, "probs")
+    thresholds = np.full(y.shape[1], DEFAULT_THRESHOLD)
+    for j in range(y.shape[1]):
+        known = ~np.isnan(y[:, j])
+        t, p = y[known, j], probs[known, j]
+        if t.size == 0 or t.min() == t.max():
+            continue
+        fpr, tpr, candidates = roc_curve(t, p, drop_intermediate=False)
+        # candidates[0] is +inf (nothing called positive); it is never a usable threshold.
+        fpr, tpr, candidates = fpr[1:], tpr[1:], candidates[1:]
+        if rule == "youden":
+            best = int(np.argmax(tpr - fpr))
+        else:
+            best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # first = highest threshold
+        thresholds[j] = float(candidates[best])
+    return thresholds
+
+
+def check_scores(scores: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Float (N, L) copies of `scores` and `y`, with the shapes and values the contract needs."""
+    scores, y = np.asarray(scores, dtype=float), np.asarray(y, dtype=float)
+    if scores.ndim != 2 or scores.shape != y.shape:
+        raise ValueError(f"{name} and y must both be (N, L); got {scores.shape} and {y.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{name} contains NaN or inf; only y may hold NaN (unknown labels)")
+    known = y[~np.isnan(y)]
+    if not np.isin(known, (0.0, 1.0)).all():
+        raise ValueError("y must hold 1.0, 0.0 or NaN (unknown)")
+    return scores, y

@@ -1,0 +1,116 @@
+"""`evaluate_model`: a model folder on a manifest split -> metrics, predictions and a report.
+
+The split is rebuilt with the model's own saved split settings, so `--split test` means the
+patients that training held out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from clinfuse.data.batch import Collator, StudyDataset
+from clinfuse.data.manifest import PatientSplit, load_manifest
+from clinfuse.engine import predict, select_device
+from clinfuse.errors import ManifestError
+from clinfuse.evaluation.calibration import apply_temperature
+from clinfuse.evaluation.metrics import evaluate_predictions
+from clinfuse.evaluation.report import EvaluationRun, write_report
+from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
+
+
+def model_version(model_dir: str | Path) -> str:
+    """`<folder name>@<first 12 hex of the weights' sha256>`: names the exact weights."""
+    digest = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
+    return f"{Path(model_dir).resolve().name}@{digest[:12]}"
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    manifest_path: str | Path,
+    split: str = "test",
+    device: str | None = None,
+    batch_size: int = 32,
+    bootstrap: int = 1000,
+) -> tuple[EvaluationRun, pd.DataFrame]:
+    """Score `split` ("all" for every row) and compute the metrics at the saved thresholds."""
+    torch_device = select_device(device)
+    model = load_checkpoint(model_dir, torch_device)
+    data = read_checkpoint_config(model_dir).get("data", {})
+    manifest = load_manifest(
+        manifest_path,
+        labels=model.labels,
+        split=PatientSplit(
+            data.get("val_fraction", 0.15),
+            data.get("test_fraction", 0.15),
+            data.get("split_seed", 0),
+        ),
+    )
+    rows = list(manifest.rows(None if split == "all" else split))
+    if not rows:
+        raise ManifestError(manifest_path, f"no rows in the {split!r} split")
+    loader = DataLoader(
+        StudyDataset(rows, model.cfg),
+        batch_size=batch_size,
+        collate_fn=Collator(model.note_tokenizer, model.cfg),
+    )
+    predictions = predict(model, loader, torch_device)
+    temperature = model.temperature.cpu().numpy()
+    thresholds = model.thresholds.cpu().numpy()
+    probs = apply_temperature(predictions.logits, temperature)
+    metrics = evaluate_predictions(
+        predictions.labels, probs, thresholds, model.labels, n_bootstrap=bootstrap
+    )
+    metrics["split"] = split
+    metrics["failed"] = len(predictions.failures)
+    version = model_version(model_dir)
+    metrics["model_version"] = version
+    table = pd.DataFrame(
+        {"study_id": predictions.study_ids, "modalities": predictions.modalities()}
+    )
+    for j, name in enumerate(model.labels):
+        table[f"p_{name}"] = probs[:, j]
+        table[f"y_{name}"] = predictions.labels[:, j]
+    run = EvaluationRun(
+        metrics=metrics,
+        y=predictions.labels,
+        probs=probs,
+        labels=model.labels,
+        model_version=version,
+    )
+    return run, table
+
+
+def write_evaluation(
+    out_dir: str | Path, runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]
+) -> Path:
+    """metrics.json (the first model), compare.json (all), predictions CSVs, report.html."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(runs)
+    first_run, first_table = runs[names[0]]
+    (out_dir / "metrics.json").write_text(
+        json.dumps(first_run.metrics, indent=2, allow_nan=False), encoding="utf-8"
+    )
+    first_table.to_csv(out_dir / "predictions.csv", index=False)
+    if len(names) > 1:
+        compare = {name: run.metrics for name, (run, _) in runs.items()}
+        (out_dir / "compare.json").write_text(
+            json.dumps(compare, indent=2, allow_nan=False), encoding="utf-8"
+        )
+        for name, (_, table) in runs.items():
+            table.to_csv(out_dir / f"predictions_{name}.csv", index=False)
+    return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
+
+
+def unique_names(model_dirs: list[Path]) -> list[str]:
+    """Folder names, made unique with their parent's name where two collide."""
+    names = [Path(d).resolve().name for d in model_dirs]
+    return [
+        f"{Path(d).resolve().parent.name}-{n}" if names.count(n) > 1 else n
+        for d, n in zip(model_dirs, names, strict=True)
+    ]

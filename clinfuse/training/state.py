@@ -1,0 +1,86 @@
+"""Resumable training state: crash-safe snapshots a rerun of the same command continues from.
+
+Each snapshot is a folder `step-<N>/` holding the current model (a checkpoint folder), the best
+model so far, the optimiser and scheduler state, and `state.json` (counters, history) written
+last with a `COMPLETE` marker. A crash mid-write leaves an incomplete folder that is ignored;
+the newest complete snapshot wins, and older ones are removed once a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clinfuse.model.checkpoint import load_checkpoint, save_checkpoint
+from clinfuse.model.model import FusionModel
+
+
+@dataclass
+class Progress:
+    """Where a run is: counters that make a resumed run continue exactly where it stopped."""
+
+    config_sha256: str
+    epoch: int = 0  # the epoch in progress
+    batch_in_epoch: int = 0  # batches of `epoch` already done
+    step: int = 0  # optimiser steps done
+    best_auroc: float = float("-inf")
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def latest_snapshot(state_dir: Path) -> Path | None:
+    complete = sorted(p.parent for p in state_dir.glob("step-*/COMPLETE"))
+    return complete[-1] if complete else None
+
+
+def save_snapshot(
+    state_dir: Path,
+    model: FusionModel,
+    best: FusionModel | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+) -> Path:
+    """Write a complete snapshot, then delete the older ones."""
+    folder = state_dir / f"step-{progress.step:08d}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_checkpoint(model, folder / "model")
+    if best is not None:
+        save_checkpoint(best, folder / "best")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        folder / "optimizer.pt",
+    )
+    state = asdict(progress)
+    state["best_auroc"] = None if progress.best_auroc == float("-inf") else progress.best_auroc
+    (folder / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    (folder / "COMPLETE").write_text("", encoding="utf-8")
+    for older in state_dir.glob("step-*"):
+        if older != folder:
+            shutil.rmtree(older, ignore_errors=True)
+    return folder
+
+
+def load_snapshot(
+    folder: Path,
+) -> tuple[FusionModel, FusionModel | None, dict[str, Any], Progress]:
+    """(model, best model or None, optimiser/scheduler states, progress) from a snapshot."""
+    model = load_checkpoint(folder / "model")
+    best = load_checkpoint(folder / "best") if (folder / "best").is_dir() else None
+    states = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if state["best_auroc"] is None:
+        state["best_auroc"] = float("-inf")
+    return model, best, states, Progress(**state)

@@ -1,0 +1,398 @@
+"""`train`: manifest -> a calibrated model folder. Resumable, seeded, DDP under torchrun.
+
+Patient-level splits from the manifest; unknown labels masked out of the loss; class-imbalance
+weighting; AdamW with linear warm-up and cosine decay; gradient clipping; early stopping on
+validation macro AUROC. Afterwards per-label temperatures and decision thresholds are fitted on
+the validation split and saved with the model and its validation metrics.
+
+Started again with the same command, a killed run continues from its newest snapshot (see
+`clinfuse.training.state`); a finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from clinfuse import __version__
+from clinfuse.config import RunConfig
+from clinfuse.data.batch import Collator, StudyDataset
+from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, load_manifest
+from clinfuse.data.notes import read_note
+from clinfuse.engine import Predictions, autocast, predict, select_device
+from clinfuse.errors import ClinfuseError, ManifestError
+from clinfuse.evaluation.calibration import fit_temperature, fit_thresholds
+from clinfuse.evaluation.metrics import evaluate_predictions
+from clinfuse.model.checkpoint import read_checkpoint_config, save_checkpoint
+from clinfuse.model.model import FusionModel
+from clinfuse.model.registry import create_model
+from clinfuse.training.state import Progress, latest_snapshot, load_snapshot, save_snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    epochs: int
+    best_epoch: int
+    validation: dict[str, Any]  # metrics of the calibrated model on the validation split
+    seconds: float
+    resumed: bool
+    already_done: bool = False
+
+
+@dataclass(frozen=True)
+class Workers:
+    """This process's place in a (possibly single-process) distributed run."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, device: torch.device) -> Workers:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world) if world > 1 else cls()
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def masked_bce(
+    logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor
+) -> torch.Tensor:
+    """Mean binary cross-entropy over known labels; NaN labels contribute nothing."""
+    known = ~torch.isnan(labels)  # (B, L)
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), torch.nan_to_num(labels), pos_weight=pos_weight, reduction="none"
+    )
+    return (losses * known).sum() / known.sum().clamp(min=1)
+
+
+def balanced_pos_weight(labels: np.ndarray, max_weight: float) -> torch.Tensor:
+    """(L,) negatives / positives per label over known cells, clipped to [1, max_weight]."""
+    positives = np.nansum(labels, axis=0)
+    negatives = np.sum(labels == 0, axis=0)
+    weight = np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)
+    return torch.tensor(np.clip(weight, 1.0, max_weight), dtype=torch.float32)
+
+
+def epoch_order(n: int, epoch: int, seed: int, workers: Workers) -> list[int]:
+    """This rank's seeded sample order for `epoch` (padded so every rank gets as many)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    total = math.ceil(n / workers.world) * workers.world
+    order += order[: total - n]
+    return order[workers.rank :: workers.world]
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def split_rows(manifest: Manifest, split: str) -> list[StudyRow]:
+    rows = list(manifest.rows(split))
+    if not rows:
+        raise ManifestError(
+            manifest.path,
+            f"no rows in the {split!r} split",
+            hint="add rows, set data.val_fraction, or give a split column with val rows",
+        )
+    return rows
+
+
+def train(
+    manifest_path: str | Path, out_dir: str | Path, cfg: RunConfig, device: str | None = None
+) -> TrainResult:
+    """Train, calibrate and save a model folder at `out_dir`; see the module docstring."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    torch_device = select_device(device)
+    workers = Workers.start(torch_device)
+    if (out_dir / "config.json").is_file() and "training" in read_checkpoint_config(out_dir):
+        done = read_checkpoint_config(out_dir)
+        log.info("%s is already a trained model folder; nothing to do", out_dir)
+        return TrainResult(
+            out_dir,
+            done["training"]["epochs"],
+            done["training"]["best_epoch"],
+            done["metrics"]["validation"],
+            0.0,
+            False,
+            already_done=True,
+        )
+
+    manifest = load_manifest(
+        manifest_path,
+        labels=cfg.data.labels,
+        split=PatientSplit(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed),
+    )
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"labels": manifest.labels})})
+    config_sha = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
+    train_rows, val_rows = split_rows(manifest, "train"), split_rows(manifest, "val")
+    state_dir = out_dir / ".train_state"
+    snapshot = latest_snapshot(state_dir)
+    best: FusionModel | None = None
+    if snapshot is not None:
+        model, best, states, progress = load_snapshot(snapshot)
+        if progress.config_sha256 != config_sha:
+            raise ClinfuseError(
+                f"{out_dir}: holds an unfinished run with a different configuration. "
+                "Rerun with the same config, or choose a new --out"
+            )
+        log.info(
+            "resuming from %s (epoch %d, step %d)", snapshot.name, progress.epoch, progress.step
+        )
+    else:
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = create_model(cfg.model, _training_notes(train_rows))
+        states, progress = None, Progress(config_sha256=config_sha)
+    model.to(torch_device).train()
+    torch.manual_seed(cfg.train.seed + 1 + workers.rank + progress.step)
+
+    collate = Collator(model.note_tokenizer, cfg.model)
+    train_set = StudyDataset(train_rows, cfg.model, train=cfg.train.augment)
+    train_set.transforms.set_random_state(cfg.train.seed + workers.rank + progress.step)
+    val_loader = DataLoader(
+        StudyDataset(val_rows, cfg.model),
+        batch_size=cfg.train.batch_size,
+        collate_fn=collate,
+        num_workers=cfg.train.workers,
+    )
+    pos_weight = (
+        balanced_pos_weight(manifest.label_matrix("train"), cfg.train.max_pos_weight)
+        if cfg.train.class_weighting == "balanced"
+        else torch.ones(len(manifest.labels))
+    ).to(torch_device)
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / workers.world) / cfg.train.batch_size)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps_per_epoch * cfg.train.epochs, cfg.train.warmup_fraction)
+    )
+    if states is not None:
+        optimizer.load_state_dict(states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+    ddp = (
+        DistributedDataParallel(
+            model, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
+        )
+        if workers.world > 1
+        else model
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=torch_device.type == "cuda" and cfg.train.amp)
+    failures: dict[str, str] = {}
+
+    def snapshot_now() -> None:
+        if workers.main:
+            save_snapshot(state_dir, model, best, optimizer, scheduler, progress)
+        if workers.world > 1:
+            dist.barrier()
+
+    while progress.epoch < cfg.train.epochs:
+        epoch_started, seen, losses = time.perf_counter(), 0, []
+        order = epoch_order(len(train_rows), progress.epoch, cfg.train.seed, workers)
+        order = order[progress.batch_in_epoch * cfg.train.batch_size :]
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.train.batch_size,
+            sampler=order,
+            collate_fn=collate,
+            num_workers=cfg.train.workers,
+        )
+        bar = tqdm(
+            loader,
+            desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
+            disable=not workers.main,
+            leave=False,
+            unit="batch",
+        )
+        model.train()
+        for batch in bar:
+            failures.update(batch.failures)
+            batch = batch.to(torch_device)
+            with autocast(torch_device, cfg.train.amp):
+                logits = ddp(*batch.model_inputs())
+            loss = masked_bce(logits, batch.labels, pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            seen += len(batch) * workers.world
+            losses.append(loss.item())
+            rate = seen / (time.perf_counter() - epoch_started)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", studies_per_s=f"{rate:.1f}")
+            if progress.step % cfg.train.checkpoint_every == 0:
+                snapshot_now()
+
+        val = predict(model, val_loader, torch_device, cfg.train.amp)
+        auroc = _macro_auroc(val, manifest.labels)
+        seconds = time.perf_counter() - epoch_started
+        improved = auroc is not None and auroc > progress.best_auroc
+        if improved:
+            progress.best_auroc, progress.best_epoch = auroc, progress.epoch
+            progress.epochs_without_improvement = 0
+            best = copy.deepcopy(model).cpu().eval()
+        else:
+            progress.epochs_without_improvement += 1
+        progress.history.append(
+            {
+                "epoch": progress.epoch + 1,
+                "train_loss": float(np.mean(losses)) if losses else None,
+                "val_macro_auroc": auroc,
+                "lr": scheduler.get_last_lr()[0],
+                "studies_per_s": seen / seconds,
+                "seconds": seconds,
+            }
+        )
+        if workers.main:
+            log.info(
+                "epoch %d/%d loss %.4f val macro AUROC %s (best %.4f at epoch %d) %.1f studies/s",
+                progress.epoch + 1,
+                cfg.train.epochs,
+                progress.history[-1]["train_loss"] or float("nan"),
+                "n/a" if auroc is None else f"{auroc:.4f}",
+                progress.best_auroc,
+                progress.best_epoch + 1,
+                seen / seconds,
+            )
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+        stop = workers.agree(progress.epochs_without_improvement >= cfg.train.patience)
+        snapshot_now()
+        if stop:
+            log.info(
+                "early stop: no better validation macro AUROC for %d epochs", cfg.train.patience
+            )
+            break
+
+    final = best if best is not None else model
+    validation = calibrate(final.to(torch_device), val_loader, torch_device, cfg)
+    if workers.main:
+        info = {
+            "metrics": {"validation": validation},
+            "manifest": str(Path(manifest_path).resolve()),
+            "manifest_sha256": file_sha256(Path(manifest_path)),
+            "data": cfg.data.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json"),
+            "training": {
+                "epochs": progress.epoch,
+                "best_epoch": progress.best_epoch + 1,
+                "history": progress.history,
+                "world_size": workers.world,
+                "device": str(torch_device),
+                "seconds": time.perf_counter() - started,
+            },
+            "code_version": __version__,
+        }
+        save_checkpoint(final, out_dir, info)
+        pd.DataFrame(progress.history).to_csv(out_dir / "history.csv", index=False)
+        pd.DataFrame(sorted(failures.items()), columns=["study_id", "reason"]).to_csv(
+            out_dir / "failures.csv", index=False
+        )
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if workers.world > 1:
+        dist.barrier()
+    return TrainResult(
+        out_dir,
+        progress.epoch,
+        progress.best_epoch + 1,
+        validation,
+        time.perf_counter() - started,
+        resumed=snapshot is not None,
+    )
+
+
+def _training_notes(rows: list[StudyRow]) -> list[str]:
+    notes = []
+    for row in rows:
+        try:
+            notes.append(read_note(row.note, row.note_path))
+        except ClinfuseError:
+            continue  # recorded as a failure when the study is loaded for training
+    return [n for n in notes if n]
+
+
+def _macro_auroc(predictions: Predictions, labels: tuple[str, ...]) -> float | None:
+    if not predictions.study_ids:
+        return None
+    probs = 1 / (1 + np.exp(-predictions.logits))
+    metrics = evaluate_predictions(
+        predictions.labels, probs, np.full(len(labels), 0.5), labels, n_bootstrap=0
+    )
+    return metrics["macro"]["auroc"]
+
+
+def calibrate(
+    model: FusionModel, val_loader: DataLoader, device: torch.device, cfg: RunConfig
+) -> dict[str, Any]:
+    """Fit per-label temperature and thresholds on validation; return the validation metrics."""
+    val = predict(model, val_loader, device, cfg.train.amp)
+    raw = 1 / (1 + np.exp(-val.logits))
+    temperature = fit_temperature(val.logits, val.labels)
+    probs = 1 / (1 + np.exp(-val.logits / temperature))
+    thresholds = fit_thresholds(
+        probs,
+        val.labels,
+        rule=cfg.train.threshold_rule,
+        target_sensitivity=cfg.train.target_sensitivity,
+    )
+    model.temperature.copy_(torch.as_tensor(temperature, dtype=torch.float32))
+    model.thresholds.copy_(torch.as_tensor(thresholds, dtype=torch.float32))
+    metrics = evaluate_predictions(
+        val.labels,
+        probs,
+        thresholds,
+        model.labels,
+        n_bootstrap=cfg.train.bootstrap,
+        seed=cfg.train.seed,
+    )
+    before = evaluate_predictions(val.labels, raw, thresholds, model.labels, n_bootstrap=0)
+    metrics["macro"]["ece_before_temperature"] = before["macro"]["ece"]
+    return json.loads(json.dumps(metrics))  # plain JSON types

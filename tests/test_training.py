@@ -1,0 +1,252 @@
+"""`clinfuse train` and `clinfuse evaluate` end to end on a small synthetic export (tiny model)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clinfuse.cli import main
+from clinfuse.model import load_checkpoint
+from clinfuse.synthetic import make_sample_data
+from clinfuse.training.trainer import Workers, balanced_pos_weight, epoch_order, masked_bce
+
+FAST = ["model.name=tiny", "train.epochs=2", "train.bootstrap=20", "train.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    make_sample_data(out, n=96, seed=3, size=64)
+    return out / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def trained(export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    assert main(["train", "--manifest", str(export), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def clinfuse(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "clinfuse", *args], **kwargs)
+
+
+def test_train_writes_a_calibrated_model_folder(trained, export):
+    names = {p.name for p in trained.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer",
+        "MODEL_CARD.md",
+        "history.csv",
+        "failures.csv",
+    } <= names
+    assert ".train_state" not in names  # snapshots are removed once the model is final
+    config = json.loads((trained / "config.json").read_text())
+    assert config["manifest_sha256"] and config["training"]["epochs"] == 2
+    assert len(config["training"]["history"]) == 2
+    validation = config["metrics"]["validation"]
+    assert set(validation["labels"]) == set(config["model"]["labels"])
+    assert "ece_before_temperature" in validation["macro"]
+    model = load_checkpoint(trained)
+    assert model.temperature.gt(0).all() and not torch.equal(
+        model.temperature, torch.ones(len(model.labels))
+    )
+    assert model.thresholds.gt(0).all() and model.thresholds.lt(1).all()
+    assert [c["threshold"] for c in config["calibration"].values()] == pytest.approx(
+        model.thresholds.tolist()
+    )
+
+
+def test_rerunning_a_finished_training_does_nothing(trained, export, capsys):
+    before = (trained / "model.safetensors").read_bytes()
+    assert main(["train", "--manifest", str(export), "--out", str(trained), *FAST]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_training_is_seeded_and_reproducible_on_cpu(export, trained, tmp_path):
+    assert main(["train", "--manifest", str(export), "--out", str(tmp_path / "again"), *FAST]) == 0
+    first = json.loads((trained / "config.json").read_text())["training"]["history"]
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["training"]["history"]
+    assert [h["train_loss"] for h in again] == [h["train_loss"] for h in first]
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        trained / "model.safetensors"
+    ).read_bytes()
+
+
+def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
+    out = tmp_path / "killed"
+    args = [
+        "train",
+        "--manifest",
+        str(export),
+        "--out",
+        str(out),
+        "model.name=tiny",
+        "train.epochs=4",
+        "train.checkpoint_every=2",
+        "train.bootstrap=20",
+    ]
+    run = clinfuse(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob(".train_state/step-*/COMPLETE")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert list(out.glob(".train_state/step-*/COMPLETE")), "no snapshot before the kill"
+    assert not (out / "config.json").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "clinfuse", *args], capture_output=True, text=True, check=True
+    )
+    assert "resuming from step-" in resumed.stderr and "(resumed)" in resumed.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert [h["epoch"] for h in config["training"]["history"]] == [1, 2, 3, 4]
+    assert load_checkpoint(out).labels == tuple(config["model"]["labels"])
+
+
+def test_two_process_ddp_on_cpu(export, tmp_path):
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "clinfuse",
+            "train",
+            "--manifest",
+            str(export),
+            "--out",
+            str(out),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["world_size"] == 2
+    assert len(config["training"]["history"]) == 2
+    assert load_checkpoint(out).labels == tuple(config["model"]["labels"])
+
+
+def test_evaluate_writes_metrics_predictions_and_a_report(trained, export, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(trained),
+                "--manifest",
+                str(export),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    labels = json.loads((trained / "config.json").read_text())["model"]["labels"]
+    assert set(metrics["labels"]) == set(labels) and metrics["n"] > 0
+    for name in labels:
+        entry = metrics["labels"][name]
+        assert {"auroc", "auprc", "ece", "sensitivity", "specificity", "f1", "brier"} <= set(entry)
+    assert metrics["split"] == "test" and metrics["model_version"].startswith("tiny@")
+    html = (out / "report.html").read_text()
+    assert all(name in html for name in labels) and "<img" in html
+    assert (out / "predictions.csv").read_text().startswith("study_id,modalities,p_")
+
+
+def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path):
+    other = tmp_path / "late"
+    assert (
+        main(
+            [
+                "train",
+                "--manifest",
+                str(export),
+                "--out",
+                str(other),
+                *FAST,
+                "model.fusion.mode=late",
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "compare"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(trained),
+                "--model",
+                str(other),
+                "--manifest",
+                str(export),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
+    compare = json.loads((out / "compare.json").read_text())
+    assert set(compare) == {"tiny", "late"}
+    html = (out / "report.html").read_text()
+    assert "tiny" in html and "late" in html
+
+
+def test_an_unknown_override_key_is_an_error_naming_it(export, tmp_path, capsys):
+    code = main(["train", "--manifest", str(export), "--out", str(tmp_path / "x"), "train.epoch=3"])
+    assert code == 2
+    assert "'train.epoch': unknown key" in capsys.readouterr().err
+
+
+def test_unknown_labels_are_masked_out_of_the_loss():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    labels = torch.tensor([[1.0, float("nan")], [float("nan"), 0.0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.0])
+    )
+    torch.testing.assert_close(masked_bce(logits, labels, torch.ones(2)), expected)
+
+
+def test_class_imbalance_weights_are_negatives_over_positives():
+    labels = np.array([[1, 0], [0, 0], [0, np.nan], [0, 1], [np.nan, 0]], dtype=np.float32)
+    weights = balanced_pos_weight(labels, max_weight=2.5)
+    torch.testing.assert_close(weights, torch.tensor([2.5, 2.5]))  # 3/1 clipped, 3/1 clipped
+    weights = balanced_pos_weight(labels, max_weight=10)
+    torch.testing.assert_close(weights, torch.tensor([3.0, 3.0]))
+
+
+def test_ranks_see_disjoint_equal_shards_of_a_seeded_order():
+    shards = [epoch_order(11, epoch=2, seed=0, workers=Workers(rank, 2)) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 6
+    assert set(shards[0]) | set(shards[1]) == set(range(11))
+    assert epoch_order(11, 2, 0, Workers()) == epoch_order(11, 2, 0, Workers())
+    assert epoch_order(11, 2, 0, Workers()) != epoch_order(11, 3, 0, Workers())
+
+
+def test_example_configs_in_pipelines_load():
+    from clinfuse.config import resolve_run_config
+
+    for path in sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml")):
+        assert resolve_run_config(path).model.labels == ()
