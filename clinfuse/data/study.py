@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from clinfuse.data.dicom import DicomImage, read_dicom
 
+from clinfuse.data.dicom import DicomImage, read_dicom
 from clinfuse.data.manifest import StudyRow
 from clinfuse.data.notes import read_note
 
