@@ -163,13 +163,13 @@ class DataConfig(Config):
 class TrainConfig(Config):
     """The optimisation: budget, schedule, stopping, calibration rule, resources."""
 
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05  # of all steps, linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0
-    patience: int = 6  # epochs without a better validation macro AUROC before stopping
+    patience: int = 15  # epochs without a better validation macro AUROC before stopping
     class_weighting: Literal["balanced", "none"] = "balanced"  # pos_weight = negatives/positives
     max_pos_weight: float = 10.0
     threshold_rule: Literal["youden", "sensitivity"] = "youden"

@@ -57,22 +57,22 @@ class Predictions:
 def iter_predictions(
     model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
 ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per batch: (batch, logits (B, L) float32 on CPU, image_used (B,), note_used (B,))."""
+    """Per batch: (batch, logits (B, L) float32 on CPU, image_used (B,), note_used (B,)).
+
+    Only the forward pass runs under inference mode, so the caller may compute gradients
+    (explanations) between batches.
+    """
     model.eval()
-    with torch.inference_mode():
-        for batch in batches:
-            if len(batch) == 0:
-                yield (
-                    batch,
-                    torch.zeros(0, len(model.labels)),
-                    torch.zeros(0, dtype=torch.bool),
-                    torch.zeros(0, dtype=torch.bool),
-                )
-                continue
-            on_device = batch.to(device)
-            with autocast(device, amp):
-                out = model.forward_intermediates(*on_device.model_inputs())
-            yield batch, out.logits.float().cpu(), out.image_used.cpu(), out.note_used.cpu()
+    for batch in batches:
+        if len(batch) == 0:
+            none = torch.zeros(0, dtype=torch.bool)
+            yield batch, torch.zeros(0, len(model.labels)), none, none
+            continue
+        with torch.inference_mode(), autocast(device, amp):
+            out = model.forward_intermediates(*batch.to(device).model_inputs())
+            logits = out.logits.float().cpu()
+            image_used, note_used = out.image_used.cpu(), out.note_used.cpu()
+        yield batch, logits, image_used, note_used
 
 
 def predict(

@@ -1,7 +1,7 @@
 """Benchmark every registered architecture's forward pass: parameters, FLOPs, latency, memory.
 
     python pipelines/bench_model.py [--models a,b] [--batches 1,16] [--repeats N]
-                                    [--max-seconds S] [--device cpu|cuda] [--out benchmarks/model]
+        [--max-seconds S] [--device cpu|cuda] [--threads T] [--out benchmarks/model]
 
 Each registered model runs in its default `cross_attention` mode, and `small` in all four
 fusion modes, in eval mode under `torch.inference_mode()`, with every image present and notes
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -36,22 +35,24 @@ from clinfuse.model import FusionModel, create_model, list_models, model_config
 NOTES = Path(__file__).resolve().parents[1] / "sample_data" / "notes"
 LABELS = ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass")
 FUSION_MODES = ("cross_attention", "late", "image_only", "text_only")
-PARTS = {"image_encoder": "image", "missing_image": "image", "text_encoder": "text"}
-PARTS["missing_text"] = "text"  # everything else (fusion, pool, head) is "fusion_heads"
+TOWERS = ("image", "text")  # parameters named <tower>_encoder.* or missing_<tower>
 
 
 # -- one (model, batch) measurement, run in its own subprocess ------------------------------
-def rss_mb() -> float:
-    """This process's current resident set size (Linux), else its peak so far."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return peak_rss_mb()
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set size now (VmRSS) or at its peak (VmHWM), Linux only.
+
+    Not `ru_maxrss`: Linux carries it across exec, so a child starts at its parent's peak."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(ln.split()[1]) for ln in status if ln.startswith(f"{field}:")) / 1024
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine (steal included) and by this process."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 
 
 def realistic_notes(
@@ -77,7 +78,9 @@ def parameter_split(model: FusionModel) -> dict[str, int]:
     """Parameter counts: total, and by part (image tower, text tower, fusion + heads)."""
     split = {"image": 0, "text": 0, "fusion_heads": 0}
     for name, param in model.named_parameters():
-        split[PARTS.get(name.split(".")[0], "fusion_heads")] += param.numel()
+        top = name.split(".")[0]
+        tower = next((t for t in TOWERS if top in (f"{t}_encoder", f"missing_{t}")), None)
+        split[tower or "fusion_heads"] += param.numel()
     return {"total": sum(split.values()), **split}
 
 
@@ -101,12 +104,14 @@ def count_flops(model: FusionModel, inputs: tuple[torch.Tensor, ...]) -> dict[st
 
 def time_forward(
     model: FusionModel, inputs: tuple[torch.Tensor, ...], repeats: int, max_seconds: float
-) -> list[float]:
-    """Seconds per forward: 2 warm-up calls, then `repeats` calls (at least 3 if time runs out)."""
+) -> tuple[list[float], float]:
+    """Seconds per forward (2 warm-up calls, then `repeats`, at least 3 if time runs out), and
+    the cores other processes kept busy meanwhile (contention: the machine is shared)."""
     sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
     for _ in range(2):
         model(*inputs)
     times: list[float] = []
+    machine_before, own_before = cpu_seconds()
     started = time.perf_counter()
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() - started < max_seconds):
         sync()
@@ -114,7 +119,9 @@ def time_forward(
         model(*inputs)
         sync()
         times.append(time.perf_counter() - t0)
-    return times
+    machine_after, own_after = cpu_seconds()
+    others = (machine_after - machine_before) - (own_after - own_before)
+    return times, max(others, 0.0) / (time.perf_counter() - started)
 
 
 def measure(
@@ -135,7 +142,9 @@ def measure(
     built = rss_mb()
     with torch.inference_mode():
         flops = count_flops(model, inputs)
-        times = time_forward(model, inputs, repeats, max_seconds)
+        times, other_cores = time_forward(model, inputs, repeats, max_seconds)
+    peak_rss = rss_mb("VmHWM") - after_imports
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     median = statistics.median(times)
     return {
         "model": name,
@@ -156,60 +165,54 @@ def measure(
         "studies_per_s": batch / median,
         "achieved_gflops": flops["total"] / median / 1e9,
         "rss_mb": {"after_imports": after_imports, "model_built": built - after_imports},
-        "peak_rss_mb": peak_rss_mb() - after_imports,
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-        "matmul_gflops_after": matmul_peak_gflops(device, rounds=3, per_round=1),  # contention
+        "peak_rss_mb": peak_rss,
+        "peak_cuda_mb": peak_cuda,
+        "other_processes_cores": other_cores,
     }
 
 
 # -- the run: machine peak, one subprocess per measurement, report --------------------------
-def matmul_peak_gflops(device: str, size: int = 2048, rounds: int = 5, per_round: int = 3) -> float:
-    """Best-of-`rounds` fp32 GFLOP/s of `size`x`size` torch.matmul (default thread count)."""
+def matmul_peak_gflops(device: str, size: int = 2048, rounds: int = 10) -> float:
+    """fp32 GFLOP/s of the fastest of `rounds` `size`x`size` torch.matmul calls."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch.matmul(a, b)
     best = float("inf")
-    for _ in range(rounds):
+    for _ in range(rounds + 1):  # the first call warms up
         sync()
         t0 = time.perf_counter()
-        for _ in range(per_round):
-            torch.matmul(a, b)
+        torch.matmul(a, b)
         sync()
-        best = min(best, (time.perf_counter() - t0) / per_round)
+        best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best / 1e9
 
 
 def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     """`measure(**spec)` in a fresh Python process; its result is the last line of stdout."""
-    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    command = [sys.executable, __file__, "--threads", str(torch.get_num_threads())]
+    command += ["--child", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{spec}: the measurement failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def git(*args: str) -> str:
-    """Read-only git query in this repository ("" when git is unavailable)."""
-    repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-    return done.stdout.strip()
-
-
 def machine(device: str) -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-        platform.processor() or platform.machine(),
-    )
+    """CPU model (Linux /proc/cpuinfo), cores, GPU, torch and its threads, clinfuse commit."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:  # read-only queries
+        return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True).stdout
+
     return {
-        "cpu": cpu,
+        "cpu": next((ln.split(":", 1)[1].strip() for ln in cpuinfo if "model name" in ln), "?"),
         "cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "clinfuse_commit": git("rev-parse", "--short", "HEAD"),
+        "clinfuse_commit": git("rev-parse", "--short", "HEAD").strip(),
         "clinfuse_uncommitted_changes": bool(git("diff", "--stat", "HEAD", "--", "clinfuse")),
-        "python": platform.python_version(),
     }
 
 
@@ -226,12 +229,10 @@ def run(
         for batch in batches:
             spec = dict(name=name, mode=mode, batch=batch, repeats=repeats)
             row = run_in_subprocess({**spec, "max_seconds": max_seconds, "device": device})
-            print(
-                f"{name:>12} {mode:<15} batch {batch:>3}: {row['seconds']['median'] * 1e3:9.1f} ms"
-            )
+            print(f"{name:>12} {mode:<15} b{batch:<3} {row['seconds']['median'] * 1e3:9.1f} ms")
             rows.append(row)
     peak_after = matmul_peak_gflops(device)
-    peak = max(peak_before, peak_after, *(row["matmul_gflops_after"] for row in rows))
+    peak = max(peak_before, peak_after)
     for row in rows:
         row["share_of_peak"] = row["achieved_gflops"] / peak
     return {
@@ -244,63 +245,62 @@ def run(
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The setup, then two tables: size and cost per study; speed and memory per batch size."""
     m, peak = results["machine"], results["matmul_peak_gflops"]
-    rows = {(r["model"], r["mode"], r["batch"]): r for r in results["results"]}
-    cases = list(dict.fromkeys((r["model"], r["mode"]) for r in results["results"]))
-    batches = sorted({r["batch"] for r in results["results"]})
-    per_batch = "/".join(f"b{b}" for b in batches)
+    cases: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in sorted(results["results"], key=lambda r: r["batch"]):  # stable: keeps case order
+        cases.setdefault((r["model"], r["mode"]), []).append(r)
+    per = "/".join(f"b{r['batch']}" for r in next(iter(cases.values())))
     dirty = " + uncommitted changes" if m["clinfuse_uncommitted_changes"] else ""
     lines = [
         f"`{results['command']}`, {results['date']}, clinfuse {m['clinfuse_commit']}{dirty}",
         "",
         f"{m['cpu']} ({m['cpu_capability']}), {m['cores']} cores, torch {m['torch']}, "
         f"{m['torch_threads']} threads{', ' + m['gpu'] if m['gpu'] else ''}. fp32 matmul peak "
-        f"{peak['best']:.0f} GFLOP/s (2048x2048, best of the run; {peak['before']:.0f} before "
-        f"the models, {peak['after']:.0f} after).",
+        f"{peak['best']:.0f} GFLOP/s (2048x2048; {peak['before']:.0f} before the models, "
+        f"{peak['after']:.0f} after).",
         "",
-        f"| model | fusion | params M | image / text / fusion+heads M | note tokens real, "
-        f"padded {per_batch} | image tokens | GFLOP / study {per_batch} "
-        f"| FLOPs image / text / fusion+heads (b{batches[-1]}) |",
+        f"| model | fusion | params M | image / text / fusion+heads M | note tokens real, padded "
+        f"{per} | image tokens | GFLOP / study {per} | FLOPs image / text / fusion+heads |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, mode in cases:
-        rs = [rows[(name, mode, b)] for b in batches]
-        r = rs[-1]
-        p, f = r["parameters"], r["flops_per_study"]
-        padded = "/".join(str(r["note_tokens"]["padded"]) for r in rs)
-        gflops = " / ".join(f"{r['flops_per_study']['total'] / 1e9:.3f}" for r in rs)
-        lines.append(
-            f"| {name} | {mode} | {p['total'] / 1e6:.2f} | {p['image'] / 1e6:.2f} / "
-            f"{p['text'] / 1e6:.2f} / {p['fusion_heads'] / 1e6:.2f} "
-            f"| {r['note_tokens']['real_mean']:.0f}, {padded} "
-            f"| {r['image_tokens']} | {gflops} | "
-            + " / ".join(
+    for (name, mode), rs in cases.items():
+        p, f = rs[-1]["parameters"], rs[-1]["flops_per_study"]
+        cells = [
+            f"{p['total'] / 1e6:.2f}",
+            " / ".join(f"{p[k] / 1e6:.2f}" for k in ("image", "text", "fusion_heads")),
+            f"{rs[-1]['note_tokens']['real_mean']:.0f}, "
+            + "/".join(str(r["note_tokens"]["padded"]) for r in rs),
+            str(rs[-1]["image_tokens"]),
+            " / ".join(f"{r['flops_per_study']['total'] / 1e9:.3f}" for r in rs),
+            " / ".join(
                 f"{100 * f[k] / f['total']:.0f}%" for k in ("image", "text", "fusion_heads")
-            )
-            + " |"
-        )
-    head = [f"{what} b{b}" for what in ("ms", "studies/s", "GFLOP/s (% peak)") for b in batches]
-    head += [f"peak RSS MB b{b}" for b in batches]
-    head += [f"repeats {'/'.join(f'b{b}' for b in batches)}", "matmul now, % of peak"]
-    lines += ["", f"| model | fusion | {' | '.join(head)} |", "|---|---|" + "---:|" * len(head)]
-    for name, mode in cases:
-        rs = [rows[(name, mode, b)] for b in batches]
-        cells = [f"{r['seconds']['median'] * 1e3:.1f}" for r in rs]
-        cells += [f"{r['studies_per_s']:.1f}" for r in rs]
-        cells += [f"{r['achieved_gflops']:.1f} ({100 * r['share_of_peak']:.0f}%)" for r in rs]
-        cells += [f"{r['peak_rss_mb']:.0f}" for r in rs]
-        cells += [" / ".join(str(r["repeats"]) for r in rs)]
-        cells += [" / ".join(f"{100 * r['matmul_gflops_after'] / peak['best']:.0f}" for r in rs)]
+            ),
+        ]
+        lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
+    columns = {
+        "ms": lambda r: f"{r['seconds']['median'] * 1e3:.1f}",
+        "studies/s": lambda r: f"{r['studies_per_s']:.1f}",
+        "GFLOP/s": lambda r: f"{r['achieved_gflops']:.1f}",
+        "% of peak": lambda r: f"{100 * r['share_of_peak']:.1f}",
+        "peak RSS MB": lambda r: f"{r['peak_rss_mb']:.0f}",
+        "repeats": lambda r: str(r["repeats"]),
+        "other load, cores": lambda r: f"{r['other_processes_cores']:.1f}",
+    }
+    lines += ["", "| model | fusion | " + " | ".join(f"{c} {per}" for c in columns) + " |"]
+    lines.append("|---|---|" + "---:|" * len(columns))
+    for (name, mode), rs in cases.items():
+        cells = [" / ".join(cell(r) for r in rs) for cell in columns.values()]
         lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
     lines += [
         "",
-        "Latency: median forward over the repeats after 2 warm-up calls, eval mode, "
-        "`torch.inference_mode()`, all images and notes present. FLOPs: "
-        "`torch.utils.flop_counter.FlopCounterMode` (convolutions, matmuls and attention; "
-        "a multiply-add is 2 FLOPs), counted at batch 1 and 16 and divided per study. Peak RSS: "
-        "`ru_maxrss` of a fresh process minus its RSS after imports (model, tokenizer, "
-        "activations). Matmul now: the 2048x2048 matmul rerun right after each measurement, "
-        "as % of the run's peak; well under 100% means another process shared the cores.",
+        "Latency: median forward after 2 warm-up calls; eval mode, `torch.inference_mode()`, "
+        "all images and notes present. FLOPs: `torch.utils.flop_counter.FlopCounterMode` "
+        "(convolutions, matmuls, attention; a multiply-add is 2 FLOPs) at each batch size, per "
+        "study. Peak RSS: high-water RSS (VmHWM) of a fresh process minus its RSS after imports "
+        "(model, tokenizer, activations). Other load: CPU time used by everything else on the "
+        "machine (hypervisor steal included) per second of the timed loop; the machine is "
+        "shared, so trust the rows whose other load is near 0.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -314,9 +314,12 @@ def main() -> int:
         "--max-seconds", type=float, default=6.0, help="stop timing after this (min 3 repeats)"
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/model"), help="<out>.json/md")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement as JSON
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return 0
@@ -328,11 +331,11 @@ def main() -> int:
         parser.error(f"unknown models {unknown}; registered: {', '.join(list_models())}")
     batches = [int(b) for b in args.batches.split(",")]
     results = run(models, batches, args.repeats, args.max_seconds, args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(markdown(results))
+    print(markdown(results) + f"\nwrote {json_path} and {md_path}")
     return 0
 
 

@@ -87,6 +87,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _infer(args: argparse.Namespace) -> int:
+    from clinfuse.inference import InferenceSettings, run_inference
+
+    settings = InferenceSettings(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        explain=args.explain,
+        standards=tuple(s for s in args.standards.split(",") if s),
+        device=args.device,
+    )
+    if args.engine == "ray":
+        from clinfuse.inference.ray_engine import run_inference_ray
+
+        summary = run_inference_ray(
+            args.model, args.manifest, args.out, args.store, settings, address=args.ray_address
+        )
+    else:
+        summary = run_inference(args.model, args.manifest, args.out, args.store, settings)
+    print(summary.format())
+    return 0
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -168,6 +190,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% CIs")
     p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser(
+        "infer",
+        help="score a manifest in batch into a store and exports (resumable)",
+        description="Stream a manifest through a model folder: every row ends as a prediction "
+        "(calibrated probabilities, decisions at the saved thresholds, sides used, model "
+        "version) or a recorded failure. Results are committed per batch; rerunning the same "
+        "command after a crash continues where it stopped. Writes predictions.parquet, "
+        "predictions.csv and failures.csv in --out, and the store (SQLite in --out by "
+        "default, or --store postgresql+psycopg://...).",
+    )
+    p.add_argument("--model", required=True, type=Path, help="model folder")
+    p.add_argument("--manifest", required=True, type=Path, help="manifest to score")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--store", help="SQLAlchemy URL (default: sqlite in --out)")
+    p.add_argument(
+        "--explain",
+        default="none",
+        choices=["none", "positive", "all"],
+        help="explanations for positive labels, all labels, or none",
+    )
+    p.add_argument("--standards", default="", help="also write fhir,sr per study")
+    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
+    p.set_defaults(run=_infer)
     return parser
 
 

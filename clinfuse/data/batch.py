@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from clinfuse.config import ModelConfig
 from clinfuse.data.manifest import StudyRow
 from clinfuse.data.study import load_study
-from clinfuse.data.transforms import build_transforms
+from clinfuse.data.transforms import Preprocess, build_transforms
 from clinfuse.errors import ClinfuseError, DicomError
 from clinfuse.model.text_encoder import NoteTokenizer
 
@@ -37,6 +37,20 @@ class Batch:
     notes: list[str | None]
     original_shapes: list[tuple[int, ...] | None]  # each image's own pixel grid (no channels)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (study_id, reason)
+    patient_ids: dict[str, str] = field(default_factory=dict)  # study_id -> patient_id, failed too
+    image_paths: dict[str, str] = field(default_factory=dict)  # study_id -> DICOM path, failed too
+
+    def select(self, indices: Sequence[int]) -> Batch:
+        """The sub-batch of these studies (failures, patients and paths are not carried)."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        chosen = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                chosen[f.name] = value[index]
+            elif isinstance(value, list) and f.name != "failures":
+                chosen[f.name] = [value[i] for i in indices]
+        return Batch(**chosen)
 
     def __len__(self) -> int:
         return len(self.study_ids)
@@ -70,28 +84,34 @@ class StudyDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        item: dict[str, Any] = {
-            "study_id": row.study_id,
-            "labels": row.labels,
-            "image": None,
-            "note": None,
-            "original_shape": None,
-            "failure": None,
-        }
-        try:
-            sample = load_study(row)
-            item["note"] = sample.note
-            if sample.image is not None:
-                item["original_shape"] = tuple(sample.image.pixels.shape[1:])
-                data = self.transforms({"image": sample.image, "path": str(row.image)})
-                item["image"] = data["image"]  # (C, *spatial)
-            if sample.image is None and sample.note is None:
-                item["failure"] = "no_input: the row has neither an image nor a note"
-        except ClinfuseError as exc:
-            side = "image" if isinstance(exc, DicomError) else "note"
-            item["failure"] = f"{side}:{getattr(exc, 'reason', 'error')}: {exc}"
-        return item
+        return load_item(self.rows[index], self.transforms)
+
+
+def load_item(row: StudyRow, transforms: Preprocess) -> dict[str, Any]:
+    """One row -> a collatable item; a row that cannot be read carries its `failure`."""
+    item: dict[str, Any] = {
+        "study_id": row.study_id,
+        "patient_id": row.patient_id,
+        "labels": row.labels,
+        "image": None,
+        "note": None,
+        "original_shape": None,
+        "failure": None,
+        "image_path": str(row.image) if row.image is not None else "",
+    }
+    try:
+        sample = load_study(row)
+        item["note"] = sample.note
+        if sample.image is not None:
+            item["original_shape"] = tuple(sample.image.pixels.shape[1:])
+            data = transforms({"image": sample.image, "path": str(row.image)})
+            item["image"] = data["image"]  # (C, *spatial)
+        if sample.image is None and sample.note is None:
+            item["failure"] = "no_input: the row has neither an image nor a note"
+    except ClinfuseError as exc:
+        side = "image" if isinstance(exc, DicomError) else "note"
+        item["failure"] = f"{side}:{getattr(exc, 'reason', 'error')}: {exc}"
+    return item
 
 
 class Collator:
@@ -102,15 +122,17 @@ class Collator:
         self.image_shape = (cfg.image.in_channels, *cfg.preprocess.spatial_size)
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
+        patient_ids = {it["study_id"]: it["patient_id"] for it in items}
+        image_paths = {it["study_id"]: it["image_path"] for it in items}
         failures = [(it["study_id"], it["failure"]) for it in items if it["failure"]]
         items = [it for it in items if not it["failure"]]
-        notes = self.tokenizer([it["note"] for it in items])
+        # an all-failed batch still tokenizes one empty note, then keeps none of it
+        notes = self.tokenizer([it["note"] for it in items] or [None])
+        n = len(items)
         zeros = torch.zeros(self.image_shape)
-        image = (
-            torch.stack([it["image"] if it["image"] is not None else zeros for it in items])
-            if items
-            else torch.zeros(0, *self.image_shape)
-        )
+        image = torch.stack(
+            [it["image"] if it["image"] is not None else zeros for it in items] or [zeros]
+        )[:n]  # (B, C, *spatial)
         labels = (
             torch.stack([torch.as_tensor(it["labels"]) for it in items])
             if items
@@ -120,12 +142,14 @@ class Collator:
             study_ids=[it["study_id"] for it in items],
             image=image,  # (B, C, *spatial)
             image_present=torch.tensor([it["image"] is not None for it in items], dtype=torch.bool),
-            input_ids=notes.input_ids,
-            attention_mask=notes.attention_mask,
-            note_present=notes.note_present,
-            offsets=notes.offsets,
+            input_ids=notes.input_ids[:n],
+            attention_mask=notes.attention_mask[:n],
+            note_present=notes.note_present[:n],
+            offsets=notes.offsets[:n],
             labels=labels.float(),
             notes=[it["note"] for it in items],
             original_shapes=[it["original_shape"] for it in items],
             failures=failures,
+            patient_ids=patient_ids,
+            image_paths=image_paths,
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from clinfuse.errors import ManifestError
 
@@ -101,9 +102,7 @@ class Manifest:
         return table[list(self.labels)].to_numpy(dtype=np.float32)
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, Parquet or JSONL manifest with every cell as text ("" for empty)."""
-    path = Path(path)
+def _kind(path: Path) -> str:
     kind = _SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ManifestError(
@@ -111,17 +110,49 @@ def read_table(path: str | Path) -> pd.DataFrame:
         )
     if not path.is_file():
         raise ManifestError(path, "manifest file not found", hint="check the path")
-    try:
-        if kind == "csv":
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        elif kind == "parquet":
-            table = pd.read_parquet(path)
-        else:
-            table = pd.read_json(path, lines=True, dtype=False)
-    except Exception as exc:  # pandas raises many types for a malformed file
-        raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
+    return kind
+
+
+def _text_table(table: pd.DataFrame) -> pd.DataFrame:
     table.columns = [str(c).strip() for c in table.columns]
     return table.map(_as_text) if len(table) else table.astype(str)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV, Parquet or JSONL manifest with every cell as text ("" for empty)."""
+    return next(read_chunks(path, chunk_rows=None))
+
+
+def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.DataFrame]:
+    """The manifest as text tables of at most `chunk_rows` rows (None: one table)."""
+    path = Path(path)
+    kind = _kind(path)
+    try:
+        if kind == "csv":
+            chunks = pd.read_csv(
+                path, dtype=str, keep_default_na=False, encoding="utf-8-sig", chunksize=chunk_rows
+            )
+        elif kind == "parquet":
+            batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows or 1 << 30)
+            chunks = (batch.to_pandas() for batch in batches)
+        else:
+            chunks = pd.read_json(path, lines=True, dtype=False, chunksize=chunk_rows)
+        if chunk_rows is None:
+            chunks = [chunks] if kind != "parquet" else [pd.concat(list(chunks))]
+        empty = True
+        for chunk in chunks:
+            empty = False
+            yield _text_table(chunk)
+        if empty:
+            yield _text_table(
+                pd.read_csv(path, dtype=str, nrows=0)
+                if kind == "csv"
+                else pd.DataFrame(columns=["study_id"])
+            )
+    except ManifestError:
+        raise
+    except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
+        raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
 
 
 def _as_text(value: object) -> str:
@@ -146,7 +177,47 @@ def load_manifest(
     Rows without a `split` value get the seeded patient-level `split` (default PatientSplit()).
     """
     path = Path(path)
-    table = read_table(path)
+    return check_table(path, read_table(path), labels, split or PatientSplit())
+
+
+def iter_manifest(
+    path: str | Path, labels: Sequence[str], chunk_rows: int = 4096
+) -> Iterator[StudyRow]:
+    """Stream a manifest to score (constant memory): the same checks, chunk by chunk.
+
+    Label columns are optional here (absent ones are unknown); a study id repeated anywhere in
+    the file is an error naming both rows.
+    """
+    path = Path(path)
+    first_rows: dict[str, int] = {}
+    offset = 0
+    for chunk in read_chunks(path, chunk_rows):
+        for name in labels:
+            if name not in chunk.columns:
+                chunk[name] = ""
+        manifest = check_table(path, chunk, labels, PatientSplit(), first_row=offset + 1)
+        for row in manifest.rows():
+            earlier = first_rows.setdefault(row.study_id, row.row)
+            if earlier != row.row:
+                raise ManifestError(
+                    path,
+                    f"duplicate study_id {row.study_id!r} (rows {earlier}, {row.row})",
+                    row=row.row,
+                    column="study_id",
+                    hint="study ids must be unique",
+                )
+            yield row
+        offset += len(chunk)
+
+
+def check_table(
+    path: Path,
+    table: pd.DataFrame,
+    labels: Sequence[str] | None,
+    split: PatientSplit,
+    first_row: int = 1,
+) -> Manifest:
+    """Check a text table against the contract and normalise it into a `Manifest`."""
     for column in ("study_id", "patient_id"):
         if column not in table.columns:
             raise ManifestError(
@@ -159,15 +230,16 @@ def load_manifest(
             hint=_columns_hint(table),
         )
     label_names = _label_columns(path, table, labels)
+    table = table.copy()
     for column in INPUT_COLUMNS + ("split",):
         if column not in table.columns:
             table[column] = ""
-    table.insert(0, "row", np.arange(1, len(table) + 1))
+    table.insert(0, "row", np.arange(first_row, first_row + len(table)))
 
     _check_required_values(path, table)
     _check_unique_studies(path, table)
     table[list(label_names)] = _parse_labels(path, table, label_names)
-    table["split"] = _resolve_splits(path, table, split or PatientSplit())
+    table["split"] = _resolve_splits(path, table, split)
     columns = ["row", *RESERVED, *label_names]
     return Manifest(path=path, labels=label_names, table=table[columns].reset_index(drop=True))
 

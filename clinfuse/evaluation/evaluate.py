@@ -6,7 +6,6 @@ patients that training held out.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,13 +19,7 @@ from clinfuse.errors import ManifestError
 from clinfuse.evaluation.calibration import apply_temperature
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, write_report
-from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
-
-
-def model_version(model_dir: str | Path) -> str:
-    """`<folder name>@<first 12 hex of the weights' sha256>`: names the exact weights."""
-    digest = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
-    return f"{Path(model_dir).resolve().name}@{digest[:12]}"
+from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
 
 
 def evaluate_model(

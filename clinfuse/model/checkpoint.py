@@ -9,6 +9,7 @@ MODEL_CARD.md      generated: what the model is for, its labels, calibration and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -52,6 +53,12 @@ def save_checkpoint(
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (folder / "MODEL_CARD.md").write_text(model_card(model, config), encoding="utf-8")
     return folder
+
+
+def model_version(folder: str | Path) -> str:
+    """`<folder name>@<first 12 hex of the weights' sha256>`: names the exact weights."""
+    digest = hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()
+    return f"{Path(folder).resolve().name}@{digest[:12]}"
 
 
 def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:

@@ -1,0 +1,168 @@
+"""`Explanation`: why the model scored one study as it did, per label, in plain arrays.
+
+One object per study holds every explanation `explain` computes: the image attribution on the
+DICOM's own pixel grid, Grad-CAM, each word's attribution with its character span in the note
+as written, the two-player Shapley values of image and note, and the cross-attention read from
+each word into the image. It saves to a compact `.npz` that loads without unpickling, and
+summarises to a JSON-able record for a database.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TOP_WORDS = 10  # words kept per label in `to_record`
+RECORD_MAX_SIDE = {2: 64, 3: 32}  # the record's image map: at most 64x64, or 32x32x32
+
+
+@dataclass
+class Explanation:
+    """Explanations of one study for `labels`; any part the study or model lacks is None."""
+
+    study_id: str
+    labels: tuple[str, ...]  # (L,) the labels explained, in this order
+    probabilities: np.ndarray  # (L,) float32 calibrated probabilities
+    image: np.ndarray | None  # (L, H, W) or (L, D, H, W) float32 integrated gradients, DICOM grid
+    gradcam: np.ndarray | None  # same shape: Grad-CAM (ReLU'd), upsampled to the DICOM grid
+    note: str | None  # the note text that `spans` index
+    spans: np.ndarray | None  # (N, 2) int32 [start, end) character offsets of the note's words
+    words: np.ndarray | None  # (L, N) float32 attribution of each word per label
+    modality: np.ndarray  # (L, 3) float32 Shapley (image, note) and interaction, logit units
+    attention: np.ndarray | None  # (N, *grid) float32 text->image cross-attention per word
+    delta: np.ndarray  # (L, 2) float32 IG convergence deltas (image, note); NaN = not computed
+    model_version: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels = tuple(self.labels)
+
+    # -- files ------------------------------------------------------------------------------
+    def save_npz(self, path: str | Path) -> Path:
+        """Write a compressed `.npz` of plain arrays (no pickled objects); returns the path."""
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {
+            "study_id": np.asarray(self.study_id, dtype=np.str_),
+            "model_version": np.asarray(self.model_version, dtype=np.str_),
+            "labels": np.asarray(self.labels, dtype=np.str_).reshape(len(self.labels)),
+            "probabilities": np.asarray(self.probabilities, dtype=np.float32),
+            "modality": np.asarray(self.modality, dtype=np.float32),
+            "delta": np.asarray(self.delta, dtype=np.float32),
+        }
+        optional = {
+            "image": (self.image, np.float16),
+            "gradcam": (self.gradcam, np.float16),
+            "spans": (self.spans, np.int32),
+            "words": (self.words, np.float16),
+            "attention": (self.attention, np.float32),
+        }
+        for key, (value, dtype) in optional.items():
+            if value is not None:
+                arrays[key] = np.asarray(value, dtype=dtype)
+        if self.note is not None:
+            arrays["note"] = np.asarray(self.note, dtype=np.str_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as file:  # a file object: numpy would otherwise append ".npz"
+            np.savez_compressed(file, **arrays)
+        return path
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> Explanation:
+        """Read a file `save_npz` wrote; float16 maps come back as float32."""
+        with np.load(Path(path), allow_pickle=False) as data:
+
+            def get(key: str, dtype: type | None = None) -> np.ndarray | None:
+                if key not in data.files:
+                    return None
+                value = data[key]
+                return value.astype(dtype) if dtype is not None else value
+
+            labels = tuple(str(x) for x in data["labels"])
+            note = get("note")
+            return cls(
+                study_id=str(data["study_id"]),
+                labels=labels,
+                probabilities=data["probabilities"].astype(np.float32),
+                image=get("image", np.float32),
+                gradcam=get("gradcam", np.float32),
+                note=None if note is None else str(note),
+                spans=get("spans", np.int32),
+                words=get("words", np.float32),
+                modality=data["modality"].astype(np.float32),
+                attention=get("attention", np.float32),
+                delta=(
+                    data["delta"].astype(np.float32)
+                    if "delta" in data.files
+                    else np.full((len(labels), 2), np.nan, np.float32)
+                ),
+                model_version=str(data["model_version"]) if "model_version" in data.files else "",
+            )
+
+    # -- database ---------------------------------------------------------------------------
+    def top_words(self, k: int = TOP_WORDS) -> dict[str, list[tuple[int, int, float]]]:
+        """Per label, the `k` words of largest |attribution| as (start, end, score)."""
+        if self.words is None or self.spans is None:
+            return {}
+        top: dict[str, list[tuple[int, int, float]]] = {}
+        for j, label in enumerate(self.labels):
+            order = np.argsort(-np.abs(self.words[j]), kind="stable")[:k]
+            top[label] = [
+                (int(self.spans[i, 0]), int(self.spans[i, 1]), float(self.words[j, i]))
+                for i in order
+            ]
+        return top
+
+    def to_record(self) -> dict[str, Any]:
+        """A compact JSON-able summary: scores, Shapley values, top words, a small image map."""
+        return {
+            "study_id": self.study_id,
+            "model_version": self.model_version,
+            "labels": list(self.labels),
+            "probabilities": [_finite(p) for p in self.probabilities],
+            "modality": [[_finite(v) for v in row] for row in self.modality],
+            "modality_columns": ["image", "note", "interaction"],
+            "top_words": {
+                label: [list(w) for w in words] for label, words in self.top_words().items()
+            },
+            "image": None if self.image is None else encode_map(self.image),
+        }
+
+
+def encode_map(values: np.ndarray) -> dict[str, Any]:
+    """(L, *spatial) -> {"shape", "original_shape", "dtype", "base64"}: area-downsampled, aspect
+    kept, so no axis exceeds 64 (2D) or 32 (3D); little-endian float16 bytes in base64."""
+    spatial = values.shape[1:]
+    scale = min(1.0, RECORD_MAX_SIDE.get(len(spatial), 64) / max(spatial))  # keep the aspect
+    size = tuple(max(1, round(s * scale)) for s in spatial)
+    small = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    if size != spatial:
+        pool = (
+            torch.nn.functional.adaptive_avg_pool2d
+            if len(spatial) == 2
+            else torch.nn.functional.adaptive_avg_pool3d
+        )
+        small = pool(small.unsqueeze(1), size).squeeze(1)  # (L, *size)
+    data = small.numpy().astype("<f2")
+    return {
+        "shape": list(data.shape),
+        "original_shape": list(spatial),
+        "dtype": "float16",
+        "base64": base64.b64encode(data.tobytes()).decode("ascii"),
+    }
+
+
+def decode_map(encoded: dict[str, Any]) -> np.ndarray:
+    """The inverse of `encode_map`: a float32 array of `encoded["shape"]`."""
+    raw = base64.b64decode(encoded["base64"])
+    return np.frombuffer(raw, dtype="<f2").reshape(encoded["shape"]).astype(np.float32)
+
+
+def _finite(value: float) -> float | None:
+    """A float for JSON; NaN and infinities (not JSON) become None."""
+    value = float(value)
+    return value if math.isfinite(value) else None

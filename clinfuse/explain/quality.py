@@ -1,0 +1,662 @@
+"""Are the explanations right? `explain` scored against known ground truth, per label.
+
+On data whose truth is known (the sample data's lesion masks and rationale spans), on the true
+positives of a split (truly present and called positive by the model):
+
+- image localisation: pointing game, relevance mass inside the lesion mask, mask AUROC;
+- note localisation: is the top-ranked word a rationale word; share of mass on rationale words;
+- faithfulness: deletion-curve area, most-attributed first, against random orders (pixels set to
+  the black baseline in model-input space; words replaced by [PAD], the note baseline);
+- sanity: localisation again after cascading re-initialisation of the weights, from the heads
+  back towards the input, on a copy of the model (an explanation that does not change failed);
+- modality: the note's Shapley share on image-only, note-only and both-modality labels.
+
+Image methods compared side by side: integrated gradients as `explain` computes it (its black
+baseline makes it gradient x input), its positive part, Grad-CAM, cross-attention (mean over
+words) and Grad-CAM x positive IG; `quality_summary` picks the default and checks the bar.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+
+from clinfuse.config import PreprocessConfig
+from clinfuse.data.batch import Batch, Collator, StudyDataset
+from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
+from clinfuse.data.transforms import fit_geometry, to_original_grid
+from clinfuse.engine import predict
+from clinfuse.errors import ManifestError
+from clinfuse.explain.attribution import explain
+from clinfuse.explain.explanation import Explanation
+from clinfuse.model.model import FusionModel
+
+IMAGE_METHODS = ("ig", "ig_positive", "gradcam", "attention", "gradcam_x_ig")
+Record = dict[str, Any]
+
+
+# -- metrics on one map / one note ------------------------------------------------------------
+def pointing_game(attribution: np.ndarray, mask: np.ndarray) -> float:
+    """1.0 when the map's maximum lies inside the mask, else 0.0 (a flat map points nowhere)."""
+    flat = np.nan_to_num(attribution.ravel(), nan=-np.inf)
+    if not flat.max() > flat.min():
+        return 0.0
+    return float(mask.ravel()[np.argmax(flat)] > 0)
+
+
+def relevance_mass(attribution: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the map's positive attribution that lies inside the mask (0 without any)."""
+    positive = np.clip(np.nan_to_num(attribution), 0, None)
+    total = positive.sum()
+    return float(positive[mask > 0].sum() / total) if total > 0 else 0.0
+
+
+def mask_auroc(attribution: np.ndarray, mask: np.ndarray) -> float:
+    """AUROC of the map's values as a pixel classifier of the mask (NaN for an empty mask)."""
+    inside = mask.ravel() > 0
+    if inside.all() or not inside.any():
+        return float("nan")
+    return float(roc_auc_score(inside, np.nan_to_num(attribution.ravel())))
+
+
+def rationale_words(spans: np.ndarray, rationale: Sequence[Sequence[int]]) -> np.ndarray:
+    """(N,) bool: the word [start, end) overlaps one of the rationale's character spans."""
+    inside = np.zeros(len(spans), dtype=bool)
+    for start, end in rationale:
+        inside |= (spans[:, 0] < end) & (spans[:, 1] > start)
+    return inside
+
+
+def rationale_first(scores: np.ndarray, inside: np.ndarray) -> float:
+    """1.0 when the highest-scoring word is a rationale word, else 0.0."""
+    return float(len(scores) > 0 and bool(inside[int(np.argmax(scores))]))
+
+
+def rationale_mass(scores: np.ndarray, inside: np.ndarray) -> float:
+    """Share of the note's positive word attribution that falls on rationale words."""
+    return relevance_mass(scores, inside)
+
+
+def deletion_area(curve: np.ndarray, min_drop: float = 0.05) -> float:
+    """Area under a deletion curve (probabilities at equal fractions deleted, 0 to 1), the
+    curve scaled to run from 1 (nothing deleted) to 0 (everything deleted): small = the output
+    fell early. NaN when deleting everything lowers the output by less than `min_drop` (the
+    deleted features were not the evidence, so the order cannot be judged)."""
+    curve = np.asarray(curve, dtype=np.float64)
+    start, end = curve[0], curve[-1]
+    if not start - end >= min_drop:
+        return float("nan")
+    scaled = (curve - end) / (start - end)
+    return float(((scaled[1:] + scaled[:-1]) / 2).mean())
+
+
+def note_share(modality: np.ndarray) -> float:
+    """|phi_note| / (|phi_image| + |phi_note|) of one label's (image, note, interaction)."""
+    total = abs(modality[0]) + abs(modality[1])
+    return float(abs(modality[1]) / total) if total > 0 else float("nan")
+
+
+# -- ground truth ---------------------------------------------------------------------------
+@dataclass
+class GroundTruth:
+    """Lesion masks on the DICOM grid, rationale spans and noise-free labels of a data set."""
+
+    masks: dict[str, np.ndarray]  # "<study_id>/<label>" -> (H, W) uint8
+    rationales: dict[tuple[str, str], list[tuple[int, int]]]
+    labels: dict[str, dict[str, float]]  # study_id -> label -> 1.0 / 0.0 (truth.csv)
+
+    def mask(self, study_id: str, label: str) -> np.ndarray | None:
+        return self.masks.get(f"{study_id}/{label}")
+
+    def rationale(self, study_id: str, label: str) -> list[tuple[int, int]]:
+        return self.rationales.get((study_id, label), [])
+
+    def label(self, study_id: str, label: str, fallback: float) -> float:
+        """The noise-free label when truth.csv has it, else `fallback` (the manifest's)."""
+        return self.labels.get(study_id, {}).get(label, fallback)
+
+
+def load_ground_truth(folder: str | Path) -> GroundTruth:
+    """Read masks.npz, rationales.jsonl and (optional) truth.csv from `folder`."""
+    folder = Path(folder)
+    hint = "pass the ground_truth folder `clinfuse sample-data` writes"
+    for name in ("masks.npz", "rationales.jsonl"):
+        if not (folder / name).is_file():
+            raise ManifestError(folder / name, "ground-truth file not found", hint=hint)
+    with np.load(folder / "masks.npz", allow_pickle=False) as data:
+        masks = {key: data[key] for key in data.files}
+    rationales: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for line in (folder / "rationales.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            key = (item["study_id"], item["label"])
+            rationales[key] = [(int(s), int(e)) for s, e in item["spans"]]
+    labels: dict[str, dict[str, float]] = {}
+    if (folder / "truth.csv").is_file():
+        import pandas as pd
+
+        table = pd.read_csv(folder / "truth.csv", dtype={"study_id": str}).set_index("study_id")
+        numeric = table.select_dtypes("number")
+        labels = {sid: {k: float(v) for k, v in row.items()} for sid, row in numeric.iterrows()}
+    return GroundTruth(masks, rationales, labels)
+
+
+# -- image maps per method ------------------------------------------------------------------
+def attention_on_grid(
+    attention: np.ndarray, spec: PreprocessConfig, original: tuple[int, ...]
+) -> np.ndarray:
+    """A map on the image-token grid (*grid) -> the DICOM grid (*original)."""
+    values = torch.as_tensor(attention, dtype=torch.float32)[None, None]
+    mode = "bilinear" if values.dim() == 4 else "trilinear"
+    model_grid = torch.nn.functional.interpolate(
+        values, size=tuple(spec.spatial_size), mode=mode, align_corners=False
+    )[0, 0]
+    return to_original_grid(model_grid, original, spec).numpy()
+
+
+def image_maps(
+    expl: Explanation, j: int, spec: PreprocessConfig, original: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """Label j's map on the DICOM grid for every method the explanation supports."""
+    maps: dict[str, np.ndarray] = {}
+    if expl.image is not None:
+        maps["ig"] = expl.image[j]
+        maps["ig_positive"] = np.clip(expl.image[j], 0, None)
+    if expl.gradcam is not None:
+        maps["gradcam"] = expl.gradcam[j]
+        if expl.image is not None:
+            maps["gradcam_x_ig"] = expl.gradcam[j] * np.clip(expl.image[j], 0, None)
+    if expl.attention is not None and len(expl.attention):
+        maps["attention"] = attention_on_grid(expl.attention.mean(0), spec, original)
+    return maps
+
+
+# -- deletion curves ------------------------------------------------------------------------
+def _counts(n: int, steps: int) -> list[int]:
+    return sorted({round(x) for x in np.linspace(0, n, min(n, steps) + 1)})
+
+
+def _probabilities(model: FusionModel, inputs: list[torch.Tensor], k: int) -> np.ndarray:
+    with torch.no_grad():
+        return model.probabilities(model(*inputs))[:, k].cpu().numpy()
+
+
+def _repeat(batch: Batch, n: int) -> list[torch.Tensor]:
+    """Study 0's model inputs, n copies along the batch axis."""
+    return [t[:1].repeat(n, *([1] * (t.dim() - 1))) for t in batch.model_inputs()]
+
+
+def model_grid_order(
+    values: np.ndarray, original: tuple[int, ...], spec: PreprocessConfig
+) -> np.ndarray:
+    """Flat model-grid indices of the image's own (not padded) pixels, by descending value."""
+    geometry = fit_geometry(original, spec)
+    mapped = torch.nn.functional.interpolate(
+        torch.as_tensor(np.nan_to_num(values), dtype=torch.float32)[None, None],
+        size=geometry.resized,
+        mode="area",
+    ).flatten()
+    index = torch.arange(int(np.prod(spec.spatial_size))).view(*spec.spatial_size)
+    region = tuple(
+        slice(p, p + r) for p, r in zip(geometry.pad_before, geometry.resized, strict=True)
+    )
+    return index[region].flatten()[torch.argsort(mapped, descending=True, stable=True)].numpy()
+
+
+def pixel_deletion(
+    model: FusionModel, batch: Batch, k: int, order: np.ndarray, steps: int
+) -> np.ndarray:
+    """Label k's probability as the pixels of `order` (flat model-grid indices, first = most
+    relevant) are set to the black baseline, at `steps` + 1 equal fractions of the order."""
+    counts = _counts(len(order), steps)
+    inputs = _repeat(batch, len(counts))
+    flat = inputs[0].view(len(counts), inputs[0].shape[1], -1)  # (K, C, prod(spatial))
+    mean, std = model.cfg.preprocess.normalize
+    for i, n in enumerate(counts):
+        flat[i, :, torch.as_tensor(order[:n], dtype=torch.long)] = (0.0 - mean) / std
+    return _probabilities(model, inputs, k)
+
+
+def word_deletion(
+    model: FusionModel, batch: Batch, k: int, spans: np.ndarray, order: np.ndarray
+) -> np.ndarray:
+    """Label k's probability as the words of `order` (first = most relevant) become [PAD],
+    one more word at each step."""
+    counts = _counts(len(order), len(order))
+    inputs = _repeat(batch, len(counts))
+    offsets = batch.offsets[0]  # (Nt, 2)
+    real = batch.attention_mask[0].bool() & (offsets[:, 1] > offsets[:, 0])  # (Nt,)
+    tokens = [real & (offsets[:, 0] < e) & (offsets[:, 1] > s) for s, e in spans.tolist()]
+    pad = model.note_tokenizer.tokenizer.pad_token_id
+    for i, n in enumerate(counts):
+        for w in order[:n]:
+            inputs[1][i, tokens[w]] = pad
+    return _probabilities(model, inputs, k)
+
+
+# -- cascading randomisation ----------------------------------------------------------------
+def _blocks(module: torch.nn.Module, at_least: int = 4) -> list[torch.nn.Module]:
+    """The module's parameterised parts in forward order, containers opened until there are
+    `at_least` (or nothing is left to open)."""
+    blocks = [module]
+    while len(blocks) < at_least:
+        for i, block in enumerate(blocks):
+            children = [c for c in block.children() if any(True for _ in c.parameters())]
+            if children:
+                blocks[i : i + 1] = children
+                break
+        else:
+            return blocks
+    return blocks
+
+
+def randomization_stages(model: FusionModel) -> list[tuple[str, list[torch.nn.Module]]]:
+    """The stages of a cascading randomisation, from the heads back towards the input."""
+    stages = [("head", [model.head]), ("pool", [model.pool])]
+    if model.fusion is not None:
+        stages.append(("fusion", [model.fusion]))
+    if model.text_encoder is not None:
+        stages.append(("note encoder", [model.text_encoder]))
+    if model.image_encoder is not None:
+        blocks = _blocks(model.image_encoder.backbone)
+        half = len(blocks) // 2
+        stages.append(("image projection", [model.image_encoder.project]))
+        stages.append(("image backbone top", blocks[half:]))
+        stages.append(("image backbone all", blocks[:half]))
+    return stages
+
+
+def cascading_randomization(model: FusionModel, seed: int = 0) -> Iterator[tuple[str, FusionModel]]:
+    """Yield (stage, copy of the model with that stage and all before it re-initialised by
+    each layer's own initialiser). The model passed in is never changed."""
+    randomized = copy.deepcopy(model).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for stage, modules in randomization_stages(randomized):
+            for module in (m for part in modules for m in part.modules()):
+                reset = getattr(module, "reset_parameters", None)
+                reset = reset or getattr(module, "_reset_parameters", None)
+                if callable(reset):
+                    reset()
+            if stage == "fusion":  # the missing-side tokens are read by the fusion
+                for token in (randomized.missing_image, randomized.missing_text):
+                    if token is not None:
+                        torch.nn.init.normal_(token, std=0.02)
+            yield stage, randomized
+
+
+# -- scoring explained studies --------------------------------------------------------------
+def localisation(
+    expl: Explanation, j: int, truth: GroundTruth, spec: PreprocessConfig, original: Any
+) -> Record:
+    """{"image": {method: metrics}} where a mask exists, {"note": metrics} where a rationale
+    does, for label j of one explanation."""
+    out: Record = {}
+    label = expl.labels[j]
+    mask = truth.mask(expl.study_id, label)
+    if mask is not None and original is not None and expl.image is not None:
+        out["image"] = {
+            method: {
+                "pointing_game": pointing_game(values, mask),
+                "relevance_mass": relevance_mass(values, mask),
+                "mask_auroc": mask_auroc(values, mask),
+            }
+            for method, values in image_maps(expl, j, spec, tuple(original)).items()
+        }
+    rationale = truth.rationale(expl.study_id, label)
+    if rationale and expl.words is not None and expl.spans is not None:
+        inside = rationale_words(expl.spans, rationale)
+        out["note"] = {
+            "rationale_first": rationale_first(expl.words[j], inside),
+            "rationale_mass": rationale_mass(expl.words[j], inside),
+        }
+    return out
+
+
+def faithfulness(
+    model: FusionModel,
+    batch: Batch,
+    expl: Explanation,
+    j: int,
+    truth: GroundTruth,
+    steps: int = 16,
+    orders: int = 3,
+    rng: np.random.Generator | None = None,
+) -> Record:
+    """Deletion areas of label j: {"pixels": {method: area, "random": area}, "words": ...}."""
+    rng = rng or np.random.default_rng(0)
+    spec, original = model.cfg.preprocess, batch.original_shapes[0]
+    label = expl.labels[j]
+    k = model.labels.index(label)
+    out: Record = {}
+    if truth.mask(expl.study_id, label) is not None and original is not None:
+        maps = image_maps(expl, j, spec, tuple(original))
+        out["pixels"] = {
+            m: deletion_area(
+                pixel_deletion(model, batch, k, model_grid_order(v, original, spec), steps)
+            )
+            for m, v in maps.items()
+        }
+        own = model_grid_order(next(iter(maps.values())), original, spec)
+        shuffled = [
+            pixel_deletion(model, batch, k, rng.permutation(own), steps) for _ in range(orders)
+        ]
+        out["pixels"]["random"] = _mean([deletion_area(c) for c in shuffled])
+    if truth.rationale(expl.study_id, label) and expl.words is not None and len(expl.spans):
+        n, spans = len(expl.spans), expl.spans
+        ranked = word_deletion(model, batch, k, spans, np.argsort(-expl.words[j], kind="stable"))
+        shuffled = [
+            word_deletion(model, batch, k, spans, rng.permutation(n)) for _ in range(orders)
+        ]
+        out["words"] = {
+            "attribution": deletion_area(ranked),
+            "random": _mean([deletion_area(c) for c in shuffled]),
+        }
+    return out
+
+
+def study_batch(model: FusionModel, rows: Sequence[StudyRow]) -> Batch:
+    """The studies of `rows` as one batch (unreadable ones set aside in `Batch.failures`)."""
+    dataset = StudyDataset(rows, model.cfg)
+    return Collator(model.note_tokenizer, model.cfg)([dataset[i] for i in range(len(dataset))])
+
+
+def true_positives(
+    model: FusionModel, rows: Sequence[StudyRow], truth: GroundTruth
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """(study_id -> labels truly present and called positive, label -> truly present count)."""
+    loader = DataLoader(
+        StudyDataset(rows, model.cfg),
+        batch_size=32,
+        collate_fn=Collator(model.note_tokenizer, model.cfg),
+    )
+    predictions = predict(model, loader, next(model.parameters()).device)
+    called = model.decisions(model.probabilities(torch.as_tensor(predictions.logits).float()))
+    found: dict[str, list[str]] = {}
+    present = dict.fromkeys(model.labels, 0)
+    for i, study_id in enumerate(predictions.study_ids):
+        for k, label in enumerate(model.labels):
+            if truth.label(study_id, label, float(predictions.labels[i, k])) == 1:
+                present[label] += 1
+                if called[i, k]:
+                    found.setdefault(study_id, []).append(label)
+    return found, present
+
+
+def evaluate_explanations(
+    model: FusionModel,
+    manifest_path: str | Path,
+    truth_dir: str | Path,
+    *,
+    split: str = "test",
+    patient_split: PatientSplit | None = None,
+    steps: int = 32,
+    deletion_steps: int = 16,
+    random_orders: int = 3,
+    sanity: bool = True,
+    sanity_per_label: int = 8,
+    max_studies: int | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Score `explain` on the true positives of `split` ("all" = every row; `patient_split` =
+    the model's saved split settings). Returns `quality_summary`'s dict."""
+    model.eval()
+    truth = load_ground_truth(truth_dir)
+    manifest = load_manifest(manifest_path, labels=model.labels, split=patient_split)
+    rows = {r.study_id: r for r in manifest.rows(None if split == "all" else split)}
+    if not rows:
+        raise ManifestError(manifest_path, f"no rows in the {split!r} split")
+    positives, present = true_positives(model, list(rows.values()), truth)
+    studies = [s for s in rows if s in positives][:max_studies]
+    rng = np.random.default_rng(seed)
+    records: list[Record] = []
+    explained: dict[str, tuple[Batch, Explanation]] = {}
+    for n, study_id in enumerate(studies, 1):
+        batch = study_batch(model, [rows[study_id]])
+        if not len(batch):
+            continue
+        expl = explain(model, batch, positives[study_id], steps=steps)[0]
+        explained[study_id] = (batch, expl)
+        spec, original = model.cfg.preprocess, batch.original_shapes[0]
+        for j, label in enumerate(expl.labels):
+            record = {"study_id": study_id, "label": label, "stage": "trained"}
+            record.update(localisation(expl, j, truth, spec, original))
+            record["deletion"] = faithfulness(
+                model, batch, expl, j, truth, deletion_steps, random_orders, rng
+            )
+            record["note_share"] = note_share(expl.modality[j])
+            records.append(record)
+        if progress and (n % 10 == 0 or n == len(studies)):
+            progress(f"explained {n}/{len(studies)} studies")
+    if sanity:
+        records += randomized_records(
+            model, explained, truth, sanity_per_label, steps, seed, progress
+        )
+    return quality_summary(
+        records,
+        model.labels,
+        counts={"studies": len(rows), "explained": len(explained), "truly_present": present},
+        split=split,
+    )
+
+
+def randomized_records(
+    model: FusionModel,
+    explained: dict[str, tuple[Batch, Explanation]],
+    truth: GroundTruth,
+    per_label: int = 8,
+    steps: int = 32,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[Record]:
+    """Localisation of up to `per_label` explained studies per label (those with a mask or a
+    rationale) at every stage of the cascading randomisation."""
+    chosen: dict[str, list[str]] = {}
+    taken = dict.fromkeys(model.labels, 0)
+    for study_id, (_, expl) in explained.items():
+        for label in expl.labels:
+            known = truth.mask(study_id, label) is not None or truth.rationale(study_id, label)
+            if known and taken[label] < per_label:
+                chosen.setdefault(study_id, []).append(label)
+                taken[label] += 1
+    records = []
+    for stage, randomized in cascading_randomization(model, seed):
+        for study_id, labels in chosen.items():
+            batch = explained[study_id][0]
+            methods = ("ig", "gradcam", "attention")
+            expl = explain(randomized, batch, labels, steps=steps, methods=methods)[0]
+            spec, original = randomized.cfg.preprocess, batch.original_shapes[0]
+            for j, label in enumerate(expl.labels):
+                record = {"study_id": study_id, "label": label, "stage": stage}
+                records.append({**record, **localisation(expl, j, truth, spec, original)})
+        if progress:
+            progress(f"randomised up to: {stage}")
+    return records
+
+
+# -- per-label summary, the default method and the bar -----------------------------------------
+# The sample data's label groups (sample_data/README.md): what each label depends on.
+SAMPLE_GROUPS = {"cardiomegaly": "image", "effusion": "image", "copd": "note", "diabetes": "note"}
+SAMPLE_GROUPS |= {"pneumonia": "both", "mass": "both"}
+BARS = {  # name: (threshold, "min" = the worst label must reach it, "max" = must not exceed it)
+    "pointing_game": (0.90, "min"),
+    "relevance_mass": (0.60, "min"),
+    "rationale_first": (0.95, "min"),
+    "deletion_pixels": (0.50, "max"),
+    "deletion_words": (0.50, "max"),
+    "randomization_drop": (0.50, "min"),
+    "note_share_image_only": (0.10, "max"),
+    "note_share_note_only": (0.90, "min"),
+    "seconds_per_study": (2.0, "max"),
+}
+IMAGE_BARS = ("pointing_game", "relevance_mass", "deletion_pixels", "randomization_drop")
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _randomization(rows: list[Record], side: str, key: str, metric: str) -> Record:
+    """Mean `metric` per stage over the (study, label) pairs randomised, the trained value over
+    the same pairs, and the relative fall from trained to the last stage."""
+    stages = list(dict.fromkeys(r["stage"] for r in rows if r["stage"] != "trained"))
+    if not stages:
+        return {}
+
+    def value(r: Record) -> float | None:
+        part = r.get(side, {})
+        part = part.get(key) if key else part
+        return part.get(metric) if part else None
+
+    pairs = {(r["study_id"], r["label"]) for r in rows if r["stage"] == stages[-1]}
+    trained = [r for r in rows if r["stage"] == "trained" and (r["study_id"], r["label"]) in pairs]
+    means = {"trained": _mean([value(r) for r in trained])}
+    for stage in stages:
+        means[stage] = _mean([value(r) for r in rows if r["stage"] == stage])
+    first, last = means["trained"], means[stages[-1]]
+    drop = 1 - last / first if first and last is not None else None
+    return {f"randomized_{metric}": means, "randomization_drop": drop}
+
+
+def _label_summary(rows: list[Record], group: str, present: int) -> Record:
+    trained = [r for r in rows if r["stage"] == "trained"]
+    entry: Record = {"group": group, "truly_present": present, "true_positives": len(trained)}
+    images = [r["image"] for r in trained if "image" in r]
+    pixels = [r["deletion"]["pixels"] for r in trained if "pixels" in r.get("deletion", {})]
+    entry["image"] = {}
+    for method in IMAGE_METHODS:
+        scored = [i[method] for i in images if method in i]
+        if not scored:
+            continue
+        m: Record = {"n": len(scored)}
+        for metric in ("pointing_game", "relevance_mass", "mask_auroc"):
+            m[metric] = _mean([s[metric] for s in scored])
+        m["deletion_area"] = _mean([p.get(method) for p in pixels])
+        m["deletion_random_area"] = _mean([p["random"] for p in pixels])
+        m["deletion_ratio"] = _ratio(m["deletion_area"], m["deletion_random_area"])
+        m.update(_randomization(rows, "image", method, "relevance_mass"))
+        entry["image"][method] = m
+    notes = [r["note"] for r in trained if "note" in r]
+    words = [r["deletion"]["words"] for r in trained if "words" in r.get("deletion", {})]
+    if notes:
+        n: Record = {"n": len(notes)}
+        for metric in ("rationale_first", "rationale_mass"):
+            n[metric] = _mean([x[metric] for x in notes])
+        n["deletion_area"] = _mean([w["attribution"] for w in words])
+        n["deletion_random_area"] = _mean([w["random"] for w in words])
+        n["deletion_ratio"] = _ratio(n["deletion_area"], n["deletion_random_area"])
+        n.update(_randomization(rows, "note", "", "rationale_mass"))
+        entry["note"] = n
+    shares = [r["note_share"] for r in trained]
+    entry["note_share"] = {"n": len(shares), "mean": _mean(shares)}
+    return entry
+
+
+def _worst(labels: Record, pick: Callable[[Record], float | None], direction: str) -> Record:
+    """The worst label's value: the lowest for "min" bars, the highest for "max" bars."""
+    values = {name: pick(entry) for name, entry in labels.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        return {"label": None, "value": None}
+    name = (min if direction == "min" else max)(values, key=values.get)
+    return {"label": name, "value": values[name]}
+
+
+def _image_worst(labels: Record, method: str) -> dict[str, Record]:
+    def get(metric: str) -> Callable[[Record], float | None]:
+        return lambda e: e["image"].get(method, {}).get(metric)
+
+    return {
+        "pointing_game": _worst(labels, get("pointing_game"), "min"),
+        "relevance_mass": _worst(labels, get("relevance_mass"), "min"),
+        "mask_auroc": _worst(labels, get("mask_auroc"), "min"),
+        "deletion_pixels": _worst(labels, get("deletion_ratio"), "max"),
+        "randomization_drop": _worst(labels, get("randomization_drop"), "min"),
+    }
+
+
+def _passes(name: str, value: float | None) -> bool:
+    threshold, direction = BARS[name]
+    return value is not None and (value >= threshold if direction == "min" else value <= threshold)
+
+
+def quality_summary(
+    records: list[Record],
+    labels: Sequence[str],
+    counts: Record,
+    split: str = "test",
+    groups: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Per-label means, the worst label per metric for every image method, the default method
+    (most image bars passed; ties by worst-label relevance mass) and the bar checked with it."""
+    groups = groups or SAMPLE_GROUPS
+    present = counts.get("truly_present", {})
+    per_label = {
+        label: _label_summary(
+            [r for r in records if r["label"] == label],
+            groups.get(label, ""),
+            present.get(label, 0),
+        )
+        for label in labels
+    }
+    methods = {m: _image_worst(per_label, m) for m in IMAGE_METHODS}
+    methods = {m: w for m, w in methods.items() if w["pointing_game"]["label"] is not None}
+    for worst in methods.values():
+        worst["bars_passed"] = sum(_passes(b, worst[b]["value"]) for b in IMAGE_BARS)
+
+    def rank(m: str) -> tuple:
+        w = methods[m]
+        return (w["bars_passed"], w["relevance_mass"]["value"] or 0, w["pointing_game"]["value"])
+
+    default = max(methods, key=rank) if methods else None
+    trained = [r for r in records if r["stage"] == "trained" and "note" in r]
+    summary = {
+        "split": split,
+        **counts,
+        "default_method": default,
+        "labels": per_label,
+        "image_methods": methods,
+        "rationale_first_pooled": _mean([r["note"]["rationale_first"] for r in trained]),
+    }
+    summary["bars"] = check_bars(summary)
+    return summary
+
+
+def check_bars(summary: dict[str, Any], seconds_per_study: float | None = None) -> list[Record]:
+    """The issue's bar, each judged on its worst label, for the summary's default method."""
+    labels, default = summary["labels"], summary["default_method"]
+    worst = dict(summary["image_methods"].get(default, {}))
+    note = {k: v for k, v in labels.items() if "note" in v}
+    worst["rationale_first"] = _worst(note, lambda e: e["note"]["rationale_first"], "min")
+    worst["deletion_words"] = _worst(note, lambda e: e["note"]["deletion_ratio"], "max")
+    for name, group in (("note_share_image_only", "image"), ("note_share_note_only", "note")):
+        members = {k: v for k, v in labels.items() if v["group"] == group}
+        worst[name] = _worst(members, lambda e: e["note_share"]["mean"], BARS[name][1])
+    if seconds_per_study is not None:
+        worst["seconds_per_study"] = {"label": None, "value": seconds_per_study}
+    return [
+        {
+            "bar": name,
+            "threshold": threshold,
+            "direction": direction,
+            **worst[name],
+            "passed": _passes(name, worst[name]["value"]),
+        }
+        for name, (threshold, direction) in BARS.items()
+        if name in worst
+    ]

@@ -1,0 +1,379 @@
+"""Explanations people can read: the image with its attribution overlaid (PNG), the note with
+its words highlighted (HTML), and the files `clinfuse explain` writes per study.
+
+Only pixels and the note text are shown; never a DICOM header, so no patient name, id or birth
+date reaches an output. Every page carries the notice that this is decision support.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_dicom  # noqa: E402
+from clinfuse.data.manifest import load_manifest  # noqa: E402
+from clinfuse.engine import select_device  # noqa: E402
+from clinfuse.errors import ConfigError, ManifestError  # noqa: E402
+from clinfuse.explain.attribution import explain  # noqa: E402
+from clinfuse.explain.explanation import Explanation  # noqa: E402
+from clinfuse.explain.quality import study_batch  # noqa: E402
+from clinfuse.model.checkpoint import NOTICE, load_checkpoint  # noqa: E402
+from clinfuse.model.model import FusionModel  # noqa: E402
+
+POSITIVE, NEGATIVE = (214, 39, 40), (31, 119, 180)  # red: for the label, blue: against it
+
+
+# -- pixels and maps ------------------------------------------------------------------------
+def display_pixels(image: DicomImage) -> np.ndarray:
+    """A DICOM image windowed for display: (H, W) or (D, H, W) float32 in [0, 1], grey."""
+    center, width = default_window(image)
+    return apply_window(image.pixels, center, width).mean(axis=0)
+
+
+def _slice(pixels: np.ndarray, maps: Sequence[np.ndarray | None]) -> tuple[np.ndarray, list, str]:
+    """2D as is; for a volume, the slice holding the most positive attribution of maps[0]."""
+    if pixels.ndim == 2:
+        return pixels, list(maps), ""
+    first = next((m for m in maps if m is not None), np.zeros_like(pixels))
+    z = int(np.argmax(np.clip(first, 0, None).reshape(len(first), -1).sum(1)))
+    return pixels[z], [None if m is None else m[z] for m in maps], f" (slice {z})"
+
+
+def _overlay(axis: plt.Axes, pixels: np.ndarray, values: np.ndarray | None, opacity: float):
+    """Grey image, then the positive attribution as a heat map whose opacity grows with it."""
+    axis.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axis.set_axis_off()
+    if values is None:
+        return
+    positive = np.clip(np.nan_to_num(values), 0, None)
+    top = np.percentile(positive, 99.5)
+    if top <= 0:
+        return
+    scaled = np.clip(positive / top, 0, 1)
+    colours = plt.get_cmap("inferno")(scaled)  # (H, W, 4)
+    colours[..., 3] = opacity * scaled
+    axis.imshow(colours, interpolation="nearest")
+
+
+def overlay_png(
+    pixels: np.ndarray, attribution: np.ndarray, path: str | Path, opacity: float = 0.6
+) -> Path:
+    """One image with `attribution` (same shape as `pixels`) overlaid, written as a PNG."""
+    path = Path(path)
+    pixels, (values,), _ = _slice(pixels, [attribution])
+    figure, axis = plt.subplots(figsize=(4, 4 * pixels.shape[0] / pixels.shape[1]))
+    _overlay(axis, pixels, values, opacity)
+    figure.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(figure)
+    return path
+
+
+def explanation_png(expl: Explanation, pixels: np.ndarray, path: str | Path) -> Path:
+    """One row per label: the image, integrated gradients overlaid, Grad-CAM overlaid."""
+    path = Path(path)
+    figure, axes = plt.subplots(
+        len(expl.labels), 3, figsize=(9, 3.2 * len(expl.labels)), squeeze=False
+    )
+    for j, label in enumerate(expl.labels):
+        ig = None if expl.image is None else expl.image[j]
+        cam = None if expl.gradcam is None else expl.gradcam[j]
+        shown, (ig, cam), where = _slice(pixels, [ig, cam])
+        panels = (("image", None), ("integrated gradients", ig), ("Grad-CAM", cam))
+        for axis, (title, values) in zip(axes[j], panels, strict=True):
+            _overlay(axis, shown, values, opacity=0.6)
+            axis.set_title(f"{label} {expl.probabilities[j]:.2f}: {title}{where}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    return path
+
+
+# -- the note ---------------------------------------------------------------------------------
+def _mark(text: str, score: float, scale: float) -> str:
+    if scale <= 0 or abs(score) < 0.05 * scale:
+        return html.escape(text)
+    r, g, b = POSITIVE if score > 0 else NEGATIVE
+    alpha = 0.15 + 0.7 * min(abs(score) / scale, 1.0)
+    return (
+        f'<mark style="background: rgba({r}, {g}, {b}, {alpha:.2f})" '
+        f'title="{score:+.3f}">{html.escape(text)}</mark>'
+    )
+
+
+def note_html(note: str, spans: np.ndarray, words: np.ndarray, labels: Sequence[str]) -> str:
+    """The note as written, once per label, each word's background coloured by its score
+    (red for the label, blue against it, stronger = larger); HTML-escaped."""
+    blocks = []
+    for j, label in enumerate(labels):
+        scale = float(np.max(np.abs(words[j]))) if len(spans) else 0.0
+        parts, last = [], 0
+        for (start, end), score in zip(spans.tolist(), words[j].tolist(), strict=True):
+            parts += [html.escape(note[last:start]), _mark(note[start:end], score, scale)]
+            last = end
+        parts.append(html.escape(note[last:]))
+        blocks.append(
+            f'<div class="note"><h3>{html.escape(label)}</h3><p>{"".join(parts)}</p></div>'
+        )
+    return "\n".join(blocks)
+
+
+def _modality_bar(values: np.ndarray) -> str:
+    """Image and note Shapley shares as a two-colour bar, with the values (logit units)."""
+    image, note, interaction = (float(v) for v in values)
+    total = abs(image) + abs(note)
+    share = abs(image) / total if total > 0 else 0.5
+    return (
+        f'<div class="bar"><span style="width: {100 * share:.0f}%; background: #4c72b0"></span>'
+        f'<span style="width: {100 * (1 - share):.0f}%; background: #dd8452"></span></div>'
+        f"image {image:+.2f}, note {note:+.2f}, interaction {interaction:+.2f}"
+    )
+
+
+STYLE = """body { font-family: sans-serif; max-width: 60em; margin: 1em auto; }
+.notice { background: #fff3cd; padding: .5em; border: 1px solid #e0c36c; }
+.bar { display: inline-flex; width: 12em; height: .9em; margin-right: .5em; }
+.bar span { display: block; } table { border-collapse: collapse; }
+td, th { padding: .2em .6em; border-bottom: 1px solid #ddd; text-align: left; }
+.note p { line-height: 1.6; } img { max-width: 100%; }"""
+
+
+def explanation_html(expl: Explanation, image_file: str | None = None) -> str:
+    """The study's page: notice, probabilities, modality bars, the PNG and the note per label."""
+    rows = "\n".join(
+        f"<tr><td>{html.escape(label)}</td><td>{expl.probabilities[j]:.3f}</td>"
+        f"<td>{_modality_bar(expl.modality[j])}</td></tr>"
+        for j, label in enumerate(expl.labels)
+    )
+    if expl.note is not None and expl.words is not None and expl.spans is not None:
+        note = note_html(expl.note, expl.spans, expl.words, expl.labels)
+    elif expl.note is not None:
+        note = f'<div class="note"><p>{html.escape(expl.note)}</p></div>'
+    else:
+        note = "<p>This study has no note.</p>"
+    image = (
+        f'<img src="{html.escape(image_file)}" alt="attribution maps">'
+        if image_file
+        else "<p>No image attribution: the study has no image or the model reads none.</p>"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>clinfuse explanation</title>
+<style>{STYLE}</style></head><body>
+<p class="notice"><strong>{html.escape(NOTICE)}</strong></p>
+<h1>Explanation of study {html.escape(expl.study_id)}</h1>
+<p>Model {html.escape(expl.model_version or "unknown")}. Probabilities are calibrated; the bar
+splits the label's logit between image (blue) and note (orange) by exact Shapley values.</p>
+<table><tr><th>label</th><th>probability</th><th>image / note contribution</th></tr>
+{rows}</table>
+<h2>Image</h2>
+{image}
+<h2>Note</h2>
+<p>Red words raise the label's score, blue words lower it.</p>
+{note}
+</body></html>
+"""
+
+
+def render_explanation(
+    expl: Explanation, image_pixels: np.ndarray | None, out_dir: str | Path
+) -> list[Path]:
+    """Write <study_id>.png (when there is an image map) and <study_id>.html into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    image_file = None
+    if image_pixels is not None and (expl.image is not None or expl.gradcam is not None):
+        written.append(explanation_png(expl, image_pixels, out_dir / f"{expl.study_id}.png"))
+        image_file = written[-1].name
+    page = out_dir / f"{expl.study_id}.html"
+    page.write_text(explanation_html(expl, image_file), encoding="utf-8")
+    return [*written, page]
+
+
+# -- `clinfuse explain` -------------------------------------------------------------------------
+@dataclass
+class ExplainedStudy:
+    """What `explain_studies` did for one study."""
+
+    study_id: str
+    labels: tuple[str, ...] = ()
+    files: list[Path] = field(default_factory=list)
+    failure: str | None = None  # why the study could not be explained
+
+
+def select_labels(model: FusionModel, probabilities: torch.Tensor, which: str) -> list[str]:
+    """ "positive" (called at the saved thresholds; the most probable label when none is),
+    "all", or comma-separated label names."""
+    if which == "all":
+        return list(model.labels)
+    if which == "positive":
+        called = model.decisions(probabilities).nonzero().flatten().tolist()
+        return [model.labels[k] for k in called or [int(probabilities.argmax())]]
+    names = [name.strip() for name in which.split(",") if name.strip()]
+    unknown = [name for name in names if name not in model.labels]
+    if unknown or not names:
+        raise ConfigError(
+            "--labels",
+            f"unknown label(s) {', '.join(unknown) or '(none given)'}",
+            hint=f"use positive, all, or names from: {', '.join(model.labels)}",
+        )
+    return names
+
+
+def explain_studies(
+    model_dir: str | Path,
+    manifest_path: str | Path,
+    study_ids: Sequence[str],
+    out_dir: str | Path,
+    labels: str = "positive",
+    steps: int = 32,
+    device: str | None = None,
+    progress: Callable[[ExplainedStudy], None] | None = None,
+) -> list[ExplainedStudy]:
+    """Explain each study: <study_id>.npz, .png and .html in `out_dir`."""
+    from clinfuse.evaluation.evaluate import model_version
+
+    model = load_checkpoint(model_dir, select_device(device))
+    version = model_version(model_dir)
+    rows = {r.study_id: r for r in load_manifest(manifest_path, labels=model.labels)}
+    for study_id in study_ids:
+        if study_id not in rows:
+            raise ManifestError(
+                manifest_path,
+                f"study id {study_id!r} is not in the manifest",
+                column="study_id",
+                hint="check the id (ids are case-sensitive)",
+            )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for study_id in study_ids:
+        batch = study_batch(model, [rows[study_id]])
+        if batch.failures:
+            done.append(ExplainedStudy(study_id, failure=batch.failures[0][1]))
+        else:
+            with torch.no_grad():
+                logits = model(*batch.to(select_device(device)).model_inputs())
+            names = select_labels(model, model.probabilities(logits)[0].cpu(), labels)
+            expl = explain(model, batch, names, steps=steps, model_version=version)[0]
+            image = rows[study_id].image
+            pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
+            files = [expl.save_npz(out_dir / f"{study_id}.npz")]
+            files += render_explanation(expl, pixels, out_dir)
+            done.append(ExplainedStudy(study_id, expl.labels, files))
+        if progress:
+            progress(done[-1])
+    return done
+
+
+# -- the quality report as Markdown ----------------------------------------------------------
+def _cell(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def quality_markdown(summary: dict) -> str:
+    """`evaluate_explanations`'s summary as Markdown: per label, per image method, per
+    randomisation stage, and the bar with its verdicts."""
+    default = summary["default_method"]
+    labels = summary["labels"]
+    rows = []
+    for name, e in labels.items():
+        image, note = e["image"].get(default, {}), e.get("note", {})
+        rows.append(
+            [
+                name,
+                e["group"],
+                f"{e['true_positives']}/{e['truly_present']}",
+                image.get("pointing_game"),
+                image.get("relevance_mass"),
+                image.get("mask_auroc"),
+                image.get("deletion_ratio"),
+                image.get("randomization_drop"),
+                note.get("rationale_first"),
+                note.get("rationale_mass"),
+                note.get("deletion_ratio"),
+                e["note_share"]["mean"],
+            ]
+        )
+    per_label = _table(
+        [
+            "label",
+            "depends on",
+            "TP/present",
+            "pointing",
+            "relevance mass",
+            "mask AUROC",
+            "deletion px (x random)",
+            "randomisation drop",
+            "rationale first",
+            "rationale mass",
+            "deletion words (x random)",
+            "note share",
+        ],
+        rows,
+    )
+    keys = ("pointing_game", "relevance_mass", "mask_auroc", "deletion_pixels")
+    methods = _table(
+        ["method", "pointing", "relevance mass", "mask AUROC", "deletion px", "rand. drop", "bars"],
+        [
+            [m, *(w[k]["value"] for k in (*keys, "randomization_drop")), w["bars_passed"]]
+            for m, w in summary["image_methods"].items()
+        ],
+    )
+    stages: list[str] = []
+    stage_rows = []
+    for name, e in labels.items():
+        means = e["image"].get(default, {}).get("randomized_relevance_mass") or {}
+        means = means or e.get("note", {}).get("randomized_rationale_mass") or {}
+        stages = stages or list(means)
+        if means:
+            stage_rows.append([name, *(means.get(s) for s in stages)])
+    bars = _table(
+        ["bar", "needs", "worst label", "value", "verdict"],
+        [
+            [
+                b["bar"],
+                f"{'>=' if b['direction'] == 'min' else '<='} {b['threshold']}",
+                b["label"] or "-",
+                b["value"],
+                "pass" if b["passed"] else "**FAIL**",
+            ]
+            for b in summary["bars"]
+        ],
+    )
+    parts = [
+        f"# Explanation quality ({summary.get('model_version', 'model')}, {summary['split']})",
+        f"{summary['explained']} studies with a true positive explained, of {summary['studies']}"
+        f" in the split. Default image method: **{default}** (most image bars passed, then the "
+        "worst label's relevance mass). The worst label decides every bar.",
+        "## Per label (image columns: the default method)",
+        per_label,
+        "## Image methods compared (worst label)",
+        methods,
+    ]
+    if stage_rows:
+        parts += [
+            "## Cascading randomisation: relevance mass (image labels) or rationale mass "
+            "(note labels) after re-initialising up to each stage",
+            _table(["label", *stages], stage_rows),
+        ]
+    parts += ["## Bar", bars]
+    return "\n\n".join(parts) + "\n"

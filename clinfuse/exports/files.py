@@ -1,0 +1,140 @@
+"""Write a study's standards exports into a run folder, each file atomically.
+
+    out_dir/fhir/<study_id>.json   FHIR R4 DiagnosticReport (clinfuse.exports.fhir)
+    out_dir/sr/<study_id>.dcm      DICOM Comprehensive SR (clinfuse.exports.sr, needs highdicom)
+
+A file is written to a hidden temporary name beside its target, flushed to disk, then renamed
+over the target, so a reader (or a run killed at any moment) sees the old file or the new one,
+never half of one. Same inputs and `issued` give byte-identical files, so a resumed run that
+writes a study again changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from clinfuse.errors import ClinfuseError, DicomError
+from clinfuse.exports.fhir import diagnostic_report
+
+if TYPE_CHECKING:
+    from clinfuse.store import PredictionRecord
+
+FORMATS = frozenset({"fhir", "sr"})
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def export_name(study_id: str) -> str:
+    """A file name stem for a study id; ids that are unsafe as names get a hash suffix."""
+    if _SAFE_NAME.fullmatch(study_id):
+        return study_id
+    digest = hashlib.sha256(study_id.encode("utf-8")).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", study_id).strip("._")[:80]
+    return f"{stem}-{digest}" if stem else digest
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename; on any error the old file stays as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier run
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_source(path: Path) -> list[Dataset]:
+    """The header(s) of the image a prediction was made from: one file or a series folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DicomError(path, "missing", "the source image named for the export does not exist")
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    headers = []
+    for file in files:
+        try:
+            headers.append(pydicom.dcmread(file, stop_before_pixels=True))
+        except (InvalidDicomError, OSError) as error:
+            if not path.is_dir():
+                raise DicomError(file, "not_dicom", str(error)) from error
+    if not headers:
+        raise DicomError(path, "empty_series", "the folder holds no readable DICOM file")
+    return headers
+
+
+def _sr_bytes(
+    pred: PredictionRecord,
+    labels: Sequence[str],
+    sources: Sequence[Dataset],
+    issued: datetime,
+) -> bytes:
+    try:
+        from clinfuse.exports.sr import comprehensive_sr
+    except ImportError as error:
+        raise ClinfuseError(
+            f"DICOM SR export needs {error.name or 'highdicom'}: "
+            "pip install 'clinfuse[standards]', or leave 'sr' out of the export formats"
+        ) from error
+    buffer = BytesIO()
+    pydicom.dcmwrite(
+        buffer,
+        comprehensive_sr(pred, labels, sources or None, issued=issued),
+        enforce_file_format=True,
+    )
+    return buffer.getvalue()
+
+
+def write_study_exports(
+    out_dir: str | Path,
+    pred: PredictionRecord,
+    labels: Sequence[str],
+    source_path: Path | None,
+    formats: set[str],
+    *,
+    issued: datetime | None = None,
+) -> list[Path]:
+    """Write the study's exports in `formats` ('fhir', 'sr') under `out_dir`; returns the paths.
+
+    `source_path` is the study's DICOM file or series folder (None for a study without an
+    image). `issued` stamps both files; pass the run's start time so that a rerun writes
+    byte-identical files (None means now).
+    """
+    unknown = set(formats) - FORMATS
+    if unknown:
+        raise ValueError(
+            f"unknown export format(s) {sorted(unknown)}; choose from {sorted(FORMATS)}"
+        )
+    issued = issued or datetime.now(timezone.utc)
+    sources = read_source(source_path) if source_path is not None and formats else []
+    study_uid = str(sources[0].StudyInstanceUID) if sources else None
+    name = export_name(pred.study_id)
+    out_dir = Path(out_dir)
+    written = []
+    if "fhir" in formats:
+        report = diagnostic_report(pred, labels, issued, study_uid)
+        path = out_dir / "fhir" / f"{name}.json"
+        write_atomic(path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        written.append(path)
+    if "sr" in formats:
+        path = out_dir / "sr" / f"{name}.dcm"
+        write_atomic(path, _sr_bytes(pred, labels, sources, issued))
+        written.append(path)
+    return written

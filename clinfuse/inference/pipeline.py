@@ -1,0 +1,388 @@
+"""Batch inference: stream a manifest through the model into the store, losing nothing.
+
+Every manifest row ends as exactly one of a prediction (calibrated probabilities, decisions at
+the saved thresholds, the sides used, the model version) or a failure with its typed reason.
+Results are committed to the store one batch per transaction; a run killed at any moment and
+started again with the same command skips what is done and finishes the rest. The manifest is
+read in chunks and decoded in DataLoader workers, overlapped with the model, so memory stays
+flat however long the manifest is. Exports are written at the end, each atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from sqlalchemy.engine import make_url
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from clinfuse.data.batch import Batch, Collator, load_item
+from clinfuse.data.manifest import iter_manifest
+from clinfuse.data.transforms import build_transforms
+from clinfuse.engine import iter_predictions, select_device
+from clinfuse.inference.outputs import write_exports
+from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
+from clinfuse.model.model import FusionModel
+from clinfuse.store import FailureRecord, PredictionRecord, Store
+
+log = logging.getLogger(__name__)
+ExplainMode = Literal["none", "positive", "all"]
+
+
+@dataclass
+class InferenceSettings:
+    """How to run; everything but `workers`, `batch_size` and `device` identifies the run."""
+
+    batch_size: int = 32
+    workers: int = 2  # DataLoader processes decoding studies while the model runs
+    explain: ExplainMode = "none"
+    standards: tuple[str, ...] = ()  # "fhir", "sr"
+    device: str | None = None
+    chunk_rows: int = 4096  # manifest rows read at a time
+
+
+@dataclass
+class InferenceSummary:
+    run_id: int
+    run_dir: Path
+    store_url: str
+    model_version: str
+    predicted: int  # written by this invocation
+    failed: int  # written by this invocation
+    skipped: int  # already done by an earlier invocation of the same run
+    failed_by_reason: dict[str, int] = field(default_factory=dict)  # whole run
+    total_predicted: int = 0
+    total_failed: int = 0
+    seconds: float = 0.0
+    studies_per_s: float = 0.0
+    exports: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [
+            f"run {self.run_id} ({self.model_version}) in {self.run_dir}",
+            f"this invocation: {self.predicted} predicted, {self.failed} failed, {self.skipped} "
+            f"skipped as already done; {self.studies_per_s:.1f} studies/s",
+            f"whole run: {self.total_predicted} predicted, {self.total_failed} failed",
+        ]
+        lines += [f"  failed {reason}: {n}" for reason, n in self.failed_by_reason.items()]
+        lines += [f"export: {path}" for path in self.exports]
+        lines.append(NOTICE)
+        return "\n".join(lines)
+
+
+class ManifestStream(IterableDataset):
+    """Manifest rows not yet done, loaded into items; each DataLoader worker takes its share."""
+
+    def __init__(self, manifest: Path, model: FusionModel, skip: set[str], chunk_rows: int) -> None:
+        self.manifest = manifest
+        self.labels = model.labels
+        self.transforms = build_transforms(model.cfg.preprocess, model.cfg.image.in_channels)
+        self.skip = skip
+        self.chunk_rows = chunk_rows
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i, row in enumerate(iter_manifest(self.manifest, self.labels, self.chunk_rows)):
+            if i % workers == worker and row.study_id not in self.skip:
+                yield load_item(row, self.transforms)
+
+
+def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
+    """Check the whole manifest's structure up front (one clear error) and count its rows."""
+    return sum(1 for _ in iter_manifest(manifest, labels, chunk_rows))
+
+
+def run_key(version: str, manifest: Path, manifest_sha256: str, settings: InferenceSettings) -> str:
+    identity = {
+        "model": version,
+        "manifest": str(manifest.resolve()),
+        "sha256": manifest_sha256,
+        "explain": settings.explain,
+        "standards": sorted(settings.standards),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass
+class OpenRun:
+    """A run set up in the store: what both engines need before the loop."""
+
+    model: FusionModel
+    version: str
+    store: Store
+    store_url: str  # with any password hidden
+    run_id: int
+    done: set[str]
+    total: int
+    manifest: Path
+    run_dir: Path
+    settings: InferenceSettings
+    started: float
+    issued: datetime  # when the run first started: the time stamped on its standards exports
+
+
+def open_run(
+    model_dir: str | Path,
+    manifest: str | Path,
+    run_dir: str | Path,
+    store_url: str | None,
+    settings: InferenceSettings,
+) -> OpenRun:
+    """Load the model, check the manifest, register model and run, find what is done."""
+    started = time.perf_counter()
+    model_dir, manifest, run_dir = Path(model_dir), Path(manifest), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = load_checkpoint(model_dir, select_device(settings.device))
+    version = model_version(model_dir)
+    total = count_rows(manifest, model.labels, settings.chunk_rows)
+    store_url = store_url or Store.default_url(run_dir)
+    store = Store(store_url)
+    saved = read_checkpoint_config(model_dir)
+    thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
+    store.register_model(
+        version,
+        model.cfg.name,
+        list(model.labels),
+        thresholds,
+        saved["model"],
+        saved.get("metrics", {}).get("validation", {}),
+    )
+    sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    run_id, resumed = store.start_run(
+        run_key(version, manifest, sha, settings),
+        version,
+        str(manifest.resolve()),
+        sha,
+        {k: v for k, v in asdict(settings).items() if k != "device"},
+    )
+    done = store.done_study_ids(run_id)
+    if resumed:
+        log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
+    issued = store.run(run_id)["started_at"]
+    shown_url = make_url(store_url).render_as_string(hide_password=True)
+    return OpenRun(
+        model,
+        version,
+        store,
+        shown_url,
+        run_id,
+        done,
+        total,
+        manifest,
+        run_dir,
+        settings,
+        started,
+        issued,
+    )
+
+
+def finish_run(run: OpenRun, predicted: int, failed: int) -> InferenceSummary:
+    """Count, export and close the run; the summary printed at the end."""
+    counts = run.store.counts(run.run_id)
+    seconds = time.perf_counter() - run.started
+    summary = InferenceSummary(
+        run_id=run.run_id,
+        run_dir=run.run_dir,
+        store_url=run.store_url,
+        model_version=run.version,
+        predicted=predicted,
+        failed=failed,
+        skipped=len(run.done),
+        failed_by_reason=dict(counts["by_reason"]),
+        total_predicted=counts["predicted"],
+        total_failed=counts["failed"],
+        seconds=seconds,
+        studies_per_s=(predicted + failed) / seconds if seconds else 0.0,
+    )
+    summary.exports = [str(p) for p in write_exports(run.store, run.run_id, run.run_dir)]
+    run.store.finish_run(
+        run.run_id, {k: v for k, v in asdict(summary).items() if k not in ("run_dir", "exports")}
+    )
+    return summary
+
+
+def commit(
+    run: OpenRun,
+    predictions: list[PredictionRecord],
+    failures: list[FailureRecord],
+    explanations: list,
+    image_paths: dict[str, str],
+    bar: tqdm,
+) -> None:
+    """Per-study standards files first (rewritten identically if a kill lands between the two),
+    then one store transaction for the batch, which marks its studies done."""
+    if run.settings.standards:
+        write_standards(
+            run.run_dir,
+            predictions,
+            run.model.labels,
+            image_paths,
+            run.settings.standards,
+            run.issued,
+        )
+    written = run.store.write_batch(run.run_id, predictions, failures, explanations)
+    if written != len(predictions) + len(failures):
+        log.warning(
+            "%d studies of a batch were already in the store; kept the first",
+            len(predictions) + len(failures) - written,
+        )
+    bar.update(len(predictions) + len(failures))
+
+
+def run_inference(
+    model_dir: str | Path,
+    manifest: str | Path,
+    run_dir: str | Path,
+    store_url: str | None = None,
+    settings: InferenceSettings | None = None,
+) -> InferenceSummary:
+    """Score every row of `manifest` with the model in `model_dir`; see the module docstring."""
+    run = open_run(model_dir, manifest, run_dir, store_url, settings or InferenceSettings())
+    settings, model = run.settings, run.model
+    loader = DataLoader(
+        ManifestStream(run.manifest, model, run.done, settings.chunk_rows),
+        batch_size=settings.batch_size,
+        collate_fn=Collator(model.note_tokenizer, model.cfg),
+        num_workers=settings.workers,
+        prefetch_factor=4 if settings.workers else None,
+    )
+    predicted = failed = 0
+    bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer", smoothing=0.05)
+    device = model.temperature.device
+    for scored in iter_predictions(model, loader, device):
+        predictions, failures, explanations = score_batch(
+            model, *scored, run.version, run.store.pseudonym, settings.explain, run.run_dir
+        )
+        commit(run, predictions, failures, explanations, scored[0].image_paths, bar)
+        predicted += len(predictions)
+        failed += len(failures)
+    bar.close()
+    return finish_run(run, predicted, failed)
+
+
+def score_batch(
+    model: FusionModel,
+    batch: Batch,
+    logits: torch.Tensor,
+    image_used: torch.Tensor,
+    note_used: torch.Tensor,
+    version: str,
+    pseudonym: Callable[[str], str],
+    explain_mode: ExplainMode,
+    run_dir: Path,
+) -> tuple[list[PredictionRecord], list[FailureRecord], list]:
+    """One scored batch -> the records the store takes: predictions, failures, explanations."""
+    predictions = prediction_records(
+        model, batch, logits, image_used, note_used, version, pseudonym
+    )
+    failures = [
+        FailureRecord(
+            study_id, pseudonym(batch.patient_ids[study_id]), reason.split(": ", 1)[0], reason
+        )
+        for study_id, reason in batch.failures
+    ]
+    explanations = explanation_records(model, batch, predictions, explain_mode, run_dir, version)
+    return predictions, failures, explanations
+
+
+def prediction_records(
+    model: FusionModel,
+    batch: Batch,
+    logits: torch.Tensor,
+    image_used: torch.Tensor,
+    note_used: torch.Tensor,
+    version: str,
+    pseudonym: Callable[[str], str],
+) -> list[PredictionRecord]:
+    """Calibrated probabilities and decisions at the saved thresholds, one record a study."""
+    probabilities = model.probabilities(logits.to(model.temperature.device)).cpu()
+    decisions = model.decisions(probabilities.to(model.thresholds.device)).cpu()
+    thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
+    records = []
+    for i, study_id in enumerate(batch.study_ids):
+        sides = [s for s, used in (("image", image_used[i]), ("note", note_used[i])) if used]
+        records.append(
+            PredictionRecord(
+                study_id=study_id,
+                patient_pseudonym=pseudonym(batch.patient_ids[study_id]),
+                probabilities={
+                    n: float(p)
+                    for n, p in zip(model.labels, probabilities[i].tolist(), strict=True)
+                },
+                thresholds=thresholds,
+                decisions={
+                    n: bool(d) for n, d in zip(model.labels, decisions[i].tolist(), strict=True)
+                },
+                modalities="+".join(sides),
+                model_version=version,
+            )
+        )
+    return records
+
+
+def explanation_records(
+    model: FusionModel,
+    batch: Batch,
+    predictions: list[PredictionRecord],
+    mode: ExplainMode,
+    run_dir: Path,
+    version: str,
+) -> list:
+    """Explanations for each study's positive labels (or all), saved as npz and as records."""
+    if mode == "none" or not predictions:
+        return []
+    from clinfuse.explain import explain
+    from clinfuse.store import ExplanationRecord
+
+    out = run_dir / "explanations"
+    out.mkdir(exist_ok=True)
+    records = []
+    for i, prediction in enumerate(predictions):
+        labels = (
+            [n for n, d in prediction.decisions.items() if d]
+            if mode == "positive"
+            else list(model.labels)
+        )
+        if not labels:
+            continue
+        explanation = explain(model, batch.select([i]).to(model.temperature.device), labels)[0]
+        explanation.model_version = version
+        path = out / f"{prediction.study_id}.npz"
+        tmp = path.with_name(path.name + ".tmp.npz")
+        explanation.save_npz(tmp)
+        tmp.replace(path)  # atomic: a crash never leaves half a file
+        records.append(ExplanationRecord(prediction.study_id, explanation.to_record(), str(path)))
+    return records
+
+
+def write_standards(
+    run_dir: Path,
+    predictions: list[PredictionRecord],
+    labels: tuple[str, ...],
+    image_paths: dict[str, str],
+    formats: tuple[str, ...],
+    issued: datetime,
+) -> None:
+    """FHIR / DICOM SR files per study (the SR references the study's own image)."""
+    from clinfuse.exports import write_study_exports
+
+    for prediction in predictions:
+        source = image_paths.get(prediction.study_id) or None
+        write_study_exports(
+            run_dir,
+            prediction,
+            labels,
+            Path(source) if source else None,
+            set(formats),
+            issued=issued,
+        )

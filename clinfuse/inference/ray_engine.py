@@ -1,0 +1,165 @@
+"""`--engine ray`: the same pipeline on Ray Data, for when one machine is not enough.
+
+The driver streams the manifest in chunks (skipping studies already done), replaces patient
+ids by their pseudonyms before anything leaves it, and hands each chunk to Ray Data; actors
+each hold the model and score batches with the same `score_batch` as the local engine; the
+driver commits each returned batch to the store in one transaction, so resumability and
+exactly-once writing are the local engine's. Point it at an existing cluster with
+`--ray-address ray://head:10001` (or `auto` on a cluster node); model folder, manifest files and
+the run folder must be on storage every node sees. Without an address a local Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from clinfuse.data.batch import Collator, load_item
+from clinfuse.data.manifest import StudyRow, iter_manifest
+from clinfuse.data.transforms import build_transforms
+from clinfuse.engine import iter_predictions
+from clinfuse.inference.pipeline import (
+    InferenceSettings,
+    InferenceSummary,
+    OpenRun,
+    commit,
+    finish_run,
+    open_run,
+    score_batch,
+)
+from clinfuse.model.checkpoint import load_checkpoint, model_version
+from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord
+
+
+def row_to_item(row: StudyRow, pseudonym: str) -> dict[str, Any]:
+    """A manifest row as plain values for Ray, its patient id already replaced."""
+    return {
+        "row": row.row,
+        "study_id": row.study_id,
+        "patient_id": pseudonym,
+        "image": str(row.image) if row.image else "",
+        "note": row.note or "",
+        "note_path": str(row.note_path) if row.note_path else "",
+        "split": row.split,
+        "labels": row.labels.tolist(),
+    }
+
+
+def item_to_row(item: dict[str, Any]) -> StudyRow:
+    return StudyRow(
+        row=int(item["row"]),
+        study_id=str(item["study_id"]),
+        patient_id=str(item["patient_id"]),
+        image=Path(item["image"]) if item["image"] else None,
+        note=item["note"] or None,
+        note_path=Path(item["note_path"]) if item["note_path"] else None,
+        split=item["split"],
+        labels=np.asarray(item["labels"], dtype=np.float32),
+    )
+
+
+class Scorer:
+    """A Ray actor: holds the model, turns a batch of rows into serialised records."""
+
+    def __init__(self, model_dir: str, run_dir: str, settings: dict[str, Any]) -> None:
+        self.settings = InferenceSettings(**settings)
+        self.model = load_checkpoint(model_dir, self.settings.device or "cpu")
+        self.version = model_version(model_dir)
+        self.run_dir = Path(run_dir)
+        self.transforms = build_transforms(
+            self.model.cfg.preprocess, self.model.cfg.image.in_channels
+        )
+        self.collate = Collator(self.model.note_tokenizer, self.model.cfg)
+
+    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+        items = [load_item(item_to_row(r), self.transforms) for r in rows.to_dict("records")]
+        batch = self.collate(items)
+        scored = next(iter_predictions(self.model, [batch], self.model.temperature.device))
+        predictions, failures, explanations = score_batch(
+            self.model,
+            *scored,
+            self.version,
+            lambda pseudonym: pseudonym,
+            self.settings.explain,
+            self.run_dir,
+        )
+        out = [("prediction", r.study_id, dataclasses.asdict(r)) for r in predictions]
+        out += [("failure", r.study_id, dataclasses.asdict(r)) for r in failures]
+        out += [("explanation", r.study_id, dataclasses.asdict(r)) for r in explanations]
+        return pd.DataFrame(
+            {
+                "kind": [k for k, _, _ in out],
+                "study_id": [s for _, s, _ in out],
+                "record": [json.dumps(r) for _, _, r in out],
+            }
+        )
+
+
+def records(frame: pd.DataFrame) -> tuple[list, list, list]:
+    """The actor's serialised records back as the store's dataclasses."""
+    predictions, failures, explanations = [], [], []
+    for kind, record in zip(frame["kind"], frame["record"], strict=True):
+        data = json.loads(record)
+        if kind == "prediction":
+            predictions.append(PredictionRecord(**data))
+        elif kind == "failure":
+            failures.append(FailureRecord(**data))
+        else:
+            explanations.append(ExplanationRecord(**data))
+    return predictions, failures, explanations
+
+
+def run_inference_ray(
+    model_dir: str | Path,
+    manifest: str | Path,
+    run_dir: str | Path,
+    store_url: str | None = None,
+    settings: InferenceSettings | None = None,
+    address: str | None = None,
+) -> InferenceSummary:
+    """`run_inference` on Ray Data; see the module docstring."""
+    import ray
+
+    run: OpenRun = open_run(
+        model_dir, manifest, run_dir, store_url, settings or InferenceSettings()
+    )
+    if not ray.is_initialized():
+        ray.init(
+            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
+    pending = (
+        r
+        for r in iter_manifest(run.manifest, run.model.labels, run.settings.chunk_rows)
+        if r.study_id not in run.done
+    )
+    actor_settings = {k: v for k, v in dataclasses.asdict(run.settings).items()}
+    predicted = failed = 0
+    bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer (ray)")
+    while chunk := list(itertools.islice(pending, run.settings.chunk_rows)):
+        items = [row_to_item(r, run.store.pseudonym(r.patient_id)) for r in chunk]
+        scored = ray.data.from_items(items).map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "model_dir": str(Path(model_dir).resolve()),
+                "run_dir": str(run.run_dir.resolve()),
+                "settings": actor_settings,
+            },
+            batch_size=run.settings.batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=max(1, run.settings.workers)),
+        )
+        for frame in scored.iter_batches(batch_format="pandas", batch_size=None):
+            predictions, failures, explanations = records(frame)
+            paths = {r["study_id"]: r["image"] for r in items}
+            commit(run, predictions, failures, explanations, paths, bar)
+            predicted += len(predictions)
+            failed += len(failures)
+    bar.close()
+    return finish_run(run, predicted, failed)

@@ -1,0 +1,111 @@
+"""Opening a store's database: an engine that behaves alike on SQLite and PostgreSQL, and the
+Alembic migrations (run from code: no alembic.ini, the package is the configuration).
+
+The engine gives UTC timestamps, strict JSON, enforced foreign keys, and on SQLite WAL with real
+transactions in which a writer takes the write lock up front. `migrate` upgrades a database in
+one transaction; an advisory lock (PostgreSQL) or the write lock (SQLite) serialises processes
+that open a new store at the same moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+
+from clinfuse.store.schema import StoreError, dumps_json
+
+SCRIPTS = Path(__file__).parent
+_LOCK = 7_204_918_306  # PostgreSQL advisory lock id: "a clinfuse migration is running"
+_WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at BEGIN
+
+
+def connect(url: str) -> sa.Engine:
+    """An engine for a SQLite or PostgreSQL URL (a SQLite file's folder is created)."""
+    parsed = sa.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise StoreError(f"{backend}: a clinfuse store is SQLite or PostgreSQL")
+    if backend == "postgresql":
+        return sa.create_engine(parsed, json_serializer=dumps_json, pool_pre_ping=True)
+    memory = parsed.database in (None, "", ":memory:")
+    if not memory:
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        parsed,
+        json_serializer=dumps_json,
+        connect_args={"timeout": 60, "check_same_thread": False},
+        poolclass=sa.StaticPool if memory else None,
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the "begin" hook below starts transactions
+        cursor = dbapi_connection.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        # A writer takes SQLite's write lock up front (waiting out the busy timeout), so two
+        # writers queue instead of failing when a read lock cannot be upgraded.
+        write = conn.get_execution_options().get(_WRITE)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+@contextmanager
+def write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """One write transaction: commits on success, rolls everything back on any exception."""
+    with engine.connect() as conn:
+        conn.execution_options(**{_WRITE: True})
+        with conn.begin():
+            yield conn
+
+
+def _config(connection: sa.Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPTS))
+    config.set_main_option("path_separator", "os")
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    """The newest schema revision this clinfuse ships."""
+    return str(ScriptDirectory.from_config(_config()).get_current_head())
+
+
+def current_revision(connection: sa.Connection) -> str | None:
+    """The revision a database is at, or None for an empty database."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(engine: sa.Engine, revision: str = "head") -> None:
+    """Upgrade the database to `revision`; a store newer than this clinfuse is refused."""
+    with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            pass
+        config = _config(conn)
+        found = current_revision(conn)
+        if found is not None:
+            try:
+                ScriptDirectory.from_config(config).get_revision(found)
+            except CommandError as error:
+                where = engine.url.render_as_string(hide_password=True)
+                raise StoreError(
+                    f"{where}: the store's schema revision {found!r} is newer than this "
+                    f"clinfuse knows (its newest is {head_revision()!r}); upgrade clinfuse"
+                ) from error
+        command.upgrade(config, revision)

@@ -1,0 +1,161 @@
+"""Benchmark explanations on the bundled sample data: quality against ground truth, and cost.
+
+    python pipelines/bench_explain.py [--model DIR] [--work DIR] [--out benchmarks/explain]
+                                      [--cost-studies N] [--steps N]
+
+1. Trains the default model (`pipelines/train_default.yaml`, the `small` architecture) on
+   `sample_data/manifest.csv` into WORK/model, unless --model names a trained folder (a
+   finished WORK/model is reused: training never runs twice).
+2. Runs `evaluate_explanations` on the test split (the model's saved patient split): every
+   true positive explained, localisation, deletion, cascading randomisation, modality shares,
+   five image methods compared; the default method is the one passing most image bars.
+3. Measures the cost of explaining one study for all its positive labels (every method
+   `explain` runs by default) on CPU: seconds and the multiple of one forward pass of the same
+   study, each the median of repeats, then the median over studies.
+4. Checks the issue's bar (cost included) and writes `<out>.json` and `<out>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from clinfuse.config import resolve_run_config
+from clinfuse.data.manifest import PatientSplit, load_manifest
+from clinfuse.evaluation.evaluate import model_version
+from clinfuse.explain.attribution import explain
+from clinfuse.explain.quality import check_bars, evaluate_explanations, study_batch
+from clinfuse.explain.render import quality_markdown, select_labels
+from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
+from clinfuse.model.model import FusionModel
+from clinfuse.training.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data"
+
+
+def median_seconds(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def explanation_cost(
+    model: FusionModel, rows: list, steps: int, repeats: int = 3
+) -> dict[str, float | int]:
+    """Median over studies of: seconds to explain all positive labels, one forward pass, and
+    their ratio (each per study the median of `repeats`; forward passes 5x as many)."""
+    explain_s, forward_s, ratios, labels = [], [], [], []
+    for row in rows:
+        batch = study_batch(model, [row])
+        if not len(batch):
+            continue
+        inputs = batch.model_inputs()
+        with torch.no_grad():
+            names = select_labels(model, model.probabilities(model(*inputs))[0], "positive")
+
+        def forward(inputs=inputs) -> None:
+            with torch.no_grad():
+                model(*inputs)
+
+        forward()  # warm-up
+        one = median_seconds(forward, 5 * repeats)
+        total = median_seconds(lambda b=batch, n=names: explain(model, b, n, steps=steps), repeats)
+        explain_s.append(total)
+        forward_s.append(one)
+        ratios.append(total / one)
+        labels.append(len(names))
+    return {
+        "studies": len(explain_s),
+        "positive_labels_median": statistics.median(labels),
+        "seconds_per_study_median": statistics.median(explain_s),
+        "seconds_per_study_max": max(explain_s),
+        "forward_seconds_median": statistics.median(forward_s),
+        "multiple_of_forward_median": statistics.median(ratios),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a trained model folder (default: train one)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_explain")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "explain")
+    parser.add_argument("--cost-studies", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    args = parser.parse_args(argv)
+    manifest = SAMPLE / "manifest.csv"
+
+    model_dir = args.model
+    train_seconds = None
+    if model_dir is None:
+        model_dir = args.work / "model"
+        cfg = resolve_run_config(ROOT / "pipelines" / "train_default.yaml")
+        result = train(manifest, model_dir, cfg, device="cpu")
+        train_seconds = None if result.already_done else round(result.seconds, 1)
+    model = load_checkpoint(model_dir, "cpu")
+    data = read_checkpoint_config(model_dir).get("data", {})
+    split = PatientSplit(
+        data.get("val_fraction", 0.15), data.get("test_fraction", 0.15), data.get("split_seed", 0)
+    )
+
+    started = time.perf_counter()
+    summary = evaluate_explanations(
+        model,
+        manifest,
+        SAMPLE / "ground_truth",
+        split="test",
+        patient_split=split,
+        steps=args.steps,
+        progress=lambda message: print(message, flush=True),
+    )
+    eval_seconds = time.perf_counter() - started
+    rows = list(load_manifest(manifest, labels=model.labels, split=split).rows("test"))
+    cost = explanation_cost(model, rows[: args.cost_studies], args.steps)
+    summary["model_version"] = model_version(model_dir)
+    summary["bars"] = check_bars(summary, cost["seconds_per_study_median"])
+    summary["cost"] = cost
+    summary["run"] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model.cfg.name,
+        "train_seconds": train_seconds,
+        "evaluation_seconds": round(eval_seconds, 1),
+        "steps": args.steps,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "command": " ".join(["python", "pipelines/bench_explain.py", *sys.argv[1:]]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    cost_md = (
+        f"\n## Cost (CPU, {cost['studies']} test studies, all positive labels, every method)\n\n"
+        f"median {cost['seconds_per_study_median']:.2f} s per study (max "
+        f"{cost['seconds_per_study_max']:.2f} s), {cost['multiple_of_forward_median']:.0f}x one "
+        f"forward pass ({1000 * cost['forward_seconds_median']:.1f} ms); median "
+        f"{cost['positive_labels_median']} positive labels per study. Shared 2-core machine: "
+        "other jobs ran alongside, so times are upper bounds.\n"
+    )
+    args.out.with_suffix(".md").write_text(quality_markdown(summary) + cost_md, encoding="utf-8")
+    for bar in summary["bars"]:
+        print(
+            f"{'pass' if bar['passed'] else 'FAIL'}  {bar['bar']}: {bar['value']} ({bar['label']})"
+        )
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Explanation quality metrics, renderings and the `explain` / `explain-eval` commands.
+
+Metrics are checked on hand-made maps, masks and curves whose answer is known; the commands
+end to end on a tiny model trained on a small synthetic export.
+"""
+
+import argparse
+import importlib
+import json
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+
+from clinfuse.cli import main
+from clinfuse.cli.explain_commands import add_commands
+from clinfuse.config import PreprocessConfig
+from clinfuse.data.manifest import load_manifest
+from clinfuse.explain.attribution import black_image, reference_ids
+from clinfuse.explain.quality import (
+    BARS,
+    cascading_randomization,
+    deletion_area,
+    mask_auroc,
+    model_grid_order,
+    note_share,
+    pixel_deletion,
+    pointing_game,
+    quality_summary,
+    rationale_first,
+    rationale_mass,
+    rationale_words,
+    relevance_mass,
+    study_batch,
+    word_deletion,
+)
+from clinfuse.explain.render import note_html, overlay_png
+from clinfuse.model import load_checkpoint
+from clinfuse.synthetic import make_sample_data
+
+FAST = ["model.name=tiny", "train.epochs=2", "train.bootstrap=20"]
+
+
+def clinfuse(*args: str) -> int:
+    """`clinfuse ARGS` in process, with the explain commands registered if main lacks them."""
+    module = importlib.import_module("clinfuse.cli.main")
+    parser = module.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "explain" not in commands.choices:
+        add_commands(commands)
+    with mock.patch.object(module, "build_parser", return_value=parser):
+        return module.main(list(args))
+
+
+# -- metrics against known answers ----------------------------------------------------------
+def square_mask() -> np.ndarray:
+    mask = np.zeros((10, 10), np.uint8)
+    mask[2:5, 2:5] = 1  # 9 pixels
+    return mask
+
+
+def test_pointing_game_hits_only_when_the_peak_is_inside_the_mask():
+    mask, peak_inside, peak_outside = square_mask(), np.zeros((10, 10)), np.zeros((10, 10))
+    peak_inside[3, 3] = 5.0
+    peak_outside[8, 8] = 5.0
+    assert pointing_game(peak_inside, mask) == 1.0
+    assert pointing_game(peak_outside, mask) == 0.0
+    assert pointing_game(np.ones((10, 10)), mask) == 0.0  # a flat map points nowhere
+
+
+def test_relevance_mass_is_the_positive_share_inside_and_auroc_ranks_pixels():
+    mask = square_mask()
+    values = -np.ones((10, 10))  # negative attribution never counts as mass
+    values[mask > 0] = 1.0  # 9 inside
+    values[9, :3] = 3.0  # 9 outside
+    assert relevance_mass(values, mask) == pytest.approx(0.5)
+    assert relevance_mass(-np.ones((10, 10)), mask) == 0.0
+    ideal = mask.astype(float)
+    assert mask_auroc(ideal, mask) == 1.0 and mask_auroc(-ideal, mask) == 0.0
+    assert np.isnan(mask_auroc(ideal, np.zeros((10, 10))))
+
+
+def test_rationale_metrics_on_a_known_ranking():
+    note = "History of COPD on home oxygen. No fever."
+    spans = np.array([[0, 7], [8, 10], [11, 15], [16, 18], [19, 23], [24, 30], [30, 31]])
+    inside = rationale_words(spans, [(11, 30)])  # "COPD on home oxygen"
+    assert inside.tolist() == [False, False, True, True, True, True, False]
+    assert note[11:30] == "COPD on home oxygen"
+    perfect = np.array([0.0, 0.0, 3.0, 1.0, 1.0, 2.0, 0.0])
+    assert rationale_first(perfect, inside) == 1.0
+    assert rationale_mass(perfect, inside) == 1.0
+    wrong = np.array([4.0, 0.0, 3.0, 1.0, -1.0, 0.0, 0.0])
+    assert rationale_first(wrong, inside) == 0.0
+    assert rationale_mass(wrong, inside) == pytest.approx(0.5)
+
+
+def test_deletion_area_of_ideal_random_and_uninformative_orders():
+    k = 16
+    ideal = np.r_[0.9, np.full(k, 0.1)]  # the first feature deleted removes the evidence
+    linear = np.linspace(0.9, 0.1, k + 1)  # what a random order gives on average
+    assert deletion_area(ideal) == pytest.approx(1 / (2 * k))
+    assert deletion_area(linear) == pytest.approx(0.5)
+    assert deletion_area(ideal) <= 0.5 * deletion_area(linear)
+    assert np.isnan(deletion_area(np.full(k + 1, 0.7)))  # deleting did not remove the evidence
+
+
+def test_note_share_is_the_notes_share_of_the_absolute_shapley_values():
+    assert note_share(np.array([0.5, -1.5, 0.3])) == pytest.approx(0.75)
+    assert np.isnan(note_share(np.zeros(3)))
+
+
+def test_model_grid_order_covers_the_image_pixels_not_the_padding():
+    spec = PreprocessConfig(spatial_size=(8, 8), fit="pad")
+    values = np.zeros((4, 8))  # a wide image: resized to (4, 8), padded 2 rows above and below
+    values[1, 5] = 1.0
+    order = model_grid_order(values, (4, 8), spec)
+    rows = order // 8
+    assert len(order) == 32 and rows.min() == 2 and rows.max() == 5
+    assert order[0] == (2 + 1) * 8 + 5
+
+
+def test_worst_label_decides_the_bar():
+    def record(label, pointing, share):
+        image = {"pointing_game": pointing, "relevance_mass": 0.7, "mask_auroc": 0.9}
+        return {
+            "study_id": f"S-{label}",
+            "label": label,
+            "stage": "trained",
+            "image": {"ig": image},
+            "deletion": {"pixels": {"ig": 0.1, "random": 0.5}},
+            "note_share": share,
+        }
+
+    records = [record("cardiomegaly", 1.0, 0.05), record("effusion", 0.5, 0.05)]
+    summary = quality_summary(records, ["cardiomegaly", "effusion"], {"studies": 2, "explained": 2})
+    bars = {b["bar"]: b for b in summary["bars"]}
+    assert summary["default_method"] == "ig"
+    assert bars["pointing_game"] == {**bars["pointing_game"], "label": "effusion", "value": 0.5}
+    assert not bars["pointing_game"]["passed"]
+    assert bars["relevance_mass"]["passed"] and bars["deletion_pixels"]["value"] == 0.2
+    assert bars["note_share_image_only"]["passed"]
+    assert set(bars) <= set(BARS)
+
+
+# -- renderings -------------------------------------------------------------------------------
+def test_note_html_marks_words_as_written_and_escapes_the_text():
+    note = "Fever 39 °C & <cough>"
+    spans = np.array([[0, 5], [6, 8], [9, 10], [10, 11], [12, 13], [14, 15], [15, 20], [20, 21]])
+    words = np.array([[2.0, 0, 0, 0, 0, 0, -1.0, 0]])
+    page = note_html(note, spans, words, ["pneumonia"])
+    assert 'title="+2.000">Fever</mark>' in page and 'title="-1.000">cough</mark>' in page
+    assert "&amp;" in page and "&lt;" in page and "<cough>" not in page
+
+
+def test_overlay_png_writes_2d_and_3d(tmp_path):
+    pixels = np.random.default_rng(0).random((6, 20, 20)).astype(np.float32)
+    assert overlay_png(pixels[0], pixels[1], tmp_path / "a.png").stat().st_size > 0
+    assert overlay_png(pixels, pixels, tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- a tiny model on a small export ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("explain_export")
+    make_sample_data(out, n=60, seed=1, size=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("explain_models") / "tiny"
+    assert (
+        main(["train", "--manifest", str(export / "manifest.csv"), "--out", str(out), *FAST]) == 0
+    )
+    return out
+
+
+def test_randomization_cascades_to_every_weight_and_leaves_the_model_alone(trained):
+    model = load_checkpoint(trained)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stages = []
+    for stage, randomized in cascading_randomization(model):
+        stages.append(stage)
+        assert not torch.equal(randomized.head.weight, model.head.weight)
+    assert stages[0] == "head" and stages[-1] == "image backbone all"
+    after = dict(randomized.named_parameters())
+    unchanged = [k for k, v in model.named_parameters() if torch.equal(v, after[k])]
+    assert unchanged == []
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_deletion_of_everything_equals_the_explanation_baselines(trained, export):
+    model = load_checkpoint(trained)
+    rows = list(load_manifest(export / "manifest.csv", labels=model.labels))
+    row = next(r for r in rows if r.image is not None and r.note_path is not None)
+    batch = study_batch(model, [row])
+    with torch.no_grad():
+        full = model.probabilities(model(*batch.model_inputs()))[0, 1]
+        image, ids, mask, image_present, note_present = batch.model_inputs()
+        black = model.probabilities(model(black_image(model, image), *batch.model_inputs()[1:]))
+        reference = reference_ids(model, ids, mask)
+        empty = model.probabilities(model(image, reference, mask, image_present, note_present))
+    order = model_grid_order(
+        np.ones(batch.original_shapes[0]), batch.original_shapes[0], model.cfg.preprocess
+    )
+    curve = pixel_deletion(model, batch, 1, order, steps=4)
+    assert len(curve) == 5
+    assert curve[0] == pytest.approx(float(full), abs=1e-5)
+    assert curve[-1] == pytest.approx(float(black[0, 1]), abs=1e-5)
+    from clinfuse.explain.attribution import note_words
+
+    spans = note_words(batch.notes[0])
+    curve = word_deletion(model, batch, 1, spans, np.arange(len(spans)))
+    assert len(curve) == len(spans) + 1
+    assert curve[-1] == pytest.approx(float(empty[0, 1]), abs=1e-5)
+
+
+def identifiers(export) -> set[str]:
+    """Every patient name, id and birth date in the export's DICOM headers and manifest."""
+    found = set(pd.read_csv(export / "manifest.csv", dtype=str)["patient_id"])
+    for path in (export / "images").glob("*.dcm"):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        found |= {str(header.PatientName), header.PatientID, header.PatientBirthDate}
+        found |= {part for part in str(header.PatientName).split("^") if len(part) > 3}
+    return {value for value in found if value}
+
+
+def test_explain_writes_npz_png_html_without_identifiers(trained, export, tmp_path, capsys):
+    table = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    both = table[(table.image != "") & (table.note_path != "")].study_id.iloc[0]
+    no_image = table[table.image == ""].study_id.iloc[0]
+    out = tmp_path / "explained"
+    manifest = str(export / "manifest.csv")
+    args = ["explain", "--model", str(trained), "--manifest", manifest, "--out", str(out)]
+    assert clinfuse(*args, "--study-id", both, "--study-id", no_image, "--labels", "all") == 0
+    assert both in capsys.readouterr().out
+
+    with np.load(out / f"{both}.npz", allow_pickle=False) as data:
+        L = len(data["labels"])
+        assert data["labels"].dtype.kind == "U" and L == 6
+        assert data["image"].dtype == np.float16 and data["image"].shape == (L, 64, 64)
+        assert data["spans"].dtype == np.int32 and data["spans"].shape[1] == 2
+        assert data["words"].dtype == np.float16
+        assert data["words"].shape == (L, len(data["spans"]))
+        assert data["modality"].dtype == np.float32 and data["modality"].shape == (L, 3)
+        strings = " ".join(str(data[k]) for k in data.files if data[k].dtype.kind == "U")
+    with np.load(out / f"{no_image}.npz", allow_pickle=False) as data:
+        assert "image" not in data.files and "words" in data.files
+    assert not (out / f"{no_image}.png").exists()
+
+    page = (out / f"{both}.html").read_text(encoding="utf-8")
+    assert "Decision support, not a diagnosis" in page and f"{both}.png" in page
+    png = (out / f"{both}.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    for value in identifiers(export):
+        assert value not in page and value not in strings and value.encode() not in png
+
+
+def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, capsys):
+    manifest = str(export / "manifest.csv")
+    base = ["--model", str(trained), "--manifest", manifest, "--out", str(tmp_path / "x")]
+    study = pd.read_csv(export / "manifest.csv", dtype=str).study_id.iloc[0]
+    assert clinfuse("explain", *base, "--study-id", study) == 0
+    with np.load(tmp_path / "x" / f"{study}.npz") as data:
+        assert 1 <= len(data["labels"]) <= 6
+    assert clinfuse("explain", *base, "--study-id", "NO-SUCH-STUDY") == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "'NO-SUCH-STUDY' is not in the manifest" in err
+    base[1] = str(tmp_path / "missing-model")
+    assert clinfuse("explain", *base, "--study-id", study) == 2
+    assert "not a clinfuse model folder" in capsys.readouterr().err
+    base[1] = str(trained)
+    assert clinfuse("explain", *base, "--study-id", study, "--labels", "copd,nope") == 2
+    assert "unknown label(s) nope" in capsys.readouterr().err
+
+
+def test_explain_eval_writes_results_and_judges_the_bar(trained, export, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["--model", str(trained), "--manifest", str(export / "manifest.csv")]
+    args += ["--truth", str(export / "ground_truth"), "--out", str(out)]
+    code = clinfuse("explain-eval", *args, "--split", "all", "--max-studies", "6", "--steps", "8")
+    summary = json.loads((out / "explain_eval.json").read_text())
+    assert code == (0 if all(b["passed"] for b in summary["bars"]) else 1)
+    assert summary["explained"] == 6 and summary["default_method"] in summary["image_methods"]
+    assert set(summary["labels"]) == set(load_checkpoint(trained).labels)
+    stages = next(
+        m["randomized_relevance_mass"]
+        for e in summary["labels"].values()
+        for m in e["image"].values()
+        if m.get("randomized_relevance_mass")
+    )
+    assert list(stages)[0] == "trained" and list(stages)[-1] == "image backbone all"
+    table = (out / "explain_eval.md").read_text()
+    assert "| bar | needs | worst label | value | verdict |" in table
+    assert ("FAIL" in capsys.readouterr().out) == (code == 1)

@@ -1,0 +1,230 @@
+"""Standards exports: FHIR R4 DiagnosticReport and DICOM Comprehensive SR a hospital can ingest,
+de-identified, marked as decision support with the model version, and identical on a rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from clinfuse.errors import DicomError
+from clinfuse.exports import DISCLAIMER, diagnostic_report, write_study_exports
+from clinfuse.exports import files as export_files
+
+hd = pytest.importorskip("highdicom")
+fhir_report = pytest.importorskip("fhir.resources.R4B.diagnosticreport")
+from highdicom.sr.utils import find_content_items  # noqa: E402
+from pydicom.sr.codedict import codes  # noqa: E402
+
+try:
+    from clinfuse.store import PredictionRecord
+except ImportError:  # the store lands in its own change; same fields as the contract
+
+    @dataclass
+    class PredictionRecord:  # type: ignore[no-redef]
+        study_id: str
+        patient_pseudonym: str
+        probabilities: dict[str, float]
+        thresholds: dict[str, float]
+        decisions: dict[str, bool]
+        modalities: str
+        model_version: str
+
+
+IMAGES = Path(__file__).resolve().parents[1] / "sample_data" / "images"
+LABELS = ["cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"]
+ISSUED = datetime(2024, 5, 1, 12, 30, 5, tzinfo=timezone.utc)
+MODEL = "fusion-cxr-2024.05+3f2a"
+
+
+def record(study_id: str = "S00001", model_version: str = MODEL) -> PredictionRecord:
+    probabilities = dict(zip(LABELS, [0.8123456789012345, 0.1, 0.5, 0.02, 0.97, 0.3], strict=True))
+    thresholds = dict(zip(LABELS, [0.5, 0.4, 0.5, 0.35, 0.6, 0.45], strict=True))
+    return PredictionRecord(
+        study_id=study_id,
+        patient_pseudonym="PSN-0123456789abcdef",
+        probabilities=probabilities,
+        thresholds=thresholds,
+        decisions={label: probabilities[label] >= thresholds[label] for label in LABELS},
+        modalities="image+note",
+        model_version=model_version,
+    )
+
+
+def identifiers(path: Path) -> list[str]:
+    """The patient identifiers of a sample DICOM, as the strings that must never leak."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    name = ds.PatientName
+    values = [str(name), name.family_name, name.given_name, ds.PatientID, ds.PatientBirthDate]
+    values.append(ds.AccessionNumber)
+    assert all(values), f"{path.name} should carry (fake) identifiers to test against"
+    return values
+
+
+def test_fhir_report_validates_and_carries_every_label(tmp_path):
+    source = IMAGES / "S00001.dcm"
+    (path,) = write_study_exports(tmp_path, record(), LABELS, source, {"fhir"}, issued=ISSUED)
+    assert path == tmp_path / "fhir" / "S00001.json"
+    report = fhir_report.DiagnosticReport.model_validate_json(path.read_text())
+    assert report.status == "preliminary"
+    assert report.subject.identifier.value == "PSN-0123456789abcdef"
+    uid = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
+    assert report.imagingStudy[0].identifier.value == f"urn:oid:{uid}"
+    assert DISCLAIMER in report.conclusion and MODEL in report.conclusion
+
+    device, *observations = report.contained
+    assert device.version[0].value == MODEL
+    assert [o.code.coding[0].code for o in observations] == LABELS
+    assert [r.reference for r in report.result] == [f"#{o.id}" for o in observations]
+    pred = record()
+    for obs in observations:
+        label = obs.code.coding[0].code
+        assert obs.status == "preliminary"
+        assert float(obs.valueQuantity.value) == pred.probabilities[label]
+        assert float(obs.component[0].valueQuantity.value) == pred.thresholds[label]
+        expected = "POS" if pred.decisions[label] else "NEG"
+        assert obs.interpretation[0].coding[0].code == expected
+        assert DISCLAIMER in obs.note[0].text and MODEL in obs.device.display
+
+
+def test_fhir_report_without_image_or_patient_leaves_them_out():
+    report = diagnostic_report(record(), LABELS, ISSUED, None)
+    assert "imagingStudy" not in report
+    fhir_report.DiagnosticReport.model_validate(report)
+    anonymous = diagnostic_report(replace(record(), patient_pseudonym=""), LABELS, ISSUED, None)
+    assert "subject" not in anonymous
+    assert all("subject" not in resource for resource in anonymous["contained"])
+    fhir_report.DiagnosticReport.model_validate(anonymous)
+
+
+def test_sr_rereads_in_the_source_study_with_every_label(tmp_path):
+    source = IMAGES / "S00001.dcm"
+    (path,) = write_study_exports(tmp_path, record(), LABELS, source, {"sr"}, issued=ISSUED)
+    assert path == tmp_path / "sr" / "S00001.dcm"
+    original = pydicom.dcmread(source, stop_before_pixels=True)
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert ds.StudyInstanceUID == original.StudyInstanceUID
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+    assert ds.PatientID == "PSN-0123456789abcdef" and str(ds.PatientName) == ""
+    assert not ds.get("PatientBirthDate")
+    assert (ds.PreliminaryFlag, ds.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
+
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.ComprehensiveSR)
+    (comment,) = find_content_items(sr, name=codes.DCM.Comment)
+    assert DISCLAIMER in comment.TextValue and MODEL in comment.TextValue
+    (version,) = find_content_items(sr, name=codes.DCM.AlgorithmVersion, recursive=True)
+    assert version.TextValue == MODEL
+    found = find_content_items(sr, name=codes.DCM.Finding, recursive=True)
+    pred = record()
+    assert [item.ConceptCodeSequence[0].CodeValue for item in found] == LABELS
+    for item in found:
+        label = item.ConceptCodeSequence[0].CodeValue
+        (prob,) = find_content_items(item, name=codes.DCM.Probability)
+        value = prob.MeasuredValueSequence[0].FloatingPointValue
+        assert value == pred.probabilities[label]
+        decision = item.ContentSequence[2].ConceptCodeSequence[0].CodeMeaning
+        assert decision == ("Positive" if pred.decisions[label] else "Negative")
+
+
+def test_sr_without_image_gets_a_study_of_its_own(tmp_path):
+    (path,) = write_study_exports(tmp_path, record(), LABELS, None, {"sr"}, issued=ISSUED)
+    ds = pydicom.dcmread(path)
+    assert "CurrentRequestedProcedureEvidenceSequence" not in ds
+    assert isinstance(hd.sr.srread(path), hd.sr.ComprehensiveSR)
+    (again,) = write_study_exports(tmp_path / "b", record(), LABELS, None, {"sr"}, issued=ISSUED)
+    assert pydicom.dcmread(again).StudyInstanceUID == ds.StudyInstanceUID
+
+
+@pytest.mark.parametrize("name", ["S00001.dcm", "S00002.dcm", "S00003.dcm"])
+def test_no_patient_identifier_reaches_either_export(tmp_path, name):
+    source = IMAGES / name
+    pred = record(study_id=name.removesuffix(".dcm"))
+    paths = write_study_exports(tmp_path, pred, LABELS, source, {"fhir", "sr"}, issued=ISSUED)
+    assert len(paths) == 2
+    for path in paths:
+        data = path.read_bytes()
+        for value in identifiers(source):
+            assert value.encode() not in data, f"{value!r} from {name} leaked into {path.name}"
+
+
+def test_same_inputs_write_identical_files(tmp_path):
+    source = IMAGES / "S00001.dcm"
+    first = write_study_exports(
+        tmp_path / "a", record(), LABELS, source, {"fhir", "sr"}, issued=ISSUED
+    )
+    second = write_study_exports(
+        tmp_path / "b", record(), LABELS, source, {"fhir", "sr"}, issued=ISSUED
+    )
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+    newer = record(model_version="fusion-cxr-2024.06")
+    third = write_study_exports(tmp_path / "c", newer, LABELS, source, {"sr"}, issued=ISSUED)
+    old_uid = pydicom.dcmread(first[1]).SOPInstanceUID
+    assert pydicom.dcmread(third[0]).SOPInstanceUID != old_uid
+
+
+def test_interrupted_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    source = IMAGES / "S00001.dcm"
+    (path,) = write_study_exports(tmp_path, record(), LABELS, source, {"fhir"}, issued=ISSUED)
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_files.os, "replace", crash)
+    changed = replace(record(), probabilities={**record().probabilities, "copd": 0.9})
+    with pytest.raises(OSError, match="disk full"):
+        write_study_exports(tmp_path, changed, LABELS, source, {"fhir"}, issued=ISSUED)
+    assert path.read_bytes() == before
+    assert os.listdir(path.parent) == [path.name]
+
+
+def test_stale_temporary_from_a_killed_run_is_cleared(tmp_path):
+    stale = tmp_path / "fhir" / ".S00001.json.999.1.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b'{"resourceType": "Diagn')
+    write_study_exports(tmp_path, record(), LABELS, None, {"fhir"}, issued=ISSUED)
+    assert sorted(os.listdir(stale.parent)) == ["S00001.json"]
+
+
+def test_study_ids_that_are_not_file_names_stay_inside_the_folder(tmp_path):
+    pred = record(study_id="../../etc/passwd")
+    (path,) = write_study_exports(tmp_path, pred, LABELS, None, {"fhir"}, issued=ISSUED)
+    assert path.parent == tmp_path / "fhir" and path.name.startswith("etc_passwd-")
+    assert json.loads(path.read_text())["identifier"][0]["value"] == "../../etc/passwd"
+
+
+def test_bad_requests_say_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match="unknown export format.*'pdf'"):
+        write_study_exports(tmp_path, record(), LABELS, None, {"pdf"}, issued=ISSUED)
+    with pytest.raises(ValueError, match="label 'atelectasis' is missing"):
+        diagnostic_report(record(), [*LABELS, "atelectasis"], ISSUED, None)
+    with pytest.raises(DicomError, match="missing"):
+        write_study_exports(tmp_path, record(), LABELS, tmp_path / "nope.dcm", {"sr"})
+
+
+def test_series_folder_source_references_every_instance(tmp_path):
+    series = tmp_path / "series"
+    series.mkdir()
+    uids = []
+    for number in (1, 2):
+        ds = pydicom.dcmread(IMAGES / "S00001.dcm")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(
+            entropy_srcs=["slice", str(number)]
+        )
+        ds.InstanceNumber = number
+        ds.save_as(series / f"{number}.dcm")
+        uids.append(ds.SOPInstanceUID)
+    (series / "README.txt").write_text("not DICOM")  # a stray file in the folder is skipped
+    (path,) = write_study_exports(tmp_path / "out", record(), LABELS, series, {"sr"}, issued=ISSUED)
+    evidence = pydicom.dcmread(path).CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert sorted(item.ReferencedSOPInstanceUID for item in referenced) == sorted(uids)

@@ -1,0 +1,232 @@
+"""`clinfuse infer`: every row ends exactly once as a prediction or a failure, resumable after
+kill -9, exports that validate, no identifiers, the same results on PostgreSQL and on Ray."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from clinfuse.cli import main
+
+LABELS = ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass")
+
+
+@pytest.fixture(scope="module")
+def mixed_manifest(small_export, tmp_path_factory) -> Path:
+    """The small export plus rows that must fail: corrupt, non-image, missing, truncated."""
+    root = small_export.parent
+    manifest = pd.read_csv(small_export, dtype=str, keep_default_na=False)
+    bad = tmp_path_factory.mktemp("bad")
+    (bad / "text.dcm").write_text("not dicom")
+    shutil.copy(get_testdata_file("rtplan.dcm"), bad / "plan.dcm")
+    real = (root / manifest.at[0, "image"]).read_bytes()
+    (bad / "short.dcm").write_bytes(real[: len(real) // 2])
+    extra = []
+    for i, name in enumerate(["text.dcm", "plan.dcm", "short.dcm", "absent.dcm"]):
+        row = manifest.iloc[i].copy()
+        row["study_id"] = f"BAD{i}"
+        row["image"] = str(bad / name)
+        extra.append(row)
+    mixed = pd.concat([manifest, pd.DataFrame(extra)], ignore_index=True)
+    path = root / "mixed.csv"
+    mixed.to_csv(path, index=False)
+    return path
+
+
+def infer(model, manifest, out, *extra):
+    return main(
+        [
+            "infer",
+            "--model",
+            str(model),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--workers",
+            "1",
+            *extra,
+        ]
+    )
+
+
+def test_every_row_ends_as_one_prediction_or_one_failure(
+    tiny_model, mixed_manifest, tmp_path, capsys
+):
+    assert infer(tiny_model, mixed_manifest, tmp_path / "run") == 0
+    rows = pd.read_csv(mixed_manifest, dtype=str, keep_default_na=False)
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    failures = pd.read_csv(tmp_path / "run" / "failures.csv")
+    assert sorted(predictions["study_id"]) == sorted(rows["study_id"])  # each exactly once
+    predicted = predictions[predictions["status"] == "predicted"]
+    assert set(failures["study_id"]) == set(
+        predictions.loc[predictions["status"] == "failed", "study_id"]
+    )
+    reasons = dict(zip(failures["study_id"], failures["reason"], strict=True))
+    assert reasons["BAD0"] == "image:not_dicom"
+    assert reasons["BAD1"] == "image:no_pixel_data"
+    assert reasons["BAD2"] == "image:truncated"
+    assert reasons["BAD3"] == "image:missing"
+    for label in LABELS:
+        assert predicted[f"p_{label}"].between(0, 1).all()
+        assert predicted[f"decision_{label}"].isin([True, False]).all()
+    assert set(predicted["modalities"]) <= {"image+note", "image", "note"}
+    assert predicted["model_version"].str.startswith("tiny@").all()
+    parquet = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert len(parquet) == len(predictions)
+    printed = capsys.readouterr().out
+    assert f"{len(predicted)} predicted, 4 failed, 0 skipped" in printed
+    assert "failed image:truncated: 1" in printed
+
+
+def test_rerunning_a_finished_run_skips_everything(tiny_model, small_export, tmp_path, capsys):
+    assert infer(tiny_model, small_export, tmp_path / "run") == 0
+    before = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    capsys.readouterr()
+    assert infer(tiny_model, small_export, tmp_path / "run") == 0
+    assert "0 predicted, 0 failed, 64 skipped as already done" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "predictions.csv"), before)
+
+
+def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
+    tiny_model, small_export, tmp_path
+):
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "clinfuse",
+        "infer",
+        "--model",
+        str(tiny_model),
+        "--manifest",
+        str(small_export),
+        "--out",
+        str(run),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+    ]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = run / "clinfuse.db"
+    deadline = time.time() + 120
+    written = 0
+    while time.time() < deadline and written < 8:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as con:
+                    written = con.execute("select count(*) from studies").fetchone()[0]
+            except sqlite3.Error:
+                pass
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 8 <= written < 64, "the kill should land mid-run"
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    assert "skipped as already done" in done.stdout
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert len(predictions) == 64 and predictions["study_id"].is_unique
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*) from studies").fetchone()[0] == 64
+        assert con.execute("select count(distinct study_id) from studies").fetchone()[0] == 64
+
+
+def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export, tmp_path):
+    assert infer(tiny_model, small_export, tmp_path / "run", "--standards", "fhir,sr") == 0
+    root = small_export.parent
+    manifest = pd.read_csv(small_export, dtype=str, keep_default_na=False)
+    secrets = set(manifest["patient_id"])
+    for image in manifest["image"][manifest["image"] != ""][:20]:
+        ds = pydicom.dcmread(root / image)
+        secrets |= {
+            str(ds.PatientName),
+            str(ds.PatientName).replace("^", " "),
+            str(ds.PatientBirthDate),
+            str(ds.PatientID),
+        }
+    secrets.discard("")
+    outputs = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".json" for p in outputs) and any(p.suffix == ".dcm" for p in outputs)
+    for path in outputs:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in data, f"{secret!r} found in {path.name}"
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    pseudonyms = predictions.set_index("study_id")["patient_pseudonym"]
+    by_patient = manifest.set_index("study_id")["patient_id"]
+    for patient, studies in by_patient.groupby(by_patient):  # a patient's studies stay linked
+        assert pseudonyms[studies.index].nunique() == 1
+
+
+def test_exports_validate_as_fhir_and_dicom_sr(tiny_model, small_export, tmp_path):
+    fhir = pytest.importorskip("fhir.resources.R4B.diagnosticreport")
+    pytest.importorskip("highdicom")
+    assert infer(tiny_model, small_export, tmp_path / "run", "--standards", "fhir,sr") == 0
+    reports = sorted((tmp_path / "run" / "fhir").glob("*.json"))
+    assert len(reports) == 64
+    report = fhir.DiagnosticReport.model_validate(json.loads(reports[0].read_text()))
+    assert report.status == "preliminary"
+    srs = sorted((tmp_path / "run" / "sr").glob("*.dcm"))
+    assert srs and pydicom.dcmread(srs[0]).Modality == "SR"
+
+
+def postgres_url() -> str | None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg")
+    for user in ("postgres", "root"):
+        url = f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
+        try:
+            with sqlalchemy.create_engine(url).connect():
+                return url
+        except Exception:
+            continue
+    return None
+
+
+def test_postgresql_store_gives_the_same_predictions(tiny_model, small_export, tmp_path):
+    url = postgres_url()
+    if url is None:
+        pytest.skip("no PostgreSQL server reachable on 127.0.0.1:5432")
+    import sqlalchemy
+
+    schema = f"clinfuse_test_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as con:
+        con.execute(sqlalchemy.text(f"create schema {schema}"))
+    try:
+        pg = f"{url}?options=-csearch_path%3D{schema}"
+        assert infer(tiny_model, small_export, tmp_path / "pg", "--store", pg) == 0
+        assert infer(tiny_model, small_export, tmp_path / "lite") == 0
+        ours = pd.read_csv(tmp_path / "pg" / "predictions.csv").drop(columns="patient_pseudonym")
+        theirs = pd.read_csv(tmp_path / "lite" / "predictions.csv").drop(
+            columns="patient_pseudonym"
+        )
+        pd.testing.assert_frame_equal(ours, theirs)
+    finally:
+        with engine.begin() as con:
+            con.execute(sqlalchemy.text(f"drop schema {schema} cascade"))
+
+
+def test_ray_engine_gives_the_same_predictions_as_local(tiny_model, mixed_manifest, tmp_path):
+    pytest.importorskip("ray")
+    assert infer(tiny_model, mixed_manifest, tmp_path / "local") == 0
+    assert infer(tiny_model, mixed_manifest, tmp_path / "ray", "--engine", "ray") == 0
+    local = pd.read_csv(tmp_path / "local" / "predictions.csv").drop(columns="patient_pseudonym")
+    ray = pd.read_csv(tmp_path / "ray" / "predictions.csv").drop(columns="patient_pseudonym")
+    pd.testing.assert_frame_equal(ray, local, atol=1e-5, check_exact=False)
+    failures = pd.read_csv(tmp_path / "ray" / "failures.csv")
+    assert len(failures) == 4
