@@ -168,7 +168,7 @@ def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
     pseudonyms = predictions.set_index("study_id")["patient_pseudonym"]
     by_patient = manifest.set_index("study_id")["patient_id"]
-    for patient, studies in by_patient.groupby(by_patient):  # a patient's studies stay linked
+    for _patient, studies in by_patient.groupby(by_patient):  # a patient's studies stay linked
         assert pseudonyms[studies.index].nunique() == 1
 
 
