@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
@@ -142,8 +143,6 @@ def load_ground_truth(folder: str | Path) -> GroundTruth:
             rationales[key] = [(int(s), int(e)) for s, e in item["spans"]]
     labels: dict[str, dict[str, float]] = {}
     if (folder / "truth.csv").is_file():
-        import pandas as pd
-
         table = pd.read_csv(folder / "truth.csv", dtype={"study_id": str}).set_index("study_id")
         numeric = table.select_dtypes("number")
         labels = {sid: {k: float(v) for k, v in row.items()} for sid, row in numeric.iterrows()}
@@ -294,32 +293,42 @@ def cascading_randomization(model: FusionModel, seed: int = 0) -> Iterator[tuple
             yield stage, randomized
 
 
-# -- scoring explained studies --------------------------------------------------------------
+# -- scoring explained studies: one row per (study, label, stage, method, metric) ------------
+def _rows(expl: Explanation, j: int, stage: str, method: str, metrics: Record) -> list[Record]:
+    where = {"study_id": expl.study_id, "label": expl.labels[j], "stage": stage, "method": method}
+    return [{**where, "metric": k, "value": float(v)} for k, v in metrics.items() if v is not None]
+
+
 def localisation(
-    expl: Explanation, j: int, truth: GroundTruth, spec: PreprocessConfig, original: Any
-) -> Record:
-    """{"image": {method: metrics}} where a mask exists, {"note": metrics} where a rationale
-    does, for label j of one explanation."""
-    out: Record = {}
-    label = expl.labels[j]
-    mask = truth.mask(expl.study_id, label)
+    expl: Explanation,
+    j: int,
+    truth: GroundTruth,
+    spec: PreprocessConfig,
+    original: Any,
+    stage: str = "trained",
+) -> list[Record]:
+    """Label j's pointing game, relevance mass and mask AUROC per image method (where a mask
+    exists), and rationale rank and mass of the note (where a rationale does)."""
+    rows: list[Record] = []
+    mask = truth.mask(expl.study_id, expl.labels[j])
     if mask is not None and original is not None and expl.image is not None:
-        out["image"] = {
-            method: {
+        rows += _rows(expl, j, stage, "mask", {"fraction": np.mean(mask > 0)})
+        for method, values in image_maps(expl, j, spec, tuple(original)).items():
+            metrics = {
                 "pointing_game": pointing_game(values, mask),
                 "relevance_mass": relevance_mass(values, mask),
                 "mask_auroc": mask_auroc(values, mask),
             }
-            for method, values in image_maps(expl, j, spec, tuple(original)).items()
-        }
-    rationale = truth.rationale(expl.study_id, label)
+            rows += _rows(expl, j, stage, method, metrics)
+    rationale = truth.rationale(expl.study_id, expl.labels[j])
     if rationale and expl.words is not None and expl.spans is not None:
         inside = rationale_words(expl.spans, rationale)
-        out["note"] = {
+        metrics = {
             "rationale_first": rationale_first(expl.words[j], inside),
             "rationale_mass": rationale_mass(expl.words[j], inside),
         }
-    return out
+        rows += _rows(expl, j, stage, "note", metrics)
+    return rows
 
 
 def faithfulness(
@@ -331,37 +340,35 @@ def faithfulness(
     steps: int = 16,
     orders: int = 3,
     rng: np.random.Generator | None = None,
-) -> Record:
-    """Deletion areas of label j: {"pixels": {method: area, "random": area}, "words": ...}."""
+) -> list[Record]:
+    """Label j's deletion areas, most relevant first and in random orders: for pixels per image
+    method (where a mask exists) and for words (where a rationale exists)."""
     rng = rng or np.random.default_rng(0)
     spec, original = model.cfg.preprocess, batch.original_shapes[0]
-    label = expl.labels[j]
-    k = model.labels.index(label)
-    out: Record = {}
-    if truth.mask(expl.study_id, label) is not None and original is not None:
+    k = model.labels.index(expl.labels[j])
+    rows: list[Record] = []
+    if truth.mask(expl.study_id, expl.labels[j]) is not None and original is not None:
         maps = image_maps(expl, j, spec, tuple(original))
-        out["pixels"] = {
-            m: deletion_area(
-                pixel_deletion(model, batch, k, model_grid_order(v, original, spec), steps)
-            )
-            for m, v in maps.items()
-        }
         own = model_grid_order(next(iter(maps.values())), original, spec)
-        shuffled = [
+        random = [
             pixel_deletion(model, batch, k, rng.permutation(own), steps) for _ in range(orders)
         ]
-        out["pixels"]["random"] = _mean([deletion_area(c) for c in shuffled])
-    if truth.rationale(expl.study_id, label) and expl.words is not None and len(expl.spans):
-        n, spans = len(expl.spans), expl.spans
+        random_area = _mean([deletion_area(c) for c in random])
+        for method, values in maps.items():
+            order = model_grid_order(values, original, spec)
+            area = deletion_area(pixel_deletion(model, batch, k, order, steps))
+            metrics = {"deletion_area": area, "deletion_random": random_area}
+            rows += _rows(expl, j, "trained", method, metrics)
+    if truth.rationale(expl.study_id, expl.labels[j]) and expl.words is not None:
+        spans, n = expl.spans, len(expl.spans)
         ranked = word_deletion(model, batch, k, spans, np.argsort(-expl.words[j], kind="stable"))
-        shuffled = [
-            word_deletion(model, batch, k, spans, rng.permutation(n)) for _ in range(orders)
-        ]
-        out["words"] = {
-            "attribution": deletion_area(ranked),
-            "random": _mean([deletion_area(c) for c in shuffled]),
+        random = [word_deletion(model, batch, k, spans, rng.permutation(n)) for _ in range(orders)]
+        metrics = {
+            "deletion_area": deletion_area(ranked),
+            "deletion_random": _mean([deletion_area(c) for c in random]),
         }
-    return out
+        rows += _rows(expl, j, "trained", "note", metrics)
+    return rows
 
 
 def study_batch(model: FusionModel, rows: Sequence[StudyRow]) -> Batch:
@@ -428,14 +435,14 @@ def evaluate_explanations(
         expl = explain(model, batch, positives[study_id], steps=steps)[0]
         explained[study_id] = (batch, expl)
         spec, original = model.cfg.preprocess, batch.original_shapes[0]
-        for j, label in enumerate(expl.labels):
-            record = {"study_id": study_id, "label": label, "stage": "trained"}
-            record.update(localisation(expl, j, truth, spec, original))
-            record["deletion"] = faithfulness(
+        for j in range(len(expl.labels)):
+            records += localisation(expl, j, truth, spec, original)
+            records += faithfulness(
                 model, batch, expl, j, truth, deletion_steps, random_orders, rng
             )
-            record["note_share"] = note_share(expl.modality[j])
-            records.append(record)
+            records += _rows(
+                expl, j, "trained", "modality", {"note_share": note_share(expl.modality[j])}
+            )
         if progress and (n % 10 == 0 or n == len(studies)):
             progress(f"explained {n}/{len(studies)} studies")
     if sanity:
@@ -476,9 +483,8 @@ def randomized_records(
             methods = ("ig", "gradcam", "attention")
             expl = explain(randomized, batch, labels, steps=steps, methods=methods)[0]
             spec, original = randomized.cfg.preprocess, batch.original_shapes[0]
-            for j, label in enumerate(expl.labels):
-                record = {"study_id": study_id, "label": label, "stage": stage}
-                records.append({**record, **localisation(expl, j, truth, spec, original)})
+            for j in range(len(expl.labels)):
+                records += localisation(expl, j, truth, spec, original, stage)
         if progress:
             progress(f"randomised up to: {stage}")
     return records
@@ -502,74 +508,59 @@ BARS = {  # name: (threshold, "min" = the worst label must reach it, "max" = mus
 IMAGE_BARS = ("pointing_game", "relevance_mass", "deletion_pixels", "randomization_drop")
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def _mean(values: Sequence[float | None]) -> float | None:
     values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if values else None
+
+
+def _randomization(table: pd.DataFrame, method: str, metric: str) -> Record:
+    """`metric` per stage over the (study, label) pairs randomised, the trained value over the
+    same pairs, and its relative fall from trained to the last stage."""
+    rows = table[(table.method == method) & (table.metric == metric)]
+    stages = [s for s in dict.fromkeys(rows.stage) if s != "trained"]
+    if not stages:
+        return {}
+    randomized = set(rows.loc[rows.stage == stages[-1], "study_id"])
+    means = {
+        "trained": _mean(rows[(rows.stage == "trained") & rows.study_id.isin(randomized)].value)
+    }
+    means |= {stage: _mean(rows[rows.stage == stage].value) for stage in stages}
+    first, last = means["trained"], means[stages[-1]]
+    return {
+        f"randomized_{metric}": means,
+        "randomization_drop": 1 - last / first if first and last is not None else None,
+    }
+
+
+def _label_summary(table: pd.DataFrame, group: str, present: int) -> Record:
+    """Means per method and metric over the label's true positives, deletion ratios, and the
+    randomisation stages."""
+    trained = table[table.stage == "trained"]
+    entry: Record = {"group": group, "truly_present": present}
+    entry["true_positives"] = trained.study_id.nunique()
+    for (method, metric), values in trained.groupby(["method", "metric"], sort=False).value:
+        entry.setdefault(method, {"n": int(values.count())})[metric] = _mean(values)
+    for method, part in entry.items():
+        if isinstance(part, dict) and part.get("deletion_random"):
+            part["deletion_ratio"] = _ratio(part.get("deletion_area"), part["deletion_random"])
+        if isinstance(part, dict) and method in (*IMAGE_METHODS, "note"):
+            part |= _randomization(
+                table, method, "rationale_mass" if method == "note" else "relevance_mass"
+            )
+    return entry
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _randomization(rows: list[Record], side: str, key: str, metric: str) -> Record:
-    """Mean `metric` per stage over the (study, label) pairs randomised, the trained value over
-    the same pairs, and the relative fall from trained to the last stage."""
-    stages = list(dict.fromkeys(r["stage"] for r in rows if r["stage"] != "trained"))
-    if not stages:
-        return {}
-
-    def value(r: Record) -> float | None:
-        part = r.get(side, {})
-        part = part.get(key) if key else part
-        return part.get(metric) if part else None
-
-    pairs = {(r["study_id"], r["label"]) for r in rows if r["stage"] == stages[-1]}
-    trained = [r for r in rows if r["stage"] == "trained" and (r["study_id"], r["label"]) in pairs]
-    means = {"trained": _mean([value(r) for r in trained])}
-    for stage in stages:
-        means[stage] = _mean([value(r) for r in rows if r["stage"] == stage])
-    first, last = means["trained"], means[stages[-1]]
-    drop = 1 - last / first if first and last is not None else None
-    return {f"randomized_{metric}": means, "randomization_drop": drop}
-
-
-def _label_summary(rows: list[Record], group: str, present: int) -> Record:
-    trained = [r for r in rows if r["stage"] == "trained"]
-    entry: Record = {"group": group, "truly_present": present, "true_positives": len(trained)}
-    images = [r["image"] for r in trained if "image" in r]
-    pixels = [r["deletion"]["pixels"] for r in trained if "pixels" in r.get("deletion", {})]
-    entry["image"] = {}
-    for method in IMAGE_METHODS:
-        scored = [i[method] for i in images if method in i]
-        if not scored:
-            continue
-        m: Record = {"n": len(scored)}
-        for metric in ("pointing_game", "relevance_mass", "mask_auroc"):
-            m[metric] = _mean([s[metric] for s in scored])
-        m["deletion_area"] = _mean([p.get(method) for p in pixels])
-        m["deletion_random_area"] = _mean([p["random"] for p in pixels])
-        m["deletion_ratio"] = _ratio(m["deletion_area"], m["deletion_random_area"])
-        m.update(_randomization(rows, "image", method, "relevance_mass"))
-        entry["image"][method] = m
-    notes = [r["note"] for r in trained if "note" in r]
-    words = [r["deletion"]["words"] for r in trained if "words" in r.get("deletion", {})]
-    if notes:
-        n: Record = {"n": len(notes)}
-        for metric in ("rationale_first", "rationale_mass"):
-            n[metric] = _mean([x[metric] for x in notes])
-        n["deletion_area"] = _mean([w["attribution"] for w in words])
-        n["deletion_random_area"] = _mean([w["random"] for w in words])
-        n["deletion_ratio"] = _ratio(n["deletion_area"], n["deletion_random_area"])
-        n.update(_randomization(rows, "note", "", "rationale_mass"))
-        entry["note"] = n
-    shares = [r["note_share"] for r in trained]
-    entry["note_share"] = {"n": len(shares), "mean": _mean(shares)}
-    return entry
-
-
-def _worst(labels: Record, pick: Callable[[Record], float | None], direction: str) -> Record:
+def _worst(labels: Record, method: str, metric: str, direction: str, group: str = "") -> Record:
     """The worst label's value: the lowest for "min" bars, the highest for "max" bars."""
-    values = {name: pick(entry) for name, entry in labels.items()}
+    values = {
+        name: e.get(method, {}).get(metric)
+        for name, e in labels.items()
+        if not group or e["group"] == group
+    }
     values = {k: v for k, v in values.items() if v is not None}
     if not values:
         return {"label": None, "value": None}
@@ -577,17 +568,16 @@ def _worst(labels: Record, pick: Callable[[Record], float | None], direction: st
     return {"label": name, "value": values[name]}
 
 
-def _image_worst(labels: Record, method: str) -> dict[str, Record]:
-    def get(metric: str) -> Callable[[Record], float | None]:
-        return lambda e: e["image"].get(method, {}).get(metric)
-
-    return {
-        "pointing_game": _worst(labels, get("pointing_game"), "min"),
-        "relevance_mass": _worst(labels, get("relevance_mass"), "min"),
-        "mask_auroc": _worst(labels, get("mask_auroc"), "min"),
-        "deletion_pixels": _worst(labels, get("deletion_ratio"), "max"),
-        "randomization_drop": _worst(labels, get("randomization_drop"), "min"),
+def _image_worst(labels: Record, method: str) -> dict[str, Any]:
+    worst = {
+        "pointing_game": _worst(labels, method, "pointing_game", "min"),
+        "relevance_mass": _worst(labels, method, "relevance_mass", "min"),
+        "mask_auroc": _worst(labels, method, "mask_auroc", "min"),
+        "deletion_pixels": _worst(labels, method, "deletion_ratio", "max"),
+        "randomization_drop": _worst(labels, method, "randomization_drop", "min"),
     }
+    worst["bars_passed"] = sum(_passes(b, worst[b]["value"]) for b in IMAGE_BARS)
+    return worst
 
 
 def _passes(name: str, value: float | None) -> bool:
@@ -605,33 +595,30 @@ def quality_summary(
     """Per-label means, the worst label per metric for every image method, the default method
     (most image bars passed; ties by worst-label relevance mass) and the bar checked with it."""
     groups = groups or SAMPLE_GROUPS
+    columns = ["study_id", "label", "stage", "method", "metric", "value"]
+    table = pd.DataFrame(records, columns=columns)
     present = counts.get("truly_present", {})
     per_label = {
         label: _label_summary(
-            [r for r in records if r["label"] == label],
-            groups.get(label, ""),
-            present.get(label, 0),
+            table[table.label == label], groups.get(label, ""), present.get(label, 0)
         )
         for label in labels
     }
     methods = {m: _image_worst(per_label, m) for m in IMAGE_METHODS}
     methods = {m: w for m, w in methods.items() if w["pointing_game"]["label"] is not None}
-    for worst in methods.values():
-        worst["bars_passed"] = sum(_passes(b, worst[b]["value"]) for b in IMAGE_BARS)
 
     def rank(m: str) -> tuple:
         w = methods[m]
         return (w["bars_passed"], w["relevance_mass"]["value"] or 0, w["pointing_game"]["value"])
 
-    default = max(methods, key=rank) if methods else None
-    trained = [r for r in records if r["stage"] == "trained" and "note" in r]
+    first = table[(table.stage == "trained") & (table.metric == "rationale_first")]
     summary = {
         "split": split,
         **counts,
-        "default_method": default,
+        "default_method": max(methods, key=rank) if methods else None,
         "labels": per_label,
         "image_methods": methods,
-        "rationale_first_pooled": _mean([r["note"]["rationale_first"] for r in trained]),
+        "rationale_first_pooled": _mean(first.value),
     }
     summary["bars"] = check_bars(summary)
     return summary
@@ -639,24 +626,17 @@ def quality_summary(
 
 def check_bars(summary: dict[str, Any], seconds_per_study: float | None = None) -> list[Record]:
     """The issue's bar, each judged on its worst label, for the summary's default method."""
-    labels, default = summary["labels"], summary["default_method"]
-    worst = dict(summary["image_methods"].get(default, {}))
-    note = {k: v for k, v in labels.items() if "note" in v}
-    worst["rationale_first"] = _worst(note, lambda e: e["note"]["rationale_first"], "min")
-    worst["deletion_words"] = _worst(note, lambda e: e["note"]["deletion_ratio"], "max")
-    for name, group in (("note_share_image_only", "image"), ("note_share_note_only", "note")):
-        members = {k: v for k, v in labels.items() if v["group"] == group}
-        worst[name] = _worst(members, lambda e: e["note_share"]["mean"], BARS[name][1])
+    labels = summary["labels"]
+    worst = dict(summary["image_methods"].get(summary["default_method"], {}))
+    worst["rationale_first"] = _worst(labels, "note", "rationale_first", "min")
+    worst["deletion_words"] = _worst(labels, "note", "deletion_ratio", "max")
+    worst["note_share_image_only"] = _worst(labels, "modality", "note_share", "max", "image")
+    worst["note_share_note_only"] = _worst(labels, "modality", "note_share", "min", "note")
     if seconds_per_study is not None:
         worst["seconds_per_study"] = {"label": None, "value": seconds_per_study}
     return [
-        {
-            "bar": name,
-            "threshold": threshold,
-            "direction": direction,
-            **worst[name],
-            "passed": _passes(name, worst[name]["value"]),
-        }
+        {"bar": name, "threshold": threshold, "direction": direction, **worst[name]}
+        | {"passed": _passes(name, worst[name]["value"])}
         for name, (threshold, direction) in BARS.items()
         if name in worst
     ]

@@ -292,11 +292,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def quality_markdown(summary: dict) -> str:
     """`evaluate_explanations`'s summary as Markdown: per label, per image method, per
     randomisation stage, and the bar with its verdicts."""
-    default = summary["default_method"]
-    labels = summary["labels"]
+    default, labels = summary["default_method"], summary["labels"]
     rows = []
     for name, e in labels.items():
-        image, note = e["image"].get(default, {}), e.get("note", {})
+        image, note = e.get(default, {}), e.get("note", {})
         rows.append(
             [
                 name,
@@ -304,32 +303,19 @@ def quality_markdown(summary: dict) -> str:
                 f"{e['true_positives']}/{e['truly_present']}",
                 image.get("pointing_game"),
                 image.get("relevance_mass"),
+                e.get("mask", {}).get("fraction"),
                 image.get("mask_auroc"),
                 image.get("deletion_ratio"),
                 image.get("randomization_drop"),
                 note.get("rationale_first"),
                 note.get("rationale_mass"),
                 note.get("deletion_ratio"),
-                e["note_share"]["mean"],
+                e.get("modality", {}).get("note_share"),
             ]
         )
-    per_label = _table(
-        [
-            "label",
-            "depends on",
-            "TP/present",
-            "pointing",
-            "relevance mass",
-            "mask AUROC",
-            "deletion px (x random)",
-            "randomisation drop",
-            "rationale first",
-            "rationale mass",
-            "deletion words (x random)",
-            "note share",
-        ],
-        rows,
-    )
+    header = ["label", "depends on", "TP/present", "pointing", "relevance mass", "(mask area)"]
+    header += ["mask AUROC", "deletion px / random", "randomisation drop", "rationale first"]
+    header += ["rationale mass", "deletion words / random", "note share"]
     keys = ("pointing_game", "relevance_mass", "mask_auroc", "deletion_pixels")
     methods = _table(
         ["method", "pointing", "relevance mass", "mask AUROC", "deletion px", "rand. drop", "bars"],
@@ -341,7 +327,7 @@ def quality_markdown(summary: dict) -> str:
     stages: list[str] = []
     stage_rows = []
     for name, e in labels.items():
-        means = e["image"].get(default, {}).get("randomized_relevance_mass") or {}
+        means = e.get(default, {}).get("randomized_relevance_mass")
         means = means or e.get("note", {}).get("randomized_rationale_mass") or {}
         stages = stages or list(means)
         if means:
@@ -363,16 +349,18 @@ def quality_markdown(summary: dict) -> str:
         f"# Explanation quality ({summary.get('model_version', 'model')}, {summary['split']})",
         f"{summary['explained']} studies with a true positive explained, of {summary['studies']}"
         f" in the split. Default image method: **{default}** (most image bars passed, then the "
-        "worst label's relevance mass). The worst label decides every bar.",
+        "worst label's relevance mass). The worst label decides every bar; deletion areas are "
+        "divided by the random-order area; the mask area is the relevance mass of a map that "
+        "knows nothing.",
         "## Per label (image columns: the default method)",
-        per_label,
+        _table(header, rows),
         "## Image methods compared (worst label)",
         methods,
     ]
     if stage_rows:
         parts += [
             "## Cascading randomisation: relevance mass (image labels) or rationale mass "
-            "(note labels) after re-initialising up to each stage",
+            "(note-only labels) after re-initialising up to each stage",
             _table(["label", *stages], stage_rows),
         ]
     parts += ["## Bar", bars]

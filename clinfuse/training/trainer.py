@@ -369,6 +369,27 @@ def _macro_auroc(predictions: Predictions, labels: tuple[str, ...]) -> float | N
     return metrics["macro"]["auroc"]
 
 
+def score_distribution(
+    probs: np.ndarray, thresholds: np.ndarray, labels: tuple[str, ...], bins: int = 20
+) -> dict[str, Any]:
+    """Per label: histogram of calibrated probabilities and the rate called positive, the
+    reference a monitoring page compares a later run against."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return {
+        "bins": edges.tolist(),
+        "n": int(len(probs)),
+        "labels": {
+            name: {
+                "counts": np.histogram(probs[:, j], edges)[0].tolist(),
+                "positive_rate": float(np.mean(probs[:, j] >= thresholds[j]))
+                if len(probs)
+                else None,
+            }
+            for j, name in enumerate(labels)
+        },
+    }
+
+
 def calibrate(
     model: FusionModel, val_loader: DataLoader, device: torch.device, cfg: RunConfig
 ) -> dict[str, Any]:
@@ -395,4 +416,5 @@ def calibrate(
     )
     before = evaluate_predictions(val.labels, raw, thresholds, model.labels, n_bootstrap=0)
     metrics["macro"]["ece_before_temperature"] = before["macro"]["ece"]
+    metrics["score_distribution"] = score_distribution(probs, thresholds, model.labels)
     return json.loads(json.dumps(metrics))  # plain JSON types
