@@ -72,6 +72,9 @@ class FusionConfig(Config):
     mlp_ratio: float = 2.0
     dropout: float = 0.1
     modality_dropout: float = 0.15  # per study, training only: drop one side with this chance
+    # how each side's tokens become the head's input: their mean, or per label a learned query
+    # attending over them (each label picks out its own evidence)
+    pooling: Literal["mean", "label_attention"] = "mean"
 
 
 class PreprocessConfig(Config):

@@ -231,7 +231,12 @@ def test_explain_writes_npz_png_html_without_identifiers(trained, export, tmp_pa
     out = tmp_path / "explained"
     manifest = str(export / "manifest.csv")
     args = ["explain", "--model", str(trained), "--manifest", manifest, "--out", str(out)]
-    assert clinfuse(*args, "--study-id", both, "--study-id", no_image, "--labels", "all") == 0
+    assert (
+        clinfuse(
+            *args, "--study-id", both, "--study-id", no_image, "--labels", "all", "--steps", "8"
+        )
+        == 0
+    )
     assert both in capsys.readouterr().out
 
     with np.load(out / f"{both}.npz", allow_pickle=False) as data:

@@ -38,7 +38,7 @@ class Intermediates:
     image_valid: torch.Tensor  # (B, Ni) bool
     image_used: torch.Tensor  # (B,) bool: the image side was real (not the missing token)
     note_used: torch.Tensor  # (B,) bool
-    pooled: torch.Tensor  # (B, D)
+    pooled: torch.Tensor  # (B, D) with mean pooling, (B, L, D) with label attention
     logits: torch.Tensor  # (B, L)
     attention: list[BlockAttention]  # one per fusion block when asked for, else empty
 
@@ -47,6 +47,22 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, N, D), (B, N) -> (B, D) mean over the valid tokens."""
     weights = valid.to(tokens.dtype).unsqueeze(-1)  # (B, N, 1)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class LabelHeads(nn.Module):
+    """One logit a label: a linear map of the pooled features, shared (B, D) or per label
+    (B, L, D) with label attention."""
+
+    def __init__(self, width: int, n_labels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_labels, width))
+        self.bias = nn.Parameter(torch.zeros(n_labels))
+        nn.init.normal_(self.weight, std=width**-0.5)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if pooled.dim() == 2:  # (B, D) -> (B, L)
+            return pooled @ self.weight.T + self.bias
+        return (pooled * self.weight).sum(-1) + self.bias  # (B, L, D) -> (B, L)
 
 
 class FusionModel(nn.Module):
@@ -81,6 +97,12 @@ class FusionModel(nn.Module):
             nn.Parameter(0.02 * torch.randn(1, 1, width)) if self.uses_text else None
         )
         self.fusion = Fusion(cfg.fusion) if mode == "cross_attention" else None
+        self.width = width
+        n_labels = len(self.labels)
+        self.label_attention = None
+        if cfg.fusion.pooling == "label_attention":
+            self.label_queries = nn.Parameter(0.02 * torch.randn(n_labels, width))
+            self.label_attention = nn.MultiheadAttention(width, cfg.fusion.heads, batch_first=True)
         pooled_in = width * (int(self.uses_image) + int(self.uses_text))
         self.pool = nn.Sequential(
             nn.LayerNorm(pooled_in),
@@ -88,7 +110,7 @@ class FusionModel(nn.Module):
             nn.GELU(),
             nn.Dropout(cfg.fusion.dropout),
         )
-        self.head = nn.Linear(width, len(self.labels))  # one logit a label
+        self.head = LabelHeads(width, n_labels)  # one logit a label
         n = len(self.labels)
         self.register_buffer("temperature", torch.ones(n))  # fitted after training
         self.register_buffer("thresholds", torch.full((n,), 0.5))  # on calibrated probabilities
@@ -146,7 +168,7 @@ class FusionModel(nn.Module):
         image_present, note_present = self._modality_dropout(
             image_present.bool(), note_present.bool()
         )
-        width = self.head.in_features
+        width = self.width
         empty = (
             image.new_zeros(B, 1, width),
             torch.ones(B, 1, dtype=torch.bool, device=image.device),
@@ -164,10 +186,10 @@ class FusionModel(nn.Module):
             )
         sides = []
         if self.uses_text:
-            sides.append(masked_mean(text_tokens, text_valid))  # (B, D)
+            sides.append(self._pool_side(text_tokens, text_valid))  # (B, D) or (B, L, D)
         if self.uses_image:
-            sides.append(masked_mean(image_tokens, image_valid))  # (B, D)
-        pooled = self.pool(torch.cat(sides, dim=1))  # (B, D)
+            sides.append(self._pool_side(image_tokens, image_valid))
+        pooled = self.pool(torch.cat(sides, dim=-1))  # (B, D) or (B, L, D)
         return Intermediates(
             text_tokens=text_tokens,
             image_tokens=image_tokens,
@@ -179,6 +201,15 @@ class FusionModel(nn.Module):
             logits=self.head(pooled),
             attention=attention,
         )
+
+    def _pool_side(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, D) masked mean, or (B, L, D): each label's query reads the side."""
+        if self.label_attention is None:
+            return masked_mean(tokens, valid)
+        queries = self.label_queries.expand(tokens.shape[0], -1, -1)  # (B, L, D)
+        read, _ = self.label_attention(queries, tokens, tokens, key_padding_mask=~valid,
+                                       need_weights=False)
+        return read  # (B, L, D)
 
     def forward(
         self,
