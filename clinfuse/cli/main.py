@@ -7,6 +7,7 @@ cannot be trained on); 2 a user error (bad arguments, a structural manifest erro
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -218,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_infer)
+
+    for module in ("explain_commands", "review_commands"):  # each adds its own subcommands
+        try:
+            commands_module = importlib.import_module(f"clinfuse.cli.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"clinfuse.cli.{module}":
+                raise
+            continue
+        commands_module.add_commands(commands)
     return parser
 
 
