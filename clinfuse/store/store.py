@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,14 @@ class Store:
             if not ready:
                 migrate(self._engine)
                 with _write(self._engine) as conn:  # the first opener's secret wins
-                    secret = dict(key=SECRET_KEY, value=secrets.token_hex(32))
-                    insert = self._insert(Setting).values(**secret)
+                    row = dict(key=SECRET_KEY, value=secrets.token_hex(32))
+                    insert = self._insert(Setting).values(**row)
                     conn.execute(insert.on_conflict_do_nothing(index_elements=["key"]))
             with self._engine.connect() as conn:
-                self._secret = bytes.fromhex(self._read_secret(conn) or "")
+                secret = self._read_secret(conn)
+            if not secret:
+                raise StoreError("the store has no pseudonym secret (settings table)")
+            self._secret = bytes.fromhex(secret)
         except BaseException:
             self._engine.dispose()
             raise
@@ -377,23 +381,8 @@ class Store:
             )
             if known is None:
                 raise StoreError(f"run {review.run_id} has no study {review.study_id!r} to review")
-            return int(
-                conn.scalar(
-                    sa.insert(Review)
-                    .values(
-                        run_id=review.run_id,
-                        study_id=review.study_id,
-                        reviewer=review.reviewer,
-                        created_at=review.created_at or utcnow(),
-                        verdict=review.verdict,
-                        labels_before=review.labels_before,
-                        labels_after=review.labels_after,
-                        comment=review.comment,
-                        model_version=review.model_version,
-                    )
-                    .returning(Review.id)
-                )
-            )
+            event = dict(asdict(review), created_at=review.created_at or utcnow())
+            return int(conn.scalar(sa.insert(Review).values(**event).returning(Review.id)))
 
     def reviews(self, run_id: int, study_id: str | None = None) -> list[dict[str, Any]]:
         """A run's (or one study's) review events, oldest first."""

@@ -9,6 +9,8 @@ that open a new store at the same moment.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ from clinfuse.store.schema import StoreError, dumps_json
 
 SCRIPTS = Path(__file__).parent
 _LOCK = 7_204_918_306  # PostgreSQL advisory lock id: "a clinfuse migration is running"
+_ALEMBIC = threading.Lock()  # alembic's `context` and `op` are process-wide: one run at a time
 _WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at BEGIN
 
 
@@ -82,6 +85,7 @@ def _config(connection: sa.Connection | None = None) -> Config:
     return config
 
 
+@functools.cache
 def head_revision() -> str:
     """The newest schema revision this clinfuse ships."""
     return str(ScriptDirectory.from_config(_config()).get_current_head())
@@ -94,9 +98,9 @@ def current_revision(connection: sa.Connection) -> str | None:
 
 def migrate(engine: sa.Engine, revision: str = "head") -> None:
     """Upgrade the database to `revision`; a store newer than this clinfuse is refused."""
-    with write_transaction(engine) as conn:
+    with _ALEMBIC, write_transaction(engine) as conn:  # this lock first, then the database's
         if conn.dialect.name == "postgresql":
-            pass
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
         config = _config(conn)
         found = current_revision(conn)
         if found is not None:
