@@ -187,11 +187,17 @@ def test_words_cut_by_truncation_are_listed_with_score_zero():
     assert (np.abs(expl.words[:, seen]).sum(0) > 0).all()
 
 
-@pytest.mark.parametrize("mode", ["cross_attention", "late", "image_only", "text_only"])
-@pytest.mark.parametrize("backbone", ["densenet", "resnet", "vit"])
-def test_every_backbone_and_fusion_mode_is_explained(backbone, mode):
+MODES = ["cross_attention", "late", "image_only", "text_only"]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "mode", "pooling"),
+    [(b, m, "mean") for b in ("densenet", "resnet", "vit") for m in MODES]
+    + [("densenet", "cross_attention", "label_attention")],
+)
+def test_every_backbone_and_fusion_mode_is_explained(backbone, mode, pooling):
     image_cfg = {"backbone": backbone, "vit_hidden": 32, "vit_heads": 2, "vit_layers": 1}
-    model = build(image=image_cfg, fusion={"mode": mode})
+    model = build(image=image_cfg, fusion={"mode": mode, "pooling": pooling})
     batch = make_batch(model, [(pixels((72, 64)), NOTES[1]), (pixels((64, 64), 3), None)])
     labels = ["copd", "mass"]
     first, second = explain(model, batch, labels=labels, steps=4)

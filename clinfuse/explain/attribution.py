@@ -74,6 +74,8 @@ def explain(
     if unknown:
         raise ValueError(f"unknown explanation methods {sorted(unknown)}; known: {METHODS}")
     targets = label_indices(model, labels)
+    if len(batch) == 0:
+        return []
     batch = batch.to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
