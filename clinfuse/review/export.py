@@ -1,0 +1,124 @@
+"""Reviews flowing back: the reviewed studies as a training manifest, and how often reviewers
+agreed with the model.
+
+Both read the LATEST review event of each study: an event is never changed, a later one
+supersedes it. The manifest names patients by the store's pseudonym, never by their id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from clinfuse.review.study import manifest_index
+from clinfuse.store import Store, StoreError
+from clinfuse.store.schema import Review, Study
+
+log = logging.getLogger(__name__)
+AGREEMENT_COLUMNS = [
+    "label",
+    "reviewed",  # studies whose latest review gives this label (1 or 0) and the model scored it
+    "agreed",  # ... where the reviewer's label is the model's decision
+    "agreement",  # agreed / reviewed
+    "false_positives",  # the model said 1, the reviewer 0
+    "false_negatives",  # the model said 0, the reviewer 1
+]
+
+
+def latest_reviews(store: Store, run_id: int) -> dict[str, dict[str, Any]]:
+    """study_id -> its latest review event (see `Store.reviews`), for the run's reviewed studies."""
+    latest: dict[str, dict[str, Any]] = {}
+    for event in store.reviews(run_id):  # oldest first: the last one of a study wins
+        latest[event["study_id"]] = event
+    return latest
+
+
+def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) -> Path:
+    """Write the run's reviewed studies as a CSV manifest `clinfuse train` accepts.
+
+    Columns: study_id, patient_id (the pseudonym), image, note_path, note (absolute paths from
+    the run's manifest), then one column per model label holding the latest review's label
+    (1, 0, or empty = unknown). Studies no longer in the run's manifest are left out (logged).
+    Written atomically; raises StoreError when the run has no reviewed study.
+    """
+    run = store.run(run_id)
+    labels = list(run["labels"])
+    latest = latest_reviews(store, run_id)
+    if not latest:
+        raise StoreError(f"run {run_id} has no reviewed study to export")
+    reviewed = sa.select(Review.study_id).where(Review.run_id == run_id).distinct()
+    query = (
+        sa.select(Study.study_id, Study.patient_pseudonym)
+        .where(Study.run_id == run_id, Study.study_id.in_(reviewed))
+        .order_by(Study.study_id)
+    )
+    with store.engine.connect() as conn:
+        patients = dict(conn.execute(query).all())
+    index = manifest_index(run["manifest"])
+    rows, missing = [], 0
+    for study_id, pseudonym in patients.items():
+        entry = index.get(study_id)
+        if entry is None:
+            missing += 1
+            continue
+        after = latest[study_id]["labels_after"]
+        rows.append(
+            {
+                "study_id": study_id,
+                "patient_id": pseudonym or f"unknown-{study_id}",  # its own patient group
+                "image": str(entry.image or ""),
+                "note_path": str(entry.note_path or ""),
+                "note": entry.note or "",
+                **{name: _cell(after.get(name)) for name in labels},
+            }
+        )
+    if missing:
+        log.warning("%d reviewed studies are no longer in %s: left out", missing, run["manifest"])
+    columns = ["study_id", "patient_id", "image", "note_path", "note", *labels]
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
+    tmp.replace(out)
+    return out
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(int(value))
+
+
+def review_agreement(store: Store, run_id: int) -> pd.DataFrame:
+    """Per model label, how the latest reviews compare with the model's decisions.
+
+    One row a label (see AGREEMENT_COLUMNS); empty when the run has no review. A label the
+    reviewer left unknown, or the model did not score (a failed study), is not counted.
+    """
+    labels = list(store.run(run_id)["labels"])
+    latest = latest_reviews(store, run_id)
+    if not latest:
+        return pd.DataFrame(columns=AGREEMENT_COLUMNS)
+    rows = []
+    for name in labels:
+        pairs = [
+            (int(e["labels_before"][name]), int(e["labels_after"][name]))
+            for e in latest.values()
+            if e["labels_before"].get(name) is not None and e["labels_after"].get(name) is not None
+        ]
+        reviewed = len(pairs)
+        agreed = sum(model == human for model, human in pairs)
+        rows.append(
+            {
+                "label": name,
+                "reviewed": reviewed,
+                "agreed": agreed,
+                "agreement": agreed / reviewed if reviewed else float("nan"),
+                "false_positives": sum(model == 1 and human == 0 for model, human in pairs),
+                "false_negatives": sum(model == 0 and human == 1 for model, human in pairs),
+            }
+        )
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)

@@ -1,0 +1,228 @@
+"""One study under review: what the model said and why (`study_view`), the study's image and
+note found through the run's manifest (`manifest_index`), and the reviewer's verdict saved as
+an append-only event (`save_review`).
+
+Nothing returned here names a patient: the store holds pseudonyms, and the manifest index
+keeps no patient id.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import sqlalchemy as sa
+
+from clinfuse.data.manifest import read_chunks
+from clinfuse.data.notes import read_note
+from clinfuse.errors import ClinfuseError
+from clinfuse.store import ReviewEvent, Store, StoreError
+from clinfuse.store.schema import VERDICTS, Failure, Prediction, Study
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """Where a study's inputs are: absolute paths and any inline note (no patient id)."""
+
+    row: int  # 1-based data row of the manifest
+    study_id: str
+    image: Path | None
+    note: str | None  # inline note text
+    note_path: Path | None
+
+
+@dataclass
+class StudyView:
+    """Everything the study page shows; `failure` is (reason, detail) for a failed study."""
+
+    run_id: int
+    study_id: str
+    status: str  # 'predicted' | 'failed'
+    patient_pseudonym: str
+    modalities: str
+    model_version: str
+    labels: list[dict[str, Any]]  # {label, probability, threshold, decision}, model label order
+    explanation: dict[str, Any] | None  # Explanation.to_record(), when stored
+    explanation_path: str | None  # its full .npz (Explanation.load_npz)
+    image_path: Path | None
+    note: str | None
+    failure: tuple[str, str] | None
+    history: list[dict[str, Any]] = field(default_factory=list)  # review events, oldest first
+    source_error: str | None = None  # why the image or note could not be located or read
+
+
+def manifest_index(manifest_path: str | Path) -> Mapping[str, ManifestEntry]:
+    """study_id -> `ManifestEntry` of a manifest (read-only), cached until the file changes."""
+    path = Path(manifest_path).expanduser().resolve()
+    stat = path.stat()
+    return _index(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _index(path: str, mtime_ns: int, size: int) -> Mapping[str, ManifestEntry]:
+    root, entries, row = Path(path).parent, {}, 0
+    for chunk in read_chunks(path):
+        for record in chunk.to_dict("records"):  # every cell is text, "" when empty
+            row += 1
+            cell = {name: str(value) for name, value in record.items()}
+            study_id = cell.get("study_id", "")
+            if not study_id or study_id in entries:
+                continue  # the run refused such a manifest; keep the first row
+            image, note_path = cell.get("image", ""), cell.get("note_path", "")
+            entries[study_id] = ManifestEntry(
+                row=row,
+                study_id=study_id,
+                image=root / image if image else None,
+                note=cell.get("note") or None,
+                note_path=root / note_path if note_path else None,
+            )
+    return MappingProxyType(entries)
+
+
+def study_view(store: Store, run_id: int, study_id: str) -> StudyView:
+    """The study's scores against thresholds, explanation, inputs, failure and review history."""
+    run = store.run(run_id)
+    with store.engine.connect() as conn:
+        study = (
+            conn.execute(
+                sa.select(Study.status, Study.patient_pseudonym, Study.modalities).where(
+                    Study.run_id == run_id, Study.study_id == study_id
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if study is None:
+            raise StoreError(f"run {run_id} has no study {study_id!r}")
+        scores = {
+            row.label: row
+            for row in conn.execute(
+                sa.select(
+                    Prediction.label,
+                    Prediction.probability,
+                    Prediction.threshold,
+                    Prediction.decision,
+                ).where(Prediction.run_id == run_id, Prediction.study_id == study_id)
+            )
+        }
+        failed = conn.execute(
+            sa.select(Failure.reason, Failure.detail).where(
+                Failure.run_id == run_id, Failure.study_id == study_id
+            )
+        ).first()
+    labels = [
+        dict(
+            label=name,
+            probability=float(scores[name].probability),
+            threshold=float(scores[name].threshold),
+            decision=bool(scores[name].decision),
+        )
+        for name in run["labels"]
+        if name in scores
+    ]
+    explanation = store.explanation(run_id, study_id)
+    image, note, problem = _inputs(run["manifest"], study_id)
+    return StudyView(
+        run_id=run_id,
+        study_id=study_id,
+        status=study["status"],
+        patient_pseudonym=study["patient_pseudonym"],
+        modalities=study["modalities"],
+        model_version=run["model_version"],
+        labels=labels,
+        explanation=None if explanation is None else explanation["record"],
+        explanation_path=None if explanation is None else explanation["path"],
+        image_path=image,
+        note=note,
+        failure=None if failed is None else (failed.reason, failed.detail),
+        history=store.reviews(run_id, study_id),
+        source_error=problem,
+    )
+
+
+def _inputs(manifest: str, study_id: str) -> tuple[Path | None, str | None, str | None]:
+    """(image path, note text, problem) of a study, through the run's manifest."""
+    try:
+        entry = manifest_index(manifest).get(study_id)
+    except (OSError, ClinfuseError) as exc:
+        return None, None, f"the run's manifest cannot be read: {exc}"
+    if entry is None:
+        return None, None, f"study {study_id!r} is no longer in the run's manifest {manifest}"
+    try:
+        with warnings.catch_warnings():  # a repaired note is still shown
+            warnings.simplefilter("ignore")
+            note = read_note(entry.note, entry.note_path)
+    except ClinfuseError as exc:
+        return entry.image, None, str(exc)
+    return entry.image, note, None
+
+
+def save_review(
+    store: Store,
+    run_id: int,
+    study_id: str,
+    reviewer: str,
+    verdict: str,
+    labels_after: Mapping[str, int | bool | None],
+    comment: str = "",
+) -> int:
+    """Append a review event (never overwriting one); returns its id.
+
+    labels_before = the model's decisions for the study. labels_after holds 1, 0 or None
+    (unknown) per model label; a label left out is the model's decision when the verdict is
+    'agree' and unknown otherwise. 'agree' with labels that differ from the model's is refused.
+    """
+    reviewer = str(reviewer).strip()
+    if not reviewer:
+        raise ValueError("a review needs a reviewer: the audit trail names who decided")
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
+    run = store.run(run_id)
+    labels = list(run["labels"])
+    unknown = sorted(set(labels_after) - set(labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not the run's labels {labels}")
+    with store.engine.connect() as conn:
+        decisions = dict(
+            conn.execute(
+                sa.select(Prediction.label, Prediction.decision).where(
+                    Prediction.run_id == run_id, Prediction.study_id == study_id
+                )
+            ).all()
+        )
+    before = {name: int(bool(decisions[name])) for name in labels if name in decisions}
+    after = {}
+    for name in labels:
+        if name in labels_after:
+            after[name] = _label_value(name, labels_after[name])
+        else:
+            after[name] = before.get(name) if verdict == "agree" else None
+    if verdict == "agree" and any(after[n] != before.get(n) for n in labels):
+        raise ValueError(
+            "verdict 'agree' with labels that differ from the model's: use 'corrected'"
+        )
+    event = ReviewEvent(
+        run_id=run_id,
+        study_id=study_id,
+        reviewer=reviewer,
+        verdict=verdict,
+        labels_before=before,
+        labels_after=after,
+        comment=str(comment or "").strip(),
+        model_version=run["model_version"],
+    )
+    return store.add_review(event)
+
+
+def _label_value(name: str, value: Any) -> int | None:
+    """1, 0 or None from 1/0/True/False/None (and 1.0/0.0)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return int(value)
+    raise ValueError(f"label {name!r}: {value!r} is not 1, 0 or None")

@@ -1,0 +1,62 @@
+"""clinfuse review dashboard: `streamlit run dashboard/app.py -- --store URL`, or
+`clinfuse dashboard --store URL`.
+
+The entry point identifies the reviewer, opens the store, picks the run and routes to the
+pages in `views/` (worklist, study, monitoring). Until the reviewer is identified it registers
+one page, the sign-in page, so nothing else can be reached. All queries live in
+`clinfuse.review`; the pages only lay out what it returns.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # `streamlit run` adds this folder; AppTest and imports may not
+    sys.path.insert(0, str(HERE))
+
+import streamlit as st  # noqa: E402
+from identity import auth_section, current_reviewer, sign_in_page, sign_out  # noqa: E402
+from session import SESSION_KEY, ReviewSession, choose_run, open_store, store_url  # noqa: E402
+
+from clinfuse.model.checkpoint import NOTICE  # noqa: E402
+
+st.set_page_config(page_title="clinfuse review", page_icon=":material/fact_check:", layout="wide")
+st.session_state.pop(SESSION_KEY, None)  # rebuilt below on every run, only once identified
+
+
+def main() -> None:
+    """Identify, open the store, pick the run, then run the chosen page."""
+    reviewer = current_reviewer()
+    if reviewer is None:
+        st.navigation([st.Page(sign_in_page, title="Sign in")], position="hidden").run()
+        return
+    url = store_url(sys.argv[1:])
+    if not url:
+        st.error(
+            "No store given: start the dashboard with `clinfuse dashboard --store URL` "
+            "(or set CLINFUSE_STORE to the store's SQLAlchemy URL)."
+        )
+        return
+    store = open_store(url)
+    with st.sidebar:
+        st.caption(f"Reviewer: **{reviewer}**")
+        if st.button("Log out" if auth_section() is not None else "Change reviewer"):
+            sign_out()
+            st.rerun()
+    run = choose_run(store)
+    if run is None:
+        st.info("This store has no inference run yet: run `clinfuse infer` into it first.")
+        return
+    st.sidebar.caption(NOTICE)
+    st.session_state[SESSION_KEY] = ReviewSession(store=store, run=run, reviewer=reviewer)
+    pages = [
+        st.Page(HERE / "views" / "worklist.py", title="Worklist", icon=":material/list:"),
+        st.Page(HERE / "views" / "study.py", title="Study", icon=":material/radiology:"),
+        st.Page(HERE / "views" / "monitoring.py", title="Monitoring", icon=":material/monitoring:"),
+    ]
+    st.navigation(pages).run()
+
+
+main()

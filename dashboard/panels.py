@@ -1,0 +1,206 @@
+"""The study view's read-only panels: image, scores, modality contribution, note, history.
+
+Each takes what `clinfuse.review.study_view` returned (and the study's `Explanation` when its
+file is there) and lays it out; none of them queries the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from imaging import grey_slice, map_slice, n_slices, overlay_rgb, window_presets
+
+from clinfuse.data.dicom import DicomImage, read_dicom
+from clinfuse.errors import DicomError
+from clinfuse.explain import Explanation
+from clinfuse.explain.explanation import decode_map
+from clinfuse.explain.render import note_html
+
+METHODS = {"integrated gradients": "image", "Grad-CAM": "gradcam"}
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def load_image(path: str, mtime: float) -> DicomImage:
+    """The study's DICOM as pixels (cached per file version)."""
+    return read_dicom(path)
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def load_explanation(path: str, mtime: float) -> Explanation:
+    """The study's explanation file (cached per file version)."""
+    return Explanation.load_npz(path)
+
+
+def explanation_of(path: str | Path | None) -> Explanation | None:
+    """The `Explanation` in `path`, or None when there is no such readable file."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return load_explanation(str(path), Path(path).stat().st_mtime)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _keep_valid(key: str, options: Sequence[Any]) -> None:
+    """Drop a widget's remembered value when this study does not offer it."""
+    if key in st.session_state and st.session_state[key] not in options:
+        del st.session_state[key]
+
+
+def label_picker(labels: list[str], explained: Sequence[str], default: str) -> str:
+    """The label whose evidence (overlay and note highlights) is shown."""
+    _keep_valid("sv_label", labels)
+    return st.selectbox(
+        "Evidence for label",
+        labels,
+        index=labels.index(default),
+        key="sv_label",
+        format_func=lambda x: x if x in explained else f"{x} (not explained)",
+    )
+
+
+def attribution(
+    expl: Explanation | None, record: dict | None, label: str, method: str
+) -> np.ndarray | None:
+    """One label's image map: from the npz (full grid), else the store record's small map."""
+    if expl is not None and label in expl.labels:
+        maps = getattr(expl, METHODS[method])
+        return None if maps is None else maps[expl.labels.index(label)]
+    if record and record.get("image") and label in record.get("labels", []):
+        return decode_map(record["image"])[record["labels"].index(label)]
+    return None
+
+
+def image_panel(
+    image_path: str | Path | None, expl: Explanation | None, record: dict | None, label: str
+) -> None:
+    """The image with window/level, slice and the attribution overlay for `label`."""
+    if not image_path:
+        st.info("This study has no image.")
+        return
+    try:
+        image = load_image(str(image_path), Path(image_path).stat().st_mtime)
+    except (DicomError, OSError) as exc:
+        st.error(f"The image cannot be shown: {exc}")
+        return
+    presets = window_presets(image)
+    names = [*presets, "custom"]
+    _keep_valid("sv_window", names)
+    controls = st.columns(3)
+    preset = controls[0].selectbox("Window", names, key="sv_window")
+    center, width = presets.get(preset, next(iter(presets.values())))
+    if preset == "custom":
+        center = controls[1].number_input("Center (level)", value=float(center), key="sv_center")
+        width = controls[2].number_input("Width", value=float(width), min_value=1.0, key="sv_width")
+    else:
+        controls[1].metric("Center", f"{center:g}")
+        controls[2].metric("Width", f"{width:g}")
+    z, depth = 0, n_slices(image)
+    if depth > 1:
+        z = st.slider("Slice", 1, depth, value=depth // 2 + 1, key=f"sv_slice_{depth}") - 1
+    grey = grey_slice(image, center, width, z)
+    method = st.session_state.get("sv_method", "integrated gradients")
+    values = attribution(expl, record, label, method)
+    overlay = st.columns([2, 2, 3])
+    shown = overlay[0].toggle("Overlay", value=True, key="sv_overlay")
+    overlay[1].selectbox("Method", list(METHODS), key="sv_method", disabled=values is None)
+    opacity = overlay[2].slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="sv_opacity")
+    if values is None:
+        shown = False
+        st.caption(f"No image attribution for {label}: explanations cover the positive labels.")
+    else:
+        values = map_slice(values, grey.shape, z, depth)
+    rgb = overlay_rgb(grey, values if shown else None, opacity)
+    where = f" · slice {z + 1}/{depth}" if depth > 1 else ""
+    st.image(rgb, caption=f"window {center:g}/{width:g}{where}", width="stretch")
+
+
+def scores_panel(labels: list[dict[str, Any]]) -> None:
+    """Per label: the probability against its threshold and the model's call."""
+    frame = pd.DataFrame(
+        {
+            "label": [x["label"] for x in labels],
+            "probability": [float(x["probability"]) for x in labels],
+            "threshold": [float(x["threshold"]) for x in labels],
+            "call": ["positive" if x["decision"] else "negative" for x in labels],
+        }
+    )
+    st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "probability": st.column_config.ProgressColumn(
+                format="%.3f", min_value=0.0, max_value=1.0
+            ),
+            "threshold": st.column_config.NumberColumn(format="%.3f"),
+        },
+    )
+
+
+def modality_panel(record: dict | None) -> None:
+    """Exact Shapley split of each explained label's logit between image and note."""
+    if not record or not record.get("modality"):
+        st.caption("No modality contribution: this study was not explained.")
+        return
+    columns = record.get("modality_columns", ["image", "note", "interaction"])
+    frame = pd.DataFrame(record["modality"], columns=columns, index=record["labels"])
+    total = frame["image"].abs() + frame["note"].abs()
+    frame["image share"] = (frame["image"].abs() / total.where(total > 0)).fillna(0.5)
+    st.dataframe(
+        frame,
+        width="stretch",
+        column_config={
+            **{c: st.column_config.NumberColumn(format="%+.2f") for c in columns},
+            "image share": st.column_config.ProgressColumn(
+                format="percent", min_value=0.0, max_value=1.0
+            ),
+        },
+    )
+    st.caption("Shapley values in logit units; image share = |image| / (|image| + |note|).")
+
+
+def note_panel(note: str | None, expl: Explanation | None, record: dict | None, label: str) -> None:
+    """The note as written, words coloured by their attribution to `label`."""
+    if not note:
+        st.info("This study has no note.")
+        return
+    spans = words = None
+    if expl is not None and expl.words is not None and label in expl.labels and expl.note == note:
+        spans, words = expl.spans, expl.words[[expl.labels.index(label)]]
+    elif record and label in (record.get("top_words") or {}):
+        top = sorted(record["top_words"][label])  # the record keeps the strongest words only
+        spans = np.array([[s, e] for s, e, _ in top], dtype=np.int32).reshape(-1, 2)
+        words = np.array([[score for _, _, score in top]], dtype=np.float32)
+    if spans is None:
+        st.text(note)
+        return
+    st.html(note_html(note, spans, words, [label]))
+    st.caption("Red words raise the label's score, blue words lower it.")
+
+
+def history_panel(history: list[dict[str, Any]]) -> None:
+    """The study's review events, oldest first; nothing is ever overwritten."""
+    if not history:
+        st.caption("No review yet.")
+        return
+    rows = []
+    for event in history:
+        before, after = event.get("labels_before") or {}, event.get("labels_after") or {}
+        changed = [f"{k}: {before.get(k)} → {v}" for k, v in after.items() if before.get(k) != v]
+        rows.append(
+            {
+                "time (UTC)": str(event["created_at"])[:19],
+                "reviewer": event["reviewer"],
+                "verdict": event["verdict"],
+                "label changes": ", ".join(changed) or "none",
+                "comment": event.get("comment") or "",
+                "model": event.get("model_version") or "",
+            }
+        )
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")

@@ -1,0 +1,181 @@
+"""Study view: the image and note with their evidence, the scores, and the verdict form.
+
+The study comes from the URL (`study`, next to the worklist's parameters), so a link opens
+it for a colleague and "Save and next" can walk the worklist in its order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+from panels import (
+    explanation_of,
+    history_panel,
+    image_panel,
+    label_picker,
+    modality_panel,
+    note_panel,
+    scores_panel,
+)
+from session import ReviewSession, current, page_from_params, query_from_params
+
+from clinfuse.model.checkpoint import NOTICE
+from clinfuse.review import WorklistQuery, save_review, study_view, worklist
+from clinfuse.store import StoreError
+
+WORKLIST_PAGE = Path(__file__).resolve().parent / "worklist.py"
+VERDICTS = {
+    "agree": "Agree with the model",
+    "disagree": "Disagree",
+    "corrected": "Correct the labels",
+}
+CALLS = {"positive": 1, "negative": 0, "unknown": None}
+
+
+def neighbour(
+    session: ReviewSession, query: WorklistQuery, study_id: str, page: int, size: int
+) -> tuple[str | None, int]:
+    """(the study after `study_id` in the worklist's order, its 0-based page), or None."""
+    for number in dict.fromkeys([page, page - 1, page + 1]):
+        if number < 0:
+            continue
+        ids = [
+            str(x) for x in worklist(session.store, query, page=number, page_size=size)[0].study_id
+        ]
+        if study_id in ids:
+            at = ids.index(study_id)
+            if at + 1 < len(ids):
+                return ids[at + 1], number
+            after = worklist(session.store, query, page=number + 1, page_size=size)[0]
+            return (str(after.study_id.iloc[0]), number + 1) if len(after) else (None, number)
+    return None, page
+
+
+def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | None:
+    """The verdict form; (verdict, labels_after, comment) when submitted with a valid
+    verdict, with "next" in session state when "Save and next" was pressed."""
+    before = {x["label"]: int(bool(x["decision"])) for x in view.labels}
+    key = f"verdict-{view.study_id}"
+    with st.form(key, clear_on_submit=True, enter_to_submit=True):
+        verdict = st.radio(
+            "Verdict",
+            list(VERDICTS),
+            format_func=VERDICTS.__getitem__,
+            horizontal=True,
+            key=f"{key}-verdict",
+        )
+        st.caption("Your labels (used when you disagree or correct):")
+        columns = st.columns(min(len(before), 6) or 1)
+        edited: dict[str, int | None] = {}
+        for i, (label, call) in enumerate(before.items()):
+            choice = columns[i % len(columns)].selectbox(
+                label, list(CALLS), index=0 if call else 1, key=f"{key}-{label}"
+            )
+            edited[label] = CALLS[choice]
+        comment = st.text_input(
+            "Comment", key=f"{key}-comment", placeholder="Enter saves and opens the next study"
+        )
+        buttons = st.columns(2)
+        save_next = buttons[0].form_submit_button(
+            "Save and next", type="primary", key=f"{key}-save-next"
+        )
+        save = buttons[1].form_submit_button("Save", key=f"{key}-save")
+    if not (save_next or save):
+        return None
+    if verdict == "agree" and edited != before:
+        st.error("You changed labels: choose “Correct the labels” to save them.")
+        return None
+    if verdict == "corrected" and edited == before:
+        st.error("“Correct the labels” needs at least one label changed.")
+        return None
+    st.session_state["sv_go_next"] = bool(save_next)
+    return verdict, (before if verdict == "agree" else edited), comment.strip()
+
+
+def main() -> None:
+    """The study page."""
+    session = current()
+    params = st.query_params.to_dict()
+    study_id = params.pop("study", None)
+    back = params if len(params) > 1 else st.session_state.get("worklist_params", params)
+    st.page_link(WORKLIST_PAGE, label="Back to the worklist", icon="⬅️", query_params=back)
+    if not study_id:
+        st.info("Open a study from the worklist.")
+        return
+    try:
+        view = study_view(session.store, session.run_id, study_id)
+    except StoreError as exc:
+        st.error(str(exc))
+        return
+    if flash := st.session_state.pop("sv_flash", None):
+        st.success(flash)
+    st.title(f"Study {view.study_id}")
+    st.warning(NOTICE, icon="⚕️")
+    st.caption(
+        f"Patient {view.patient_pseudonym or '(no id)'} · {view.modalities or 'no input'} · "
+        f"model {view.model_version} · run #{session.run_id}"
+    )
+    if view.source_error:
+        st.warning(f"Inputs not shown: {view.source_error}")
+    if view.failure:
+        reason, detail = view.failure
+        st.error(f"This study could not be scored ({reason}): {detail}")
+        st.subheader("Review history")
+        history_panel(view.history)
+        return
+
+    record = view.explanation
+    expl = explanation_of(view.explanation_path)
+    labels = [x["label"] for x in view.labels]
+    explained = list(expl.labels if expl is not None else (record or {}).get("labels", []))
+    top = max(view.labels, key=lambda x: float(x["probability"]))["label"]
+    left, right = st.columns([1, 1], gap="large")
+    with right:
+        st.subheader("Scores")
+        scores_panel(view.labels)
+        st.subheader("Image and note contribution")
+        modality_panel(record)
+    with left:
+        label = label_picker(labels, explained, explained[0] if explained else top)
+        image_panel(view.image_path, expl, record, label)
+    st.subheader("Note")
+    note_panel(view.note or (expl.note if expl else None), expl, record, label)
+
+    st.subheader("Your verdict")
+    submitted = verdict_form(view, session)
+    if submitted is not None:
+        query, _ = query_from_params(session.run_id, params)
+        page, size = page_from_params(params)
+        following, following_page = neighbour(session, query, view.study_id, page, size)
+        verdict, labels_after, comment = submitted
+        try:
+            review_id = save_review(
+                session.store,
+                session.run_id,
+                view.study_id,
+                session.reviewer,
+                verdict,
+                labels_after,
+                comment,
+            )
+        except (ValueError, StoreError) as exc:
+            st.error(f"Not saved: {exc}")
+            st.stop()
+        saved = f"Saved review #{review_id} of {view.study_id}: {VERDICTS[verdict].lower()}."
+        if st.session_state.pop("sv_go_next", False):
+            if following is None:
+                st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
+            else:
+                st.session_state["sv_flash"] = saved
+                st.query_params["study"] = following
+                st.query_params["page"] = str(following_page + 1)
+        else:
+            st.session_state["sv_flash"] = saved
+        st.rerun()
+    st.subheader("Review history")
+    history_panel(view.history)
+
+
+main()

@@ -1,0 +1,328 @@
+"""The review dashboard under Streamlit's AppTest: filters in the URL, server-side pages,
+failures, a verdict saved append-only and shown in the history, save-and-next, OIDC and local
+identity, and no patient name, id or birth date on any page."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from clinfuse.cli import main
+from clinfuse.explain import Explanation
+from clinfuse.explain.render import explain_studies
+from clinfuse.store import ExplanationRecord, Store
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1.element_tree import Dataframe  # noqa: E402
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboard"
+APP = DASHBOARD / "app.py"
+N_STUDIES = 14  # scored studies in the review store, plus one that fails
+EXPLAINED = 3  # of them with explanations (image maps, note words, modality Shapley)
+AUTH = {  # an [auth] section as in .streamlit/secrets.toml: OIDC configured
+    "redirect_uri": "http://localhost:8501/oauth2callback",
+    "cookie_secret": "not-a-secret",
+    "client_id": "clinfuse",
+    "client_secret": "not-a-secret",
+    "server_metadata_url": "https://idp.example/.well-known/openid-configuration",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewRun:
+    """A store holding one inference run with explanations, and what must never be shown."""
+
+    url: str
+    run_id: int
+    study_ids: tuple[str, ...]  # scored studies
+    explained: tuple[str, ...]  # those with an explanation
+    failed: str  # the study that failed
+    identifiers: tuple[str, ...]  # patient names, ids and birth dates of those studies
+
+
+def build_review_run(small_export: Path, tiny_model: Path, base: Path) -> ReviewRun:
+    """Score the first studies of `small_export` (and one broken file) into an SQLite store
+    under `base`, with explanations for the first EXPLAINED of them (explaining is the slow
+    part); built once per test session, whichever module asks first."""
+    folder = base / "dashboard_run"
+    rows = pd.read_csv(small_export, dtype=str, keep_default_na=False).head(N_STUDIES)
+    for column in ("image", "note_path"):  # absolute: the manifest is written to `folder`
+        rows[column] = [str(small_export.parent / p) if p else "" for p in rows[column]]
+    url = Store.default_url(folder / "run")
+    if not (folder / "done").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        broken = rows.iloc[0].copy()
+        broken["study_id"], broken["image"] = "BROKEN", str(folder / "broken.dcm")
+        (folder / "broken.dcm").write_text("not a DICOM file")
+        manifest = folder / "manifest.csv"
+        pd.concat([rows, broken.to_frame().T]).to_csv(manifest, index=False)
+        args = ["infer", "--model", str(tiny_model), "--manifest", str(manifest)]
+        assert main([*args, "--out", str(folder / "run"), "--workers", "0"]) == 0
+        ids = sorted(rows["study_id"])[:EXPLAINED]  # as `infer --explain positive` would
+        done = explain_studies(tiny_model, manifest, ids, folder / "run" / "explanations")
+        with Store(url) as store:
+            run_id = int(store.runs()[-1]["id"])
+            records = []
+            for study in done:
+                npz = next(f for f in study.files if f.suffix == ".npz")
+                record = Explanation.load_npz(npz).to_record()
+                records.append(ExplanationRecord(study.study_id, record, str(npz)))
+            store.write_batch(run_id, [], [], records)
+        (folder / "done").touch()
+    identifiers: set[str] = set(rows["patient_id"])
+    for image in filter(None, rows["image"]):
+        ds = pydicom.dcmread(image, stop_before_pixels=True)
+        name = ds.PatientName
+        identifiers |= {name.family_name, name.given_name, str(ds.PatientID)}
+        born = str(ds.PatientBirthDate)
+        identifiers |= {born, f"{born[:4]}-{born[4:6]}-{born[6:]}"}
+    with Store(url) as store:
+        run_id = int(store.runs()[-1]["id"])
+    ids = tuple(sorted(rows["study_id"]))
+    identifiers = {x for x in identifiers if x}
+    return ReviewRun(url, run_id, ids, ids[:EXPLAINED], "BROKEN", tuple(sorted(identifiers)))
+
+
+@pytest.fixture(scope="session")
+def review_run(small_export, tiny_model, tmp_path_factory) -> ReviewRun:
+    return build_review_run(small_export, tiny_model, tmp_path_factory.getbasetemp())
+
+
+def new_app(monkeypatch, run: ReviewRun, reviewer: str | None = "Dr Test", **params) -> AppTest:
+    """The dashboard on `run`'s store, a local reviewer already named (unless None)."""
+    monkeypatch.setenv("CLINFUSE_STORE", run.url)
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    if reviewer:
+        at.session_state["reviewer_name"] = reviewer
+    at.query_params.update({"run": str(run.run_id), **params})
+    return at
+
+
+def page_text(at: AppTest) -> str:
+    """Everything the page shows as text: every element's content, every table's cells."""
+    parts = []
+    for node in at:
+        if isinstance(node, Dataframe):
+            parts.append(node.value.to_csv())
+        else:
+            parts.append(str(getattr(node, "proto", "")))
+    return "\n".join(parts)
+
+
+def table(at: AppTest) -> pd.DataFrame:
+    """The worklist's table (the first dataframe of the main area)."""
+    return at.main.dataframe[0].value
+
+
+def open_study(at: AppTest, study_id: str) -> AppTest:
+    """From the worklist, open a study with its Open button."""
+    at.selectbox(key="wl_open").select(study_id)
+    at.button(key="wl_open_button").click()
+    return at.run()
+
+
+def predictions(run: ReviewRun) -> pd.DataFrame:
+    with Store(run.url) as store:
+        return pd.concat(list(store.iter_predictions(run.run_id))).set_index("study_id")
+
+
+def test_local_mode_asks_for_a_reviewer_name_before_showing_anything(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run, reviewer=None).run()
+    assert not at.exception
+    assert not at.dataframe and not any(s in page_text(at) for s in review_run.study_ids)
+    at.text_input[0].input("  ")  # a form: values count when it is submitted
+    at.button[0].click().run()
+    assert at.error and "name" in at.error[0].value
+    at.text_input[0].input("Dr Test")
+    at.button[0].click().run()
+    assert at.title[0].value == "Worklist"
+    assert "Dr Test" in page_text(at)
+
+
+def test_oidc_visitor_not_logged_in_sees_only_the_login_button(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run, reviewer="typed name is ignored with OIDC")
+    at.secrets["auth"] = AUTH
+    at.user = {"is_logged_in": False}
+    at.query_params["study"] = review_run.study_ids[0]
+    at.run()
+    assert not at.exception
+    assert [b.label for b in at.button] == ["Log in"]
+    assert not at.dataframe and not at.text_input
+    text = page_text(at)
+    assert not any(s in text for s in (*review_run.study_ids, "PSN-", "Worklist"))
+
+
+def test_oidc_user_is_the_reviewer_of_a_saved_verdict(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run, reviewer=None)
+    at.secrets["auth"] = AUTH
+    at.user = {"is_logged_in": True, "email": "dr.a@hospital.example", "name": "A. Doctor"}
+    at.run()
+    assert at.title[0].value == "Worklist" and "Log out" in [b.label for b in at.button]
+    study = str(table(at).study_id.iloc[-1])
+    open_study(at, study)
+    at.text_input(key=f"verdict-{study}-comment").input("oidc check")
+    at.button(key=f"verdict-{study}-save").click().run()
+    with Store(review_run.url) as store:
+        saved = [r for r in store.reviews(review_run.run_id, study) if r["comment"] == "oidc check"]
+    assert [r["reviewer"] for r in saved] == ["dr.a@hospital.example"]
+
+
+def test_worklist_filters_live_in_the_url_and_run_in_the_database(review_run, monkeypatch):
+    from clinfuse.review import WorklistQuery
+
+    p_copd = predictions(review_run)["p_copd"].dropna()
+    cut = float(np.round(p_copd.median(), 4))
+    query = WorklistQuery(run_id=review_run.run_id, label="copd", p_min=cut, sort="p_copd")
+    at = new_app(
+        monkeypatch, review_run, **dataclasses.replace(query, descending=False).to_params()
+    )
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="wl_label").value == "copd"
+    shown = table(at)
+    assert set(shown.study_id) == set(p_copd[p_copd >= cut].index)
+    assert list(shown.p_copd) == sorted(shown.p_copd)  # ascending, as the link asked
+    at.selectbox(key="wl_status").select("reviewed").run()  # a new filter goes into the URL
+    assert (
+        WorklistQuery.from_params(
+            {k: v for k, v in at.query_params.items() if k not in ("run", "page", "size")}
+        ).status
+        == "reviewed"
+    )
+    assert at.query_params["page"] == "1" and at.query_params["label"] == "copd"
+
+
+def test_worklist_pages_are_cut_on_the_server(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run, size="10").run()
+    first = list(table(at).study_id)
+    assert len(first) == 10 and "page 1 of 2" in page_text(at)
+    at.button(key="wl_next").click().run()
+    second = list(table(at).study_id)
+    assert at.query_params["page"] == "2" and len(second) == N_STUDIES - 10
+    assert sorted(first + second) == list(review_run.study_ids)
+
+
+def test_failures_are_listed_with_their_reason(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run).run()
+    at.toggle(key="wl_failures").set_value(True).run()
+    failed = table(at)
+    assert list(failed.study_id) == [review_run.failed]
+    assert "image:" in failed.to_csv() and at.query_params.get("failures")
+
+
+def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_on(
+    review_run, monkeypatch
+):
+    at = new_app(monkeypatch, review_run).run()
+    order = [str(x) for x in table(at).study_id]
+    study = next(s for s in order[:-1] if s in review_run.explained)
+    following = order[order.index(study) + 1]
+    open_study(at, study)
+    text = page_text(at)
+    assert at.title[0].value == f"Study {study}" and "Decision support, not a diagnosis" in text
+    with Store(review_run.url) as store:
+        version = store.run(review_run.run_id)["model_version"]
+    assert version in text and predictions(review_run).at[study, "patient_pseudonym"] in text
+    assert at.get("image") and "<mark" in at.get("html")[0].value  # image; note's evidence
+
+    form = f"verdict-{study}"
+    before = predictions(review_run).loc[study]
+    flipped = "negative" if before["decision_copd"] else "positive"
+    at.radio(key=f"{form}-verdict").set_value("corrected")
+    at.selectbox(key=f"{form}-copd").select(flipped)
+    at.text_input(key=f"{form}-comment").input("copd: see the history in the note")
+    at.button(key=f"{form}-save").click().run()
+    with Store(review_run.url) as store:
+        events = store.reviews(review_run.run_id, study)
+    event = events[-1]
+    assert (event["verdict"], event["reviewer"]) == ("corrected", "Dr Test")
+    assert event["labels_after"]["copd"] == (flipped == "positive")
+    assert event["labels_before"]["copd"] == bool(before["decision_copd"])
+    history = at.main.dataframe[-1].value
+    assert "copd: see the history in the note" in set(history["comment"])
+
+    at.text_input(key=f"{form}-comment").input("second look: fine")
+    at.button(key=f"{form}-save-next").click().run()  # agree, then next
+    assert at.query_params["study"] == following and at.title[0].value == f"Study {following}"
+    with Store(review_run.url) as store:
+        events = store.reviews(review_run.run_id, study)
+    assert len(events) == 2 and events[0] == event  # appended; the first is untouched
+    assert events[-1]["verdict"] == "agree"
+    assert events[-1]["labels_after"] == events[-1]["labels_before"]
+
+
+def test_no_patient_name_id_or_birth_date_on_any_page(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run).run()
+    pages = [page_text(at)]
+    at.toggle(key="wl_failures").set_value(True).run()
+    pages.append(page_text(at))
+    at.switch_page("views/monitoring.py").run()
+    pages.append(page_text(at))
+    at.switch_page("views/study.py")
+    for study in (*review_run.study_ids, review_run.failed):
+        at.query_params.update({"run": str(review_run.run_id), "study": study})
+        pages.append(page_text(at.run()))
+        assert not at.exception
+    assert all("PSN-" in text for text in pages[:1] + pages[3:])  # pseudonyms are shown ...
+    for text in pages:  # ... and nothing that identifies a patient
+        found = [x for x in review_run.identifiers if x in text]
+        assert not found, found
+
+
+def test_monitoring_compares_the_run_with_validation(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run).run()
+    at.switch_page("views/monitoring.py").run()
+    assert not at.exception and at.title[0].value == "Monitoring"
+    with Store(review_run.url) as store:
+        labels = store.run(review_run.run_id)["labels"]
+    summary = at.main.dataframe[0].value
+    assert list(summary["label"]) == labels
+    assert summary.filter(like="positive rate").notna().all().all()
+
+
+def test_reviewer_identity_from_oidc_claims():
+    sys.path.insert(0, str(DASHBOARD))
+    try:
+        from identity import oidc_reviewer, providers
+    finally:
+        sys.path.remove(str(DASHBOARD))
+    assert oidc_reviewer({"is_logged_in": False, "email": "a@b"}) is None
+    assert oidc_reviewer({"is_logged_in": True, "email": "", "name": "A"}) == "A"
+    assert oidc_reviewer({"is_logged_in": True, "sub": "42"}) == "42"
+    assert providers(AUTH) == [None]
+    assert providers({"cookie_secret": "x", "google": {}, "okta": {}}) == ["google", "okta"]
+
+
+def test_window_presets_slices_and_overlay():
+    sys.path.insert(0, str(DASHBOARD))
+    try:
+        from imaging import grey_slice, map_slice, n_slices, overlay_rgb, window_presets
+    finally:
+        sys.path.remove(str(DASHBOARD))
+    from clinfuse.data.dicom import DicomImage
+
+    volume = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4) * 10
+    image = DicomImage(volume, (1.0, 1.0, 1.0), (100.0, 50.0), {"modality": "CT"})
+    presets = window_presets(image)
+    assert next(iter(presets.items())) == ("file", (100.0, 50.0)) and "lung" in presets
+    assert n_slices(image) == 2
+    grey = grey_slice(image, 100.0, 50.0, z=1)  # values 160..310: all above the window
+    assert grey.shape == (4, 4) and np.all(grey == 1.0)
+    attribution = np.zeros((2, 2, 2), np.float32)
+    attribution[1, 0, 0] = 1.0  # slice 1, top-left quarter
+    values = map_slice(attribution, (4, 4), z=1, depth=2)
+    plain = overlay_rgb(grey * 0.5, None, 0.5)
+    shown = overlay_rgb(grey * 0.5, values, 1.0)
+    assert np.array_equal(overlay_rgb(grey * 0.5, values, 0.0), plain)
+    corner, other = slice(0, len(shown) // 2), slice(len(shown) // 2, None)
+    assert not np.array_equal(shown[corner, corner], plain[corner, corner])
+    assert np.array_equal(shown[other, other], plain[other, other])
