@@ -18,10 +18,12 @@ import platform
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from clinfuse.config import resolve_run_config
+from clinfuse.config import RunConfig, resolve_run_config
 from clinfuse.evaluation.evaluate import evaluate_model, write_evaluation
+from clinfuse.evaluation.report import EvaluationRun
 from clinfuse.model.checkpoint import read_checkpoint_config
 from clinfuse.training.trainer import train
 
@@ -39,28 +41,35 @@ def run(args: argparse.Namespace) -> dict:
     evaluations = {}
     for mode in MODES:
         cfg = resolve_run_config(args.config, [*args.overrides, f"model.fusion.mode={mode}"])
-        folder = args.out / mode
-        trained = train(args.manifest, folder, cfg)
-        seconds = read_checkpoint_config(folder)["training"]["seconds"]
-        evaluation, table = evaluate_model(
-            folder, args.manifest, split="test", bootstrap=args.bootstrap
+        entry, evaluations[mode] = train_and_evaluate(
+            args.manifest, args.out / mode, cfg, args.bootstrap
         )
-        evaluations[mode] = (evaluation, table)
-        validation = trained.validation["macro"]
-        metrics = evaluation.metrics
-        results["modes"][mode] = {
-            "train_seconds": seconds,
-            "epochs": trained.epochs,
-            "macro_auroc": metrics["macro"]["auroc"],
-            "macro_ece": metrics["macro"]["ece"],
-            "val_ece_before_temperature": validation.get("ece_before_temperature"),
-            "val_ece": validation["ece"],
-            "labels": {name: m["auroc"] for name, m in metrics["labels"].items()},
-            "n_test": metrics["n"],
-        }
+        results["modes"][mode] = entry
     write_evaluation(args.out / "report", evaluations)
     results["bar"] = check_bar(results["modes"], args.both)
     return results
+
+
+def train_and_evaluate(
+    manifest: Path, folder: Path, cfg: RunConfig, bootstrap: int
+) -> tuple[dict, tuple[EvaluationRun, pd.DataFrame]]:
+    """Train `folder` (reused when already trained), evaluate it on test: its table row."""
+    trained = train(manifest, folder, cfg)
+    seconds = read_checkpoint_config(folder)["training"]["seconds"]
+    evaluation, table = evaluate_model(folder, manifest, split="test", bootstrap=bootstrap)
+    validation = trained.validation["macro"]
+    metrics = evaluation.metrics
+    entry = {
+        "train_seconds": seconds,
+        "epochs": trained.epochs,
+        "macro_auroc": metrics["macro"]["auroc"],
+        "macro_ece": metrics["macro"]["ece"],
+        "val_ece_before_temperature": validation.get("ece_before_temperature"),
+        "val_ece": validation["ece"],
+        "labels": {name: m["auroc"] for name, m in metrics["labels"].items()},
+        "n_test": metrics["n"],
+    }
+    return entry, (evaluation, table)
 
 
 def check_bar(modes: dict, both: list[str]) -> dict:

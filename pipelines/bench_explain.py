@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -43,21 +44,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
 
 
-def median_seconds(run, repeats: int) -> float:
-    times = []
+def median_seconds(run, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and process-CPU seconds of `run()` over `repeats` calls."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def explanation_cost(
     model: FusionModel, rows: list, steps: int, repeats: int = 3
 ) -> dict[str, float | int]:
-    """Median over studies of: seconds to explain all positive labels, one forward pass, and
-    their ratio (each per study the median of `repeats`; forward passes 5x as many)."""
-    explain_s, forward_s, ratios, labels = [], [], [], []
+    """Median over studies of: seconds to explain all positive labels (wall clock and process
+    CPU), one forward pass, and their ratio (each per study the median of `repeats`; forward
+    passes 5x as many). The machine's load average is recorded: other jobs inflate wall time."""
+    explain_s, cpu_s, forward_s, ratios, labels = [], [], [], [], []
+    load_before = os.getloadavg()[0]
     for row in rows:
         batch = study_batch(model, [row])
         if not len(batch):
@@ -71,9 +76,12 @@ def explanation_cost(
                 model(*inputs)
 
         forward()  # warm-up
-        one = median_seconds(forward, 5 * repeats)
-        total = median_seconds(lambda b=batch, n=names: explain(model, b, n, steps=steps), repeats)
+        one, _ = median_seconds(forward, 5 * repeats)
+        total, cpu = median_seconds(
+            lambda b=batch, n=names: explain(model, b, n, steps=steps), repeats
+        )
         explain_s.append(total)
+        cpu_s.append(cpu)
         forward_s.append(one)
         ratios.append(total / one)
         labels.append(len(names))
@@ -82,8 +90,10 @@ def explanation_cost(
         "positive_labels_median": statistics.median(labels),
         "seconds_per_study_median": statistics.median(explain_s),
         "seconds_per_study_max": max(explain_s),
+        "cpu_seconds_per_study_median": statistics.median(cpu_s),
         "forward_seconds_median": statistics.median(forward_s),
         "multiple_of_forward_median": statistics.median(ratios),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-studies", type=int, default=20)
     parser.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     manifest = SAMPLE / "manifest.csv"
 
     model_dir = args.model
@@ -142,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     cost_md = (
         f"\n## Cost (CPU, {cost['studies']} test studies, all positive labels, every method)\n\n"
-        f"median {cost['seconds_per_study_median']:.2f} s per study (max "
-        f"{cost['seconds_per_study_max']:.2f} s), {cost['multiple_of_forward_median']:.0f}x one "
-        f"forward pass ({1000 * cost['forward_seconds_median']:.1f} ms); median "
-        f"{cost['positive_labels_median']} positive labels per study. Shared 2-core machine: "
-        "other jobs ran alongside, so times are upper bounds.\n"
+        f"Median {cost['seconds_per_study_median']:.2f} s wall clock per study (max "
+        f"{cost['seconds_per_study_max']:.2f} s; {cost['cpu_seconds_per_study_median']:.2f} s of "
+        f"process CPU), {cost['multiple_of_forward_median']:.0f}x one forward pass of the same "
+        f"study ({1000 * cost['forward_seconds_median']:.1f} ms); median "
+        f"{cost['positive_labels_median']} positive labels per study. Shared "
+        f"{os.cpu_count()}-core machine, load average {cost['load_average'][0]} before and "
+        f"{cost['load_average'][1]} after: other jobs ran alongside, so wall times are upper "
+        "bounds.\n"
     )
     args.out.with_suffix(".md").write_text(quality_markdown(summary) + cost_md, encoding="utf-8")
     for bar in summary["bars"]:

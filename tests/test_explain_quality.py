@@ -4,10 +4,7 @@ Metrics are checked on hand-made maps, masks and curves whose answer is known; t
 end to end on a tiny model trained on a small synthetic export.
 """
 
-import argparse
-import importlib
 import json
-from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -16,10 +13,9 @@ import pytest
 import torch
 
 from clinfuse.cli import main
-from clinfuse.cli.explain_commands import add_commands
 from clinfuse.config import PreprocessConfig
 from clinfuse.data.manifest import load_manifest
-from clinfuse.explain.attribution import black_image, reference_ids
+from clinfuse.explain.attribution import black_image, note_words, reference_ids
 from clinfuse.explain.quality import (
     BARS,
     cascading_randomization,
@@ -38,21 +34,14 @@ from clinfuse.explain.quality import (
     word_deletion,
 )
 from clinfuse.explain.render import note_html, overlay_png
-from clinfuse.model import load_checkpoint
+from clinfuse.model import create_model, load_checkpoint, model_config
 from clinfuse.synthetic import make_sample_data
 
 FAST = ["model.name=tiny", "train.epochs=2", "train.bootstrap=20"]
 
 
 def clinfuse(*args: str) -> int:
-    """`clinfuse ARGS` in process, with the explain commands registered if main lacks them."""
-    module = importlib.import_module("clinfuse.cli.main")
-    parser = module.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "explain" not in commands.choices:
-        add_commands(commands)
-    with mock.patch.object(module, "build_parser", return_value=parser):
-        return module.main(list(args))
+    return main(list(args))
 
 
 # -- metrics against known answers ----------------------------------------------------------
@@ -188,6 +177,27 @@ def test_randomization_cascades_to_every_weight_and_leaves_the_model_alone(train
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tiny", {"fusion": {"pooling": "label_attention"}}),
+        ("tiny", {"fusion": {"mode": "late"}}),
+        ("tiny", {"fusion": {"mode": "text_only"}}),
+        ("tiny-3d", {}),
+        ("vit-small", {"image": {"vit_layers": 1}, "text": {"layers": 1}}),
+    ],
+)
+def test_randomization_reaches_every_parameter_of_every_architecture(name, overrides):
+    labels = ("cardiomegaly", "effusion", "copd")
+    model = create_model(model_config(name, labels, **overrides), ["no fever", "left effusion"])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1)  # away from any initialiser's value (ones, zeros)
+    *_, (stage, randomized) = cascading_randomization(model)
+    after = dict(randomized.named_parameters())
+    assert [k for k, v in model.named_parameters() if torch.equal(v, after[k])] == []
+
+
 def test_deletion_of_everything_equals_the_explanation_baselines(trained, export):
     model = load_checkpoint(trained)
     rows = list(load_manifest(export / "manifest.csv", labels=model.labels))
@@ -206,8 +216,6 @@ def test_deletion_of_everything_equals_the_explanation_baselines(trained, export
     assert len(curve) == 5
     assert curve[0] == pytest.approx(float(full), abs=1e-5)
     assert curve[-1] == pytest.approx(float(black[0, 1]), abs=1e-5)
-    from clinfuse.explain.attribution import note_words
-
     spans = note_words(batch.notes[0])
     curve = word_deletion(model, batch, 1, spans, np.arange(len(spans)))
     assert len(curve) == len(spans) + 1
@@ -231,12 +239,8 @@ def test_explain_writes_npz_png_html_without_identifiers(trained, export, tmp_pa
     out = tmp_path / "explained"
     manifest = str(export / "manifest.csv")
     args = ["explain", "--model", str(trained), "--manifest", manifest, "--out", str(out)]
-    assert (
-        clinfuse(
-            *args, "--study-id", both, "--study-id", no_image, "--labels", "all", "--steps", "8"
-        )
-        == 0
-    )
+    studies = ["--study-id", both, "--study-id", no_image]
+    assert clinfuse(*args, *studies, "--labels", "all", "--steps", "8") == 0
     assert both in capsys.readouterr().out
 
     with np.load(out / f"{both}.npz", allow_pickle=False) as data:

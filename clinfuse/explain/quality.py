@@ -185,8 +185,9 @@ def _counts(n: int, steps: int) -> list[int]:
 
 
 def _probabilities(model: FusionModel, inputs: list[torch.Tensor], k: int) -> np.ndarray:
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model.probabilities(model(*inputs))[:, k].cpu().numpy()
+        return model.probabilities(model(*(t.to(device) for t in inputs)))[:, k].cpu().numpy()
 
 
 def _repeat(batch: Batch, n: int) -> list[torch.Tensor]:
@@ -244,13 +245,13 @@ def word_deletion(
 
 # -- cascading randomisation ----------------------------------------------------------------
 def _blocks(module: torch.nn.Module, at_least: int = 4) -> list[torch.nn.Module]:
-    """The module's parameterised parts in forward order, containers opened until there are
-    `at_least` (or nothing is left to open)."""
+    """The module's parameterised parts in forward order, containers (modules owning no
+    parameter themselves) opened until there are `at_least` or none is left to open."""
     blocks = [module]
     while len(blocks) < at_least:
         for i, block in enumerate(blocks):
             children = [c for c in block.children() if any(True for _ in c.parameters())]
-            if children:
+            if children and not any(True for _ in block.parameters(recurse=False)):
                 blocks[i : i + 1] = children
                 break
         else:
@@ -259,10 +260,19 @@ def _blocks(module: torch.nn.Module, at_least: int = 4) -> list[torch.nn.Module]
 
 
 def randomization_stages(model: FusionModel) -> list[tuple[str, list[torch.nn.Module]]]:
-    """The stages of a cascading randomisation, from the heads back towards the input."""
-    stages = [("head", [model.head]), ("pool", [model.pool])]
+    """The stages of a cascading randomisation, from the heads back towards the input; a stage
+    lists modules and loose parameters (label queries, missing-side tokens)."""
+    pool = [
+        model.pool,
+        getattr(model, "label_attention", None),
+        getattr(model, "label_queries", None),
+    ]
+    missing = [model.missing_image, model.missing_text]
+    stages = [("head", [model.head])]
     if model.fusion is not None:
-        stages.append(("fusion", [model.fusion]))
+        stages += [("pool", pool), ("fusion", [model.fusion, *missing])]
+    else:
+        stages += [("pool", pool + missing)]
     if model.text_encoder is not None:
         stages.append(("note encoder", [model.text_encoder]))
     if model.image_encoder is not None:
@@ -271,25 +281,38 @@ def randomization_stages(model: FusionModel) -> list[tuple[str, list[torch.nn.Mo
         stages.append(("image projection", [model.image_encoder.project]))
         stages.append(("image backbone top", blocks[half:]))
         stages.append(("image backbone all", blocks[:half]))
-    return stages
+    return [(name, [p for p in parts if p is not None]) for name, parts in stages]
+
+
+def reinitialise(part: torch.nn.Module | torch.nn.Parameter) -> None:
+    """Re-draw a module's parameters with each layer's own initialiser; a module without one
+    (and a loose parameter) gets normal(0, 1/sqrt(fan_in)) weights and zero biases."""
+    modules = [] if isinstance(part, torch.nn.Parameter) else list(part.modules())
+    loose = [part] if isinstance(part, torch.nn.Parameter) else []
+    for module in modules:
+        reset = getattr(module, "reset_parameters", None)
+        reset = reset or getattr(module, "_reset_parameters", None)
+        if callable(reset):
+            reset()
+        else:
+            loose += list(module.parameters(recurse=False))
+    with torch.no_grad():
+        for parameter in loose:
+            if parameter.dim() > 1:
+                parameter.normal_(std=parameter.shape[-1] ** -0.5)
+            else:
+                parameter.zero_()
 
 
 def cascading_randomization(model: FusionModel, seed: int = 0) -> Iterator[tuple[str, FusionModel]]:
-    """Yield (stage, copy of the model with that stage and all before it re-initialised by
-    each layer's own initialiser). The model passed in is never changed."""
+    """Yield (stage, copy of the model with that stage and all before it re-initialised). The
+    model passed in is never changed."""
     randomized = copy.deepcopy(model).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for stage, modules in randomization_stages(randomized):
-            for module in (m for part in modules for m in part.modules()):
-                reset = getattr(module, "reset_parameters", None)
-                reset = reset or getattr(module, "_reset_parameters", None)
-                if callable(reset):
-                    reset()
-            if stage == "fusion":  # the missing-side tokens are read by the fusion
-                for token in (randomized.missing_image, randomized.missing_text):
-                    if token is not None:
-                        torch.nn.init.normal_(token, std=0.02)
+        for stage, parts in randomization_stages(randomized):
+            for part in parts:
+                reinitialise(part)
             yield stage, randomized
 
 
@@ -593,7 +616,8 @@ def quality_summary(
     groups: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Per-label means, the worst label per metric for every image method, the default method
-    (most image bars passed; ties by worst-label relevance mass) and the bar checked with it."""
+    (most image bars passed; ties broken by the worst label's relevance mass, then mask AUROC)
+    and the bar checked with it."""
     groups = groups or SAMPLE_GROUPS
     columns = ["study_id", "label", "stage", "method", "metric", "value"]
     table = pd.DataFrame(records, columns=columns)
@@ -609,7 +633,7 @@ def quality_summary(
 
     def rank(m: str) -> tuple:
         w = methods[m]
-        return (w["bars_passed"], w["relevance_mass"]["value"] or 0, w["pointing_game"]["value"])
+        return (w["bars_passed"], w["relevance_mass"]["value"] or 0, w["mask_auroc"]["value"] or 0)
 
     first = table[(table.stage == "trained") & (table.metric == "rationale_first")]
     summary = {

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_dicom  # noqa: E402
-from clinfuse.data.manifest import load_manifest  # noqa: E402
+from clinfuse.data.manifest import load_manifest, read_table  # noqa: E402
 from clinfuse.engine import select_device  # noqa: E402
 from clinfuse.errors import ConfigError, ManifestError  # noqa: E402
 from clinfuse.explain.attribution import explain  # noqa: E402
@@ -243,7 +243,9 @@ def explain_studies(
 
     model = load_checkpoint(model_dir, select_device(device))
     version = model_version(model_dir)
-    rows = {r.study_id: r for r in load_manifest(manifest_path, labels=model.labels)}
+    columns = set(read_table(manifest_path).columns)  # explaining needs no label column
+    known = [label for label in model.labels if label in columns] or None
+    rows = {r.study_id: r for r in load_manifest(manifest_path, labels=known)}
     for study_id in study_ids:
         if study_id not in rows:
             raise ManifestError(
@@ -348,10 +350,10 @@ def quality_markdown(summary: dict) -> str:
     parts = [
         f"# Explanation quality ({summary.get('model_version', 'model')}, {summary['split']})",
         f"{summary['explained']} studies with a true positive explained, of {summary['studies']}"
-        f" in the split. Default image method: **{default}** (most image bars passed, then the "
-        "worst label's relevance mass). The worst label decides every bar; deletion areas are "
-        "divided by the random-order area; the mask area is the relevance mass of a map that "
-        "knows nothing.",
+        f" in the split. Default image method: **{default}** (most image bars passed, then "
+        "the worst label's relevance mass and mask AUROC). The worst label decides every bar; "
+        "deletion areas are divided by the random-order area; the mask area is the relevance "
+        "mass of a map that knows nothing.",
         "## Per label (image columns: the default method)",
         _table(header, rows),
         "## Image methods compared (worst label)",

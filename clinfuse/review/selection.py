@@ -235,8 +235,8 @@ def _failure_keys(query: WorklistQuery) -> tuple[sa.Select, sa.ColumnElement, sa
     key = Failure.study_id
     statement = sa.select(key).where(Failure.run_id == query.run_id)
     statement = statement.where(*_filters(_status_only(query), key, {}))
-    if query.sort == "reason":
-        return statement, key, Failure.reason
+    if query.sort in ("reason", "detail"):
+        return statement, key, getattr(Failure, query.sort)
     if query.sort in ("patient_pseudonym", *REVIEW_COLUMNS):
         return statement, key, _correlated(query.sort, query.run_id, key)
     return statement, key, key

@@ -1,9 +1,9 @@
 """The review worklist: one page of a run's studies, filtered, sorted and paginated in SQL.
 
-A page is two short reads however long the run: the first finds the page's study ids (every
-filter and the sort run in the database, with LIMIT/OFFSET) and counts the matches; the second
-fetches what the page shows for those ids only. Nothing here names a patient: studies carry the
-store's pseudonym.
+A page is a few short queries however long the run: one finds the page's study ids (every
+filter and the sort run in the database, cut with LIMIT/OFFSET: see `selection`), one counts
+the matches, and the rest fetch what the page shows for those ids only. Nothing here names a
+patient: studies carry the store's pseudonym.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ class WorklistQuery:
         Raises ValueError naming the parameter with a bad value.
         """
         values: dict[str, Any] = {"run_id": run_id or 0}
-        types = {f.name: f.type for f in fields(cls)}
+        known = {f.name for f in fields(cls)}
         for name, raw in params.items():
-            if name not in types:
+            if name not in known:
                 continue
             text = str(raw[-1] if isinstance(raw, (list, tuple)) else raw).strip()
             try:

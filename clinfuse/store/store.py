@@ -83,6 +83,14 @@ class Store:
         """The SQLite store of a run folder: sqlite:///<run_dir>/clinfuse.db."""
         return f"sqlite:///{Path(run_dir).expanduser().resolve() / 'clinfuse.db'}"
 
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine, for read queries this API does not cover (the review worklist).
+
+        Write through the methods above: they keep results idempotent and reviews append-only.
+        """
+        return self._engine
+
     def close(self) -> None:
         """Close every pooled connection (the store may be opened again)."""
         self._engine.dispose()
