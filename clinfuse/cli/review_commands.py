@@ -85,9 +85,11 @@ def dashboard_command(store_url: str, host: str, port: int) -> tuple[list[str], 
 
 
 def serve_dashboard(store_url: str, host: str = "127.0.0.1", port: int = 8501) -> int:
-    """Run the dashboard until it is stopped (Ctrl-C); its exit status."""
+    """Serve the dashboard until it is stopped (Ctrl-C); on POSIX this process becomes it."""
     argv, env = dashboard_command(store_url, host, port)
     print(f"dashboard: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    if os.name == "posix":  # signals reach Streamlit itself; no orphan when this is killed
+        os.execve(argv[0], argv, env)
     try:
         return subprocess.call(argv, env=env)
     except KeyboardInterrupt:
@@ -124,9 +126,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 # -- demo -------------------------------------------------------------------------------------
-def _step(name: str, started: list[float]) -> None:
-    now = time.perf_counter()
-    print(f"[{now - started[0]:5.0f} s] {name}", flush=True)
+def _step(name: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:5.0f} s] {name}", flush=True)
 
 
 def demo_data(out: Path, quick: bool) -> Path:
@@ -176,7 +177,7 @@ def run_demo(out: Path, quick: bool) -> dict[str, str]:
 
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    started = [time.perf_counter()]
+    started = time.perf_counter()
     _step("sample data", started)
     manifest = demo_data(out, quick)
     _step(f"training {'the tiny model (--quick)' if quick else 'the default model'}", started)
@@ -215,6 +216,8 @@ def run_demo(out: Path, quick: bool) -> dict[str, str]:
 def _demo(args: argparse.Namespace) -> int:
     from clinfuse.model.checkpoint import NOTICE
 
+    if not args.no_dashboard:
+        dashboard_command("sqlite://", "127.0.0.1", 8501)  # fail now, not after the work
     found = run_demo(args.out, args.quick)
     width = max(len(k) for k in found) + 1
     print("\n".join(f"{k + ':':<{width}} {v}" for k, v in found.items()))
