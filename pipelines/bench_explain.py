@@ -109,14 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     manifest = SAMPLE / "manifest.csv"
 
     model_dir = args.model
-    train_seconds = None
     if model_dir is None:
         model_dir = args.work / "model"
         cfg = resolve_run_config(ROOT / "pipelines" / "train_default.yaml")
-        result = train(manifest, model_dir, cfg, device="cpu")
-        train_seconds = None if result.already_done else round(result.seconds, 1)
+        train(manifest, model_dir, cfg, device="cpu")  # a finished folder is reused as is
     model = load_checkpoint(model_dir, "cpu")
-    data = read_checkpoint_config(model_dir).get("data", {})
+    saved = read_checkpoint_config(model_dir)
+    data, training = saved.get("data", {}), saved.get("training", {})
     split = PatientSplit(
         data.get("val_fraction", 0.15), data.get("test_fraction", 0.15), data.get("split_seed", 0)
     )
@@ -140,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["run"] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model.cfg.name,
-        "train_seconds": train_seconds,
+        "train_seconds": round(training.get("seconds", float("nan")), 1),
+        "train_epochs": training.get("epochs"),
+        "validation_macro_auroc": saved.get("metrics", {})
+        .get("validation", {})
+        .get("macro", {})
+        .get("auroc"),
         "evaluation_seconds": round(eval_seconds, 1),
         "steps": args.steps,
         "python": platform.python_version(),

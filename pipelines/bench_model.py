@@ -280,6 +280,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
     columns = {
         "ms": lambda r: f"{r['seconds']['median'] * 1e3:.1f}",
+        "min ms": lambda r: f"{r['seconds']['min'] * 1e3:.1f}",
         "studies/s": lambda r: f"{r['studies_per_s']:.1f}",
         "GFLOP/s": lambda r: f"{r['achieved_gflops']:.1f}",
         "% of peak": lambda r: f"{100 * r['share_of_peak']:.1f}",
@@ -294,13 +295,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
     lines += [
         "",
-        "Latency: median forward after 2 warm-up calls; eval mode, `torch.inference_mode()`, "
-        "all images and notes present. FLOPs: `torch.utils.flop_counter.FlopCounterMode` "
-        "(convolutions, matmuls, attention; a multiply-add is 2 FLOPs) at each batch size, per "
-        "study. Peak RSS: high-water RSS (VmHWM) of a fresh process minus its RSS after imports "
-        "(model, tokenizer, activations). Other load: CPU time used by everything else on the "
-        "machine (hypervisor steal included) per second of the timed loop; the machine is "
-        "shared, so trust the rows whose other load is near 0.",
+        "Latency: median (and fastest) forward after 2 warm-up calls; eval mode, "
+        "`torch.inference_mode()`, all images and notes present. FLOPs: "
+        "`torch.utils.flop_counter.FlopCounterMode` (convolutions, matmuls, attention; a "
+        "multiply-add is 2 FLOPs) at each batch size, per study. Peak RSS: high-water RSS (VmHWM) "
+        "of a fresh process minus its RSS after imports (model, tokenizer, activations). Other "
+        "load: CPU time used by everything else on the machine (hypervisor steal included) per "
+        "second of the timed loop; the machine is shared, so trust rows whose other load is ~0.",
     ]
     return "\n".join(lines) + "\n"
 

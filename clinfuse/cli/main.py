@@ -7,7 +7,6 @@ cannot be trained on); 2 a user error (bad arguments, a structural manifest erro
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -15,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clinfuse import __version__
+from clinfuse.cli import explain_commands, review_commands
 from clinfuse.errors import ClinfuseError
 
 Command = Callable[[argparse.Namespace], int]
@@ -220,14 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_infer)
 
-    for module in ("explain_commands", "review_commands"):  # each adds its own subcommands
-        try:
-            commands_module = importlib.import_module(f"clinfuse.cli.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"clinfuse.cli.{module}":
-                raise
-            continue
-        commands_module.add_commands(commands)
+    explain_commands.add_commands(commands)  # explain, explain-eval
+    review_commands.add_commands(commands)  # dashboard, export, demo
     return parser
 
 
