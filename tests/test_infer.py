@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -184,41 +183,14 @@ def test_exports_validate_as_fhir_and_dicom_sr(tiny_model, small_export, tmp_pat
     assert srs and pydicom.dcmread(srs[0]).Modality == "SR"
 
 
-def postgres_url() -> str | None:
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg")
-    for user in ("postgres", "root"):
-        url = f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
-        try:
-            with sqlalchemy.create_engine(url).connect():
-                return url
-        except Exception:
-            continue
-    return None
-
-
-def test_postgresql_store_gives_the_same_predictions(tiny_model, small_export, tmp_path):
-    url = postgres_url()
-    if url is None:
-        pytest.skip("no PostgreSQL server reachable on 127.0.0.1:5432")
-    import sqlalchemy
-
-    schema = f"clinfuse_test_{uuid.uuid4().hex[:8]}"
-    engine = sqlalchemy.create_engine(url)
-    with engine.begin() as con:
-        con.execute(sqlalchemy.text(f"create schema {schema}"))
-    try:
-        pg = f"{url}?options=-csearch_path%3D{schema}"
-        assert infer(tiny_model, small_export, tmp_path / "pg", "--store", pg) == 0
-        assert infer(tiny_model, small_export, tmp_path / "lite") == 0
-        ours = pd.read_csv(tmp_path / "pg" / "predictions.csv").drop(columns="patient_pseudonym")
-        theirs = pd.read_csv(tmp_path / "lite" / "predictions.csv").drop(
-            columns="patient_pseudonym"
-        )
-        pd.testing.assert_frame_equal(ours, theirs)
-    finally:
-        with engine.begin() as con:
-            con.execute(sqlalchemy.text(f"drop schema {schema} cascade"))
+def test_postgresql_store_gives_the_same_predictions(
+    tiny_model, small_export, tmp_path, postgres_database
+):
+    assert infer(tiny_model, small_export, tmp_path / "pg", "--store", postgres_database) == 0
+    assert infer(tiny_model, small_export, tmp_path / "lite") == 0
+    ours = pd.read_csv(tmp_path / "pg" / "predictions.csv").drop(columns="patient_pseudonym")
+    theirs = pd.read_csv(tmp_path / "lite" / "predictions.csv").drop(columns="patient_pseudonym")
+    pd.testing.assert_frame_equal(ours, theirs)
 
 
 def test_ray_engine_gives_the_same_predictions_as_local(tiny_model, mixed_manifest, tmp_path):

@@ -43,37 +43,6 @@ EDGES = np.linspace(0.0, 1.0, 21)
 
 
 # -- stores -----------------------------------------------------------------------------------
-def _postgres_server() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return None
-    if os.environ.get("CLINFUSE_TEST_POSTGRES"):
-        return os.environ["CLINFUSE_TEST_POSTGRES"]
-    for user in ("postgres", "root"):
-        try:
-            psycopg.connect(
-                host="127.0.0.1", port=5432, user=user, dbname="test", connect_timeout=3
-            ).close()
-        except psycopg.Error:
-            continue
-        return f"postgresql+psycopg://{user}@127.0.0.1:5432"
-    return None
-
-
-@pytest.fixture(scope="module")
-def postgres_database():
-    server = _postgres_server()
-    if server is None:
-        pytest.skip("no PostgreSQL server (set CLINFUSE_TEST_POSTGRES=postgresql+psycopg://...)")
-    name = f"clinfuse_review_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{server}/test", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    yield f"{server}/{name}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -6,7 +6,6 @@ English collation, so ordering bugs show) and dropped at the end.
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -38,47 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- databases --------------------------------------------------------------------------------
-def _postgres_server() -> str | None:
-    """A server URL (without database) that accepts us, or None."""
-    try:
-        import psycopg
-    except ImportError:
-        return None
-    if os.environ.get("CLINFUSE_TEST_POSTGRES"):
-        return os.environ["CLINFUSE_TEST_POSTGRES"]
-    for user in ("postgres", "root"):
-        try:
-            psycopg.connect(
-                host="127.0.0.1", port=5432, user=user, dbname="test", connect_timeout=3
-            ).close()
-        except psycopg.Error:
-            continue
-        return f"postgresql+psycopg://{user}@127.0.0.1:5432"
-    return None
-
-
-@pytest.fixture(scope="session")
-def postgres_database():
-    """A throwaway database for this session, dropped afterwards."""
-    server = _postgres_server()
-    if server is None:
-        pytest.skip(
-            "no PostgreSQL server reachable (set CLINFUSE_TEST_POSTGRES=postgresql+psycopg://...)"
-        )
-    name = f"clinfuse_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{server}/test", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        try:  # ICU English sorts 'a10' before 'B2': the store must still order by code point
-            conn.exec_driver_sql(
-                f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
-                "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-            )
-        except sa.exc.DBAPIError:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    yield f"{server}/{name}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
