@@ -223,6 +223,8 @@ def run(
     cases = [
         (m, mode) for m in models for mode in (FUSION_MODES if m == "small" else FUSION_MODES[:1])
     ]
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    setup = machine(device)  # the clinfuse commit as the run starts
     peak_before = matmul_peak_gflops(device)
     rows = []
     for name, mode in cases:
@@ -236,9 +238,9 @@ def run(
     for row in rows:
         row["share_of_peak"] = row["achieved_gflops"] / peak
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": started,
         "command": shlex.join(["python", "pipelines/bench_model.py", *sys.argv[1:]]),
-        "machine": machine(device),
+        "machine": setup,
         "matmul_peak_gflops": {"best": peak, "before": peak_before, "after": peak_after},
         "results": rows,
     }
