@@ -6,7 +6,8 @@ positives of a split (truly present and called positive by the model):
 - image localisation: pointing game, relevance mass inside the lesion mask, mask AUROC;
 - note localisation: is the top-ranked word a rationale word; share of mass on rationale words;
 - faithfulness: deletion-curve area, most-attributed first, against random orders (pixels set to
-  the black baseline in model-input space; words replaced by [PAD], the note baseline);
+  the black baseline in model-input space; words replaced by [PAD], the note baseline), as the
+  ratio of the mean areas over the label's studies;
 - sanity: localisation again after cascading re-initialisation of the weights, from the heads
   back towards the input, on a copy of the model (an explanation that does not change failed);
 - modality: the note's Shapley share on image-only, note-only and both-modality labels.
@@ -198,7 +199,8 @@ def _repeat(batch: Batch, n: int) -> list[torch.Tensor]:
 def model_grid_order(
     values: np.ndarray, original: tuple[int, ...], spec: PreprocessConfig
 ) -> np.ndarray:
-    """Flat model-grid indices of the image's own (not padded) pixels, by descending value."""
+    """Flat model-grid indices of the image's own (not padded) pixels, by descending value;
+    ties (a clipped map's zeros) in a fixed random order, not in raster order."""
     geometry = fit_geometry(original, spec)
     mapped = torch.nn.functional.interpolate(
         torch.as_tensor(np.nan_to_num(values), dtype=torch.float32)[None, None],
@@ -209,7 +211,9 @@ def model_grid_order(
     region = tuple(
         slice(p, p + r) for p, r in zip(geometry.pad_before, geometry.resized, strict=True)
     )
-    return index[region].flatten()[torch.argsort(mapped, descending=True, stable=True)].numpy()
+    shuffle = torch.as_tensor(np.random.default_rng(0).permutation(len(mapped)))
+    ranked = shuffle[torch.argsort(mapped[shuffle], descending=True, stable=True)]
+    return index[region].flatten()[ranked].numpy()
 
 
 def pixel_deletion(
@@ -354,6 +358,13 @@ def localisation(
     return rows
 
 
+def _excess(curve: np.ndarray) -> float:
+    """The area between a deletion curve and its fully-deleted level, in probability units
+    (`deletion_area` x the total drop): averaged over studies, a study whose output the deleted
+    features barely move weighs little."""
+    return deletion_area(curve) * float(curve[0] - curve[-1])
+
+
 def faithfulness(
     model: FusionModel,
     batch: Batch,
@@ -364,8 +375,8 @@ def faithfulness(
     orders: int = 3,
     rng: np.random.Generator | None = None,
 ) -> list[Record]:
-    """Label j's deletion areas, most relevant first and in random orders: for pixels per image
-    method (where a mask exists) and for words (where a rationale exists)."""
+    """Label j's deletion areas (`_excess`), most relevant first and in random orders: for
+    pixels per image method (where a mask exists) and for words (where a rationale exists)."""
     rng = rng or np.random.default_rng(0)
     spec, original = model.cfg.preprocess, batch.original_shapes[0]
     k = model.labels.index(expl.labels[j])
@@ -376,10 +387,10 @@ def faithfulness(
         random = [
             pixel_deletion(model, batch, k, rng.permutation(own), steps) for _ in range(orders)
         ]
-        random_area = _mean([deletion_area(c) for c in random])
+        random_area = _mean([_excess(c) for c in random])
         for method, values in maps.items():
             order = model_grid_order(values, original, spec)
-            area = deletion_area(pixel_deletion(model, batch, k, order, steps))
+            area = _excess(pixel_deletion(model, batch, k, order, steps))
             metrics = {"deletion_area": area, "deletion_random": random_area}
             rows += _rows(expl, j, "trained", method, metrics)
     if truth.rationale(expl.study_id, expl.labels[j]) and expl.words is not None:
@@ -387,8 +398,8 @@ def faithfulness(
         ranked = word_deletion(model, batch, k, spans, np.argsort(-expl.words[j], kind="stable"))
         random = [word_deletion(model, batch, k, spans, rng.permutation(n)) for _ in range(orders)]
         metrics = {
-            "deletion_area": deletion_area(ranked),
-            "deletion_random": _mean([deletion_area(c) for c in random]),
+            "deletion_area": _excess(ranked),
+            "deletion_random": _mean([_excess(c) for c in random]),
         }
         rows += _rows(expl, j, "trained", "note", metrics)
     return rows
