@@ -1,0 +1,422 @@
+"""Benchmark against a peer: MONAI's Transchex next to clinfuse's four fusion modes, one run.
+
+    python pipelines/bench_peers.py --manifest sample_data/manifest.csv --out benchmarks/peers \
+        [--reuse runs/ablation] [--work runs/peers] [--config C] [--bootstrap 200] [key=value ...]
+
+`key=value` reaches the run config as in `clinfuse train` (`train.epochs=5`); `peer.KEY=VALUE`
+sets a Transchex size (`peer.vision_layers=2`, see `clinfuse.peers.TranschexConfig`). All five
+models share the patient-level split, the data layer, the epochs and the early-stopping rule,
+and are calibrated on validation the same way. Written: `<out>.json` and `<out>.md`:
+
+- accuracy on test: per-label and macro AUROC, ECE after temperature scaling, wall time;
+- missing modality: macro AUROC on test with the note removed and with the image removed
+  (clinfuse: `note_present` / `image_present` False, its missing-modality path; Transchex: the
+  empty note / a black image), beside the unimodal models;
+- speed at equal size: training samples/s and inference studies/s of clinfuse's cross-attention
+  model and Transchex on the same pre-loaded studies, measured in alternation.
+
+clinfuse models are taken from `--reuse` (the ablation's folder) when one there was trained
+with this configuration on this manifest, else trained into `--work`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from ablation import MODES, train_and_evaluate
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from clinfuse.config import RunConfig, apply_overrides, resolve_run_config
+from clinfuse.data.batch import Batch, Collator, StudyDataset
+from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
+from clinfuse.engine import predict, select_device
+from clinfuse.evaluation.calibration import apply_temperature
+from clinfuse.evaluation.metrics import evaluate_predictions
+from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
+from clinfuse.peers import TranschexConfig, count_parameters, train_transchex
+from clinfuse.training.trainer import balanced_pos_weight, file_sha256, masked_bce
+
+PEER = "transchex"
+SIDES = ("note", "image")
+
+
+# -- choosing and training the models -------------------------------------------------------
+def trained_with(folder: Path, cfg: RunConfig, manifest: Path) -> bool:
+    """`folder` is a finished clinfuse model trained with `cfg` on this manifest."""
+    if not (folder / "config.json").is_file():
+        return False
+    saved = read_checkpoint_config(folder)
+    model = {k: v for k, v in saved.get("model", {}).items() if k != "labels"}
+    wanted = cfg.model.model_dump(mode="json", exclude={"labels"})
+    return (
+        "training" in saved
+        and saved.get("manifest_sha256") == file_sha256(manifest)
+        and saved.get("train") == cfg.train.model_dump(mode="json")
+        and saved.get("data") == cfg.data.model_dump(mode="json")
+        and model == wanted
+    )
+
+
+def clinfuse_folder(mode: str, cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, bool]:
+    """(folder, already trained): the ablation's model when it matches, else one in --work."""
+    if args.reuse is not None and trained_with(args.reuse / mode, cfg, args.manifest):
+        return args.reuse / mode, True
+    folder = args.work / mode
+    if trained_with(folder, cfg, args.manifest):
+        return folder, True
+    if (folder / "config.json").is_file():  # unfinished runs resume (or fail) in `train`
+        sys.exit(f"{folder}: holds another finished run; delete it or choose another --work")
+    return folder, False
+
+
+# -- scoring ---------------------------------------------------------------------------------
+def test_loader(model: torch.nn.Module, rows: list[StudyRow], batch_size: int = 32) -> DataLoader:
+    """The test studies through clinfuse's data layer, with `model`'s own data settings."""
+    return DataLoader(
+        StudyDataset(rows, model.cfg),
+        batch_size=batch_size,
+        collate_fn=Collator(model.note_tokenizer, model.cfg),
+    )
+
+
+def without(batches: Iterable[Batch], side: str | None) -> Iterator[Batch]:
+    """The batches with `side` ("note" / "image") marked absent in every study."""
+    for batch in batches:
+        if side is not None:
+            flag = f"{side}_present"
+            batch = dataclasses.replace(batch, **{flag: torch.zeros_like(getattr(batch, flag))})
+        yield batch
+
+
+def score(
+    model: torch.nn.Module, rows: list[StudyRow], side: str | None = None, bootstrap: int = 0
+) -> dict:
+    """Metrics on `rows` at the model's saved temperature and thresholds, `side` removed."""
+    device = next(model.parameters()).device
+    predictions = predict(model, without(test_loader(model, rows), side), device)
+    probs = apply_temperature(predictions.logits, model.temperature.cpu().numpy())
+    thresholds = model.thresholds.cpu().numpy()
+    metrics = evaluate_predictions(
+        predictions.labels, probs, thresholds, model.labels, n_bootstrap=bootstrap
+    )
+    return metrics
+
+
+def peer_entry(args: argparse.Namespace, cfg: RunConfig, rows: list[StudyRow]) -> tuple:
+    """Train (or reuse) Transchex in --work and score it on test like the clinfuse models."""
+    peer = apply_overrides(TranschexConfig(), args.peer_overrides)
+    trained = train_transchex(args.manifest, args.work / PEER, cfg, peer, args.device)
+    trained.model.to(select_device(args.device))
+    metrics = score(trained.model, rows, bootstrap=args.bootstrap)
+    training, validation = trained.info["training"], trained.info["metrics"]["validation"]
+    entry = {
+        "train_seconds": training["seconds"],
+        "epochs": training["epochs"],
+        "macro_auroc": metrics["macro"]["auroc"],
+        "macro_ece": metrics["macro"]["ece"],
+        "val_ece_before_temperature": validation["macro"].get("ece_before_temperature"),
+        "val_ece": validation["macro"]["ece"],
+        "labels": {name: m["auroc"] for name, m in metrics["labels"].items()},
+        "n_test": metrics["n"],
+        "folder": str(trained.folder),
+        "reused": trained.reused,
+        "config": peer.model_dump(mode="json"),
+        "note_tokens": trained.model.seq_len,
+    }
+    return entry, trained.model
+
+
+# -- speed ------------------------------------------------------------------------------------
+def preload(model: torch.nn.Module, rows: list[StudyRow], batch_size: int) -> list[Batch]:
+    device = next(model.parameters()).device
+    return [b.to(device) for b in test_loader(model, rows, batch_size) if len(b)]
+
+
+def synchronize(model: torch.nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_rate(model: torch.nn.Module, batches: list[Batch], pos_weight: torch.Tensor) -> float:
+    """Training samples/s: forward, backward and AdamW step on pre-loaded batches."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    start, seen = time.perf_counter(), 0
+    for batch in batches:
+        loss = masked_bce(model(*batch.model_inputs()), batch.labels, pos_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(batch)
+    synchronize(model)
+    return seen / (time.perf_counter() - start)
+
+
+def infer_rate(model: torch.nn.Module, batches: list[Batch]) -> float:
+    """Inference studies/s: `forward` under inference mode on pre-loaded batches."""
+    model.eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            model(*batch.model_inputs())
+    synchronize(model)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def forward_flops(model: torch.nn.Module, batch: Batch) -> float:
+    """Forward FLOPs per study (torch's FLOP counter: matmuls and convolutions)."""
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(*batch.model_inputs())
+    return counter.get_total_flops() / len(batch)
+
+
+def speed(
+    models: dict[str, torch.nn.Module], rows: list[StudyRow], cfg: RunConfig, repeats: int
+) -> dict:
+    """Median rates over `repeats` rounds, the models measured in alternation each round."""
+    pos_weight = balanced_pos_weight(
+        np.stack([r.labels for r in rows]).astype(float), cfg.train.max_pos_weight
+    ).to(next(iter(models.values())).temperature.device)
+    train_batches = {n: preload(m, rows, cfg.train.batch_size) for n, m in models.items()}
+    infer_batches = {n: preload(m, rows, 32) for n, m in models.items()}
+    rates: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []} for n in models}
+    for name, model in models.items():  # warm-up
+        train_rate(model, train_batches[name][:1], pos_weight)
+        infer_rate(model, infer_batches[name][:1])
+    for _ in range(repeats):
+        for name, model in models.items():
+            rates[name]["train"].append(train_rate(model, train_batches[name], pos_weight))
+            rates[name]["infer"].append(infer_rate(model, infer_batches[name]))
+    return {
+        name: {
+            "parameters": count_parameters(model),
+            "forward_mflops_per_study": forward_flops(model, infer_batches[name][0]) / 1e6,
+            "train_samples_per_s": statistics.median(r["train"]),
+            "infer_studies_per_s": statistics.median(r["infer"]),
+            "studies": len(rows),
+            "repeats": repeats,
+        }
+        for (name, model), r in zip(models.items(), rates.values(), strict=True)
+    }
+
+
+# -- the run ----------------------------------------------------------------------------------
+def machine() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} CPUs, {threads} threads, torch {torch.__version__}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    results: dict = {
+        "command": "python pipelines/bench_peers.py " + " ".join(args.argv),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "models": {},
+        "robustness": {},
+    }
+    loaded: dict[str, torch.nn.Module] = {}
+    for mode in MODES:
+        cfg = resolve_run_config(args.config, [*args.overrides, f"model.fusion.mode={mode}"])
+        folder, reused = clinfuse_folder(mode, cfg, args)
+        entry, _ = train_and_evaluate(args.manifest, folder, cfg, args.bootstrap)
+        loaded[mode] = load_checkpoint(folder, select_device(args.device))
+        entry.update(folder=str(folder), reused=reused, parameters=count_parameters(loaded[mode]))
+        results["models"][mode] = entry
+    cfg = resolve_run_config(args.config, args.overrides)  # the default mode's, for the peer
+    manifest = load_manifest(
+        args.manifest,
+        labels=cfg.data.labels,
+        split=PatientSplit(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed),
+    )
+    test_rows = list(manifest.rows("test"))
+    entry, loaded[PEER] = peer_entry(args, cfg, test_rows)
+    entry["parameters"] = count_parameters(loaded[PEER])
+    results["models"][PEER] = entry
+    for name, model in loaded.items():
+        results["robustness"][name] = {
+            f"no_{side}": score(model, test_rows, side)["macro"]["auroc"] for side in SIDES
+        }
+    speed_rows = list(manifest.rows("train"))[: args.speed_studies]
+    results["speed"] = speed(
+        {"cross_attention": loaded["cross_attention"], PEER: loaded[PEER]},
+        speed_rows,
+        cfg,
+        args.repeats,
+    )
+    results["bar"] = check_bar(results)
+    results["seconds"] = time.perf_counter() - started
+    return results
+
+
+def check_bar(results: dict) -> dict[str, bool]:
+    """The benchmark issue's bar, as measured here."""
+    models, robust, fast = results["models"], results["robustness"], results["speed"]
+    ours, theirs = fast["cross_attention"], fast[PEER]
+    bar = {
+        "cross-attention macro AUROC > Transchex": above(
+            models["cross_attention"]["macro_auroc"], models[PEER]["macro_auroc"]
+        ),
+        "cross-attention inference studies/s >= Transchex's": above(
+            ours["infer_studies_per_s"], theirs["infer_studies_per_s"], strict=False
+        ),
+        "cross-attention training samples/s >= Transchex's": above(
+            ours["train_samples_per_s"], theirs["train_samples_per_s"], strict=False
+        ),
+    }
+    for name in ("cross_attention", "late", PEER):
+        for side, other in (("note", "image_only"), ("image", "text_only")):
+            reference = models[other]["macro_auroc"]
+            bar[f"{NAMES[name]}, {side} removed >= the {other.replace('_', '-')} model"] = above(
+                robust[name][f"no_{side}"], reference, strict=False
+            )
+    return bar
+
+
+def above(value: float | None, reference: float | None, strict: bool = True) -> bool:
+    """`value` > `reference` (>= unless `strict`); an undefined metric never passes."""
+    if value is None or reference is None:
+        return False
+    return value > reference if strict else value >= reference
+
+
+# -- the report -------------------------------------------------------------------------------
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+NAMES = {
+    "cross_attention": "clinfuse cross-attention",
+    "late": "clinfuse late fusion",
+    "image_only": "clinfuse image-only",
+    "text_only": "clinfuse text-only",
+    PEER: "MONAI Transchex",
+}
+
+
+def markdown(results: dict) -> str:
+    models, robust, fast = results["models"], results["robustness"], results["speed"]
+    labels = list(models["cross_attention"]["labels"])
+    image_alone = models["image_only"]["macro_auroc"]
+    text_alone = models["text_only"]["macro_auroc"]
+    header = " | ".join(["model", "parameters", *labels, "macro AUROC", "ECE", "train s", "epochs"])
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']}, {results['date']}; whole run {results['seconds']:.0f} s",
+        "",
+        "Accuracy on the test split (AUROC; ECE after temperature scaling fitted on validation):",
+        "",
+        f"| {header} |",
+        "|---" * (len(labels) + 6) + "|",
+    ]
+    for name, m in models.items():
+        cells = " | ".join(fmt(m["labels"][label]) for label in labels)
+        reused = " *" if m["reused"] else ""
+        lines.append(
+            f"| {NAMES[name]} | {m['parameters']:,} | {cells} | **{fmt(m['macro_auroc'])}** | "
+            f"{fmt(m['macro_ece'])} | {m['train_seconds']:.0f}{reused} | {m['epochs']} |"
+        )
+    if any(m["reused"] for m in models.values()):
+        lines += [
+            "",
+            "\\* trained by an earlier run (folder in the JSON); its time as measured then.",
+        ]
+    lines += [
+        "",
+        "Missing modality (macro AUROC on test over all labels; the unimodal models alone: "
+        f"image-only {fmt(image_alone)}, text-only {fmt(text_alone)}):",
+        "",
+        "| model | both sides | note removed | vs image-only | image removed | vs text-only |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in robust.items():
+        full = models[name]["macro_auroc"]
+        lines.append(
+            f"| {NAMES[name]} | {fmt(full)} | {fmt(r['no_note'])} | "
+            f"{delta(r['no_note'], image_alone)} | {fmt(r['no_image'])} | "
+            f"{delta(r['no_image'], text_alone)} |"
+        )
+    lines += [
+        "",
+        "Speed at equal size (model compute only, the same pre-loaded studies, median of "
+        f"{fast[PEER]['repeats']} alternating rounds over {fast[PEER]['studies']} studies):",
+        "",
+        "| model | parameters | forward MFLOPs/study | training samples/s | inference studies/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in fast.items():
+        lines.append(
+            f"| {NAMES[name]} | {s['parameters']:,} | {s['forward_mflops_per_study']:.1f} | "
+            f"{s['train_samples_per_s']:.1f} | {s['infer_studies_per_s']:.1f} |"
+        )
+    lines += ["", "Bar:", ""]
+    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in results["bar"].items()]
+    peer = models[PEER]
+    lines += [
+        "",
+        "Transchex ran offline: its BERT (normally `bert-base-uncased` from the hub) is a small "
+        "randomly initialised `BertConfig` saved to a local folder with a WordPiece tokenizer "
+        "trained on the training notes, so neither side starts from pretrained weights. Its "
+        "architecture is MONAI's, unchanged; sizes: "
+        + ", ".join(f"{k}={v}" for k, v in peer["config"].items())
+        + f". Inputs adapted: grey channel repeated to 3, images at its img_size, notes padded "
+        f"to a fixed {peer['note_tokens']} tokens (Transchex attends to padding), a missing note "
+        "is the empty note and a missing image is black.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def delta(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None:
+        return "—"
+    return f"{value - reference:+.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, default=Path("sample_data/manifest.csv"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/peers"))
+    parser.add_argument("--reuse", type=Path, help="the ablation's folder (runs/ablation)")
+    parser.add_argument("--work", type=Path, default=Path("runs/peers"))
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
+    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--speed-studies", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    args.peer_overrides = [o.removeprefix("peer.") for o in args.overrides if o.startswith("peer.")]
+    args.overrides = [o for o in args.overrides if not o.startswith("peer.")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    results = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, allow_nan=False)
+    args.out.with_suffix(".json").write_text(text, encoding="utf-8")
+    table = markdown(results)
+    args.out.with_suffix(".md").write_text(table, encoding="utf-8")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
