@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from clinfuse.data.batch import Batch
+from clinfuse.data.study import modality_name
 from clinfuse.model.model import FusionModel
 
 
@@ -47,11 +48,8 @@ class Predictions:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (study_id, reason)
 
     def modalities(self) -> list[str]:
-        """Per study: "image+note", "image" or "note" — the sides the prediction used."""
-        return [
-            "+".join(s for s, used in (("image", i), ("note", n)) if used)
-            for i, n in zip(self.image_used, self.note_used, strict=True)
-        ]
+        """Per study: the sides the prediction used (see `modality_name`)."""
+        return [modality_name(i, n) for i, n in zip(self.image_used, self.note_used, strict=True)]
 
 
 def iter_predictions(

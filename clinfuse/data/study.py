@@ -11,6 +11,11 @@ from clinfuse.data.manifest import StudyRow
 from clinfuse.data.notes import read_note
 
 
+def modality_name(image: bool, note: bool) -> str:
+    """The sides a study has or a prediction used: "image+note", "image", "note" or ""."""
+    return "+".join(side for side, present in (("image", image), ("note", note)) if present)
+
+
 @dataclass
 class Sample:
     """A study ready for preprocessing: either side may be missing, labels NaN = unknown."""
@@ -23,8 +28,8 @@ class Sample:
 
     @property
     def modalities(self) -> str:
-        """Which inputs the study has: "image+note", "image", "note" or ""."""
-        return "+".join(m for m, v in (("image", self.image), ("note", self.note)) if v is not None)
+        """Which inputs the study has (see `modality_name`)."""
+        return modality_name(self.image is not None, self.note is not None)
 
 
 def load_study(row: StudyRow) -> Sample:

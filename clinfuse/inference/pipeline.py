@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import iter_manifest
+from clinfuse.data.study import modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import iter_predictions, select_device
 from clinfuse.inference.outputs import write_exports
@@ -310,7 +311,6 @@ def prediction_records(
     thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
     records = []
     for i, study_id in enumerate(batch.study_ids):
-        sides = [s for s, used in (("image", image_used[i]), ("note", note_used[i])) if used]
         records.append(
             PredictionRecord(
                 study_id=study_id,
@@ -323,7 +323,7 @@ def prediction_records(
                 decisions={
                     n: bool(d) for n, d in zip(model.labels, decisions[i].tolist(), strict=True)
                 },
-                modalities="+".join(sides),
+                modalities=modality_name(bool(image_used[i]), bool(note_used[i])),
                 model_version=version,
             )
         )
