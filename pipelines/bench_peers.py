@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> dict:
         "command": "python pipelines/bench_peers.py " + " ".join(args.argv),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "load_average_1min": {"start": os.getloadavg()[0]},  # a shared machine distorts times
         "models": {},
         "robustness": {},
     }
@@ -266,6 +267,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     results["bar"] = check_bar(results)
     results["seconds"] = time.perf_counter() - started
+    results["load_average_1min"]["end"] = os.getloadavg()[0]
     return results
 
 
@@ -322,7 +324,8 @@ def markdown(results: dict) -> str:
     header = " | ".join(["model", "parameters", *labels, "macro AUROC", "ECE", "train s", "epochs"])
     lines = [
         f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}, {results['date']}; whole run {results['seconds']:.0f} s",
+        f"Machine: {results['machine']}, {results['date']}; whole run {results['seconds']:.0f} s"
+        + load_note(results.get("load_average_1min")),
         "",
         "Accuracy on the test split (AUROC; ECE after temperature scaling fitted on validation):",
         "",
@@ -384,6 +387,10 @@ def markdown(results: dict) -> str:
         "is the empty note and a missing image is black.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def load_note(load: dict | None) -> str:
+    return "" if not load else f"; 1-min load average {load['start']:.1f} → {load['end']:.1f}"
 
 
 def delta(value: float | None, reference: float | None) -> str:
