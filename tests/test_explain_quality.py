@@ -112,21 +112,24 @@ def test_model_grid_order_covers_the_image_pixels_not_the_padding():
 
 
 def test_worst_label_decides_the_bar():
-    def record(label, pointing, share):
+    def record(label, pointing, share, random=0.5):
         metrics = {"pointing_game": pointing, "relevance_mass": 0.7, "mask_auroc": 0.9}
-        metrics |= {"deletion_area": 0.1, "deletion_random": 0.5}
+        metrics |= {"deletion_area": 0.1, "deletion_random": random}
         where = {"study_id": f"S-{label}", "label": label, "stage": "trained"}
         rows = [{**where, "method": "ig", "metric": k, "value": v} for k, v in metrics.items()]
         return [*rows, {**where, "method": "modality", "metric": "note_share", "value": share}]
 
     records = [*record("cardiomegaly", 1.0, 0.05), *record("effusion", 0.5, 0.05)]
-    summary = quality_summary(records, ["cardiomegaly", "effusion"], {"studies": 2, "explained": 2})
+    records += record("mass", 1.0, 0.5, random=0.01)  # deletion barely moves it: not judged
+    labels = ["cardiomegaly", "effusion", "mass"]
+    summary = quality_summary(records, labels, {"studies": 3, "explained": 3})
     bars = {b["bar"]: b for b in summary["bars"]}
     assert summary["default_method"] == "ig"
     assert bars["pointing_game"] == {**bars["pointing_game"], "label": "effusion", "value": 0.5}
     assert not bars["pointing_game"]["passed"]
+    assert summary["labels"]["mass"]["ig"]["deletion_ratio"] is None
     assert bars["relevance_mass"]["passed"] and bars["deletion_pixels"]["value"] == 0.2
-    assert bars["note_share_image_only"]["passed"]
+    assert bars["note_share_image_only"]["passed"]  # mass (both) is not an image-only label
     assert set(bars) <= set(BARS)
 
 

@@ -88,7 +88,10 @@ def rationale_mass(scores: np.ndarray, inside: np.ndarray) -> float:
     return relevance_mass(scores, inside)
 
 
-def deletion_area(curve: np.ndarray, min_drop: float = 0.05) -> float:
+MIN_DROP = 0.05  # deleting every feature must lower the probability this much to judge an order
+
+
+def deletion_area(curve: np.ndarray, min_drop: float = MIN_DROP) -> float:
     """Area under a deletion curve (probabilities at equal fractions deleted, 0 to 1), the
     curve scaled to run from 1 (nothing deleted) to 0 (everything deleted): small = the output
     fell early. NaN when deleting everything lowers the output by less than `min_drop` (the
@@ -568,15 +571,19 @@ def _randomization(table: pd.DataFrame, method: str, metric: str) -> Record:
 
 def _label_summary(table: pd.DataFrame, group: str, present: int) -> Record:
     """Means per method and metric over the label's true positives, deletion ratios, and the
-    randomisation stages."""
+    randomisation stages. A deletion ratio needs a mean random-order area of at least
+    MIN_DROP / 2 (what a random order gives when deleting everything lowers the output by
+    MIN_DROP): below it the deleted features are too weak evidence to judge an order (n/a)."""
     trained = table[table.stage == "trained"]
     entry: Record = {"group": group, "truly_present": present}
     entry["true_positives"] = trained.study_id.nunique()
     for (method, metric), values in trained.groupby(["method", "metric"], sort=False).value:
         entry.setdefault(method, {"n": int(values.count())})[metric] = _mean(values)
     for method, part in entry.items():
-        if isinstance(part, dict) and part.get("deletion_random"):
-            part["deletion_ratio"] = _ratio(part.get("deletion_area"), part["deletion_random"])
+        if isinstance(part, dict) and "deletion_random" in part:
+            random = part["deletion_random"]
+            judged = random is not None and random >= MIN_DROP / 2
+            part["deletion_ratio"] = _ratio(part["deletion_area"], random) if judged else None
         if isinstance(part, dict) and method in (*IMAGE_METHODS, "note"):
             part |= _randomization(
                 table, method, "rationale_mass" if method == "note" else "relevance_mass"

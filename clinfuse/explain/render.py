@@ -352,8 +352,10 @@ def quality_markdown(summary: dict) -> str:
         f"{summary['explained']} studies with a true positive explained, of {summary['studies']}"
         f" in the split. Default image method: **{default}** (most image bars passed, then "
         "the worst label's relevance mass and mask AUROC). The worst label decides every bar; "
-        "deletion areas are divided by the random-order area; the mask area is the relevance "
-        "mass of a map that knows nothing.",
+        "deletion areas are divided by the random-order area (n/a where removing the pixels or "
+        "words barely moves the output, so no order can be judged); the mask area is the "
+        "relevance mass of a map that knows nothing; the randomisation drop is the relative "
+        "fall of the relevance mass from the trained model to the fully re-initialised one.",
         "## Per label (image columns: the default method)",
         _table(header, rows),
         "## Image methods compared (worst label)",
