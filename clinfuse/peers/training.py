@@ -45,8 +45,8 @@ from clinfuse.peers.transchex import (
 )
 from clinfuse.training.trainer import (
     Workers,
-    balanced_pos_weight,
     calibrate,
+    class_weights,
     epoch_order,
     file_sha256,
     masked_bce,
@@ -173,11 +173,7 @@ def train_transchex(
         collate_fn=collate,
         num_workers=cfg.train.workers,
     )
-    pos_weight = (
-        balanced_pos_weight(manifest.label_matrix("train"), cfg.train.max_pos_weight)
-        if cfg.train.class_weighting == "balanced"
-        else torch.ones(len(manifest.labels))
-    ).to(torch_device)
+    pos_weight = class_weights(manifest, cfg.train).to(torch_device)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.train.batch_size)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay

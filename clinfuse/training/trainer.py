@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clinfuse import __version__
-from clinfuse.config import RunConfig
+from clinfuse.config import RunConfig, TrainConfig
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, load_manifest
 from clinfuse.data.notes import read_note
@@ -103,6 +103,13 @@ def balanced_pos_weight(labels: np.ndarray, max_weight: float) -> torch.Tensor:
     negatives = np.sum(labels == 0, axis=0)
     weight = np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)
     return torch.tensor(np.clip(weight, 1.0, max_weight), dtype=torch.float32)
+
+
+def class_weights(manifest: Manifest, cfg: TrainConfig) -> torch.Tensor:
+    """(L,) the loss's pos_weight: balanced over the train split, or ones."""
+    if cfg.class_weighting == "balanced":
+        return balanced_pos_weight(manifest.label_matrix("train"), cfg.max_pos_weight)
+    return torch.ones(len(manifest.labels))
 
 
 def epoch_order(n: int, epoch: int, seed: int, workers: Workers) -> list[int]:
@@ -199,11 +206,7 @@ def train(
         collate_fn=collate,
         num_workers=cfg.train.workers,
     )
-    pos_weight = (
-        balanced_pos_weight(manifest.label_matrix("train"), cfg.train.max_pos_weight)
-        if cfg.train.class_weighting == "balanced"
-        else torch.ones(len(manifest.labels))
-    ).to(torch_device)
+    pos_weight = class_weights(manifest, cfg.train).to(torch_device)
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / workers.world) / cfg.train.batch_size)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
