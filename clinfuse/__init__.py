@@ -8,6 +8,7 @@ from clinfuse.errors import (
     ConfigError,
     DicomError,
     ManifestError,
+    ModelFolderError,
     NoteError,
     NoteWarning,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DicomError",
     "ManifestError",
+    "ModelFolderError",
     "NoteError",
     "NoteWarning",
     "__version__",

@@ -75,6 +75,10 @@ class FusionConfig(Config):
     # how each side's tokens become the head's input: their mean, or per label a learned query
     # attending over them (each label picks out its own evidence)
     pooling: Literal["mean", "label_attention"] = "mean"
+    # weight of the per-side auxiliary loss (training only): a head on each encoder's own
+    # tokens learns every label from that side alone, so neither encoder is left idle while the
+    # other fits the easy labels (cross_attention and late only; 0 = no side heads)
+    side_loss: float = 0.5
 
 
 class PreprocessConfig(Config):
@@ -179,6 +183,7 @@ class TrainConfig(Config):
     target_sensitivity: float = 0.9  # with threshold_rule=sensitivity
     augment: bool = True
     workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    cache: bool = True  # keep each decoded, resized image in memory after its first epoch
     checkpoint_every: int = 50  # steps between resumable checkpoints (and at every epoch end)
     seed: int = 0
     amp: bool = True  # mixed precision on GPU (ignored on CPU)

@@ -79,6 +79,14 @@ class ConfigError(ClinfuseError):
         super().__init__(f"{message}. {hint}" if hint else message)
 
 
+class ModelFolderError(ClinfuseError):
+    """A path given as a model folder that is not one (no config.json); names the path."""
+
+    def __init__(self, path: str | Path, problem: str, hint: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}. {hint}")
+
+
 class NoteError(ClinfuseError):
     """A note file named in the manifest that cannot be opened (missing, a folder, unreadable)."""
 

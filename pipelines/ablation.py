@@ -1,13 +1,16 @@
 """Ablation: the four fusion modes trained on the same split with the same budget, one table.
 
     python pipelines/ablation.py --manifest sample_data/manifest.csv --out runs/ablation \
-        [--config pipelines/train_default.yaml] [--both pneumonia,mass] [key=value ...]
+        [--config pipelines/train_default.yaml] [--both pneumonia,mass] [--labels TRUTH.csv] \
+        [key=value ...]
 
 Trains `cross_attention`, `late`, `image_only` and `text_only`, evaluates each on the test
 split at its saved calibration, and writes `ablation.json` and `ablation.md` (per-label and
 macro AUROC, ECE before/after temperature scaling, training time) with the quality bar of the
 training issue checked for the cross-attention model. Models already trained in --out are
-reused (delete a mode's folder to retrain it).
+reused (delete a mode's folder to retrain it). Test metrics are measured against `--labels`,
+by default the export's noise-free `ground_truth/truth.csv` beside the manifest when there is
+one (the manifest's own labels are noisy, like a real export's), else the manifest's labels.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ def run(args: argparse.Namespace) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
+        "labels_from": str(args.labels) if args.labels else "manifest",
         "modes": {},
     }
     evaluations = {}
     for mode in MODES:
         cfg = resolve_run_config(args.config, [*args.overrides, f"model.fusion.mode={mode}"])
         entry, evaluations[mode] = train_and_evaluate(
-            args.manifest, args.out / mode, cfg, args.bootstrap
+            args.manifest, args.out / mode, cfg, args.bootstrap, args.labels
         )
         results["modes"][mode] = entry
     write_evaluation(args.out / "report", evaluations)
@@ -51,12 +55,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def train_and_evaluate(
-    manifest: Path, folder: Path, cfg: RunConfig, bootstrap: int
+    manifest: Path, folder: Path, cfg: RunConfig, bootstrap: int, labels: Path | None = None
 ) -> tuple[dict, tuple[EvaluationRun, pd.DataFrame]]:
-    """Train `folder` (reused when already trained), evaluate it on test: its table row."""
+    """Train `folder` (reused when already trained), evaluate it on test against `labels`
+    (None: the manifest's): its table row."""
     trained = train(manifest, folder, cfg)
     seconds = read_checkpoint_config(folder)["training"]["seconds"]
-    evaluation, table = evaluate_model(folder, manifest, split="test", bootstrap=bootstrap)
+    evaluation, table = evaluate_model(
+        folder, manifest, split="test", bootstrap=bootstrap, labels_path=labels
+    )
     validation = trained.validation["macro"]
     metrics = evaluation.metrics
     entry = {
@@ -89,13 +96,20 @@ def check_bar(modes: dict, both: list[str]) -> dict:
     return bar
 
 
+def default_truth(manifest: Path) -> Path | None:
+    """A synthetic export's noise-free labels beside its manifest, when there are some."""
+    truth = manifest.parent / "ground_truth" / "truth.csv"
+    return truth if truth.is_file() else None
+
+
 def markdown(results: dict) -> str:
     modes = results["modes"]
     labels = list(modes["cross_attention"]["labels"])
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}, {results['date']}",
+        f"Machine: {results['machine']}, {results['date']}  ",
+        f"Test labels: {results['labels_from']}",
         "",
         "| mode | " + " | ".join(labels) + " | macro AUROC | ECE (test) | "
         "val ECE before → after T | train s | epochs |",
@@ -124,11 +138,18 @@ def main() -> None:
         help="labels that need both modalities (checked against the bar)",
     )
     parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="test labels to measure against (default: ground_truth/truth.csv beside the "
+        "manifest when present, else the manifest's)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     import sys
 
     args = parser.parse_args()
     args.argv = sys.argv[1:]
+    args.labels = args.labels or default_truth(args.manifest)
     args.both = [b for b in args.both.split(",") if b]
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

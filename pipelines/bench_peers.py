@@ -36,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ablation import MODES, train_and_evaluate
+from ablation import MODES, default_truth, train_and_evaluate
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinfuse.config import RunConfig, apply_overrides, resolve_run_config
 from clinfuse.data.batch import Batch, Collator, StudyDataset
-from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
+from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest, reference_labels
 from clinfuse.engine import predict, select_device
 from clinfuse.evaluation.calibration import apply_temperature
 from clinfuse.evaluation.metrics import evaluate_predictions
@@ -103,17 +103,22 @@ def without(batches: Iterable[Batch], side: str | None) -> Iterator[Batch]:
 
 
 def score(
-    model: torch.nn.Module, rows: list[StudyRow], side: str | None = None, bootstrap: int = 0
+    model: torch.nn.Module,
+    rows: list[StudyRow],
+    labels: Path | None,
+    side: str | None = None,
+    bootstrap: int = 0,
 ) -> dict:
-    """Metrics on `rows` at the model's saved temperature and thresholds, `side` removed."""
+    """Metrics on `rows` at the model's saved temperature and thresholds, `side` removed,
+    against the `labels` table (None: the manifest's labels)."""
     device = next(model.parameters()).device
     predictions = predict(model, without(test_loader(model, rows), side), device)
     probs = apply_temperature(predictions.logits, model.temperature.cpu().numpy())
     thresholds = model.thresholds.cpu().numpy()
-    metrics = evaluate_predictions(
-        predictions.labels, probs, thresholds, model.labels, n_bootstrap=bootstrap
-    )
-    return metrics
+    y = predictions.labels  # (N, L)
+    if labels is not None:
+        y = reference_labels(labels, model.labels, predictions.study_ids)
+    return evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
 
 
 def peer_entry(args: argparse.Namespace, cfg: RunConfig, rows: list[StudyRow]) -> tuple:
@@ -121,7 +126,7 @@ def peer_entry(args: argparse.Namespace, cfg: RunConfig, rows: list[StudyRow]) -
     peer = apply_overrides(TranschexConfig(), args.peer_overrides)
     trained = train_transchex(args.manifest, args.work / PEER, cfg, peer, args.device)
     trained.model.to(select_device(args.device))
-    metrics = score(trained.model, rows, bootstrap=args.bootstrap)
+    metrics = score(trained.model, rows, args.labels, bootstrap=args.bootstrap)
     training, validation = trained.info["training"], trained.info["metrics"]["validation"]
     entry = {
         "train_seconds": training["seconds"],
@@ -232,6 +237,7 @@ def run(args: argparse.Namespace) -> dict:
         "command": "python pipelines/bench_peers.py " + " ".join(args.argv),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "labels_from": str(args.labels) if args.labels else "manifest",
         "load_average_1min": {"start": os.getloadavg()[0]},  # a shared machine distorts times
         "models": {},
         "robustness": {},
@@ -240,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     for mode in MODES:
         cfg = resolve_run_config(args.config, [*args.overrides, f"model.fusion.mode={mode}"])
         folder, reused = clinfuse_folder(mode, cfg, args)
-        entry, _ = train_and_evaluate(args.manifest, folder, cfg, args.bootstrap)
+        entry, _ = train_and_evaluate(args.manifest, folder, cfg, args.bootstrap, args.labels)
         loaded[mode] = load_checkpoint(folder, select_device(args.device))
         entry.update(folder=str(folder), reused=reused, parameters=count_parameters(loaded[mode]))
         results["models"][mode] = entry
@@ -256,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
     results["models"][PEER] = entry
     for name, model in loaded.items():
         results["robustness"][name] = {
-            f"no_{side}": score(model, test_rows, side)["macro"]["auroc"] for side in SIDES
+            f"no_{side}": score(model, test_rows, args.labels, side)["macro"]["auroc"]
+            for side in SIDES
         }
     speed_rows = list(manifest.rows("train"))[: args.speed_studies]
     results["speed"] = speed(
@@ -327,7 +334,9 @@ def markdown(results: dict) -> str:
         f"Machine: {results['machine']}, {results['date']}; whole run {results['seconds']:.0f} s"
         + load_note(results.get("load_average_1min")),
         "",
-        "Accuracy on the test split (AUROC; ECE after temperature scaling fitted on validation):",
+        "Accuracy on the test split against "
+        f"{results.get('labels_from', 'manifest')} labels (AUROC; ECE after temperature "
+        "scaling fitted on validation):",
         "",
         f"| {header} |",
         "|---" * (len(labels) + 6) + "|",
@@ -410,9 +419,16 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--speed-studies", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="test labels to measure against (default: ground_truth/truth.csv beside the "
+        "manifest when present, else the manifest's)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
+    args.labels = args.labels or default_truth(args.manifest)
     args.peer_overrides = [o.removeprefix("peer.") for o in args.overrides if o.startswith("peer.")]
     args.overrides = [o for o in args.overrides if not o.startswith("peer.")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -90,11 +90,11 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
 
 
 def test_committed_sample_data_is_what_the_documented_command_writes(tmp_path):
-    """sample_data/ in the repository = `clinfuse sample-data OUT --n 400 --seed 0`."""
+    """sample_data/ in the repository = `clinfuse sample-data OUT --seed 0` (the defaults)."""
     from pathlib import Path
 
     committed = Path(__file__).parents[1] / "sample_data"
-    assert main(["sample-data", str(tmp_path / "s"), "--n", "400", "--seed", "0"]) == 0
+    assert main(["sample-data", str(tmp_path / "s"), "--seed", "0"]) == 0
     written = {p.relative_to(tmp_path / "s") for p in (tmp_path / "s").rglob("*") if p.is_file()}
     shipped = {
         p.relative_to(committed)

@@ -279,7 +279,9 @@ def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, caps
     assert "error:" in err and "'NO-SUCH-STUDY' is not in the manifest" in err
     base[1] = str(tmp_path / "missing-model")
     assert clinfuse("explain", *base, "--study-id", study) == 2
-    assert "not a clinfuse model folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'missing-model'}: not a clinfuse model folder" in err
+    assert "config key" not in err
     base[1] = str(trained)
     assert clinfuse("explain", *base, "--study-id", study, "--labels", "copd,nope") == 2
     assert "unknown label(s) nope" in capsys.readouterr().err

@@ -64,7 +64,10 @@ def test_every_registered_model_and_mode_meets_the_contract(name, mode, tmp_path
     assert torch.isfinite(logits).all()
     logits.sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
-    assert no_grad == []
+    # with side heads a one-sided study is answered by its side's own head, so the learned
+    # stand-ins only serve a study with neither side
+    stand_ins = ["missing_image", "missing_text"] if model.side_heads is not None else []
+    assert no_grad == [n for n in stand_ins if hasattr(model, n) and getattr(model, n) is not None]
 
     model.eval()
     image, ids, mask, image_present, note_present = args
@@ -145,6 +148,40 @@ def test_modality_dropout_only_in_training():
     model.eval()
     out = model.forward_intermediates(*args)
     assert (out.image_used & out.note_used).all()
+
+
+def test_side_heads_learn_from_each_side_only_where_that_side_was_used():
+    from clinfuse.data.batch import Batch
+    from clinfuse.training.trainer import fusion_loss, masked_bce
+
+    model = build(fusion={"side_loss": 0.5, "modality_dropout": 0.0}).train()
+    assert build(fusion={"side_loss": 0.0}).side_heads is None
+    assert build(fusion={"side_loss": 0.5, "mode": "image_only"}).side_heads is None
+    image, ids, mask, present, note_present = inputs(model)  # 2nd: no note, 3rd: no image
+    logits, side_logits, used = model(image, ids, mask, present, note_present, with_sides=True)
+    assert side_logits.shape == (3, 2, len(LABELS))
+    assert used.tolist() == [[True, True], [True, False], [False, True]]
+    labels = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    batch = Batch(
+        study_ids=["a", "b", "c"], image=image, image_present=present, input_ids=ids,
+        attention_mask=mask, note_present=note_present, offsets=torch.zeros(3, ids.shape[1], 2),
+        labels=labels, notes=[None] * 3, original_shapes=[None] * 3,
+    )  # fmt: skip
+    ones = torch.ones(len(LABELS))
+    torch.manual_seed(0)
+    loss = fusion_loss(model, batch, ones, 0.5)
+    torch.manual_seed(0)
+    logits, side_logits, _ = model(image, ids, mask, present, note_present, with_sides=True)
+    # by hand: the image head sees studies a and b, the note head studies a and c
+    image_part = (side_logits[:2, 0], labels[:2])
+    note_part = (side_logits[[0, 2], 1], labels[[0, 2]])
+    sides = masked_bce(
+        torch.cat([image_part[0], note_part[0]]), torch.cat([image_part[1], note_part[1]]), ones
+    )
+    expected = masked_bce(logits, labels, ones) + 0.5 * sides
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.side_heads.parameters())
 
 
 def test_attention_maps_are_available_on_request():

@@ -250,3 +250,26 @@ def test_example_configs_in_pipelines_load():
 
     for path in sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml")):
         assert resolve_run_config(path).model.labels == ()
+
+
+def test_the_image_cache_changes_no_item_and_keeps_the_fitted_image(export):
+    from clinfuse.data.batch import StudyDataset
+    from clinfuse.data.manifest import load_manifest
+    from clinfuse.model.registry import model_config
+
+    rows = list(load_manifest(export).rows())[:6]
+    cfg = model_config("tiny")
+    plain = StudyDataset(rows, cfg, train=True)
+    cached = StudyDataset(rows, cfg, train=True, cache=True)
+    plain.transforms.set_random_state(7)
+    cached.transforms.set_random_state(7)
+    for _epoch in range(2):  # the second epoch reads from the cache, augmented afresh
+        for i in range(len(rows)):
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys() and a["failure"] == b["failure"]
+            assert (a["image"] is None) == (b["image"] is None)
+            if a["image"] is not None:
+                assert torch.equal(a["image"], b["image"])
+    fitted = [item["image"] for item in cached.cache.values() if item["image"] is not None]
+    assert len(cached.cache) == len(rows) and fitted
+    assert all(0.0 <= float(img.min()) and float(img.max()) <= 1.0 for img in fitted)

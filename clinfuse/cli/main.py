@@ -72,7 +72,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     runs = {
         name: evaluate_model(
-            folder, args.manifest, split=args.split, device=args.device, bootstrap=args.bootstrap
+            folder,
+            args.manifest,
+            split=args.split,
+            device=args.device,
+            bootstrap=args.bootstrap,
+            labels_path=args.labels,
         )
         for name, folder in zip(unique_names(args.model), args.model, strict=True)
     }
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest and explanation ground truth. Same arguments, same bytes.",
     )
     p.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
-    p.add_argument("--n", type=int, default=400, help="number of studies (default 400)")
+    p.add_argument("--n", type=int, default=1000, help="number of studies (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     p.set_defaults(run=_sample_data)
@@ -190,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% CIs")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="measure against this table's labels (study_id + label columns: adjudicated "
+        "labels, or a sample export's ground_truth/truth.csv) instead of the manifest's",
+    )
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser(

@@ -74,21 +74,38 @@ class Batch:
 
 
 class StudyDataset(Dataset):
-    """Manifest rows -> items; a row that fails to load yields an item with `failure` set."""
+    """Manifest rows -> items; a row that fails to load yields an item with `failure` set.
 
-    def __init__(self, rows: Sequence[StudyRow], cfg: ModelConfig, train: bool = False) -> None:
+    With `cache=True` each study is decoded and fitted once, then kept in this process's
+    memory (one (C, *spatial_size) float32 image per study); later reads only augment and
+    normalise it. Items are the same with and without the cache. With DataLoader workers each
+    worker keeps its own copy for the life of the loader.
+    """
+
+    def __init__(
+        self, rows: Sequence[StudyRow], cfg: ModelConfig, train: bool = False, cache: bool = False
+    ) -> None:
         self.rows = list(rows)
         self.transforms = build_transforms(cfg.preprocess, cfg.image.in_channels, train=train)
+        self.cache: dict[int, dict[str, Any]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return load_item(self.rows[index], self.transforms)
+        if self.cache is None:
+            return load_item(self.rows[index], self.transforms)
+        fitted = self.cache.get(index)
+        if fitted is None:
+            fitted = self.cache[index] = load_item(self.rows[index], self.transforms, finish=False)
+        return finish_item(fitted, self.transforms)
 
 
-def load_item(row: StudyRow, transforms: Preprocess) -> dict[str, Any]:
-    """One row -> a collatable item; a row that cannot be read carries its `failure`."""
+def load_item(row: StudyRow, transforms: Preprocess, finish: bool = True) -> dict[str, Any]:
+    """One row -> a collatable item; a row that cannot be read carries its `failure`.
+
+    `finish=False` stops after the fixed stage of the transforms (see `finish_item`).
+    """
     item: dict[str, Any] = {
         "study_id": row.study_id,
         "patient_id": row.patient_id,
@@ -104,14 +121,21 @@ def load_item(row: StudyRow, transforms: Preprocess) -> dict[str, Any]:
         item["note"] = sample.note
         if sample.image is not None:
             item["original_shape"] = tuple(sample.image.pixels.shape[1:])
-            data = transforms({"image": sample.image, "path": str(row.image)})
-            item["image"] = data["image"]  # (C, *spatial)
+            data = transforms.run_fit({"image": sample.image, "path": str(row.image)})
+            item["image"] = data["image"]  # (C, *spatial) in [0, 1]
         if sample.image is None and sample.note is None:
             item["failure"] = "no_input: the row has neither an image nor a note"
     except ClinfuseError as exc:
         side = "image" if isinstance(exc, DicomError) else "note"
         item["failure"] = f"{side}:{getattr(exc, 'reason', 'error')}: {exc}"
-    return item
+    return finish_item(item, transforms) if finish else item
+
+
+def finish_item(item: dict[str, Any], transforms: Preprocess) -> dict[str, Any]:
+    """A fitted item -> a new item whose image is the model input; `item` is not changed."""
+    if item["image"] is None:
+        return item
+    return {**item, "image": transforms.run_finish({"image": item["image"]})["image"]}
 
 
 class Collator:

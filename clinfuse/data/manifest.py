@@ -180,6 +180,35 @@ def load_manifest(
     return check_table(path, read_table(path), labels, split or PatientSplit())
 
 
+def reference_labels(
+    path: str | Path, labels: Sequence[str], study_ids: Sequence[str]
+) -> np.ndarray:
+    """(N, L) float32 labels (NaN = unknown) of `study_ids`, read from a table of `study_id`
+    and label columns: adjudicated labels, a reviewed export, or a synthetic export's
+    `ground_truth/truth.csv`. Other columns are ignored; a missing column, a bad cell or a
+    study the table does not cover is a `ManifestError` naming it."""
+    path = Path(path)
+    table = read_table(path)
+    for column in ("study_id", *labels):
+        if column not in table.columns:
+            raise ManifestError(
+                path, "missing column in the labels file", column=column, hint=_columns_hint(table)
+            )
+    table.insert(0, "row", np.arange(1, len(table) + 1))
+    _check_unique_studies(path, table)
+    parsed = _parse_labels(path, table, tuple(labels))
+    position = pd.Series(table.index, index=table["study_id"])
+    missing = [s for s in study_ids if s not in position.index]
+    if missing:
+        raise ManifestError(
+            path,
+            f"{len(missing)} scored studies have no row here (first: {missing[0]!r})",
+            column="study_id",
+            hint="the labels file must cover every study that is scored",
+        )
+    return parsed.loc[position[list(study_ids)].to_numpy()].to_numpy(dtype=np.float32)
+
+
 def iter_manifest(
     path: str | Path, labels: Sequence[str], chunk_rows: int = 4096
 ) -> Iterator[StudyRow]:

@@ -109,28 +109,43 @@ class WindowAndFitd(MapTransform):
 
 
 class Preprocess:
-    """The composed transforms, run on plain tensors: MONAI's metadata tracking is switched off
-    for the call (and restored), which makes the random affine about 7x cheaper."""
+    """The composed transforms in two stages, run on plain tensors: `fit` (window, channels,
+    resize, pad: the same every time, so a dataset may cache its output) and `finish` (random
+    augmentation when training, then normalisation). MONAI's metadata tracking is switched off
+    for each call (and restored), which makes the random affine about 7x cheaper."""
 
-    def __init__(self, compose: Compose) -> None:
-        self.compose = compose
+    def __init__(self, fit: Compose, finish: Compose) -> None:
+        self.fit = fit
+        self.finish = finish
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        previous = get_track_meta()
-        set_track_meta(False)
-        try:
-            return self.compose(data)
-        finally:
-            set_track_meta(previous)
+        return self.run_finish(self.run_fit(data))
+
+    def run_fit(self, data: dict[str, Any]) -> dict[str, Any]:
+        """{"image": DicomImage, "path": str} -> {"image": (C, *spatial_size) in [0, 1], ...}."""
+        return _untracked(self.fit, data)
+
+    def run_finish(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The fitted image -> the model input (augmented when training, normalised)."""
+        return _untracked(self.finish, data)
 
     def set_random_state(self, seed: int) -> Preprocess:
-        self.compose.set_random_state(seed=seed)
+        self.finish.set_random_state(seed=seed)
         return self
+
+
+def _untracked(compose: Compose, data: dict[str, Any]) -> dict[str, Any]:
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        return compose(data)
+    finally:
+        set_track_meta(previous)
 
 
 def build_transforms(spec: PreprocessConfig, in_channels: int, train: bool = False) -> Preprocess:
     """The image pipeline for one study dict {"image": DicomImage, "path": str}."""
-    steps: list[Any] = [WindowAndFitd("image", spec, in_channels)]
+    steps: list[Any] = []
     if train:
         spatial = len(spec.spatial_size)
         steps += [
@@ -147,4 +162,7 @@ def build_transforms(spec: PreprocessConfig, in_channels: int, train: bool = Fal
     mean, std = spec.normalize
     steps.append(NormalizeIntensityd("image", subtrahend=mean, divisor=std))
     steps.append(EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False))
-    return Preprocess(Compose(steps, map_items=False))
+    return Preprocess(
+        Compose([WindowAndFitd("image", spec, in_channels)], map_items=False),
+        Compose(steps, map_items=False),
+    )

@@ -13,7 +13,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from clinfuse.data.batch import Collator, StudyDataset
-from clinfuse.data.manifest import PatientSplit, load_manifest
+from clinfuse.data.manifest import PatientSplit, load_manifest, reference_labels
 from clinfuse.engine import predict, select_device
 from clinfuse.errors import ManifestError
 from clinfuse.evaluation.calibration import apply_temperature
@@ -29,8 +29,13 @@ def evaluate_model(
     device: str | None = None,
     batch_size: int = 32,
     bootstrap: int = 1000,
+    labels_path: str | Path | None = None,
 ) -> tuple[EvaluationRun, pd.DataFrame]:
-    """Score `split` ("all" for every row) and compute the metrics at the saved thresholds."""
+    """Score `split` ("all" for every row) and compute the metrics at the saved thresholds.
+
+    `labels_path`: measure against the labels of that table (see `reference_labels`) instead
+    of the manifest's.
+    """
     torch_device = select_device(device)
     model = load_checkpoint(model_dir, torch_device)
     data = read_checkpoint_config(model_dir).get("data", {})
@@ -55,10 +60,12 @@ def evaluate_model(
     temperature = model.temperature.cpu().numpy()
     thresholds = model.thresholds.cpu().numpy()
     probs = apply_temperature(predictions.logits, temperature)
-    metrics = evaluate_predictions(
-        predictions.labels, probs, thresholds, model.labels, n_bootstrap=bootstrap
-    )
+    y = predictions.labels  # (N, L)
+    if labels_path is not None:
+        y = reference_labels(labels_path, model.labels, predictions.study_ids)
+    metrics = evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
     metrics["split"] = split
+    metrics["labels_from"] = str(labels_path) if labels_path is not None else "manifest"
     metrics["failed"] = len(predictions.failures)
     version = model_version(model_dir)
     metrics["model_version"] = version
@@ -67,10 +74,10 @@ def evaluate_model(
     )
     for j, name in enumerate(model.labels):
         table[f"p_{name}"] = probs[:, j]
-        table[f"y_{name}"] = predictions.labels[:, j]
+        table[f"y_{name}"] = y[:, j]
     run = EvaluationRun(
         metrics=metrics,
-        y=predictions.labels,
+        y=y,
         probs=probs,
         labels=model.labels,
         model_version=version,

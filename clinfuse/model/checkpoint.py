@@ -20,7 +20,7 @@ from safetensors.torch import load_model, save_model
 
 from clinfuse import __version__
 from clinfuse.config import ModelConfig, parse_config
-from clinfuse.errors import ConfigError
+from clinfuse.errors import ModelFolderError
 from clinfuse.model.model import FusionModel
 from clinfuse.model.text_encoder import load_tokenizer
 
@@ -64,10 +64,10 @@ def model_version(folder: str | Path) -> str:
 def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise ConfigError(
-            str(folder),
+        raise ModelFolderError(
+            folder,
             "not a clinfuse model folder (no config.json)",
-            hint="pass the folder `clinfuse train --out` wrote",
+            hint="Pass the folder `clinfuse train --out` wrote",
         )
     return json.loads(path.read_text(encoding="utf-8"))
 

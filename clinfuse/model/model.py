@@ -10,8 +10,12 @@ One config key, `fusion.mode`, chooses the model or one of its baselines:
 
 A study may lack its image or its note: a learned token stands in for the missing side, and
 modality dropout in training (`fusion.modality_dropout`) teaches the model to use either side
-alone. Like torchxrayvision, the model knows its label names and carries its per-label
-temperature and decision thresholds as buffers, so the checkpoint alone is enough to predict.
+alone. With side heads (`fusion.side_loss` > 0), each encoder also has its own head, trained
+on that side's tokens before fusion; a study with one side only is answered by that side's
+head, so losing a side leaves the model as good as a single-side model, not worse.
+
+Like torchxrayvision, the model knows its label names and carries its per-label temperature
+and decision thresholds as buffers, so the checkpoint alone is enough to predict.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Intermediates:
     pooled: torch.Tensor  # (B, D) with mean pooling, (B, L, D) with label attention
     logits: torch.Tensor  # (B, L)
     attention: list[BlockAttention]  # one per fusion block when asked for, else empty
+    side_logits: torch.Tensor | None = None  # (B, 2, L) image, note heads on unfused tokens
 
 
 def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -111,6 +116,11 @@ class FusionModel(nn.Module):
             nn.Dropout(cfg.fusion.dropout),
         )
         self.head = LabelHeads(width, n_labels)  # one logit a label
+        self.side_heads = (
+            nn.ModuleList([LabelHeads(width, n_labels), LabelHeads(width, n_labels)])
+            if cfg.fusion.side_loss > 0 and self.uses_image and self.uses_text
+            else None
+        )  # image, note: trained by the auxiliary loss only
         n = len(self.labels)
         self.register_buffer("temperature", torch.ones(n))  # fitted after training
         self.register_buffer("thresholds", torch.full((n,), 0.5))  # on calibrated probabilities
@@ -179,6 +189,15 @@ class FusionModel(nn.Module):
         text_tokens, text_valid = (
             self.encode_text(input_ids, attention_mask, note_present) if self.uses_text else empty
         )
+        side_logits = None
+        if self.side_heads is not None:
+            side_logits = torch.stack(
+                [
+                    self.side_heads[0](masked_mean(image_tokens, image_valid)),
+                    self.side_heads[1](masked_mean(text_tokens, text_valid)),
+                ],
+                dim=1,
+            )  # (B, 2, L)
         attention: list[BlockAttention] = []
         if self.fusion is not None:
             text_tokens, image_tokens, attention = self.fusion(
@@ -190,16 +209,23 @@ class FusionModel(nn.Module):
         if self.uses_image:
             sides.append(self._pool_side(image_tokens, image_valid))
         pooled = self.pool(torch.cat(sides, dim=-1))  # (B, D) or (B, L, D)
+        image_used = image_present & self.uses_image
+        note_used = note_present & self.uses_text
+        logits = self.head(pooled)  # (B, L)
+        if side_logits is not None:  # one side only: that side's own head answers
+            logits = torch.where((image_used & ~note_used)[:, None], side_logits[:, 0], logits)
+            logits = torch.where((note_used & ~image_used)[:, None], side_logits[:, 1], logits)
         return Intermediates(
             text_tokens=text_tokens,
             image_tokens=image_tokens,
             text_valid=text_valid,
             image_valid=image_valid,
-            image_used=image_present & self.uses_image,
-            note_used=note_present & self.uses_text,
+            image_used=image_used,
+            note_used=note_used,
             pooled=pooled,
-            logits=self.head(pooled),
+            logits=logits,
             attention=attention,
+            side_logits=side_logits,
         )
 
     def _pool_side(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -207,8 +233,9 @@ class FusionModel(nn.Module):
         if self.label_attention is None:
             return masked_mean(tokens, valid)
         queries = self.label_queries.expand(tokens.shape[0], -1, -1)  # (B, L, D)
-        read, _ = self.label_attention(queries, tokens, tokens, key_padding_mask=~valid,
-                                       need_weights=False)
+        read, _ = self.label_attention(
+            queries, tokens, tokens, key_padding_mask=~valid, need_weights=False
+        )
         return read  # (B, L, D)
 
     def forward(
@@ -218,11 +245,18 @@ class FusionModel(nn.Module):
         attention_mask: torch.Tensor,
         image_present: torch.Tensor,
         note_present: torch.Tensor,
-    ) -> torch.Tensor:
-        """Logits (B, L)."""
-        return self.forward_intermediates(
+        with_sides: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, L); with `with_sides` (training with side heads) also the side heads'
+        logits (B, 2, L) and which sides each study really used (B, 2) bool."""
+        out = self.forward_intermediates(
             image, input_ids, attention_mask, image_present, note_present
-        ).logits
+        )
+        if not with_sides:
+            return out.logits
+        if out.side_logits is None:
+            raise ValueError("this model has no side heads (fusion.side_loss is 0)")
+        return out.logits, out.side_logits, torch.stack([out.image_used, out.note_used], dim=1)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities (B, L): sigmoid(logits / per-label temperature)."""

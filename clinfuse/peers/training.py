@@ -165,10 +165,10 @@ def train_transchex(
     ).to(torch_device)
     torch.manual_seed(cfg.train.seed + 1)
     collate = Collator(model.note_tokenizer, model.cfg)
-    train_set = StudyDataset(train_rows, model.cfg, train=cfg.train.augment)
+    train_set = StudyDataset(train_rows, model.cfg, train=cfg.train.augment, cache=cfg.train.cache)
     train_set.transforms.set_random_state(cfg.train.seed)
     val_loader = DataLoader(
-        StudyDataset(val_rows, model.cfg),
+        StudyDataset(val_rows, model.cfg, cache=cfg.train.cache),
         batch_size=cfg.train.batch_size,
         collate_fn=collate,
         num_workers=cfg.train.workers,

@@ -75,7 +75,7 @@ class SampleDataSummary:
 
 
 def make_sample_data(
-    out_dir: str | Path, n: int = 400, seed: int = 0, size: int = 96
+    out_dir: str | Path, n: int = 1000, seed: int = 0, size: int = 96
 ) -> SampleDataSummary:
     """Write `n` synthetic chest studies (size x size images, notes, labels) into `out_dir`.
 

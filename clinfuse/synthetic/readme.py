@@ -86,7 +86,10 @@ def write_readme(
         "",
         f"Opacities in {len(opacity)} studies; {len(infected)} of them with infection signs, "
         f"{other_side} of those on the other side (an indeterminate case: neither pneumonia "
-        "nor mass). Infection signs without any opacity are neither, too.",
+        "nor mass). Infection signs without any opacity are neither, too. Infection signs "
+        "are drawn independently of the opacity and its side, so neither the image nor the "
+        "note alone separates pneumonia or mass from the rest (best possible AUROC from one "
+        "side about 0.79 for pneumonia and 0.83 for mass).",
         "Rationales: copd and diabetes -> the phrase; pneumonia -> the infection words and "
         "the side word; mass -> the negation phrase ('Denies fever or cough') when the note "
         "has one, otherwise no rationale is recorded.",

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from clinfuse import __version__
 from clinfuse.config import RunConfig, TrainConfig
-from clinfuse.data.batch import Collator, StudyDataset
+from clinfuse.data.batch import Batch, Collator, StudyDataset
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, load_manifest
 from clinfuse.data.notes import read_note
 from clinfuse.engine import Predictions, autocast, predict, select_device
@@ -95,6 +95,24 @@ def masked_bce(
         logits.float(), torch.nan_to_num(labels), pos_weight=pos_weight, reduction="none"
     )
     return (losses * known).sum() / known.sum().clamp(min=1)
+
+
+def fusion_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    pos_weight: torch.Tensor,
+    side_weight: float,
+) -> torch.Tensor:
+    """The training loss of one batch: masked BCE of the fused logits, plus `side_weight` x
+    the side heads' loss on the sides each study really used (after modality dropout)."""
+    if side_weight <= 0:
+        return masked_bce(model(*batch.model_inputs()), batch.labels, pos_weight)
+    logits, side_logits, used = model(*batch.model_inputs(), with_sides=True)
+    side_labels = batch.labels[:, None, :].expand_as(side_logits)  # (B, 2, L)
+    side_labels = side_labels.masked_fill(~used[:, :, None], float("nan"))
+    return masked_bce(logits, batch.labels, pos_weight) + side_weight * masked_bce(
+        side_logits, side_labels, pos_weight
+    )
 
 
 def balanced_pos_weight(labels: np.ndarray, max_weight: float) -> torch.Tensor:
@@ -198,15 +216,16 @@ def train(
     torch.manual_seed(cfg.train.seed + 1 + workers.rank + progress.step)
 
     collate = Collator(model.note_tokenizer, cfg.model)
-    train_set = StudyDataset(train_rows, cfg.model, train=cfg.train.augment)
+    train_set = StudyDataset(train_rows, cfg.model, train=cfg.train.augment, cache=cfg.train.cache)
     train_set.transforms.set_random_state(cfg.train.seed + workers.rank + progress.step)
     val_loader = DataLoader(
-        StudyDataset(val_rows, cfg.model),
+        StudyDataset(val_rows, cfg.model, cache=cfg.train.cache),
         batch_size=cfg.train.batch_size,
         collate_fn=collate,
         num_workers=cfg.train.workers,
     )
     pos_weight = class_weights(manifest, cfg.train).to(torch_device)
+    side_weight = cfg.model.fusion.side_loss if model.side_heads is not None else 0.0
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / workers.world) / cfg.train.batch_size)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -256,8 +275,7 @@ def train(
             failures.update(batch.failures)
             batch = batch.to(torch_device)
             with autocast(torch_device, cfg.train.amp):
-                logits = ddp(*batch.model_inputs())
-            loss = masked_bce(logits, batch.labels, pos_weight)
+                loss = fusion_loss(ddp, batch, pos_weight, side_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
