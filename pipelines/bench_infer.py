@@ -1,12 +1,16 @@
-"""Batch-inference benchmark: pipeline efficiency, flat memory, DICOM decoding throughput.
+"""Batch-inference benchmark: pipeline efficiency, scaling in time and memory, DICOM decoding.
 
-    python pipelines/bench_infer.py --model MODEL_DIR [--n 400] [--scale 10] \
-        [--out benchmarks/infer]
+    python pipelines/bench_infer.py --model MODEL_DIR [--n 1000] [--sizes 1000,10000,50000] \
+        [--workers 2] [--out benchmarks/infer]
 
-- efficiency: `clinfuse infer` end to end (studies/s) divided by the model's forward pass alone
-  on the same collated batches (studies/s), measured in the same run, one after the other;
-- memory: peak resident memory of `clinfuse infer` on n and on scale x n studies (fresh
-  processes; generated with `clinfuse sample-data`), and their ratio;
+- efficiency: `clinfuse infer`'s own studies/s over the run (decoding, tokenizing, the model,
+  the store's commits, the exports; process start-up and model loading excluded, and reported
+  apart) divided by the model's forward pass alone on the same collated batches (studies/s),
+  measured in the same run, one after the other;
+- scaling: wall time and peak resident memory of `clinfuse infer` (a fresh process each) at each
+  of `--sizes` studies; the larger manifests repeat the n-study export's files under new study
+  and patient ids (every row is decoded and scored anew; generating 50,000 distinct images would
+  take ~15 min and change nothing the pipeline does);
 - decoding: `read_dicom` images/s in one process (one DataLoader worker's share) for native and
   compressed transfer syntaxes of the sample export.
 
@@ -18,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -55,30 +62,19 @@ def forward_only(model_dir: Path, manifest: Path, batch_size: int) -> float:
 
 
 def run_infer(model_dir: Path, manifest: Path, out: Path, batch_size: int, workers: int) -> dict:
-    """`clinfuse infer` in a fresh process: studies/s and its peak RSS (MB).
+    """`clinfuse infer` in a fresh process: wall time, its own studies/s, and its peak RSS (MB).
 
     A wrapper process runs it and reports its own children's peak, so each run is measured
     alone (the largest single process: the one holding the model).
     """
     command = [
-        sys.executable,
-        "-m",
-        "clinfuse",
-        "infer",
-        "--model",
-        str(model_dir),
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(out),
-        "--batch-size",
-        str(batch_size),
-        "--workers",
-        str(workers),
-    ]
+        sys.executable, "-m", "clinfuse", "infer", "--model", str(model_dir),
+        "--manifest", str(manifest), "--out", str(out),
+        "--batch-size", str(batch_size), "--workers", str(workers),
+    ]  # fmt: skip
     wrapper = (
-        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-        "capture_output=True); "
+        "import resource, subprocess, sys; "
+        "subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     started = time.perf_counter()
@@ -87,13 +83,31 @@ def run_infer(model_dir: Path, manifest: Path, out: Path, batch_size: int, worke
     )
     seconds = time.perf_counter() - started
     studies = sum(1 for _ in open(out / "predictions.csv", encoding="utf-8")) - 1
+    in_run = re.search(r"([0-9.]+) studies/s", done.stdout)
     peak = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in kB on Linux
     return {
         "studies": studies,
         "seconds": seconds,
         "studies_per_s": studies / seconds,
+        "in_run_studies_per_s": float(in_run.group(1)) if in_run else None,
         "peak_rss_mb": peak,
     }
+
+
+def repeated_manifest(source: Path, n: int, folder: Path) -> Path:
+    """A manifest of `n` rows cycling through `source`'s studies under new ids, with absolute
+    file paths (so it may live anywhere)."""
+    table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    rows = table.iloc[[i % len(table) for i in range(n)]].reset_index(drop=True)
+    copy = rows.index // len(table)
+    rows["study_id"] = rows["study_id"] + "-" + copy.astype(str)
+    rows["patient_id"] = rows["patient_id"] + "-" + copy.astype(str)
+    for column in ("image", "note_path"):
+        rows[column] = [str(source.parent / p) if p else "" for p in rows[column]]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"manifest_{n}.csv"
+    rows.to_csv(path, index=False)
+    return path
 
 
 def decode_throughput(manifest: Path) -> dict:
@@ -114,68 +128,84 @@ def decode_throughput(manifest: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--n", type=int, default=400)
-    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--n", type=int, default=1000, help="studies in the generated export")
+    parser.add_argument("--sizes", default="1000,10000,50000", help="manifest sizes to run")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("runs/bench_infer"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/infer"))
     args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",") if x]
 
-    small, large = args.work / f"data_{args.n}", args.work / f"data_{args.n * args.scale}"
-    for folder, n in ((small, args.n), (large, args.n * args.scale)):
-        if not (folder / "manifest.csv").exists():
-            make_sample_data(folder, n=n, seed=11, size=96)
+    export = args.work / f"data_{args.n}"
+    if not (export / "manifest.csv").exists():
+        make_sample_data(export, n=args.n, seed=11, size=96)
     results: dict = {
         "command": "python pipelines/bench_infer.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
+        "load_average_1min": {"start": os.getloadavg()[0]},
+        "workers": args.workers,
     }
-    forward = forward_only(args.model, small / "manifest.csv", args.batch_size)
-    end_to_end = run_infer(
-        args.model, small / "manifest.csv", args.work / "run_small", args.batch_size, args.workers
-    )
+    forward = forward_only(args.model, export / "manifest.csv", args.batch_size)
+    runs = {}
+    for n in sizes:
+        manifest = repeated_manifest(export / "manifest.csv", n, args.work)
+        out = args.work / f"run_{n}"
+        if out.exists():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        runs[n] = run_infer(args.model, manifest, out, args.batch_size, args.workers)
+    first, last = runs[sizes[0]], runs[sizes[-1]]
     results["efficiency"] = {
         "forward_only_studies_per_s": forward,
-        "end_to_end_studies_per_s": end_to_end["studies_per_s"],
-        "ratio": end_to_end["studies_per_s"] / forward,
+        "in_run_studies_per_s": first["in_run_studies_per_s"],
+        "process_studies_per_s": first["studies_per_s"],
+        "ratio": first["in_run_studies_per_s"] / forward,
+        "studies": sizes[0],
     }
-    scaled = run_infer(
-        args.model, large / "manifest.csv", args.work / "run_large", args.batch_size, args.workers
-    )
-    results["memory"] = {
-        "n": args.n,
-        "peak_rss_mb_n": end_to_end["peak_rss_mb"],
-        "n_scaled": args.n * args.scale,
-        "peak_rss_mb_scaled": scaled["peak_rss_mb"],
-        "ratio": scaled["peak_rss_mb"] / end_to_end["peak_rss_mb"],
-        "seconds_n": end_to_end["seconds"],
-        "seconds_scaled": scaled["seconds"],
-    }
-    results["decoding"] = decode_throughput(small / "manifest.csv")
+    results["scaling"] = {str(n): r for n, r in runs.items()}
+    results["memory_ratio"] = last["peak_rss_mb"] / first["peak_rss_mb"]
+    results["decoding"] = decode_throughput(export / "manifest.csv")
+    results["load_average_1min"]["end"] = os.getloadavg()[0]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    e, m = results["efficiency"], results["memory"]
+    e = results["efficiency"]
+    load = results["load_average_1min"]
     lines = [
         f"Command: `{results['command']}`  ",
-        f"Machine: {results['machine']}, {results['date']}",
+        f"Machine: {results['machine']}, {results['date']}; 1-min load average "
+        f"{load['start']:.1f} at the start, {load['end']:.1f} at the end",
         "",
         "| measure | value |",
         "|---|---|",
-        f"| model forward only | {e['forward_only_studies_per_s']:.1f} studies/s |",
-        f"| `clinfuse infer` end to end | {e['end_to_end_studies_per_s']:.1f} studies/s |",
-        f"| pipeline efficiency (end to end / forward only) | {e['ratio']:.2f} |",
-        f"| peak RSS, {m['n']} studies | {m['peak_rss_mb_n']:.0f} MB |",
-        f"| peak RSS, {m['n_scaled']} studies | {m['peak_rss_mb_scaled']:.0f} MB "
-        f"(x{m['ratio']:.2f}) |",
-        f"| wall time, {m['n']} / {m['n_scaled']} studies | {m['seconds_n']:.0f} s / "
-        f"{m['seconds_scaled']:.0f} s |",
+        f"| model forward only | {e['forward_only_studies_per_s']:.0f} studies/s |",
+        f"| `clinfuse infer`, in the run ({e['studies']} studies, {args.workers} decoding "
+        f"workers) | {e['in_run_studies_per_s']:.0f} studies/s |",
+        f"| pipeline efficiency (in the run / forward only) | {e['ratio']:.2f} |",
+        f"| `clinfuse infer`, whole process incl. start-up | "
+        f"{e['process_studies_per_s']:.0f} studies/s |",
     ]
     lines += [
         f"| decode, {k} | {v['images_per_s']:.0f} images/s ({v['images']} files) |"
         for k, v in results["decoding"].items()
+    ]
+    lines += [
+        "",
+        "Scaling (a fresh `clinfuse infer` process per size):",
+        "",
+        "| studies | wall time | s per 1,000 studies | in-run studies/s | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for n, r in runs.items():
+        lines.append(
+            f"| {n:,} | {r['seconds']:.0f} s | {1000 * r['seconds'] / n:.1f} | "
+            f"{r['in_run_studies_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB |"
+        )
+    lines += [
+        "",
+        f"Peak memory at {sizes[-1]:,} vs {sizes[0]:,} studies: x{results['memory_ratio']:.2f}.",
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -184,6 +184,28 @@ def test_side_heads_learn_from_each_side_only_where_that_side_was_used():
     assert all(p.grad is not None for p in model.side_heads.parameters())
 
 
+def test_token_dropout_masks_only_real_word_pieces_and_only_in_training():
+    model = build(text={"token_dropout": 0.3})
+    enc = model.note_tokenizer(NOTES * 50)
+    encoder = model.text_encoder.train()
+    torch.manual_seed(0)
+    dropped = encoder.drop_tokens(enc.input_ids, enc.attention_mask)
+    mask_id = model.note_tokenizer.tokenizer.mask_token_id
+    changed = dropped != enc.input_ids
+    assert (dropped[changed] == mask_id).all()
+    special = torch.isin(
+        enc.input_ids, torch.tensor(model.note_tokenizer.tokenizer.all_special_ids)
+    )
+    assert not (
+        changed & (special | ~enc.attention_mask.bool())
+    ).any()  # [CLS], [SEP], padding kept
+    words = enc.attention_mask.bool() & ~special
+    assert 0.25 < changed.sum() / words.sum() < 0.35
+    model.eval()  # predictions are deterministic: nothing is dropped outside training
+    args = inputs(model)
+    torch.testing.assert_close(model(*args), model(*args))
+
+
 def test_attention_maps_are_available_on_request():
     model = build(fusion={"depth": 2}).eval()
     args = inputs(model)

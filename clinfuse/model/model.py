@@ -92,7 +92,18 @@ class FusionModel(nn.Module):
             ImageEncoder(cfg.image, cfg.preprocess.spatial_size, width) if self.uses_image else None
         )
         self.text_encoder = (
-            TextEncoder(cfg.text, width, len(tokenizer), text_saved) if self.uses_text else None
+            TextEncoder(
+                cfg.text,
+                width,
+                len(tokenizer),
+                text_saved,
+                mask_id=tokenizer.mask_token_id
+                if tokenizer.mask_token_id is not None
+                else tokenizer.unk_token_id,
+                special_ids=tokenizer.all_special_ids,
+            )
+            if self.uses_text
+            else None
         )
         # learned stand-ins for an absent image / note (only for the sides this mode uses)
         self.missing_image = (

@@ -177,10 +177,23 @@ class TextEncoder(nn.Module):
     """Token ids (B, K*T) and mask -> tokens (B, K*T, D) projected to the fusion width."""
 
     def __init__(
-        self, cfg: TextConfig, width: int, vocab_size: int, saved: dict[str, Any] | None = None
+        self,
+        cfg: TextConfig,
+        width: int,
+        vocab_size: int,
+        saved: dict[str, Any] | None = None,
+        mask_id: int | None = None,
+        special_ids: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.windows = cfg.max_chunks if cfg.long_notes == "chunk" else 1
+        self.token_dropout = cfg.token_dropout if mask_id is not None else 0.0
+        self.mask_id = mask_id
+        self.register_buffer(
+            "special_ids",
+            torch.tensor(sorted(set(special_ids)), dtype=torch.long),
+            persistent=False,
+        )
         self.model = build_text_model(cfg, vocab_size, saved)
         limit = getattr(self.model.config, "max_position_embeddings", cfg.max_length)
         if cfg.max_length > limit:
@@ -192,11 +205,20 @@ class TextEncoder(nn.Module):
         """The token embedding layer (layer integrated gradients attribute over it)."""
         return self.model.get_input_embeddings()
 
+    def drop_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, Nt) ids with a random `token_dropout` share of the real word pieces (not
+        padding, [CLS], [SEP]) replaced by the mask token."""
+        words = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
+        drop = words & (torch.rand(input_ids.shape, device=input_ids.device) < self.token_dropout)
+        return input_ids.masked_fill(drop, self.mask_id)
+
     def saved_config(self) -> dict[str, Any]:
         return self.model.config.to_dict()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, L = input_ids.shape
+        if self.training and self.token_dropout > 0:
+            input_ids = self.drop_tokens(input_ids, attention_mask)
         T = L // self.windows
         windows_ids = input_ids.reshape(B * self.windows, T)  # (B*K, T): each window alone
         windows_mask = attention_mask.reshape(B * self.windows, T)
