@@ -23,6 +23,7 @@ from clinfuse.explain.attribution import (
 )
 from clinfuse.explain.explanation import decode_map
 from clinfuse.model import create_model, model_config
+from clinfuse.training.trainer import fusion_loss
 
 LABELS = ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass")
 UNICODE_NOTE = "Temp 38.9 °C, SpO₂ 91% on room air. Café-au-lait spots; naïve to insulin."
@@ -280,10 +281,9 @@ def test_a_label_learned_from_the_note_gets_its_credit_from_the_note():
     model = create_model(cfg, notes)
     batch = make_batch(model, [(pixels((64, 64), i), n) for i, n in enumerate(notes)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(30):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(*batch.model_inputs()), target
-        )
+    batch.labels = target
+    for _ in range(30):  # the training loss, side heads included
+        loss = fusion_loss(model, batch, torch.ones(1), cfg.fusion.side_loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -16,23 +16,25 @@ from clinfuse.cli import main
 from clinfuse.config import PreprocessConfig
 from clinfuse.data.manifest import load_manifest
 from clinfuse.explain.attribution import black_image, note_words, reference_ids
-from clinfuse.explain.quality import (
-    BARS,
-    cascading_randomization,
+from clinfuse.explain.metrics import (
     deletion_area,
     mask_auroc,
-    model_grid_order,
     note_share,
-    pixel_deletion,
     pointing_game,
-    quality_summary,
     rationale_first,
     rationale_mass,
     rationale_words,
     relevance_mass,
+)
+from clinfuse.explain.quality import (
+    BARS,
+    model_grid_order,
+    pixel_deletion,
+    quality_summary,
     study_batch,
     word_deletion,
 )
+from clinfuse.explain.randomization import cascading_randomization
 from clinfuse.explain.render import note_html, overlay_png
 from clinfuse.model import create_model, load_checkpoint, model_config
 from clinfuse.synthetic import make_sample_data

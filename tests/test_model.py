@@ -65,8 +65,8 @@ def test_every_registered_model_and_mode_meets_the_contract(name, mode, tmp_path
     logits.sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     # with side heads a one-sided study is answered by its side's own head, so the learned
-    # stand-ins only serve a study with neither side
-    stand_ins = ["missing_image", "missing_text"] if model.side_heads is not None else []
+    # stand-ins (and the prior, trained by the side loss) only serve a study with neither side
+    stand_ins = ["missing_image", "missing_text", "prior"] if model.side_heads is not None else []
     assert no_grad == [n for n in stand_ins if hasattr(model, n) and getattr(model, n) is not None]
 
     model.eval()
@@ -159,8 +159,9 @@ def test_side_heads_learn_from_each_side_only_where_that_side_was_used():
     assert build(fusion={"side_loss": 0.5, "mode": "image_only"}).side_heads is None
     image, ids, mask, present, note_present = inputs(model)  # 2nd: no note, 3rd: no image
     logits, side_logits, used = model(image, ids, mask, present, note_present, with_sides=True)
-    assert side_logits.shape == (3, 2, len(LABELS))
-    assert used.tolist() == [[True, True], [True, False], [False, True]]
+    assert side_logits.shape == (3, 3, len(LABELS))  # image head, note head, prior
+    assert used.tolist() == [[True, True, True], [True, False, True], [False, True, True]]
+    torch.testing.assert_close(side_logits[:, 2], model.prior.expand(3, -1))
     labels = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     batch = Batch(
         study_ids=["a", "b", "c"], image=image, image_present=present, input_ids=ids,
@@ -172,16 +173,18 @@ def test_side_heads_learn_from_each_side_only_where_that_side_was_used():
     loss = fusion_loss(model, batch, ones, 0.5)
     torch.manual_seed(0)
     logits, side_logits, _ = model(image, ids, mask, present, note_present, with_sides=True)
-    # by hand: the image head sees studies a and b, the note head studies a and c
-    image_part = (side_logits[:2, 0], labels[:2])
-    note_part = (side_logits[[0, 2], 1], labels[[0, 2]])
-    sides = masked_bce(
-        torch.cat([image_part[0], note_part[0]]), torch.cat([image_part[1], note_part[1]]), ones
-    )
+    # by hand: the image head sees studies a and b, the note head a and c, the prior all three
+    parts = [(side_logits[:2, 0], labels[:2]), (side_logits[[0, 2], 1], labels[[0, 2]])]
+    parts.append((side_logits[:, 2], labels))
+    sides = masked_bce(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), ones)
     expected = masked_bce(logits, labels, ones) + 0.5 * sides
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in model.side_heads.parameters())
+    assert model.prior.grad is not None
+    model.eval()  # a study with neither side gets the prior
+    none = torch.zeros(3, dtype=torch.bool)
+    torch.testing.assert_close(model(image, ids, mask, none, none), model.prior.expand(3, -1))
 
 
 def test_token_dropout_masks_only_real_word_pieces_and_only_in_training():

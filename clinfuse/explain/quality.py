@@ -15,13 +15,14 @@ positives of a split (truly present and called positive by the model):
 Image methods compared side by side: integrated gradients as `explain` computes it (its black
 baseline makes it gradient x input), its positive part, Grad-CAM, cross-attention (mean over
 words) and Grad-CAM x positive IG; `quality_summary` picks the default and checks the bar.
+The per-map metrics are in `clinfuse.explain.metrics`, the weight re-initialisation in
+`clinfuse.explain.randomization`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from clinfuse.config import PreprocessConfig
@@ -40,74 +40,22 @@ from clinfuse.engine import predict
 from clinfuse.errors import ManifestError
 from clinfuse.explain.attribution import explain
 from clinfuse.explain.explanation import Explanation
+from clinfuse.explain.metrics import (
+    MIN_DROP,
+    deletion_area,
+    mask_auroc,
+    note_share,
+    pointing_game,
+    rationale_first,
+    rationale_mass,
+    rationale_words,
+    relevance_mass,
+)
+from clinfuse.explain.randomization import cascading_randomization
 from clinfuse.model.model import FusionModel
 
 IMAGE_METHODS = ("ig", "ig_positive", "gradcam", "attention", "gradcam_x_ig")
 Record = dict[str, Any]
-
-
-# -- metrics on one map / one note ------------------------------------------------------------
-def pointing_game(attribution: np.ndarray, mask: np.ndarray) -> float:
-    """1.0 when the map's maximum lies inside the mask, else 0.0 (a flat map points nowhere)."""
-    flat = np.nan_to_num(attribution.ravel(), nan=-np.inf)
-    if not flat.max() > flat.min():
-        return 0.0
-    return float(mask.ravel()[np.argmax(flat)] > 0)
-
-
-def relevance_mass(attribution: np.ndarray, mask: np.ndarray) -> float:
-    """Share of the map's positive attribution that lies inside the mask (0 without any)."""
-    positive = np.clip(np.nan_to_num(attribution), 0, None)
-    total = positive.sum()
-    return float(positive[mask > 0].sum() / total) if total > 0 else 0.0
-
-
-def mask_auroc(attribution: np.ndarray, mask: np.ndarray) -> float:
-    """AUROC of the map's values as a pixel classifier of the mask (NaN for an empty mask)."""
-    inside = mask.ravel() > 0
-    if inside.all() or not inside.any():
-        return float("nan")
-    return float(roc_auc_score(inside, np.nan_to_num(attribution.ravel())))
-
-
-def rationale_words(spans: np.ndarray, rationale: Sequence[Sequence[int]]) -> np.ndarray:
-    """(N,) bool: the word [start, end) overlaps one of the rationale's character spans."""
-    inside = np.zeros(len(spans), dtype=bool)
-    for start, end in rationale:
-        inside |= (spans[:, 0] < end) & (spans[:, 1] > start)
-    return inside
-
-
-def rationale_first(scores: np.ndarray, inside: np.ndarray) -> float:
-    """1.0 when the highest-scoring word is a rationale word, else 0.0."""
-    return float(len(scores) > 0 and bool(inside[int(np.argmax(scores))]))
-
-
-def rationale_mass(scores: np.ndarray, inside: np.ndarray) -> float:
-    """Share of the note's positive word attribution that falls on rationale words."""
-    return relevance_mass(scores, inside)
-
-
-MIN_DROP = 0.05  # deleting every feature must lower the probability this much to judge an order
-
-
-def deletion_area(curve: np.ndarray, min_drop: float = MIN_DROP) -> float:
-    """Area under a deletion curve (probabilities at equal fractions deleted, 0 to 1), the
-    curve scaled to run from 1 (nothing deleted) to 0 (everything deleted): small = the output
-    fell early. NaN when deleting everything lowers the output by less than `min_drop` (the
-    deleted features were not the evidence, so the order cannot be judged)."""
-    curve = np.asarray(curve, dtype=np.float64)
-    start, end = curve[0], curve[-1]
-    if not start - end >= min_drop:
-        return float("nan")
-    scaled = (curve - end) / (start - end)
-    return float(((scaled[1:] + scaled[:-1]) / 2).mean())
-
-
-def note_share(modality: np.ndarray) -> float:
-    """|phi_note| / (|phi_image| + |phi_note|) of one label's (image, note, interaction)."""
-    total = abs(modality[0]) + abs(modality[1])
-    return float(abs(modality[1]) / total) if total > 0 else float("nan")
 
 
 # -- ground truth ---------------------------------------------------------------------------
@@ -248,79 +196,6 @@ def word_deletion(
         for w in order[:n]:
             inputs[1][i, tokens[w]] = pad
     return _probabilities(model, inputs, k)
-
-
-# -- cascading randomisation ----------------------------------------------------------------
-def _blocks(module: torch.nn.Module, at_least: int = 4) -> list[torch.nn.Module]:
-    """The module's parameterised parts in forward order, containers (modules owning no
-    parameter themselves) opened until there are `at_least` or none is left to open."""
-    blocks = [module]
-    while len(blocks) < at_least:
-        for i, block in enumerate(blocks):
-            children = [c for c in block.children() if any(True for _ in c.parameters())]
-            if children and not any(True for _ in block.parameters(recurse=False)):
-                blocks[i : i + 1] = children
-                break
-        else:
-            return blocks
-    return blocks
-
-
-def randomization_stages(model: FusionModel) -> list[tuple[str, list[torch.nn.Module]]]:
-    """The stages of a cascading randomisation, from the heads back towards the input; a stage
-    lists modules and loose parameters (label queries, missing-side tokens)."""
-    pool = [
-        model.pool,
-        getattr(model, "label_attention", None),
-        getattr(model, "label_queries", None),
-    ]
-    missing = [model.missing_image, model.missing_text]
-    stages = [("head", [model.head])]
-    if model.fusion is not None:
-        stages += [("pool", pool), ("fusion", [model.fusion, *missing])]
-    else:
-        stages += [("pool", pool + missing)]
-    if model.text_encoder is not None:
-        stages.append(("note encoder", [model.text_encoder]))
-    if model.image_encoder is not None:
-        blocks = _blocks(model.image_encoder.backbone)
-        half = len(blocks) // 2
-        stages.append(("image projection", [model.image_encoder.project]))
-        stages.append(("image backbone top", blocks[half:]))
-        stages.append(("image backbone all", blocks[:half]))
-    return [(name, [p for p in parts if p is not None]) for name, parts in stages]
-
-
-def reinitialise(part: torch.nn.Module | torch.nn.Parameter) -> None:
-    """Re-draw a module's parameters with each layer's own initialiser; a module without one
-    (and a loose parameter) gets normal(0, 1/sqrt(fan_in)) weights and zero biases."""
-    modules = [] if isinstance(part, torch.nn.Parameter) else list(part.modules())
-    loose = [part] if isinstance(part, torch.nn.Parameter) else []
-    for module in modules:
-        reset = getattr(module, "reset_parameters", None)
-        reset = reset or getattr(module, "_reset_parameters", None)
-        if callable(reset):
-            reset()
-        else:
-            loose += list(module.parameters(recurse=False))
-    with torch.no_grad():
-        for parameter in loose:
-            if parameter.dim() > 1:
-                parameter.normal_(std=parameter.shape[-1] ** -0.5)
-            else:
-                parameter.zero_()
-
-
-def cascading_randomization(model: FusionModel, seed: int = 0) -> Iterator[tuple[str, FusionModel]]:
-    """Yield (stage, copy of the model with that stage and all before it re-initialised). The
-    model passed in is never changed."""
-    randomized = copy.deepcopy(model).eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for stage, parts in randomization_stages(randomized):
-            for part in parts:
-                reinitialise(part)
-            yield stage, randomized
 
 
 # -- scoring explained studies: one row per (study, label, stage, method, metric) ------------

@@ -45,7 +45,8 @@ class Intermediates:
     pooled: torch.Tensor  # (B, D) with mean pooling, (B, L, D) with label attention
     logits: torch.Tensor  # (B, L)
     attention: list[BlockAttention]  # one per fusion block when asked for, else empty
-    side_logits: torch.Tensor | None = None  # (B, 2, L) image, note heads on unfused tokens
+    # (B, 3, L) with side heads: the image and note heads on unfused tokens, and the prior
+    side_logits: torch.Tensor | None = None
 
 
 def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,9 @@ class FusionModel(nn.Module):
             if cfg.fusion.side_loss > 0 and self.uses_image and self.uses_text
             else None
         )  # image, note: trained by the auxiliary loss only
+        # the answer without any evidence (a study with neither side, e.g. the empty coalition
+        # of the modality Shapley values): one learned logit a label, the weighted base rate
+        self.prior = nn.Parameter(torch.zeros(n_labels)) if self.side_heads is not None else None
         n = len(self.labels)
         self.register_buffer("temperature", torch.ones(n))  # fitted after training
         self.register_buffer("thresholds", torch.full((n,), 0.5))  # on calibrated probabilities
@@ -206,9 +210,10 @@ class FusionModel(nn.Module):
                 [
                     self.side_heads[0](masked_mean(image_tokens, image_valid)),
                     self.side_heads[1](masked_mean(text_tokens, text_valid)),
+                    self.prior.expand(B, -1),
                 ],
                 dim=1,
-            )  # (B, 2, L)
+            )  # (B, 3, L)
         attention: list[BlockAttention] = []
         if self.fusion is not None:
             text_tokens, image_tokens, attention = self.fusion(
@@ -223,9 +228,10 @@ class FusionModel(nn.Module):
         image_used = image_present & self.uses_image
         note_used = note_present & self.uses_text
         logits = self.head(pooled)  # (B, L)
-        if side_logits is not None:  # one side only: that side's own head answers
+        if side_logits is not None:  # one side only: its own head answers; none: the prior
             logits = torch.where((image_used & ~note_used)[:, None], side_logits[:, 0], logits)
             logits = torch.where((note_used & ~image_used)[:, None], side_logits[:, 1], logits)
+            logits = torch.where((~image_used & ~note_used)[:, None], side_logits[:, 2], logits)
         return Intermediates(
             text_tokens=text_tokens,
             image_tokens=image_tokens,
@@ -258,8 +264,9 @@ class FusionModel(nn.Module):
         note_present: torch.Tensor,
         with_sides: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (B, L); with `with_sides` (training with side heads) also the side heads'
-        logits (B, 2, L) and which sides each study really used (B, 2) bool."""
+        """Logits (B, L); with `with_sides` (training with side heads) also the image head's,
+        the note head's and the prior's logits (B, 3, L) and which of them each study really
+        used (B, 3) bool: the image, the note, and always the prior."""
         out = self.forward_intermediates(
             image, input_ids, attention_mask, image_present, note_present
         )
@@ -267,7 +274,8 @@ class FusionModel(nn.Module):
             return out.logits
         if out.side_logits is None:
             raise ValueError("this model has no side heads (fusion.side_loss is 0)")
-        return out.logits, out.side_logits, torch.stack([out.image_used, out.note_used], dim=1)
+        used = torch.stack([out.image_used, out.note_used, torch.ones_like(out.note_used)], 1)
+        return out.logits, out.side_logits, used
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities (B, L): sigmoid(logits / per-label temperature)."""

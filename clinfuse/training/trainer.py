@@ -104,11 +104,12 @@ def fusion_loss(
     side_weight: float,
 ) -> torch.Tensor:
     """The training loss of one batch: masked BCE of the fused logits, plus `side_weight` x
-    the side heads' loss on the sides each study really used (after modality dropout)."""
+    the side heads' loss on the sides each study really used (after modality dropout) and the
+    prior's on every study."""
     if side_weight <= 0:
         return masked_bce(model(*batch.model_inputs()), batch.labels, pos_weight)
     logits, side_logits, used = model(*batch.model_inputs(), with_sides=True)
-    side_labels = batch.labels[:, None, :].expand_as(side_logits)  # (B, 2, L)
+    side_labels = batch.labels[:, None, :].expand_as(side_logits)  # (B, 3, L)
     side_labels = side_labels.masked_fill(~used[:, :, None], float("nan"))
     return masked_bce(logits, batch.labels, pos_weight) + side_weight * masked_bce(
         side_logits, side_labels, pos_weight
