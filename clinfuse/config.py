@@ -173,7 +173,7 @@ class DataConfig(Config):
 class TrainConfig(Config):
     """The optimisation: budget, schedule, stopping, calibration rule, resources."""
 
-    epochs: int = 40
+    epochs: int = 36
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
