@@ -1,7 +1,7 @@
 """Benchmark explanations on the bundled sample data: quality against ground truth, and cost.
 
     python pipelines/bench_explain.py [--model DIR] [--work DIR] [--out benchmarks/explain]
-                                      [--cost-studies N] [--steps N]
+                                      [--cost-studies N] [--steps N] [--max-studies 60]
 
 1. Trains the default model (`pipelines/train_default.yaml`, the `small` architecture) on
    `sample_data/manifest.csv` into WORK/model, unless --model names a trained folder (a
@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "explain")
     parser.add_argument("--cost-studies", type=int, default=20)
     parser.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    parser.add_argument(
+        "--max-studies",
+        type=int,
+        default=60,
+        help="explain at most this many test studies with a true positive (0: all)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     manifest = SAMPLE / "manifest.csv"
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         split="test",
         patient_split=split,
         steps=args.steps,
+        max_studies=args.max_studies or None,
         progress=lambda message: print(message, flush=True),
     )
     eval_seconds = time.perf_counter() - started
