@@ -83,10 +83,13 @@ def run_infer(model_dir: Path, manifest: Path, out: Path, batch_size: int, worke
     )
     seconds = time.perf_counter() - started
     studies = sum(1 for _ in open(out / "predictions.csv", encoding="utf-8")) - 1
+    failures = out / "failures.csv"
+    failed = sum(1 for _ in open(failures, encoding="utf-8")) - 1 if failures.is_file() else 0
     in_run = re.search(r"([0-9.]+) studies/s", done.stdout)
     peak = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in kB on Linux
     return {
         "studies": studies,
+        "failed": failed,  # rows (or sides) that could not be read: a benchmark wants none
         "seconds": seconds,
         "studies_per_s": studies / seconds,
         "in_run_studies_per_s": float(in_run.group(1)) if in_run else None,
@@ -103,7 +106,7 @@ def repeated_manifest(source: Path, n: int, folder: Path) -> Path:
     rows["study_id"] = rows["study_id"] + "-" + copy.astype(str)
     rows["patient_id"] = rows["patient_id"] + "-" + copy.astype(str)
     for column in ("image", "note_path"):
-        rows[column] = [str(source.parent / p) if p else "" for p in rows[column]]
+        rows[column] = [str(source.parent.resolve() / p) if p else "" for p in rows[column]]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"manifest_{n}.csv"
     rows.to_csv(path, index=False)
@@ -195,12 +198,12 @@ def main() -> None:
         "",
         "Scaling (a fresh `clinfuse infer` process per size):",
         "",
-        "| studies | wall time | s per 1,000 studies | in-run studies/s | peak RSS |",
-        "|---|---|---|---|---|",
+        "| studies | failures | wall time | s per 1,000 studies | in-run studies/s | peak RSS |",
+        "|---|---|---|---|---|---|",
     ]
     for n, r in runs.items():
         lines.append(
-            f"| {n:,} | {r['seconds']:.0f} s | {1000 * r['seconds'] / n:.1f} | "
+            f"| {n:,} | {r['failed']} | {r['seconds']:.0f} s | {1000 * r['seconds'] / n:.1f} | "
             f"{r['in_run_studies_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB |"
         )
     lines += [

@@ -139,9 +139,8 @@ def demo_data(out: Path, quick: bool) -> Path:
         return committed
     folder = out / "sample_data"
     if not (folder / "manifest.csv").is_file():
-        make_sample_data(
-            folder, n=QUICK_STUDIES if quick else 400, seed=0, size=64 if quick else 96
-        )
+        small = {"n": QUICK_STUDIES, "size": 64} if quick else {}  # else the documented defaults
+        make_sample_data(folder, seed=0, **small)
     return folder / "manifest.csv"
 
 

@@ -12,7 +12,8 @@ A study may lack its image or its note: a learned token stands in for the missin
 modality dropout in training (`fusion.modality_dropout`) teaches the model to use either side
 alone. With side heads (`fusion.side_loss` > 0), each encoder also has its own head, trained
 on that side's tokens before fusion; a study with one side only is answered by that side's
-head, so losing a side leaves the model as good as a single-side model, not worse.
+head, so losing a side leaves the model as good as a single-side model, not worse; a study
+with neither side gets a learned prior (the base rate: the modality Shapley values' empty set).
 
 Like torchxrayvision, the model knows its label names and carries its per-label temperature
 and decision thresholds as buffers, so the checkpoint alone is enough to predict.
