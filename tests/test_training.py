@@ -273,3 +273,32 @@ def test_the_image_cache_changes_no_item_and_keeps_the_fitted_image(export):
     fitted = [item["image"] for item in cached.cache.values() if item["image"] is not None]
     assert len(cached.cache) == len(rows) and fitted
     assert all(0.0 <= float(img.min()) and float(img.max()) <= 1.0 for img in fitted)
+
+
+def test_evaluate_measures_against_another_labels_table(trained, export, tmp_path, capsys):
+    import pandas as pd
+
+    truth = export.parent / "ground_truth" / "truth.csv"
+    base = ["evaluate", "--model", str(trained), "--manifest", str(export), "--split", "all"]
+    base += ["--bootstrap", "0"]
+    assert main([*base, "--out", str(tmp_path / "truth"), "--labels", str(truth)]) == 0
+    metrics = json.loads((tmp_path / "truth" / "metrics.json").read_text())
+    assert metrics["labels_from"] == str(truth)
+    scored = pd.read_csv(tmp_path / "truth" / "predictions.csv", dtype={"study_id": str})
+    expected = pd.read_csv(truth, dtype={"study_id": str}).set_index("study_id")
+    assert (scored["y_copd"].to_numpy() == expected.loc[scored.study_id, "copd"].to_numpy()).all()
+
+    flipped = expected.copy()  # the same scores against inverted labels: AUROC mirrors
+    flipped["copd"] = 1 - flipped["copd"]
+    flipped.to_csv(tmp_path / "flipped.csv")
+    assert (
+        main([*base, "--out", str(tmp_path / "f"), "--labels", str(tmp_path / "flipped.csv")]) == 0
+    )
+    mirrored = json.loads((tmp_path / "f" / "metrics.json").read_text())["labels"]["copd"]
+    assert mirrored["auroc"] == pytest.approx(1 - metrics["labels"]["copd"]["auroc"])
+
+    expected.iloc[1:].to_csv(tmp_path / "short.csv")  # a scored study left out: an error
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "s"), "--labels", str(tmp_path / "short.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "short.csv" in err and "study_id" in err and expected.index[0] in err
