@@ -89,7 +89,7 @@ def write_readme(
         "nor mass). Infection signs without any opacity are neither, too. Infection signs "
         "are drawn independently of the opacity and its side, so neither the image nor the "
         "note alone separates pneumonia or mass from the rest (best possible AUROC from one "
-        "side about 0.79 for pneumonia and 0.83 for mass).",
+        "side about 0.78 for pneumonia and 0.82-0.85 for mass).",
         "Rationales: copd and diabetes -> the phrase; pneumonia -> the infection words and "
         "the side word; mass -> the negation phrase ('Denies fever or cough') when the note "
         "has one, otherwise no rationale is recorded.",
