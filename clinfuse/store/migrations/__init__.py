@@ -10,7 +10,9 @@ that open a new store at the same moment.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +56,7 @@ def connect(url: str) -> sa.Engine:
         dbapi_connection.isolation_level = None  # the "begin" hook below starts transactions
         cursor = dbapi_connection.cursor()
         if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _wal_mode(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -66,6 +68,20 @@ def connect(url: str) -> sa.Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _wal_mode(cursor: Any, timeout: float = 60.0) -> None:
+    """Switch a SQLite file to WAL. The first openers of a new file race for the exclusive lock
+    this needs, and SQLite answers "database is locked" at once (no busy wait), so retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 @contextmanager
