@@ -96,6 +96,16 @@ def check_bar(modes: dict, both: list[str]) -> dict:
     return bar
 
 
+def add_labels_argument(parser: argparse.ArgumentParser) -> None:
+    """`--labels`: the test labels a benchmark measures against (see `default_truth`)."""
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="test labels to measure against (default: ground_truth/truth.csv beside the "
+        "manifest when present, else the manifest's)",
+    )
+
+
 def default_truth(manifest: Path) -> Path | None:
     """A synthetic export's noise-free labels beside its manifest, when there are some."""
     truth = manifest.parent / "ground_truth" / "truth.csv"
@@ -138,12 +148,7 @@ def main() -> None:
         help="labels that need both modalities (checked against the bar)",
     )
     parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        help="test labels to measure against (default: ground_truth/truth.csv beside the "
-        "manifest when present, else the manifest's)",
-    )
+    add_labels_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     import sys
 

@@ -36,15 +36,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ablation import MODES, default_truth, train_and_evaluate
+from ablation import MODES, add_labels_argument, default_truth, train_and_evaluate
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinfuse.config import RunConfig, apply_overrides, resolve_run_config
 from clinfuse.data.batch import Batch, Collator, StudyDataset
-from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest, reference_labels
+from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
 from clinfuse.engine import predict, select_device
 from clinfuse.evaluation.calibration import apply_temperature
+from clinfuse.evaluation.evaluate import measured_labels
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 from clinfuse.peers import TranschexConfig, count_parameters, train_transchex
@@ -115,9 +116,7 @@ def score(
     predictions = predict(model, without(test_loader(model, rows), side), device)
     probs = apply_temperature(predictions.logits, model.temperature.cpu().numpy())
     thresholds = model.thresholds.cpu().numpy()
-    y = predictions.labels  # (N, L)
-    if labels is not None:
-        y = reference_labels(labels, model.labels, predictions.study_ids)
+    y = measured_labels(predictions, model.labels, labels)
     return evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
 
 
@@ -419,12 +418,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--speed-studies", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        help="test labels to measure against (default: ground_truth/truth.csv beside the "
-        "manifest when present, else the manifest's)",
-    )
+    add_labels_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     args.argv = sys.argv[1:]

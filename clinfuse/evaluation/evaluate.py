@@ -7,19 +7,31 @@ patients that training held out.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, load_manifest, reference_labels
-from clinfuse.engine import predict, select_device
+from clinfuse.engine import Predictions, predict, select_device
 from clinfuse.errors import ManifestError
 from clinfuse.evaluation.calibration import apply_temperature
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, write_report
 from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
+
+
+def measured_labels(
+    predictions: Predictions, labels: Sequence[str], labels_path: str | Path | None
+) -> np.ndarray:
+    """(N, L) the labels to score `predictions` against: the manifest's, or those of the
+    `labels_path` table (see `reference_labels`)."""
+    if labels_path is None:
+        return predictions.labels
+    return reference_labels(labels_path, labels, predictions.study_ids)
 
 
 def evaluate_model(
@@ -60,9 +72,7 @@ def evaluate_model(
     temperature = model.temperature.cpu().numpy()
     thresholds = model.thresholds.cpu().numpy()
     probs = apply_temperature(predictions.logits, temperature)
-    y = predictions.labels  # (N, L)
-    if labels_path is not None:
-        y = reference_labels(labels_path, model.labels, predictions.study_ids)
+    y = measured_labels(predictions, model.labels, labels_path)  # (N, L)
     metrics = evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
     metrics["split"] = split
     metrics["labels_from"] = str(labels_path) if labels_path is not None else "manifest"
