@@ -342,6 +342,9 @@ def test_pretrained_image_weights_load_from_a_local_safetensors_file(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ConfigError, match="shares no parameter names"):
         build(image={"pretrained": str(tmp_path / "other.safetensors")})
+    torch.save(monai_net.state_dict(), tmp_path / "densenet.pt")
+    with pytest.raises(ConfigError, match="not a .safetensors file"):  # never unpickled
+        build(image={"pretrained": str(tmp_path / "densenet.pt")})
 
 
 def test_pretrained_text_encoder_and_tokenizer_load_from_a_local_folder(tmp_path):
@@ -368,6 +371,9 @@ def test_pretrained_text_encoder_and_tokenizer_load_from_a_local_folder(tmp_path
     loaded = load_checkpoint(tmp_path / "ckpt")
     args = inputs(model)
     torch.testing.assert_close(loaded(*args), model.eval()(*args))
+    torch.save(bert.state_dict(), tmp_path / "bert" / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="model.text.pretrained.*safetensors"):
+        build(text={"pretrained": str(tmp_path / "bert")})  # a pickled folder is refused
 
 
 def test_calibrated_probabilities_and_decisions_use_saved_buffers():

@@ -133,14 +133,18 @@ class ImageEncoder(nn.Module):
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a local safetensors (or weights-only state-dict) file into the backbone."""
+    """Load a local safetensors file into the backbone."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("model.image.pretrained", f"{path} is not a file")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never a full unpickle
+    if path.suffix != ".safetensors":  # a pickled file a user hands over is never unpickled
+        raise ConfigError(
+            "model.image.pretrained",
+            f"{path} is not a .safetensors file",
+            hint="convert it once where you trust it: "
+            "safetensors.torch.save_file(state_dict, 'backbone.safetensors')",
+        )
+    state = load_file(str(path))
     # Module names follow MONAI's (features.*, conv1/layer1.*, vit.*), so a MONAI network's
     # own state_dict loads as is; its classifier keys are ignored.
     if isinstance(backbone, _ViTTrunk) and not any(k.startswith("vit.") for k in state):

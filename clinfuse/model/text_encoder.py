@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
 
 from clinfuse.config import TextConfig
+from clinfuse.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -156,7 +157,17 @@ def build_text_model(cfg: TextConfig, vocab_size: int, saved: dict[str, Any] | N
     if saved is not None:  # from a clinfuse checkpoint: architecture here, weights in safetensors
         model = AutoModel.from_config(AutoConfig.for_model(**saved))
     elif cfg.pretrained:
-        model = AutoModel.from_pretrained(cfg.pretrained)
+        try:  # safetensors only: a pickled pytorch_model.bin is never unpickled
+            model = AutoModel.from_pretrained(cfg.pretrained, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                "model.text.pretrained",
+                f"cannot load a transformers encoder with safetensors weights from "
+                f"{cfg.pretrained!r} ({str(error).splitlines()[0]})",
+                hint="give a local folder holding config.json and model.safetensors (convert a "
+                "pickled checkpoint once with `save_pretrained(folder)`) or a hub name in the "
+                "local cache",
+            ) from error
     else:
         config = BertConfig(
             vocab_size=vocab_size,

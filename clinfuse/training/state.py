@@ -1,7 +1,8 @@
 """Resumable training state: crash-safe snapshots a rerun of the same command continues from.
 
 Each snapshot is a folder `step-<N>/` holding the current model (a checkpoint folder), the best
-model so far, the optimiser and scheduler state, and `state.json` (counters, history) written
+model so far, the optimiser and scheduler state (safetensors + JSON: nothing is unpickled on
+resume), and `state.json` (counters, history) written
 last with a `COMPLETE` marker. A crash mid-write leaves an incomplete folder that is ignored;
 the newest complete snapshot wins, and older ones are removed once a newer one is complete.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from clinfuse.model.checkpoint import load_checkpoint, save_checkpoint
 from clinfuse.model.model import FusionModel
@@ -55,13 +57,13 @@ def save_snapshot(
     save_checkpoint(model, folder / "model")
     if best is not None:
         save_checkpoint(best, folder / "best")
-    torch.save(
+    save_tree(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         },
-        folder / "optimizer.pt",
+        folder / "optimizer",
     )
     state = asdict(progress)
     state["best_auroc"] = None if progress.best_auroc == float("-inf") else progress.best_auroc
@@ -79,8 +81,50 @@ def load_snapshot(
     """(model, best model or None, optimiser/scheduler states, progress) from a snapshot."""
     model = load_checkpoint(folder / "model")
     best = load_checkpoint(folder / "best") if (folder / "best").is_dir() else None
-    states = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    states = load_tree(folder / "optimizer")
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if state["best_auroc"] is None:
         state["best_auroc"] = float("-inf")
     return model, best, states, Progress(**state)
+
+
+def save_tree(tree: Any, stem: Path) -> None:
+    """A nested dict/list of tensors and JSON values -> `<stem>.safetensors` + `<stem>.json`.
+
+    Dicts are stored as [key, value] pairs so integer keys (an optimiser's parameter indices)
+    come back as integers.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = f"t{len(tensors)}"
+            tensors[name] = value.detach().cpu().contiguous()
+            return {"tensor": name}
+        if isinstance(value, dict):
+            return {"pairs": [[key, encode(item)] for key, item in value.items()]}
+        if isinstance(value, list | tuple):
+            return [encode(item) for item in value]
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise TypeError(f"cannot save a {type(value).__name__} in a training snapshot")
+
+    skeleton = encode(tree)
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(skeleton), encoding="utf-8")
+
+
+def load_tree(stem: Path) -> Any:
+    """What `save_tree` wrote, read back without unpickling anything."""
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(item) for item in value]
+        if isinstance(value, dict):
+            if "tensor" in value:
+                return tensors[value["tensor"]]
+            return {key: decode(item) for key, item in value["pairs"]}
+        return value
+
+    return decode(json.loads(stem.with_suffix(".json").read_text(encoding="utf-8")))
