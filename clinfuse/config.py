@@ -174,7 +174,7 @@ class TrainConfig(Config):
     """The optimisation: budget, schedule, stopping, calibration rule, resources."""
 
     epochs: int = 36
-    batch_size: int = 16
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05  # of all steps, linear warm-up, then cosine decay to 0

@@ -114,7 +114,9 @@ def score(
     against the `labels` table (None: the manifest's labels)."""
     device = next(model.parameters()).device
     predictions = predict(model, without(test_loader(model, rows), side), device)
-    probs = apply_temperature(predictions.logits, model.temperature.cpu().numpy())
+    probs = apply_temperature(
+        predictions.logits, model.temperature.cpu().numpy(), model.offset.cpu().numpy()
+    )
     thresholds = model.thresholds.cpu().numpy()
     y = measured_labels(predictions, model.labels, labels)
     return evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)

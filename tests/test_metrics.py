@@ -16,6 +16,7 @@ from clinfuse.evaluation import (
     apply_temperature,
     evaluate_predictions,
     expected_calibration_error,
+    fit_calibration,
     fit_temperature,
     fit_thresholds,
     write_report,
@@ -163,6 +164,23 @@ def test_temperature_scaling_lowers_ece_of_overconfident_logits():
     calibrated = apply_temperature(overconfident, fit_temperature(overconfident, y))
     after = expected_calibration_error(y[:, 0], calibrated[:, 0])
     assert before > 0.1 and after < before / 3
+
+
+def test_offset_removes_the_shift_class_weighting_puts_into_the_logits():
+    # A loss with positive weight w moves the optimum logit up by log w: a temperature cannot
+    # undo that shift, a temperature with an offset recovers both (and keeps the ranking).
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(-1.5, 2.0, size=(20_000, 1))
+    y = (rng.random(true_logits.shape) < expit(true_logits)).astype(float)
+    weighted = (true_logits + np.log(4.0)) * 1.5  # pos_weight 4, then overconfident
+    temperature, offset = fit_calibration(weighted, y)
+    assert temperature[0] == pytest.approx(1.5, rel=0.1)
+    assert offset[0] == pytest.approx(-np.log(4.0), abs=0.15)
+    only_t = apply_temperature(weighted, fit_temperature(weighted, y))
+    both = apply_temperature(weighted, temperature, offset)
+    assert expected_calibration_error(y[:, 0], both[:, 0]) < 0.02
+    assert expected_calibration_error(y[:, 0], only_t[:, 0]) > 0.05
+    assert (np.argsort(both[:, 0]) == np.argsort(weighted[:, 0])).all()
 
 
 def test_youden_threshold_separates_a_separable_label():

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 from monai.networks.nets import DenseNet
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel
 
 from clinfuse.config import ModelConfig, apply_overrides, parse_config
-from clinfuse.errors import ConfigError
+from clinfuse.errors import ConfigError, ModelFolderError
 from clinfuse.model import (
     create_model,
     list_models,
@@ -264,6 +264,7 @@ def test_long_notes_are_truncated_with_a_warning_or_chunked(caplog):
 def test_checkpoint_folder_restores_the_exact_model_without_unpickling(tmp_path, monkeypatch):
     model = build().eval()
     model.temperature.copy_(torch.tensor([1.5, 0.8, 1.1]))
+    model.offset.copy_(torch.tensor([0.0, -0.25, 0.1]))
     model.thresholds.copy_(torch.tensor([0.3, 0.6, 0.45]))
     args = inputs(model)
     expected = model(*args)
@@ -279,10 +280,13 @@ def test_checkpoint_folder_restores_the_exact_model_without_unpickling(tmp_path,
     assert config["model"]["preprocess"]["spatial_size"] == [64, 64]
     assert config["calibration"]["copd"] == {
         "temperature": pytest.approx(0.8),
+        "offset": pytest.approx(-0.25),
         "threshold": pytest.approx(0.6),
     }
     card = (tmp_path / "m" / "MODEL_CARD.md").read_text()
-    assert "Decision support, not a diagnosis" in card and "| copd | 0.800 | 0.600 |" in card
+    assert (
+        "Decision support, not a diagnosis" in card and "| copd | 0.800 | -0.250 | 0.600 |" in card
+    )
 
     def no_pickle(*a, **k):
         raise AssertionError("a checkpoint must never be unpickled")
@@ -296,6 +300,22 @@ def test_checkpoint_folder_restores_the_exact_model_without_unpickling(tmp_path,
         loaded.note_tokenizer.tokenizer("fever")["input_ids"]
         == model.note_tokenizer.tokenizer("fever")["input_ids"]
     )
+
+
+def test_checkpoint_weights_must_match_the_config_except_a_missing_offset(tmp_path):
+    model = build().eval()
+    save_checkpoint(model, tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if k != "offset"}, tmp_path / "m" / "model.safetensors"
+    )
+    assert torch.equal(load_checkpoint(tmp_path / "m").offset, torch.zeros(len(LABELS)))  # older
+    save_file(
+        {k: v for k, v in weights.items() if k != "head.weight"},
+        tmp_path / "m" / "model.safetensors",
+    )
+    with pytest.raises(ModelFolderError, match="does not match config.json"):
+        load_checkpoint(tmp_path / "m")
 
 
 def test_checkpoint_with_an_unknown_key_fails_naming_it(tmp_path):
@@ -379,8 +399,9 @@ def test_pretrained_text_encoder_and_tokenizer_load_from_a_local_folder(tmp_path
 def test_calibrated_probabilities_and_decisions_use_saved_buffers():
     model = build()
     model.temperature.copy_(torch.tensor([2.0, 1.0, 0.5]))
+    model.offset.copy_(torch.tensor([0.0, 0.0, -1.0]))
     model.thresholds.copy_(torch.tensor([0.6, 0.5, 0.9]))
     logits = torch.tensor([[1.0, 1.0, 1.0]])
     probs = model.probabilities(logits)
-    torch.testing.assert_close(probs, torch.sigmoid(torch.tensor([[0.5, 1.0, 2.0]])))
+    torch.testing.assert_close(probs, torch.sigmoid(torch.tensor([[0.5, 1.0, 1.0]])))
     assert model.decisions(probs).tolist() == [[True, True, False]]

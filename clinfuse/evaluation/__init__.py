@@ -3,7 +3,12 @@
 Decision support, not a diagnosis: these numbers describe a model, not a patient.
 """
 
-from clinfuse.evaluation.calibration import apply_temperature, fit_temperature, fit_thresholds
+from clinfuse.evaluation.calibration import (
+    apply_temperature,
+    fit_calibration,
+    fit_temperature,
+    fit_thresholds,
+)
 from clinfuse.evaluation.metrics import evaluate_predictions, expected_calibration_error
 from clinfuse.evaluation.report import EvaluationRun, write_report
 
@@ -12,6 +17,7 @@ __all__ = [
     "apply_temperature",
     "evaluate_predictions",
     "expected_calibration_error",
+    "fit_calibration",
     "fit_temperature",
     "fit_thresholds",
     "write_report",

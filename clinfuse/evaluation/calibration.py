@@ -1,48 +1,66 @@
-"""Calibration fitted on validation data: one temperature and one decision threshold a label.
+"""Calibration fitted on validation data: a temperature, an offset and a decision threshold a
+label.
 
-Both are fitted on known cells only (`y` is 1.0 / 0.0 / NaN, NaN = unknown) and saved with the
-model, which predicts `sigmoid(logit / temperature) >= threshold` (see `FusionModel`).
+All are fitted on known cells only (`y` is 1.0 / 0.0 / NaN, NaN = unknown) and saved with the
+model, which predicts `sigmoid(logit / temperature + offset) >= threshold` (see `FusionModel`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize
 from scipy.special import expit
 from sklearn.metrics import roc_curve
 
 TEMPERATURE_BOUNDS = (1e-2, 1e2)  # searched over log T; a separable label ends at the low bound
+OFFSET_BOUND = 20.0  # |b| on the logit scale
 DEFAULT_THRESHOLD = 0.5  # for a label with no positives or no negatives to fit on
 THRESHOLD_RULES = ("youden", "sensitivity")
 
 
-def apply_temperature(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
-    """Calibrated probabilities (N, L): sigmoid(logits / T) with one T a label."""
-    return expit(np.asarray(logits, dtype=float) / np.asarray(temperatures, dtype=float))
+def apply_temperature(
+    logits: np.ndarray, temperatures: np.ndarray, offsets: np.ndarray | None = None
+) -> np.ndarray:
+    """Calibrated probabilities (N, L): sigmoid(logits / T + b) with one T (and b) a label."""
+    scaled = np.asarray(logits, dtype=float) / np.asarray(temperatures, dtype=float)
+    return expit(scaled if offsets is None else scaled + np.asarray(offsets, dtype=float))
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(L,) temperatures T > 0, each minimising the NLL of sigmoid(logit / T) on known cells.
+def fit_calibration(
+    logits: np.ndarray, y: np.ndarray, offset: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(L,) temperatures T > 0 and (L,) offsets b minimising the NLL of sigmoid(logit / T + b)
+    on each label's known cells (b stays 0 with `offset=False`: plain temperature scaling).
 
-    A bounded 1-D search over log T in `TEMPERATURE_BOUNDS`. A label with fewer than two known
-    cells, or only one class among them, keeps T = 1.0.
+    The offset undoes the shift that class-imbalance weighting puts into the logits (a positive
+    weight w moves the loss's optimum by log w, which a temperature alone cannot remove); it
+    moves every score of a label alike, so the ranking (AUROC) is unchanged. A bounded search
+    (L-BFGS-B) over log T in `TEMPERATURE_BOUNDS` and b in +-`OFFSET_BOUND`. A label with fewer
+    than two known cells, or only one class among them, keeps T = 1, b = 0.
     """
     logits, y = check_scores(logits, y, "logits")
-    temperatures = np.ones(y.shape[1])
+    temperatures, offsets = np.ones(y.shape[1]), np.zeros(y.shape[1])
+    offset_bounds = (-OFFSET_BOUND, OFFSET_BOUND) if offset else (0.0, 0.0)
+    bounds = [tuple(np.log(TEMPERATURE_BOUNDS)), offset_bounds]
     for j in range(y.shape[1]):
         known = ~np.isnan(y[:, j])
         z, t = logits[known, j], y[known, j]
         if t.size < 2 or t.min() == t.max():
             continue
 
-        def nll(log_t: float, z: np.ndarray = z, t: np.ndarray = t) -> float:
+        def nll(params: np.ndarray, z: np.ndarray = z, t: np.ndarray = t) -> float:
             # Binary cross-entropy on logits, log(1 + e^s) - t*s: stable where sigmoid saturates.
-            s = z / np.exp(log_t)
+            s = z / np.exp(params[0]) + params[1]
             return float(np.mean(np.logaddexp(0.0, s) - t * s))
 
-        result = minimize_scalar(nll, bounds=np.log(TEMPERATURE_BOUNDS), method="bounded")
-        temperatures[j] = float(np.exp(result.x))
-    return temperatures
+        result = minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=bounds)
+        temperatures[j], offsets[j] = float(np.exp(result.x[0])), float(result.x[1])
+    return temperatures, offsets
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(L,) temperatures alone (`fit_calibration` without the offset)."""
+    return fit_calibration(logits, y, offset=False)[0]
 
 
 def fit_thresholds(

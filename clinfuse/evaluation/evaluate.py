@@ -71,7 +71,7 @@ def evaluate_model(
     predictions = predict(model, loader, torch_device)
     temperature = model.temperature.cpu().numpy()
     thresholds = model.thresholds.cpu().numpy()
-    probs = apply_temperature(predictions.logits, temperature)
+    probs = apply_temperature(predictions.logits, temperature, model.offset.cpu().numpy())
     y = measured_labels(predictions, model.labels, labels_path)  # (N, L)
     metrics = evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
     metrics["split"] = split

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
+from torch import nn
 
 from clinfuse import __version__
 from clinfuse.config import ModelConfig, parse_config
@@ -40,10 +41,7 @@ def save_checkpoint(
         "clinfuse_version": __version__,
         "model": model.cfg.model_dump(mode="json"),
         "text_model": model.text_encoder.saved_config() if model.text_encoder else None,
-        "calibration": {
-            name: {"temperature": float(t), "threshold": float(th)}
-            for name, t, th in zip(model.labels, model.temperature, model.thresholds, strict=True)
-        },
+        "calibration": calibration_table(model),
         **(info or {}),
     }
     tmp = folder / "model.safetensors.tmp"
@@ -53,6 +51,16 @@ def save_checkpoint(
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (folder / "MODEL_CARD.md").write_text(model_card(model, config), encoding="utf-8")
     return folder
+
+
+def calibration_table(model: nn.Module) -> dict[str, dict[str, float]]:
+    """{label: {"temperature", "offset", "threshold"}}: what config.json records."""
+    return {
+        name: {"temperature": float(t), "offset": float(b), "threshold": float(th)}
+        for name, t, b, th in zip(
+            model.labels, model.temperature, model.offset, model.thresholds, strict=True
+        )
+    }
 
 
 def model_version(folder: str | Path) -> str:
@@ -80,7 +88,16 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> F
     # The weights come from model.safetensors; never re-read the user's pretrained files.
     cfg = cfg.model_copy(update={"image": cfg.image.model_copy(update={"pretrained": None})})
     model = FusionModel(cfg, load_tokenizer(str(folder / "tokenizer")), config.get("text_model"))
-    load_model(model, str(folder / "model.safetensors"), strict=True, device="cpu")
+    missing, unexpected = load_model(
+        model, str(folder / "model.safetensors"), strict=False, device="cpu"
+    )
+    if unexpected or set(missing) - {"offset"}:  # folders from before the offset predict b = 0
+        raise ModelFolderError(
+            folder,
+            f"model.safetensors does not match config.json (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})",
+            hint="the folder was edited or mixes two models; use the folder training wrote",
+        )
     return model.to(device).eval()
 
 
@@ -89,7 +106,7 @@ def model_card(model: FusionModel, config: dict[str, Any]) -> str:
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     rows = "\n".join(
-        f"| {name} | {c['temperature']:.3f} | {c['threshold']:.3f} |"
+        f"| {name} | {c['temperature']:.3f} | {c.get('offset', 0.0):+.3f} | {c['threshold']:.3f} |"
         for name, c in config["calibration"].items()
     )
     metrics = config.get("metrics")
@@ -115,10 +132,11 @@ window `{cfg.preprocess.window}`
 
 ## Labels, calibration and operating points
 
-Probabilities are `sigmoid(logit / temperature)`; a label is called at or above its threshold.
+Probabilities are `sigmoid(logit / temperature + offset)`; a label is called at or above its
+threshold.
 
-| label | temperature | threshold |
-|---|---|---|
+| label | temperature | offset | threshold |
+|---|---|---|---|
 {rows}
 
 ## Validation metrics

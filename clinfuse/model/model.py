@@ -15,8 +15,8 @@ on that side's tokens before fusion; a study with one side only is answered by t
 head, so losing a side leaves the model as good as a single-side model, not worse; a study
 with neither side gets a learned prior (the base rate: the modality Shapley values' empty set).
 
-Like torchxrayvision, the model knows its label names and carries its per-label temperature
-and decision thresholds as buffers, so the checkpoint alone is enough to predict.
+Like torchxrayvision, the model knows its label names and carries its per-label temperature,
+offset and decision thresholds as buffers, so the checkpoint alone is enough to predict.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class FusionModel(nn.Module):
         self.prior = nn.Parameter(torch.zeros(n_labels)) if self.side_heads is not None else None
         n = len(self.labels)
         self.register_buffer("temperature", torch.ones(n))  # fitted after training
+        self.register_buffer("offset", torch.zeros(n))  # fitted with the temperature
         self.register_buffer("thresholds", torch.full((n,), 0.5))  # on calibrated probabilities
 
     # -- the two towers -------------------------------------------------------------------
@@ -279,8 +280,8 @@ class FusionModel(nn.Module):
         return out.logits, out.side_logits, used
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities (B, L): sigmoid(logits / per-label temperature)."""
-        return torch.sigmoid(logits / self.temperature)
+        """Calibrated probabilities (B, L): sigmoid(logits / temperature + offset), per label."""
+        return torch.sigmoid(logits / self.temperature + self.offset)
 
     def decisions(self, probabilities: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: calibrated probability at or above the label's saved threshold."""

@@ -35,6 +35,7 @@ from clinfuse.data.notes import read_note
 from clinfuse.engine import predict, select_device
 from clinfuse.errors import ClinfuseError
 from clinfuse.evaluation.metrics import evaluate_predictions
+from clinfuse.model.checkpoint import calibration_table
 from clinfuse.model.text_encoder import load_tokenizer, train_tokenizer
 from clinfuse.peers.transchex import (
     TranschexClassifier,
@@ -230,10 +231,7 @@ def train_transchex(
         "data_model": final.cfg.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
         "data": cfg.data.model_dump(mode="json"),
-        "calibration": {
-            name: {"temperature": float(t), "threshold": float(th)}
-            for name, t, th in zip(final.labels, final.temperature, final.thresholds, strict=True)
-        },
+        "calibration": calibration_table(final),
         "metrics": {"validation": validation},
         "training": {
             "epochs": len(history),

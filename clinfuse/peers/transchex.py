@@ -163,6 +163,7 @@ class TranschexClassifier(nn.Module):
         self.register_buffer("empty_note", empty, persistent=False)  # (T,) [CLS] [SEP] pad ...
         n = len(self.labels)
         self.register_buffer("temperature", torch.ones(n))
+        self.register_buffer("offset", torch.zeros(n))
         self.register_buffer("thresholds", torch.full((n,), 0.5))
 
     def fixed_length(self, input_ids: torch.Tensor) -> torch.Tensor:

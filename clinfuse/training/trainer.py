@@ -38,7 +38,7 @@ from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, load_manife
 from clinfuse.data.notes import read_note
 from clinfuse.engine import Predictions, autocast, predict, select_device
 from clinfuse.errors import ClinfuseError, ManifestError
-from clinfuse.evaluation.calibration import fit_temperature, fit_thresholds
+from clinfuse.evaluation.calibration import apply_temperature, fit_calibration, fit_thresholds
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import read_checkpoint_config, save_checkpoint
 from clinfuse.model.model import FusionModel
@@ -415,11 +415,12 @@ def score_distribution(
 def calibrate(
     model: FusionModel, val_loader: DataLoader, device: torch.device, cfg: RunConfig
 ) -> dict[str, Any]:
-    """Fit per-label temperature and thresholds on validation; return the validation metrics."""
+    """Fit per-label temperature, offset and thresholds on validation; return the validation
+    metrics."""
     val = predict(model, val_loader, device, cfg.train.amp)
     raw = 1 / (1 + np.exp(-val.logits))
-    temperature = fit_temperature(val.logits, val.labels)
-    probs = 1 / (1 + np.exp(-val.logits / temperature))
+    temperature, offset = fit_calibration(val.logits, val.labels)
+    probs = apply_temperature(val.logits, temperature, offset)
     thresholds = fit_thresholds(
         probs,
         val.labels,
@@ -427,6 +428,7 @@ def calibrate(
         target_sensitivity=cfg.train.target_sensitivity,
     )
     model.temperature.copy_(torch.as_tensor(temperature, dtype=torch.float32))
+    model.offset.copy_(torch.as_tensor(offset, dtype=torch.float32))
     model.thresholds.copy_(torch.as_tensor(thresholds, dtype=torch.float32))
     metrics = evaluate_predictions(
         val.labels,

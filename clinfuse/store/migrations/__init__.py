@@ -57,6 +57,9 @@ def connect(url: str) -> sa.Engine:
         cursor = dbapi_connection.cursor()
         if not memory:
             _wal_mode(cursor)
+            # WAL's recommended durability: a commit survives a killed process (kill -9) without
+            # an fsync each; a power cut may roll back the last commits, which a rerun redoes
+            cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
