@@ -28,6 +28,22 @@ def select_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with `threads` intra-op threads (None: unchanged); restores the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """Mixed precision on GPU (bfloat16 where supported, else float16); a no-op on CPU."""
     if device.type != "cuda" or not enabled:

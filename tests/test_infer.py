@@ -104,6 +104,18 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
     tiny_model, small_export, tmp_path
 ):
     run = tmp_path / "run"
+    # ten copies of the export under new ids: long enough for the kill to land mid-run
+    rows = pd.read_csv(small_export, dtype=str, keep_default_na=False)
+    copies = []
+    for k in range(10):
+        copy = rows.copy()
+        copy["study_id"] += f"-{k}"
+        for column in ("image", "note_path"):
+            copy[column] = [str(small_export.parent / p) if p else "" for p in copy[column]]
+        copies.append(copy)
+    manifest = tmp_path / "long.csv"
+    pd.concat(copies).to_csv(manifest, index=False)
+    total = 10 * len(rows)
     args = [
         sys.executable,
         "-m",
@@ -112,11 +124,11 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
         "--model",
         str(tiny_model),
         "--manifest",
-        str(small_export),
+        str(manifest),
         "--out",
         str(run),
         "--batch-size",
-        "4",
+        "2",
         "--workers",
         "0",
     ]
@@ -125,7 +137,7 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
     deadline = time.time() + 120
     written = 0
     while time.time() < deadline and written < 8:
-        time.sleep(0.2)
+        time.sleep(0.05)
         if db.exists():
             try:
                 with sqlite3.connect(db, timeout=1) as con:
@@ -134,14 +146,14 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
                 pass
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert 8 <= written < 64, "the kill should land mid-run"
+    assert 8 <= written < total, "the kill should land mid-run"
     done = subprocess.run(args, capture_output=True, text=True, check=True)
     assert "skipped as already done" in done.stdout
     predictions = pd.read_csv(run / "predictions.csv")
-    assert len(predictions) == 64 and predictions["study_id"].is_unique
+    assert len(predictions) == total and predictions["study_id"].is_unique
     with sqlite3.connect(db) as con:
-        assert con.execute("select count(*) from studies").fetchone()[0] == 64
-        assert con.execute("select count(distinct study_id) from studies").fetchone()[0] == 64
+        assert con.execute("select count(*) from studies").fetchone()[0] == total
+        assert con.execute("select count(distinct study_id) from studies").fetchone()[0] == total
 
 
 def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export, tmp_path):
@@ -202,3 +214,60 @@ def test_ray_engine_gives_the_same_predictions_as_local(tiny_model, mixed_manife
     pd.testing.assert_frame_equal(ray, local, atol=1e-5, check_exact=False)
     failures = pd.read_csv(tmp_path / "ray" / "failures.csv")
     assert len(failures) == 4
+
+
+def test_workers_and_threads_change_speed_not_predictions(tiny_model, mixed_manifest, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    assert infer(tiny_model, mixed_manifest, tmp_path / "inline", "--workers", "0") == 0
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    assert (
+        infer(tiny_model, mixed_manifest, tmp_path / "two", "--workers", "2", "--threads", "1") == 0
+    )
+
+    def read(run):  # each run has its own store, so its own pseudonym key
+        table = pd.read_csv(tmp_path / run / "predictions.csv").sort_values("study_id")
+        return table.drop(columns="patient_pseudonym")
+
+    inline, two = read("inline"), read("two")
+    pd.testing.assert_frame_equal(  # batches are cut differently: float round-off only
+        inline.reset_index(drop=True), two.reset_index(drop=True), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_a_batch_crosses_processes_by_value_not_by_shared_memory_handle():
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch
+    import torch.multiprocessing  # noqa: F401  registers torch's shared-memory reducers
+
+    from clinfuse.data.batch import Batch
+
+    batch = Batch(
+        study_ids=["S1", "S2"],
+        image=torch.rand(2, 1, 8, 8),
+        image_present=torch.tensor([True, False]),
+        input_ids=torch.randint(0, 50, (2, 5)),
+        attention_mask=torch.ones(2, 5, dtype=torch.long),
+        note_present=torch.tensor([True, True]),
+        offsets=torch.zeros(2, 5, 2, dtype=torch.long),
+        labels=torch.tensor([[1.0, float("nan")], [0.0, 1.0]]),
+        notes=["a", "b"],
+        original_shapes=[(8, 8), None],
+        failures=[("S3", "image:missing: x")],
+        patient_ids={"S1": "P1"},
+    )
+    data = bytes(ForkingPickler.dumps(batch))  # what a DataLoader worker sends
+    assert len(data) > batch.image.numel() * 4  # the pixels travel in the message itself
+    back = pickle.loads(data)
+    for name in ("image", "image_present", "input_ids", "attention_mask", "offsets"):
+        assert torch.equal(getattr(back, name), getattr(batch, name))
+        assert getattr(back, name).dtype == getattr(batch, name).dtype
+    assert torch.equal(back.labels.isnan(), batch.labels.isnan())
+    assert (back.notes, back.failures, back.patient_ids) == (
+        batch.notes,
+        batch.failures,
+        batch.patient_ids,
+    )

@@ -99,6 +99,7 @@ def _infer(args: argparse.Namespace) -> int:
     settings = InferenceSettings(
         batch_size=args.batch_size,
         workers=args.workers,
+        threads=args.threads,
         explain=args.explain,
         standards=tuple(s for s in args.standards.split(",") if s),
         device=args.device,
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument(
+        "--threads", type=int, help="the model's CPU threads (default: the cores left by workers)"
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_infer)
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -55,6 +56,17 @@ class Batch:
     def __len__(self) -> int:
         return len(self.study_ids)
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Pickle tensors as numpy arrays, so a batch leaving a DataLoader worker travels inside
+        the pipe. As tensors, each would pass as a shared-memory handle fetched from the worker's
+        resource-sharer thread, a round trip that waits for the worker's GIL while it decodes
+        the next batch (measured: ~a quarter of a CPU run's time)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                state[name] = value.detach().cpu().numpy()
+        return (_batch_from_state, (state,))
+
     def model_inputs(self) -> tuple[torch.Tensor, ...]:
         """The positional arguments of `FusionModel.forward`."""
         return (
@@ -71,6 +83,13 @@ class Batch:
             if isinstance(value, torch.Tensor):
                 moved[name] = value.to(device, non_blocking=True)
         return Batch(**moved)
+
+
+def _batch_from_state(state: dict[str, Any]) -> Batch:
+    """Unpickle a `Batch`: its numpy arrays become tensors again."""
+    return Batch(
+        **{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+    )
 
 
 class StudyDataset(Dataset):

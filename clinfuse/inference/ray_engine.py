@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ def run_inference_ray(
         if r.study_id not in run.done
     )
     actor_settings = {k: v for k, v in dataclasses.asdict(run.settings).items()}
+    started = time.perf_counter()
     predicted = failed = 0
     bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer (ray)")
     while chunk := list(itertools.islice(pending, run.settings.chunk_rows)):
@@ -162,4 +164,4 @@ def run_inference_ray(
             predicted += len(predictions)
             failed += len(failures)
     bar.close()
-    return finish_run(run, predicted, failed)
+    return finish_run(run, predicted, failed, time.perf_counter() - started)
