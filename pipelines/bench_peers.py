@@ -187,7 +187,9 @@ def infer_rate(model: torch.nn.Module, batches: list[Batch]) -> float:
 def forward_flops(model: torch.nn.Module, batch: Batch) -> float:
     """Forward FLOPs per study (torch's FLOP counter: matmuls and convolutions)."""
     model.eval()
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    # not under inference mode: the counter's module tracker hooks every tensor that requires
+    # grad, and a parameter used directly (label attention's queries) has no graph there
+    with FlopCounterMode(display=False) as counter:
         model(*batch.model_inputs())
     return counter.get_total_flops() / len(batch)
 
