@@ -30,11 +30,8 @@ from torch.utils.data import DataLoader
 
 from clinfuse.config import ModelConfig, RunConfig, parse_config
 from clinfuse.data.batch import Batch, Collator, StudyDataset
-from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
-from clinfuse.data.notes import read_note
+from clinfuse.data.manifest import PatientSplit, load_manifest
 from clinfuse.engine import predict, select_device
-from clinfuse.errors import ClinfuseError
-from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import calibration_table
 from clinfuse.model.text_encoder import load_tokenizer, train_tokenizer
 from clinfuse.peers.transchex import (
@@ -52,6 +49,8 @@ from clinfuse.training.trainer import (
     file_sha256,
     masked_bce,
     split_rows,
+    training_notes,
+    validation_macro_auroc,
     warmup_cosine,
 )
 
@@ -67,17 +66,6 @@ class PeerTraining:
     folder: Path
     info: dict[str, Any]  # peer.json: configs, calibration, training history, validation
     reused: bool = False
-
-
-def training_notes(rows: list[StudyRow]) -> list[str]:
-    """The readable, non-empty notes of `rows` (unreadable ones fail later, study by study)."""
-    notes = []
-    for row in rows:
-        try:
-            notes.append(read_note(row.note, row.note_path))
-        except ClinfuseError:
-            continue
-    return [n for n in notes if n]
 
 
 def note_length(tokenizer: Any, notes: list[str], limit: int) -> int:
@@ -201,10 +189,7 @@ def train_transchex(
             scheduler.step()
             seen += len(batch)
         val = predict(model, val_loader, torch_device, cfg.train.amp)
-        probs = 1 / (1 + np.exp(-val.logits))
-        auroc = evaluate_predictions(
-            val.labels, probs, np.full(len(model.labels), 0.5), model.labels, n_bootstrap=0
-        )["macro"]["auroc"]
+        auroc = validation_macro_auroc(val, model.labels)
         seconds = time.perf_counter() - epoch_started
         history.append(
             {

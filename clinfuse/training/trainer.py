@@ -211,7 +211,7 @@ def train(
         )
     else:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = create_model(cfg.model, _training_notes(train_rows))
+        model = create_model(cfg.model, training_notes(train_rows))
         states, progress = None, Progress(config_sha256=config_sha)
     model.to(torch_device).train()
     torch.manual_seed(cfg.train.seed + 1 + workers.rank + progress.step)
@@ -294,7 +294,7 @@ def train(
                 snapshot_now()
 
         val = predict(model, val_loader, torch_device, cfg.train.amp)
-        auroc = _macro_auroc(val, manifest.labels)
+        auroc = validation_macro_auroc(val, manifest.labels)
         seconds = time.perf_counter() - epoch_started
         improved = auroc is not None and auroc > progress.best_auroc
         if improved:
@@ -371,7 +371,8 @@ def train(
     )
 
 
-def _training_notes(rows: list[StudyRow]) -> list[str]:
+def training_notes(rows: list[StudyRow]) -> list[str]:
+    """The readable, non-empty notes of `rows`: what the tokenizer is trained on."""
     notes = []
     for row in rows:
         try:
@@ -381,7 +382,8 @@ def _training_notes(rows: list[StudyRow]) -> list[str]:
     return [n for n in notes if n]
 
 
-def _macro_auroc(predictions: Predictions, labels: tuple[str, ...]) -> float | None:
+def validation_macro_auroc(predictions: Predictions, labels: tuple[str, ...]) -> float | None:
+    """Macro AUROC of raw (uncalibrated) scores: what early stopping watches; None if empty."""
     if not predictions.study_ids:
         return None
     probs = 1 / (1 + np.exp(-predictions.logits))
