@@ -302,3 +302,31 @@ def test_evaluate_measures_against_another_labels_table(trained, export, tmp_pat
     assert main([*base, "--out", str(tmp_path / "s"), "--labels", str(tmp_path / "short.csv")]) == 2
     err = capsys.readouterr().err
     assert "short.csv" in err and "study_id" in err and expected.index[0] in err
+
+
+def test_optimiser_state_round_trips_without_pickle_and_old_snapshots_are_refused(tmp_path):
+    from clinfuse.errors import ModelFolderError
+    from clinfuse.training.state import load_snapshot, load_tree, save_tree
+
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(net.parameters(), betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    net(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    tree = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    tree["rng"] = torch.get_rng_state()
+    save_tree(tree, tmp_path / "optimizer")
+    assert {p.name for p in tmp_path.iterdir()} == {"optimizer.json", "optimizer.safetensors"}
+    back = load_tree(tmp_path / "optimizer")
+    fresh = torch.optim.AdamW(net.parameters())
+    fresh.load_state_dict(back["optimizer"])  # integer parameter keys survive JSON
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(fresh.state_dict()["state"][0][key], optimizer.state[net.weight][key])
+    assert back["scheduler"]["last_epoch"] == 1 and torch.equal(back["rng"], tree["rng"])
+
+    old = tmp_path / "state" / "step-00000002"  # an older clinfuse's snapshot: a pickle
+    old.mkdir(parents=True)
+    torch.save(tree, old / "optimizer.pt")
+    with pytest.raises(ModelFolderError, match="delete .*state to train from the start"):
+        load_snapshot(old)

@@ -270,7 +270,7 @@ def model_threads(settings: InferenceSettings, device: torch.device) -> int | No
 
     On CPU the workers and the model share the cores; more threads than are free make the
     model's parallel regions wait on preempted threads (measured: 2 threads beside 2 workers on
-    2 cores score ~25% fewer studies/s than 1). None (unchanged) on a GPU.
+    2 cores score 25-30% fewer studies/s than 1). None (unchanged) on a GPU.
     """
     if settings.threads:
         return settings.threads

@@ -2,9 +2,9 @@
 
 Each snapshot is a folder `step-<N>/` holding the current model (a checkpoint folder), the best
 model so far, the optimiser and scheduler state (safetensors + JSON: nothing is unpickled on
-resume), and `state.json` (counters, history) written
-last with a `COMPLETE` marker. A crash mid-write leaves an incomplete folder that is ignored;
-the newest complete snapshot wins, and older ones are removed once a newer one is complete.
+resume), and `state.json` (counters, history) written last with a `COMPLETE` marker. A crash
+mid-write leaves an incomplete folder that is ignored; the newest complete snapshot wins, and
+older ones are removed once a newer one is complete.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from clinfuse.errors import ModelFolderError
 from clinfuse.model.checkpoint import load_checkpoint, save_checkpoint
 from clinfuse.model.model import FusionModel
 
@@ -79,6 +80,13 @@ def load_snapshot(
     folder: Path,
 ) -> tuple[FusionModel, FusionModel | None, dict[str, Any], Progress]:
     """(model, best model or None, optimiser/scheduler states, progress) from a snapshot."""
+    if not (folder / "optimizer.json").is_file():  # written by a clinfuse that pickled it
+        raise ModelFolderError(
+            folder,
+            "a training snapshot without optimizer.json/.safetensors (an older clinfuse kept "
+            "the optimiser state as a pickle, which is never loaded)",
+            hint=f"delete {folder.parent} to train from the start",
+        )
     model = load_checkpoint(folder / "model")
     best = load_checkpoint(folder / "best") if (folder / "best").is_dir() else None
     states = load_tree(folder / "optimizer")
