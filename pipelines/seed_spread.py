@@ -1,0 +1,78 @@
+"""How much the ablation's numbers move with the training seed: several `ablation.py` runs, one
+table.
+
+    for s in 0 1 2; do
+        python pipelines/ablation.py --config pipelines/train_default.yaml \
+            --out runs/ablation_seed$s train.seed=$s
+    done
+    python pipelines/seed_spread.py runs/ablation_seed0 runs/ablation_seed1 runs/ablation_seed2 \
+        [--labels pneumonia,mass] [--out benchmarks/seeds]
+
+The split (`data.split_seed`) stays fixed; the training seed changes the initial weights, the
+order of the studies and the augmentation. Per mode: macro AUROC, ECE and the chosen labels'
+AUROC for each run, then their mean and range. Writes `<out>.json` and `<out>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def spread(runs: list[dict], labels: list[str]) -> dict:
+    """{mode: {metric: [value per run]}} for macro AUROC, ECE and each of `labels`."""
+    table: dict = {}
+    for run in runs:
+        for mode, entry in run["modes"].items():
+            row = table.setdefault(mode, {})
+            row.setdefault("macro AUROC", []).append(entry["macro_auroc"])
+            row.setdefault("ECE", []).append(entry["macro_ece"])
+            for label in labels:
+                row.setdefault(label, []).append(entry["labels"][label])
+    return table
+
+
+def markdown(table: dict, folders: list[Path], labels: list[str]) -> str:
+    metrics = ["macro AUROC", "ECE", *labels]
+    lines = [
+        f"Runs: {', '.join(f'`{f}`' for f in folders)} (one training seed each, same split). "
+        "Each cell: the runs' values, then mean [min, max].",
+        "",
+        "| mode | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for mode, row in table.items():
+        cells = []
+        for metric in metrics:
+            values = row[metric]
+            each = " / ".join(f"{v:.3f}" for v in values)
+            cells.append(
+                f"{each}; **{statistics.mean(values):.3f}** [{min(values):.3f}, {max(values):.3f}]"
+            )
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="ablation.py --out folders")
+    parser.add_argument("--labels", default="pneumonia,mass", help="labels to show")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/seeds"))
+    args = parser.parse_args()
+    labels = [x for x in args.labels.split(",") if x]
+    runs = [json.loads((f / "ablation.json").read_text(encoding="utf-8")) for f in args.folders]
+    table = spread(runs, labels)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"runs": [str(f) for f in args.folders], "modes": table}, indent=2),
+        encoding="utf-8",
+    )
+    text = markdown(table, args.folders, labels)
+    args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
