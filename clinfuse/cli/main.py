@@ -230,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument(
-        "--threads", type=int, help="the model's CPU threads (default: the cores left by workers)"
+        "--threads",
+        type=_at_least_one,
+        help="the model's CPU threads (default: the cores left by workers)",
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_infer)
@@ -238,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain_commands.add_commands(commands)  # explain, explain-eval
     review_commands.add_commands(commands)  # dashboard, export, demo
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
