@@ -42,14 +42,17 @@ from torch.utils.data import DataLoader
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.dicom import read_dicom
 from clinfuse.data.manifest import load_manifest
-from clinfuse.engine import available_cores, iter_predictions
+from clinfuse.engine import available_cores, cpu_threads, iter_predictions
+from clinfuse.inference.pipeline import InferenceSettings, model_threads
 from clinfuse.model.checkpoint import load_checkpoint
 from clinfuse.synthetic import make_sample_data
 
 
-def forward_only(model_dir: Path, manifest: Path, batch_size: int, threads: int) -> float:
-    """Studies/s of the model alone on pre-collated batches (decoding excluded)."""
-    torch.set_num_threads(threads)
+def forward_only(
+    model_dir: Path, manifest: Path, batch_size: int, threads: tuple[int, ...]
+) -> dict[int, float]:
+    """Studies/s of the model alone on pre-collated batches (decoding excluded), for each
+    thread count (the model loaded and the batches decoded once)."""
     model = load_checkpoint(model_dir)
     rows = list(load_manifest(manifest, labels=model.labels))
     loader = DataLoader(
@@ -59,11 +62,15 @@ def forward_only(model_dir: Path, manifest: Path, batch_size: int, threads: int)
     )
     batches = list(loader)
     device = torch.device("cpu")
-    for _ in iter_predictions(model, batches[:1], device):  # warm-up
-        pass
-    started = time.perf_counter()
-    n = sum(len(batch) for batch, *_ in iter_predictions(model, batches, device))
-    return n / (time.perf_counter() - started)
+    rates = {}
+    for count in threads:
+        with cpu_threads(count):
+            for _ in iter_predictions(model, batches[:1], device):  # warm-up
+                pass
+            started = time.perf_counter()
+            n = sum(len(batch) for batch, *_ in iter_predictions(model, batches, device))
+            rates[count] = n / (time.perf_counter() - started)
+    return rates
 
 
 def run_infer(model_dir: Path, manifest: Path, out: Path, batch_size: int, workers: int) -> dict:
@@ -157,9 +164,9 @@ def main() -> None:
         "workers": args.workers,
     }
     cores = available_cores()
-    model_threads = max(1, cores - args.workers)  # what `clinfuse infer` gives the model
-    forward = forward_only(args.model, export / "manifest.csv", args.batch_size, cores)
-    forward_same = forward_only(args.model, export / "manifest.csv", args.batch_size, model_threads)
+    run_threads = model_threads(InferenceSettings(workers=args.workers), torch.device("cpu"))
+    rates = forward_only(args.model, export / "manifest.csv", args.batch_size, (cores, run_threads))
+    forward, forward_same = rates[cores], rates[run_threads]
     runs = {}
     for n in sizes:
         manifest = repeated_manifest(export / "manifest.csv", n, args.work)
@@ -172,7 +179,7 @@ def main() -> None:
         "forward_only_studies_per_s": forward,
         "forward_only_threads": cores,
         "forward_only_model_threads_studies_per_s": forward_same,
-        "model_threads": model_threads,
+        "model_threads": run_threads,
         "in_run_studies_per_s": headline["in_run_studies_per_s"],
         "process_studies_per_s": headline["studies_per_s"],
         "ratio": headline["in_run_studies_per_s"] / forward,
@@ -199,10 +206,10 @@ def main() -> None:
         "|---|---|",
         f"| model forward only, {cores} threads (every core) | "
         f"{e['forward_only_studies_per_s']:.0f} studies/s |",
-        f"| model forward only, {model_threads} thread(s) (as in the run) | "
+        f"| model forward only, {run_threads} thread(s) (as in the run) | "
         f"{e['forward_only_model_threads_studies_per_s']:.0f} studies/s |",
         f"| `clinfuse infer`, while streaming ({e['studies']:,} studies, {args.workers} decoding "
-        f"workers, model on {model_threads} thread(s)) | "
+        f"workers, model on {run_threads} thread(s)) | "
         f"{e['in_run_studies_per_s']:.0f} studies/s |",
         f"| **pipeline efficiency** (streaming / forward only on every core) | {e['ratio']:.2f} |",
         f"| efficiency against the forward pass on the run's own threads | "

@@ -44,7 +44,7 @@ from clinfuse.config import RunConfig, apply_overrides, resolve_run_config
 from clinfuse.data.batch import Batch, Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
 from clinfuse.engine import predict, select_device
-from clinfuse.evaluation.calibration import apply_temperature
+from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.evaluate import measured_labels
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
@@ -114,9 +114,7 @@ def score(
     against the `labels` table (None: the manifest's labels)."""
     device = next(model.parameters()).device
     predictions = predict(model, without(test_loader(model, rows), side), device)
-    probs = apply_temperature(
-        predictions.logits, model.temperature.cpu().numpy(), model.offset.cpu().numpy()
-    )
+    probs = calibrated_probabilities(model, predictions.logits)
     thresholds = model.thresholds.cpu().numpy()
     y = measured_labels(predictions, model.labels, labels)
     return evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)

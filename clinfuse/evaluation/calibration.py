@@ -7,6 +7,8 @@ model, which predicts `sigmoid(logit / temperature + offset) >= threshold` (see 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
@@ -24,6 +26,13 @@ def apply_temperature(
     """Calibrated probabilities (N, L): sigmoid(logits / T + b) with one T (and b) a label."""
     scaled = np.asarray(logits, dtype=float) / np.asarray(temperatures, dtype=float)
     return expit(scaled if offsets is None else scaled + np.asarray(offsets, dtype=float))
+
+
+def calibrated_probabilities(model: Any, logits: np.ndarray) -> np.ndarray:
+    """(N, L) probabilities at a model's saved calibration (its `temperature` and `offset`
+    buffers), in float64: the numpy twin of `FusionModel.probabilities` for any model that
+    carries the buffers (the Transchex peer too)."""
+    return apply_temperature(logits, model.temperature.cpu().numpy(), model.offset.cpu().numpy())
 
 
 def fit_calibration(

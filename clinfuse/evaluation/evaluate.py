@@ -18,7 +18,7 @@ from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, load_manifest, reference_labels
 from clinfuse.engine import Predictions, predict, select_device
 from clinfuse.errors import ManifestError
-from clinfuse.evaluation.calibration import apply_temperature
+from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, write_report
 from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
@@ -69,9 +69,8 @@ def evaluate_model(
         collate_fn=Collator(model.note_tokenizer, model.cfg),
     )
     predictions = predict(model, loader, torch_device)
-    temperature = model.temperature.cpu().numpy()
     thresholds = model.thresholds.cpu().numpy()
-    probs = apply_temperature(predictions.logits, temperature, model.offset.cpu().numpy())
+    probs = calibrated_probabilities(model, predictions.logits)
     y = measured_labels(predictions, model.labels, labels_path)  # (N, L)
     metrics = evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
     metrics["split"] = split
