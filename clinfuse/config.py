@@ -82,6 +82,10 @@ class FusionConfig(Config):
     # tokens learns every label from that side alone, so neither encoder is left idle while the
     # other fits the easy labels (cross_attention and late only; 0 = no side heads)
     side_loss: float = 1.0
+    # with side heads, what the fused head answers: the logit itself ("head"), or a correction
+    # to the naive-Bayes sum of the side heads, image + note - prior ("naive_bayes"): the sides
+    # carry what each knows alone, the fused tokens only what they know together
+    combine: Literal["head", "naive_bayes"] = "head"
 
 
 class PreprocessConfig(Config):

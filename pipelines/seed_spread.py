@@ -10,7 +10,8 @@ table.
 
 The split (`data.split_seed`) stays fixed; the training seed changes the initial weights, the
 order of the studies and the augmentation. Per mode: macro AUROC, ECE and the chosen labels'
-AUROC for each run, then their mean and range. Writes `<out>.json` and `<out>.md`.
+AUROC for each run (and the side-matching AUROC, when the runs have it), then their mean and
+range. Writes `<out>.json` and `<out>.md`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ def spread(runs: list[dict], labels: list[str]) -> dict:
             row.setdefault("ECE", []).append(entry["macro_ece"])
             for label in labels:
                 row.setdefault(label, []).append(entry["labels"][label])
+            if entry.get("side_matching_auroc") is not None:
+                row.setdefault("side matching", []).append(entry["side_matching_auroc"])
     return table
 
 
 def markdown(table: dict, folders: list[Path], labels: list[str]) -> str:
     metrics = ["macro AUROC", "ECE", *labels]
+    if all(len(row.get("side matching", [])) == len(folders) for row in table.values()):
+        metrics.append("side matching")
     lines = [
         f"Runs: {', '.join(f'`{f}`' for f in folders)} (one training seed each, same split). "
         "Each cell: the runs' values, then mean [min, max].",

@@ -187,6 +187,25 @@ def test_side_heads_learn_from_each_side_only_where_that_side_was_used():
     torch.testing.assert_close(model(image, ids, mask, none, none), model.prior.expand(3, -1))
 
 
+def test_naive_bayes_combination_corrects_the_sum_of_the_side_heads():
+    model = build(fusion={"combine": "naive_bayes", "pooling": "label_attention"}).eval()
+    both = (True, True, True)
+    image, ids, mask, present, note_present = inputs(model, notes=NOTES[:3], image_present=both)
+    out = model.forward_intermediates(image, ids, mask, present, note_present)
+    sides = out.side_logits  # (B, 3, L): image head, note head, prior
+    expected = model.head(out.pooled) + sides[:, 0] + sides[:, 1] - sides[:, 2]
+    torch.testing.assert_close(out.logits, expected)
+    # each side head reads its own side only, before fusion
+    other_note = inputs(model, notes=NOTES[1:4], image_present=both)
+    changed = model.forward_intermediates(image, *other_note[1:3], present, note_present)
+    torch.testing.assert_close(changed.side_logits[:, 0], sides[:, 0])
+    assert not torch.allclose(changed.side_logits[:, 1], sides[:, 1])
+    # a study with one side is still answered by that side's head alone
+    no_note = torch.tensor([True, False, True])
+    alone = model.forward_intermediates(image, ids, mask, present, no_note)
+    torch.testing.assert_close(alone.logits[1], alone.side_logits[1, 0])
+
+
 def test_token_dropout_masks_only_real_word_pieces_and_only_in_training():
     model = build(text={"token_dropout": 0.3})
     enc = model.note_tokenizer(NOTES * 50)

@@ -230,6 +230,10 @@ class FusionModel(nn.Module):
         image_used = image_present & self.uses_image
         note_used = note_present & self.uses_text
         logits = self.head(pooled)  # (B, L)
+        if side_logits is not None and self.cfg.fusion.combine == "naive_bayes":
+            # logit P(y | image, note) = logit P(y | image) + logit P(y | note) - logit P(y)
+            # when the two are independent given y; the head learns what that misses
+            logits = logits + side_logits[:, 0] + side_logits[:, 1] - side_logits[:, 2]
         if side_logits is not None:  # one side only: its own head answers; none: the prior
             logits = torch.where((image_used & ~note_used)[:, None], side_logits[:, 0], logits)
             logits = torch.where((note_used & ~image_used)[:, None], side_logits[:, 1], logits)
