@@ -330,3 +330,25 @@ def test_optimiser_state_round_trips_without_pickle_and_old_snapshots_are_refuse
     torch.save(tree, old / "optimizer.pt")
     with pytest.raises(ModelFolderError, match="delete .*state to train from the start"):
         load_snapshot(old)
+
+
+def test_note_encoder_pretraining_learns_the_notes_and_touches_nothing_else():
+    from clinfuse.model.registry import create_model, model_config
+    from clinfuse.training.pretrain import pretrain_note_encoder
+
+    notes = [
+        "Fever and productive cough; crackles at the left base.",
+        "No history of COPD. Denies fever or cough.",
+        "Type 2 diabetes on metformin. Decreased breath sounds on the right.",
+        "Emphysema on home oxygen. Chest clear.",
+    ] * 8
+    torch.manual_seed(0)
+    model = create_model(model_config("tiny", labels=["copd"]), notes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = pretrain_note_encoder(model, notes, epochs=12, batch_size=8, lr=3e-3)
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]  # it learns to fill the gaps
+    after = model.state_dict()
+    assert after.keys() == before.keys()  # the borrowed MLM head is not kept
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("text_encoder.model.") for k in changed)
+    assert pretrain_note_encoder(model, notes, epochs=0) == []

@@ -43,6 +43,7 @@ from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import read_checkpoint_config, save_checkpoint
 from clinfuse.model.model import FusionModel
 from clinfuse.model.registry import create_model
+from clinfuse.training.pretrain import pretrain_note_encoder
 from clinfuse.training.state import Progress, latest_snapshot, load_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,17 @@ def train(
         )
     else:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = create_model(cfg.model, training_notes(train_rows))
+        notes = training_notes(train_rows)
+        model = create_model(cfg.model, notes)
+        if cfg.model.text.mlm_epochs > 0:  # each rank alike: same seed, same notes
+            pretrain_note_encoder(
+                model.to(torch_device),
+                notes,
+                cfg.model.text.mlm_epochs,
+                cfg.train.batch_size,
+                cfg.train.lr,
+                cfg.train.seed,
+            )
         states, progress = None, Progress(config_sha256=config_sha)
     model.to(torch_device).train()
     torch.manual_seed(cfg.train.seed + 1 + workers.rank + progress.step)
