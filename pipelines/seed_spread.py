@@ -10,8 +10,8 @@ table.
 
 The split (`data.split_seed`) stays fixed; the training seed changes the initial weights, the
 order of the studies and the augmentation. Per mode: macro AUROC, ECE and the chosen labels'
-AUROC for each run (and the side-matching AUROC, when the runs have it), then their mean and
-range. Writes `<out>.json` and `<out>.md`.
+AUROC for each run (and, when the runs have them, ECE against the export's own labels and the
+side-matching AUROC), then their mean and range. Writes `<out>.json` and `<out>.md`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+# (column, ablation.json key) shown when the runs carry them
+OPTIONAL = (
+    ("ECE, export's labels", "macro_ece_export_labels"),
+    ("side matching", "side_matching_auroc"),
+)
 
 
 def spread(runs: list[dict], labels: list[str]) -> dict:
@@ -32,15 +38,17 @@ def spread(runs: list[dict], labels: list[str]) -> dict:
             row.setdefault("ECE", []).append(entry["macro_ece"])
             for label in labels:
                 row.setdefault(label, []).append(entry["labels"][label])
-            if entry.get("side_matching_auroc") is not None:
-                row.setdefault("side matching", []).append(entry["side_matching_auroc"])
+            for name, key in OPTIONAL:
+                if entry.get(key) is not None:
+                    row.setdefault(name, []).append(entry[key])
     return table
 
 
 def markdown(table: dict, folders: list[Path], labels: list[str]) -> str:
     metrics = ["macro AUROC", "ECE", *labels]
-    if all(len(row.get("side matching", [])) == len(folders) for row in table.values()):
-        metrics.append("side matching")
+    for name, _ in OPTIONAL:  # newer ablation runs only; side matching only where both sides
+        if any(len(row.get(name, [])) == len(folders) for row in table.values()):
+            metrics.append(name)
     lines = [
         f"Runs: {', '.join(f'`{f}`' for f in folders)} (one training seed each, same split). "
         "Each cell: the runs' values, then mean [min, max].",
@@ -51,7 +59,10 @@ def markdown(table: dict, folders: list[Path], labels: list[str]) -> str:
     for mode, row in table.items():
         cells = []
         for metric in metrics:
-            values = row[metric]
+            values = row.get(metric, [])
+            if len(values) != len(folders):
+                cells.append("—")
+                continue
             each = " / ".join(f"{v:.3f}" for v in values)
             cells.append(
                 f"{each}; **{statistics.mean(values):.3f}** [{min(values):.3f}, {max(values):.3f}]"
