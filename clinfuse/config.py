@@ -63,8 +63,8 @@ class TextConfig(Config):
     # training only: this share of each note's word pieces is replaced by [MASK] (or [UNK]),
     # so the encoder cannot memorise whole notes; 0 = off
     token_dropout: float = 0.1
-    # before the supervised run, passes of masked-language-model pretraining of the built-in
-    # encoder on the training notes (offline; 0 = none; needs no `pretrained` encoder)
+    # before the supervised run, passes of masked-language-model pretraining of the note
+    # encoder on the training notes (offline; 0 = none; BERT encoders only)
     mlm_epochs: int = 0
 
 

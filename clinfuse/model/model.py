@@ -14,6 +14,8 @@ alone. With side heads (`fusion.side_loss` > 0), each encoder also has its own h
 on that side's tokens before fusion; a study with one side only is answered by that side's
 head, so losing a side leaves the model as good as a single-side model, not worse; a study
 with neither side gets a learned prior (the base rate: the modality Shapley values' empty set).
+With `fusion.combine="naive_bayes"` a study with both sides gets image head + note head - prior
+(the sides' naive-Bayes log-odds) plus the fused head's correction.
 
 Like torchxrayvision, the model knows its label names and carries its per-label temperature,
 offset and decision thresholds as buffers, so the checkpoint alone is enough to predict.
