@@ -24,12 +24,15 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
 from clinfuse.config import RunConfig, resolve_run_config
+from clinfuse.data.manifest import reference_labels
 from clinfuse.evaluation.evaluate import evaluate_model, write_evaluation
+from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun
 from clinfuse.model.checkpoint import read_checkpoint_config
 from clinfuse.training.trainer import train
@@ -72,8 +75,7 @@ def train_and_evaluate(
     metrics = evaluation.metrics
     export_ece = metrics["macro"]["ece"]
     if labels is not None:  # calibration was fitted to the export's labels: measure it there too
-        export_ece = evaluate_model(folder, manifest, split="test", bootstrap=0)[0].metrics
-        export_ece = export_ece["macro"]["ece"]
+        export_ece = export_labels_ece(evaluation, table, manifest)
     entry = {
         "train_seconds": seconds,
         "epochs": trained.epochs,
@@ -87,6 +89,15 @@ def train_and_evaluate(
         "side_matching_auroc": side_matching_auroc(table, labels),
     }
     return entry, (evaluation, table)
+
+
+def export_labels_ece(evaluation: EvaluationRun, table: pd.DataFrame, manifest: Path) -> float:
+    """Macro ECE of the evaluated probabilities against the manifest's own labels (no second
+    pass of the model; ECE does not depend on the decision thresholds)."""
+    y = reference_labels(manifest, evaluation.labels, list(table["study_id"]))
+    no_thresholds = np.full(len(evaluation.labels), 0.5)
+    scored = evaluate_predictions(y, evaluation.probs, no_thresholds, evaluation.labels, 0)
+    return scored["macro"]["ece"]
 
 
 def side_matching_auroc(table: pd.DataFrame, truth: Path | None) -> float | None:
