@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -352,3 +353,20 @@ def test_note_encoder_pretraining_learns_the_notes_and_touches_nothing_else():
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("text_encoder.model.") for k in changed)
     assert pretrain_note_encoder(model, notes, epochs=0) == []
+
+
+def test_a_batch_whose_every_row_failed_is_skipped_and_recorded(export, tmp_path):
+    table = pd.read_csv(export, dtype=str, keep_default_na=False)
+    bad = {**table.iloc[0].to_dict(), "study_id": "BAD1", "patient_id": "PBAD"}
+    bad.update(image=str(tmp_path / "gone.dcm"), note_path="")
+    table = pd.concat([table, pd.DataFrame([bad])], ignore_index=True)
+    table["split"] = ["train" if s == "BAD1" else "" for s in table["study_id"]]
+    manifest = export.parent / "with_bad_row.csv"  # beside the export: its paths stay valid
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "model"
+    # batch size 1: the bad row is a batch of its own, with nothing left to train on
+    args = ["--manifest", str(manifest), "--out", str(out), *FAST, "train.batch_size=1"]
+    assert main(["train", *args, "train.epochs=1"]) == 0
+    failures = pd.read_csv(out / "failures.csv")
+    assert failures["study_id"].tolist() == ["BAD1"]
+    assert failures["reason"].str.startswith("image:missing").all()

@@ -86,6 +86,14 @@ class Workers:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when `flag` is True on any rank."""
+        if self.world == 1:
+            return flag
+        box = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return bool(box.item())
+
 
 def masked_bce(
     logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor
@@ -285,6 +293,11 @@ def train(
         model.train()
         for batch in bar:
             failures.update(batch.failures)
+            progress.batch_in_epoch += 1
+            # every row of a batch failed to load (here or on another rank): no step anywhere
+            # (DDP needs every rank in each step); the rows are in failures.csv
+            if workers.any(len(batch) == 0, torch_device):
+                continue
             batch = batch.to(torch_device)
             with autocast(torch_device, cfg.train.amp):
                 loss = fusion_loss(ddp, batch, pos_weight, side_weight)
@@ -296,7 +309,6 @@ def train(
             scaler.update()
             scheduler.step()
             progress.step += 1
-            progress.batch_in_epoch += 1
             seen += len(batch) * workers.world
             losses.append(loss.item())
             rate = seen / (time.perf_counter() - epoch_started)
