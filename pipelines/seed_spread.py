@@ -6,12 +6,13 @@ table.
             --out runs/ablation_seed$s train.seed=$s
     done
     python pipelines/seed_spread.py runs/ablation_seed0 runs/ablation_seed1 runs/ablation_seed2 \
-        [--labels pneumonia,mass] [--out benchmarks/seeds]
+        [--labels pneumonia,mass] [--out benchmarks/seeds] [--heldout]
 
 The split (`data.split_seed`) stays fixed; the training seed changes the initial weights, the
 order of the studies and the augmentation. Per mode: macro AUROC, ECE and the chosen labels'
 AUROC for each run (and, when the runs have them, ECE against the export's own labels and the
-side-matching AUROC), then their mean and range. Writes `<out>.json` and `<out>.md`.
+side-matching AUROC), then their mean and range. With `--heldout`, the same from the scores on
+the second export (runs made with `ablation.py --heldout`). Writes `<out>.json` and `<out>.md`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ OPTIONAL = (
 )
 
 
-def spread(runs: list[dict], labels: list[str]) -> dict:
-    """{mode: {metric: [value per run]}} for macro AUROC, ECE and each of `labels`."""
+def spread(runs: list[dict], labels: list[str], part: str | None = None) -> dict:
+    """{mode: {metric: [value per run]}} for macro AUROC, ECE and each of `labels`; `part`:
+    from each mode's scores on the held-out export instead."""
     table: dict = {}
     for run in runs:
         for mode, entry in run["modes"].items():
+            entry = entry[part] if part else entry
             row = table.setdefault(mode, {})
             row.setdefault("macro AUROC", []).append(entry["macro_auroc"])
             row.setdefault("ECE", []).append(entry["macro_ece"])
@@ -44,14 +47,15 @@ def spread(runs: list[dict], labels: list[str]) -> dict:
     return table
 
 
-def markdown(table: dict, folders: list[Path], labels: list[str]) -> str:
+def markdown(table: dict, folders: list[Path], labels: list[str], heldout: bool = False) -> str:
     metrics = ["macro AUROC", "ECE", *labels]
     for name, _ in OPTIONAL:  # newer ablation runs only; side matching only where both sides
         if any(len(row.get(name, [])) == len(folders) for row in table.values()):
             metrics.append(name)
+    where = "every row of the held-out export" if heldout else "the test split"
     lines = [
-        f"Runs: {', '.join(f'`{f}`' for f in folders)} (one training seed each, same split). "
-        "Each cell: the runs' values, then mean [min, max].",
+        f"Runs: {', '.join(f'`{f}`' for f in folders)} (one training seed each, same split), "
+        f"scored on {where}. Each cell: the runs' values, then mean [min, max].",
         "",
         "| mode | " + " | ".join(metrics) + " |",
         "|---" * (len(metrics) + 1) + "|",
@@ -76,16 +80,17 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="ablation.py --out folders")
     parser.add_argument("--labels", default="pneumonia,mass", help="labels to show")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/seeds"))
+    parser.add_argument("--heldout", action="store_true", help="the scores on the held-out export")
     args = parser.parse_args()
     labels = [x for x in args.labels.split(",") if x]
     runs = [json.loads((f / "ablation.json").read_text(encoding="utf-8")) for f in args.folders]
-    table = spread(runs, labels)
+    table = spread(runs, labels, "heldout" if args.heldout else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps({"runs": [str(f) for f in args.folders], "modes": table}, indent=2),
         encoding="utf-8",
     )
-    text = markdown(table, args.folders, labels)
+    text = markdown(table, args.folders, labels, args.heldout)
     args.out.with_suffix(".md").write_text(text, encoding="utf-8")
     print(text)
 
