@@ -5,7 +5,9 @@ the saved thresholds, the sides used, the model version) or a failure with its t
 Results are committed to the store one batch per transaction; a run killed at any moment and
 started again with the same command skips what is done and finishes the rest. The manifest is
 read in chunks and decoded in DataLoader workers, overlapped with the model, so memory stays
-flat however long the manifest is. Exports are written at the end, each atomically.
+flat however long the manifest is. On CPU each worker also runs the model (on one thread) on
+the batches it decodes, so every core decodes and scores and the main process only writes; on
+a GPU the main process holds the model. Exports are written at the end, each atomically.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class InferenceSettings:
     """How to run; only `explain` and `standards` identify the run (with model and manifest)."""
 
     batch_size: int = 32
-    workers: int = 2  # DataLoader processes decoding studies while the model runs
-    threads: int | None = None  # the model's CPU threads; None: the cores the workers leave
+    workers: int = 2  # DataLoader processes decoding studies (and, on CPU, scoring them)
+    threads: int | None = None  # the main process's model threads (explanations, or all the
+    # scoring with no workers or on a GPU); None: the cores the workers leave
     explain: ExplainMode = "none"
     standards: tuple[str, ...] = ()  # "fhir", "sr"
     device: str | None = None
@@ -100,6 +103,25 @@ class ManifestStream(IterableDataset):
         for i, row in enumerate(iter_manifest(self.manifest, self.labels, self.chunk_rows)):
             if i % workers == worker and row.study_id not in self.skip:
                 yield load_item(row, self.transforms)
+
+
+class ScoringCollator:
+    """Collate, then score in the DataLoader worker: (batch, logits (B, L), image_used (B,),
+    note_used (B,)), the three as numpy arrays so they travel inside the pipe (see
+    `Batch.__reduce__`). A worker's torch runs one thread, so with as many workers as cores
+    every core decodes and scores its own batches: measured, 1 thread of this model does a study
+    in ~2.0 ms of CPU where 2 threads take ~2.7 ms between them."""
+
+    def __init__(self, collate: Collator, model: FusionModel) -> None:
+        self.collate = collate
+        self.model = model
+
+    def __call__(self, items: list[dict[str, Any]]) -> tuple:
+        batch = self.collate(items)
+        ((_, logits, image_used, note_used),) = iter_predictions(
+            self.model, [batch], torch.device("cpu")
+        )
+        return batch, logits.numpy(), image_used.numpy(), note_used.numpy()
 
 
 def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
@@ -280,17 +302,25 @@ def model_threads(settings: InferenceSettings, device: torch.device) -> int | No
 def stream(run: OpenRun) -> tuple[int, int, float]:
     """The loop: decode in workers, score, commit batch by batch; (predicted, failed, seconds)."""
     settings, model = run.settings, run.model
+    device = model.temperature.device
     started = time.perf_counter()
+    collate = Collator(model.note_tokenizer, model.cfg)
+    in_workers = settings.workers > 0 and device.type == "cpu"
     loader = DataLoader(
         ManifestStream(run.manifest, model, run.done, settings.chunk_rows),
         batch_size=settings.batch_size,
-        collate_fn=Collator(model.note_tokenizer, model.cfg),
+        collate_fn=ScoringCollator(collate, model) if in_workers else collate,
         num_workers=settings.workers,
         prefetch_factor=4 if settings.workers else None,
     )
+    batches = (
+        ((b, *map(torch.from_numpy, rest)) for b, *rest in loader)
+        if in_workers
+        else iter_predictions(model, loader, device)
+    )  # (batch, logits, image_used, note_used) each
     predicted = failed = 0
     bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer", smoothing=0.05)
-    for scored in iter_predictions(model, loader, model.temperature.device):
+    for scored in batches:
         predictions, failures, explanations = score_batch(
             model, *scored, run.version, run.store.pseudonym, settings.explain, run.run_dir
         )
