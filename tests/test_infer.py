@@ -271,3 +271,32 @@ def test_a_batch_crosses_processes_by_value_not_by_shared_memory_handle():
         batch.failures,
         batch.patient_ids,
     )
+
+
+def test_a_cpu_worker_scores_its_batch_as_the_main_process_would(tiny_model, small_export):
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from clinfuse.data.batch import Collator
+    from clinfuse.engine import iter_predictions
+    from clinfuse.inference.pipeline import ManifestStream, ScoringCollator
+    from clinfuse.model import load_checkpoint
+
+    model = load_checkpoint(tiny_model)
+    collate = Collator(model.note_tokenizer, model.cfg)
+    stream = ManifestStream(small_export, model, set(), chunk_rows=16)
+    # one worker process: it decodes and scores; numpy arrays come back through the pipe
+    scored = list(
+        DataLoader(stream, batch_size=8, collate_fn=ScoringCollator(collate, model), num_workers=1)
+    )
+    assert sum(len(batch) for batch, *_ in scored) == 64
+    assert all(isinstance(x, np.ndarray) for _, *rest in scored for x in rest)
+    inline = list(DataLoader(stream, batch_size=8, collate_fn=collate))
+    for (batch, logits, image_used, note_used), (same, *expected) in zip(
+        scored, iter_predictions(model, inline, torch.device("cpu")), strict=True
+    ):
+        assert batch.study_ids == same.study_ids
+        np.testing.assert_allclose(logits, expected[0].numpy(), rtol=1e-4, atol=1e-5)
+        assert image_used.tolist() == expected[1].tolist()
+        assert note_used.tolist() == expected[2].tolist()

@@ -228,11 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument(
+        "--workers", type=int, default=2, help="decoding (and, on CPU, scoring) processes"
+    )
     p.add_argument(
         "--threads",
         type=_at_least_one,
-        help="the model's CPU threads (default: the cores left by workers)",
+        help="the main process's model threads: explanations, or all the scoring with "
+        "--workers 0 (default: the cores left by workers)",
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_infer)
