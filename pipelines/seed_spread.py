@@ -35,6 +35,10 @@ def spread(runs: list[dict], labels: list[str], part: str | None = None) -> dict
     table: dict = {}
     for run in runs:
         for mode, entry in run["modes"].items():
+            if part and part not in entry:
+                raise SystemExit(
+                    f"{run['command']}: no {part} scores in this run; rerun it with --{part} M2"
+                )
             entry = entry[part] if part else entry
             row = table.setdefault(mode, {})
             row.setdefault("macro AUROC", []).append(entry["macro_auroc"])
