@@ -35,10 +35,6 @@ def spread(runs: list[dict], labels: list[str], part: str | None = None) -> dict
     table: dict = {}
     for run in runs:
         for mode, entry in run["modes"].items():
-            if part and part not in entry:
-                raise SystemExit(
-                    f"{run['command']}: no {part} scores in this run; rerun it with --{part} M2"
-                )
             entry = entry[part] if part else entry
             row = table.setdefault(mode, {})
             row.setdefault("macro AUROC", []).append(entry["macro_auroc"])
@@ -88,6 +84,9 @@ def main() -> None:
     args = parser.parse_args()
     labels = [x for x in args.labels.split(",") if x]
     runs = [json.loads((f / "ablation.json").read_text(encoding="utf-8")) for f in args.folders]
+    for folder, run in zip(args.folders, runs, strict=True):
+        if args.heldout and any("heldout" not in e for e in run["modes"].values()):
+            raise SystemExit(f"{folder}: no held-out scores; rerun ablation.py with --heldout M2")
     table = spread(runs, labels, "heldout" if args.heldout else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
