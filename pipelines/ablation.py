@@ -87,23 +87,33 @@ def train_and_evaluate(
         folder, manifest, split="test", bootstrap=bootstrap, labels_path=labels
     )
     validation = trained.validation["macro"]
+    entry = {
+        "train_seconds": seconds,
+        "epochs": trained.epochs,
+        **scored_entry(evaluation, table, manifest, labels),
+        "val_ece_before_temperature": validation.get("ece_before_temperature"),
+        "val_ece": validation["ece"],
+        "n_test": evaluation.metrics["n"],
+    }
+    return entry, (evaluation, table)
+
+
+def scored_entry(
+    evaluation: EvaluationRun, table: pd.DataFrame, manifest: Path, labels: Path | None
+) -> dict:
+    """A mode's scores on evaluated studies: macro AUROC and ECE against `labels` (None: the
+    manifest's), ECE against the manifest's own labels, per-label AUROC, side matching."""
     metrics = evaluation.metrics
     export_ece = metrics["macro"]["ece"]
     if labels is not None:  # calibration was fitted to the export's labels: measure it there too
         export_ece = export_labels_ece(evaluation, table, manifest)
-    entry = {
-        "train_seconds": seconds,
-        "epochs": trained.epochs,
+    return {
         "macro_auroc": metrics["macro"]["auroc"],
         "macro_ece": metrics["macro"]["ece"],
         "macro_ece_export_labels": export_ece,
-        "val_ece_before_temperature": validation.get("ece_before_temperature"),
-        "val_ece": validation["ece"],
         "labels": {name: m["auroc"] for name, m in metrics["labels"].items()},
-        "n_test": metrics["n"],
         "side_matching_auroc": side_matching_auroc(table, labels),
     }
-    return entry, (evaluation, table)
 
 
 def heldout_entry(folder: Path, manifest: Path) -> dict:
@@ -113,18 +123,7 @@ def heldout_entry(folder: Path, manifest: Path) -> dict:
     evaluation, table = evaluate_model(
         folder, manifest, split="all", bootstrap=0, labels_path=truth
     )
-    metrics = evaluation.metrics
-    export_ece = metrics["macro"]["ece"]
-    if truth is not None:
-        export_ece = export_labels_ece(evaluation, table, manifest)
-    return {
-        "n": metrics["n"],
-        "macro_auroc": metrics["macro"]["auroc"],
-        "macro_ece": metrics["macro"]["ece"],
-        "macro_ece_export_labels": export_ece,
-        "labels": {name: m["auroc"] for name, m in metrics["labels"].items()},
-        "side_matching_auroc": side_matching_auroc(table, truth),
-    }
+    return {"n": evaluation.metrics["n"], **scored_entry(evaluation, table, manifest, truth)}
 
 
 def export_labels_ece(evaluation: EvaluationRun, table: pd.DataFrame, manifest: Path) -> float:
