@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -601,3 +602,30 @@ def test_every_file_pydicom_ships_decodes_or_raises_one_typed_error():
     assert failed["MR_truncated.dcm"] == "truncated"
     assert failed["rtplan.dcm"] == "no_pixel_data"
     assert failed["README.txt"] == "not_dicom"
+
+
+@pytest.mark.parametrize(
+    ("original", "target", "fit"),
+    [
+        ((100, 80), (64, 64), "pad"),  # shrink, pad the short side
+        ((30, 200), (64, 64), "pad"),  # a thin strip: odd padding, the smaller half first
+        ((64, 64), (64, 64), "pad"),  # already the model's size
+        ((20, 24), (64, 64), "stretch"),  # enlarge without padding
+        ((10, 40, 20), (16, 32, 32), "pad"),  # a volume
+    ],
+)
+def test_the_model_input_is_what_monai_resize_and_pad_make(original, target, fit):
+    """Checkpoints trained with MONAI's Resize(mode="area") + SpatialPad(symmetric) see the
+    same input from `fit_to_input`."""
+    from monai.transforms import Resize, SpatialPad
+
+    from clinfuse.config import PreprocessConfig
+    from clinfuse.data.transforms import fit_geometry, fit_to_input
+
+    spec = PreprocessConfig(spatial_size=target, fit=fit)
+    pixels = torch.rand(2, *original, generator=torch.Generator().manual_seed(0))
+    resized = Resize(fit_geometry(original, spec).resized, mode="area")(pixels)
+    expected = torch.as_tensor(SpatialPad(target, method="symmetric")(resized))
+    got = fit_to_input(pixels, spec)
+    assert got.shape == (2, *target) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -19,13 +19,9 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
-    EnsureTyped,
     MapTransform,
-    NormalizeIntensityd,
     RandAffined,
     RandGaussianNoised,
-    Resize,
-    SpatialPad,
 )
 
 from clinfuse.config import PreprocessConfig
@@ -100,23 +96,36 @@ class WindowAndFitd(MapTransform):
         if pixels.shape[0] != self.in_channels:
             # colour to grey for a 1-channel model; grey repeated for a 3-channel one
             pixels = pixels.mean(0, keepdims=True).repeat(self.in_channels, axis=0)
-        geometry = fit_geometry(tuple(pixels.shape[1:]), self.spec)
-        resized = Resize(geometry.resized, mode="area")(
-            torch.from_numpy(np.ascontiguousarray(pixels))
-        )
-        padded = SpatialPad(tuple(self.spec.spatial_size), method="symmetric")(resized)
-        return torch.as_tensor(padded, dtype=torch.float32)
+        return fit_to_input(torch.from_numpy(np.ascontiguousarray(pixels)), self.spec)
+
+
+def fit_to_input(pixels: torch.Tensor, spec: PreprocessConfig) -> torch.Tensor:
+    """(C, *original) -> (C, *spatial_size) float32: area-resize to `fit_geometry`, then pad
+    with zeros, the smaller half before (what MONAI's `Resize(mode="area")` and
+    `SpatialPad(method="symmetric")` compute, without building both transforms per study)."""
+    geometry = fit_geometry(tuple(pixels.shape[1:]), spec)
+    image = pixels.float()
+    if tuple(image.shape[1:]) != geometry.resized:
+        image = torch.nn.functional.interpolate(image[None], size=geometry.resized, mode="area")[0]
+    axes = zip(spec.spatial_size, geometry.resized, geometry.pad_before, strict=True)
+    pad: list[int] = []  # F.pad order: last axis (before, after), then the one before it, ...
+    for size, resized, before in reversed(list(axes)):
+        pad += [before, size - resized - before]
+    return torch.nn.functional.pad(image, pad) if any(pad) else image
 
 
 class Preprocess:
-    """The composed transforms in two stages, run on plain tensors: `fit` (window, channels,
-    resize, pad: the same every time, so a dataset may cache its output) and `finish` (random
-    augmentation when training, then normalisation). MONAI's metadata tracking is switched off
-    for each call (and restored), which makes the random affine about 7x cheaper."""
+    """The transforms in two stages, run on plain tensors: `fit` (window, channels, resize, pad:
+    the same every time, so a dataset may cache its output) and `finish` (random augmentation
+    when training, then normalisation). MONAI's metadata tracking is switched off for each call
+    (and restored), which makes the random affine about 7x cheaper."""
 
-    def __init__(self, fit: Compose, finish: Compose) -> None:
+    def __init__(
+        self, fit: Compose, augment: Compose | None, normalize: tuple[float, float]
+    ) -> None:
         self.fit = fit
-        self.finish = finish
+        self.augment = augment
+        self.mean, self.std = normalize
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         return self.run_finish(self.run_fit(data))
@@ -127,10 +136,14 @@ class Preprocess:
 
     def run_finish(self, data: dict[str, Any]) -> dict[str, Any]:
         """The fitted image -> the model input (augmented when training, normalised)."""
-        return _untracked(self.finish, data)
+        if self.augment is not None:
+            data = _untracked(self.augment, data)
+        image = torch.as_tensor(data["image"], dtype=torch.float32)
+        return {**data, "image": (image - self.mean) / self.std}
 
     def set_random_state(self, seed: int) -> Preprocess:
-        self.finish.set_random_state(seed=seed)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=seed)
         return self
 
 
@@ -145,24 +158,25 @@ def _untracked(compose: Compose, data: dict[str, Any]) -> dict[str, Any]:
 
 def build_transforms(spec: PreprocessConfig, in_channels: int, train: bool = False) -> Preprocess:
     """The image pipeline for one study dict {"image": DicomImage, "path": str}."""
-    steps: list[Any] = []
+    augment = None
     if train:
         spatial = len(spec.spatial_size)
-        steps += [
-            RandAffined(
-                "image",
-                prob=0.5,
-                rotate_range=[0.05] * (1 if spatial == 2 else 3),
-                scale_range=[0.05] * spatial,
-                translate_range=[s * 0.03 for s in spec.spatial_size],
-                padding_mode="zeros",
-            ),
-            RandGaussianNoised("image", prob=0.3, std=0.02),
-        ]
-    mean, std = spec.normalize
-    steps.append(NormalizeIntensityd("image", subtrahend=mean, divisor=std))
-    steps.append(EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False))
+        augment = Compose(
+            [
+                RandAffined(
+                    "image",
+                    prob=0.5,
+                    rotate_range=[0.05] * (1 if spatial == 2 else 3),
+                    scale_range=[0.05] * spatial,
+                    translate_range=[s * 0.03 for s in spec.spatial_size],
+                    padding_mode="zeros",
+                ),
+                RandGaussianNoised("image", prob=0.3, std=0.02),
+            ],
+            map_items=False,
+        )
     return Preprocess(
         Compose([WindowAndFitd("image", spec, in_channels)], map_items=False),
-        Compose(steps, map_items=False),
+        augment,
+        spec.normalize,
     )
