@@ -215,6 +215,23 @@ def test_every_backbone_and_fusion_mode_is_explained(backbone, mode, pooling):
         assert np.isfinite(expl.modality).all() and np.isfinite(expl.probabilities).all()
 
 
+@pytest.mark.parametrize("backbone", ["densenet", "resnet", "vit"])
+def test_gradcam_sharpens_the_last_map_with_the_stage_at_twice_its_resolution(backbone):
+    model = build(image={"backbone": backbone, "vit_hidden": 32, "vit_heads": 2, "vit_layers": 1})
+    encoder = model.image_encoder
+    layers = encoder.cam_layers()
+    assert layers[0] is encoder.backbone
+    if backbone == "vit":  # one resolution throughout: the last map alone
+        assert len(layers) == 1
+        return
+    grids = []
+    hook = layers[1].register_forward_hook(lambda _m, _i, out: grids.append(out.shape[2:]))
+    with torch.no_grad():
+        encoder(torch.zeros(1, 1, *model.cfg.preprocess.spatial_size))
+    hook.remove()
+    assert tuple(grids[0]) == tuple(2 * g for g in encoder.grid)
+
+
 # -- maps on the DICOM grid -----------------------------------------------------------------
 def test_image_maps_have_the_original_image_shape(explained):
     expl, square, no_image = explained[0], explained[2], explained[1]

@@ -62,6 +62,14 @@ def test_pointing_game_hits_only_when_the_peak_is_inside_the_mask():
     assert pointing_game(np.ones((10, 10)), mask) == 0.0  # a flat map points nowhere
 
 
+def test_pointing_game_tolerance_counts_a_peak_just_outside_the_mask():
+    mask, near = square_mask(), np.zeros((10, 10))
+    near[4, 7] = 5.0  # 3 pixels right of the mask's edge (column 4)
+    assert pointing_game(near, mask) == 0.0  # strict
+    assert pointing_game(near, mask, tolerance=2.9) == 0.0
+    assert pointing_game(near, mask, tolerance=3.0) == 1.0
+
+
 def test_relevance_mass_is_the_positive_share_inside_and_auroc_ranks_pixels():
     mask = square_mask()
     values = -np.ones((10, 10))  # negative attribution never counts as mass

@@ -254,17 +254,25 @@ def image_integrated_gradients(
 
 
 def gradcam_maps(model: FusionModel, inputs: Inputs, targets: Sequence[int]) -> torch.Tensor:
-    """Grad-CAM (ReLU'd) of the backbone's last feature map, upsampled: (B, L, *spatial)."""
+    """Multi-scale Grad-CAM (B, L, *spatial): the ReLU'd Grad-CAM of the backbone's last
+    feature map times that of its last stage at twice the resolution, each upsampled (one
+    layer for a trunk without such a stage, e.g. a ViT). The coarse map says which region,
+    the finer one where in it: on the sample data's lesions the product's peak lands within
+    the pointing game's tolerance where the coarse map's peaks sit on its cell centres."""
     image, *rest = inputs
     spatial = tuple(model.cfg.preprocess.spatial_size)
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
-    cam = LayerGradCam(model, model.image_encoder.backbone)
+    layers = model.image_encoder.cam_layers()
     maps = []
     for target in targets:
-        grid_map = cam.attribute(
-            image, target=target, additional_forward_args=tuple(rest), relu_attributions=True
-        )  # (B, 1, *grid)
-        maps.append(LayerAttribution.interpolate(grid_map.detach(), spatial, mode)[:, 0])
+        product = None
+        for layer in layers:
+            grid_map = LayerGradCam(model, layer).attribute(
+                image, target=target, additional_forward_args=tuple(rest), relu_attributions=True
+            )  # (B, 1, *grid of the layer)
+            upsampled = LayerAttribution.interpolate(grid_map.detach(), spatial, mode)[:, 0]
+            product = upsampled if product is None else product * upsampled  # (B, *spatial)
+        maps.append(product)
     return torch.stack(maps, 1).float()  # (B, L, *spatial)
 
 

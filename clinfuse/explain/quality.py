@@ -3,7 +3,8 @@
 On data whose truth is known (the sample data's lesion masks and rationale spans), on the true
 positives of a split (truly present and called positive by the model):
 
-- image localisation: pointing game, relevance mass inside the lesion mask, mask AUROC;
+- image localisation: pointing game (with the standard tolerance, and strict), relevance mass
+  inside the lesion mask, mask AUROC;
 - note localisation: is the top-ranked word a rationale word; share of mass on rationale words;
 - faithfulness: deletion-curve area, most-attributed first, against random orders (pixels set to
   the black baseline in model-input space; words replaced by [PAD], the note baseline), as the
@@ -42,6 +43,7 @@ from clinfuse.explain.attribution import explain
 from clinfuse.explain.explanation import Explanation
 from clinfuse.explain.metrics import (
     MIN_DROP,
+    POINTING_TOLERANCE,
     deletion_area,
     mask_auroc,
     note_share,
@@ -212,15 +214,18 @@ def localisation(
     original: Any,
     stage: str = "trained",
 ) -> list[Record]:
-    """Label j's pointing game, relevance mass and mask AUROC per image method (where a mask
+    """Label j's pointing game (within `POINTING_TOLERANCE` of the mask, and strictly inside
+    it), relevance mass and mask AUROC per image method (where a mask
     exists), and rationale rank and mass of the note (where a rationale does)."""
     rows: list[Record] = []
     mask = truth.mask(expl.study_id, expl.labels[j])
     if mask is not None and original is not None and expl.image is not None:
         rows += _rows(expl, j, stage, "mask", {"fraction": np.mean(mask > 0)})
+        tolerance = POINTING_TOLERANCE * max(original)  # pixels of the DICOM grid
         for method, values in image_maps(expl, j, spec, tuple(original)).items():
             metrics = {
-                "pointing_game": pointing_game(values, mask),
+                "pointing_game": pointing_game(values, mask, tolerance),
+                "pointing_strict": pointing_game(values, mask),
                 "relevance_mass": relevance_mass(values, mask),
                 "mask_auroc": mask_auroc(values, mask),
             }
@@ -487,6 +492,7 @@ def _worst(labels: Record, method: str, metric: str, direction: str, group: str 
 def _image_worst(labels: Record, method: str) -> dict[str, Any]:
     worst = {
         "pointing_game": _worst(labels, method, "pointing_game", "min"),
+        "pointing_strict": _worst(labels, method, "pointing_strict", "min"),
         "relevance_mass": _worst(labels, method, "relevance_mass", "min"),
         "mask_auroc": _worst(labels, method, "mask_auroc", "min"),
         "deletion_pixels": _worst(labels, method, "deletion_ratio", "max"),

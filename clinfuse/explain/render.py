@@ -25,6 +25,7 @@ from clinfuse.engine import select_device  # noqa: E402
 from clinfuse.errors import ConfigError, ManifestError  # noqa: E402
 from clinfuse.explain.attribution import explain  # noqa: E402
 from clinfuse.explain.explanation import Explanation  # noqa: E402
+from clinfuse.explain.metrics import POINTING_TOLERANCE  # noqa: E402
 from clinfuse.explain.quality import study_batch  # noqa: E402
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint  # noqa: E402
 from clinfuse.model.model import FusionModel  # noqa: E402
@@ -304,6 +305,7 @@ def quality_markdown(summary: dict) -> str:
                 e["group"],
                 f"{e['true_positives']}/{e['truly_present']}",
                 image.get("pointing_game"),
+                image.get("pointing_strict"),
                 image.get("relevance_mass"),
                 e.get("mask", {}).get("fraction"),
                 image.get("mask_auroc"),
@@ -315,12 +317,14 @@ def quality_markdown(summary: dict) -> str:
                 e.get("modality", {}).get("note_share"),
             ]
         )
-    header = ["label", "depends on", "TP/present", "pointing", "relevance mass", "(mask area)"]
+    header = ["label", "depends on", "TP/present", "pointing", "(strict)", "relevance mass"]
+    header += ["(mask area)"]
     header += ["mask AUROC", "deletion px / random", "randomisation drop", "rationale first"]
     header += ["rationale mass", "deletion words / random", "note share"]
-    keys = ("pointing_game", "relevance_mass", "mask_auroc", "deletion_pixels")
+    keys = ("pointing_game", "pointing_strict", "relevance_mass", "mask_auroc", "deletion_pixels")
     methods = _table(
-        ["method", "pointing", "relevance mass", "mask AUROC", "deletion px", "rand. drop", "bars"],
+        ["method", "pointing", "(strict)", "relevance mass", "mask AUROC", "deletion px"]
+        + ["rand. drop", "bars"],
         [
             [m, *(w[k]["value"] for k in (*keys, "randomization_drop")), w["bars_passed"]]
             for m, w in summary["image_methods"].items()
@@ -350,7 +354,10 @@ def quality_markdown(summary: dict) -> str:
     parts = [
         f"# Explanation quality ({summary.get('model_version', 'model')}, {summary['split']})",
         f"{summary['explained']} studies with a true positive explained, of {summary['studies']}"
-        f" in the split. Default image method: **{default}** (most image bars passed, then "
+        f" in the split. Pointing game: the map's peak within {POINTING_TOLERANCE * 224:.0f}/224"
+        " of the image's longer side from the lesion mask (the standard 15-pixel tolerance at "
+        f"224 pixels); strict: inside the mask. Default image method: **{default}** (most image "
+        "bars passed, then "
         "the worst label's relevance mass and mask AUROC). The worst label decides every bar; "
         "deletion areas are divided by the random-order area (n/a where removing the pixels or "
         "words barely moves the output, so no order can be judged); the mask area is the "

@@ -112,10 +112,7 @@ class ImageEncoder(nn.Module):
         if cfg.pretrained:
             load_backbone_weights(self.backbone, cfg.pretrained)
         self.project = nn.Linear(features, width)
-        with torch.no_grad():
-            probe = self.backbone.eval()(torch.zeros(1, cfg.in_channels, *spatial_size))
-        self.backbone.train()
-        self.grid = tuple(probe.shape[2:])
+        self.grid, self.finer_stage = _probe(self.backbone, cfg.in_channels, spatial_size)
         self.register_buffer("positions", sinusoidal_positions(self.grid, width), persistent=False)
 
     @property
@@ -126,10 +123,48 @@ class ImageEncoder(nn.Module):
         """(B, C, *spatial) -> (B, F, *grid): the last feature map (Grad-CAM's layer)."""
         return self.backbone(image)
 
+    def cam_layers(self) -> list[nn.Module]:
+        """Grad-CAM's layers: the last feature map, and (CNN trunks) the last stage at twice its
+        resolution, whose map sharpens the coarse one (`clinfuse.explain.gradcam_maps`)."""
+        stages = dict(_stages(self.backbone))
+        return [self.backbone] + ([stages[self.finer_stage]] if self.finer_stage else [])
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         features = self.feature_map(image)  # (B, F, *grid)
         tokens = features.flatten(2).transpose(1, 2)  # (B, Ni, F)
         return self.project(tokens) + self.positions  # (B, Ni, D)
+
+
+def _stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The trunk's top-level stages in order (a DenseNet's are inside its `features`)."""
+    features = getattr(backbone, "features", None)
+    return list((features if isinstance(features, nn.Sequential) else backbone).named_children())
+
+
+def _probe(
+    backbone: nn.Module, in_channels: int, spatial_size: tuple[int, ...]
+) -> tuple[tuple[int, ...], str | None]:
+    """One forward of a blank image: the output grid, and the name of the last stage whose
+    output grid is twice it on every axis (None when no stage is, e.g. a ViT)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, _inputs: object, out: object) -> None:
+            if isinstance(out, torch.Tensor):
+                shapes[name] = tuple(out.shape[2:])
+
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in _stages(backbone)]
+    try:
+        with torch.no_grad():
+            grid = tuple(backbone.eval()(torch.zeros(1, in_channels, *spatial_size)).shape[2:])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        backbone.train()
+    finer = [name for name, shape in shapes.items() if shape == tuple(2 * g for g in grid)]
+    return grid, (finer[-1] if finer else None)
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
