@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,7 +149,7 @@ def _probe(
     output grid is twice it on every axis (None when no stage is, e.g. a ViT)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def record(name: str):
+    def record(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_module: nn.Module, _inputs: object, out: object) -> None:
             if isinstance(out, torch.Tensor):
                 shapes[name] = tuple(out.shape[2:])
