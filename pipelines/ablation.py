@@ -182,6 +182,13 @@ def add_labels_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_heldout_argument(parser: argparse.ArgumentParser) -> None:
+    """`--heldout`: a second export whose every row a benchmark scores too."""
+    parser.add_argument(
+        "--heldout", type=Path, help="a second export's manifest: score every row of it too"
+    )
+
+
 def default_truth(manifest: Path) -> Path | None:
     """A synthetic export's noise-free labels beside its manifest, when there are some."""
     truth = manifest.parent / "ground_truth" / "truth.csv"
@@ -259,9 +266,7 @@ def main() -> None:
         help="labels that need both modalities (checked against the bar)",
     )
     parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument(
-        "--heldout", type=Path, help="a second export's manifest: score every row of it too"
-    )
+    add_heldout_argument(parser)
     add_labels_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     import sys

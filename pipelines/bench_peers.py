@@ -40,7 +40,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ablation import MODES, add_labels_argument, default_truth, train_and_evaluate
+from ablation import (
+    MODES,
+    add_heldout_argument,
+    add_labels_argument,
+    default_truth,
+    train_and_evaluate,
+)
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -484,9 +490,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--speed-studies", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--heldout", type=Path, help="a second export's manifest: score every row of it too"
-    )
+    add_heldout_argument(parser)
     add_labels_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()

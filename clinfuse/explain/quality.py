@@ -215,8 +215,8 @@ def localisation(
     stage: str = "trained",
 ) -> list[Record]:
     """Label j's pointing game (within `POINTING_TOLERANCE` of the mask, and strictly inside
-    it), relevance mass and mask AUROC per image method (where a mask
-    exists), and rationale rank and mass of the note (where a rationale does)."""
+    it), relevance mass and mask AUROC per image method (where a mask exists), and rationale
+    rank and mass of the note (where a rationale does)."""
     rows: list[Record] = []
     mask = truth.mask(expl.study_id, expl.labels[j])
     if mask is not None and original is not None and expl.image is not None:
