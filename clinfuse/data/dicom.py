@@ -20,7 +20,7 @@ import pydicom.uid as uids
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, as_pixel_options, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from clinfuse.errors import DicomError
 
@@ -234,7 +234,7 @@ def _decode(path: Path, ds: Dataset) -> tuple[np.ndarray, str]:
         hint = f"pip install {package}" if package else None
         raise _error(path, "no_decoder", f"no installed plugin decodes {named}", hint)
     try:
-        array, info = decoder.as_array(ds, raw=False, **as_pixel_options(ds))
+        array, info = decoder.as_array(ds, raw=False)  # options from ds's Image Pixel module
     except Exception as exc:
         if "less than expected" in str(exc) or isinstance(exc, EOFError):
             raise _error(path, "truncated", _describe(exc)) from exc
