@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from captum.attr import LayerAttribution, LayerGradCam
 
 from clinfuse.data.batch import Batch, Collator
 from clinfuse.data.dicom import DicomImage
@@ -14,7 +15,9 @@ from clinfuse.data.transforms import build_transforms, fit_geometry
 from clinfuse.errors import ConfigError
 from clinfuse.explain import Explanation, explain
 from clinfuse.explain.attribution import (
+    CAM_FLOOR,
     black_image,
+    gradcam_maps,
     image_integrated_gradients,
     note_integrated_gradients,
     note_words,
@@ -216,7 +219,9 @@ def test_every_backbone_and_fusion_mode_is_explained(backbone, mode, pooling):
 
 
 @pytest.mark.parametrize("backbone", ["densenet", "resnet", "vit"])
-def test_gradcam_sharpens_the_last_map_with_the_stage_at_twice_its_resolution(backbone):
+def test_gradcam_sharpens_the_last_map_with_the_stages_at_two_and_four_times_its_resolution(
+    backbone,
+):
     model = build(image={"backbone": backbone, "vit_hidden": 32, "vit_heads": 2, "vit_layers": 1})
     encoder = model.image_encoder
     layers = encoder.cam_layers()
@@ -225,11 +230,32 @@ def test_gradcam_sharpens_the_last_map_with_the_stage_at_twice_its_resolution(ba
         assert len(layers) == 1
         return
     grids = []
-    hook = layers[1].register_forward_hook(lambda _m, _i, out: grids.append(out.shape[2:]))
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: grids.append(tuple(out.shape[2:])))
+        for layer in layers[1:]
+    ]
     with torch.no_grad():
         encoder(torch.zeros(1, 1, *model.cfg.preprocess.spatial_size))
-    hook.remove()
-    assert tuple(grids[0]) == tuple(2 * g for g in encoder.grid)
+    for hook in hooks:
+        hook.remove()
+    assert sorted(grids) == sorted(tuple(f * g for g in encoder.grid) for f in (2, 4))
+
+
+def test_gradcam_keeps_the_coarse_maps_support_and_order_where_finer_maps_are_zero(model, batch):
+    rows = torch.tensor([0, 2])  # the studies with an image
+    image, *rest = (t[rows] for t in batch.model_inputs())
+    layers = model.image_encoder.cam_layers()
+    spatial = tuple(model.cfg.preprocess.spatial_size)
+    cam = gradcam_maps(model, (image, *rest), [4])[:, 0]  # (2, *spatial)
+    coarse = LayerGradCam(model, layers[0]).attribute(
+        image, target=4, additional_forward_args=tuple(rest), relu_attributions=True
+    )
+    coarse = LayerAttribution.interpolate(coarse.detach(), spatial, "bilinear")[:, 0]
+    assert len(layers) == 3 and (coarse > 0).any()
+    assert torch.equal(cam > 0, coarse > 0)  # no pixel of the coarse map is zeroed
+    ratio = cam[coarse > 0] / coarse[coarse > 0]  # each finer map scales by [floor, 1 + floor]
+    assert ratio.min() >= CAM_FLOOR**2 * (1 - 1e-4)
+    assert ratio.max() <= (1 + CAM_FLOOR) ** 2 * (1 + 1e-4)
 
 
 # -- maps on the DICOM grid -----------------------------------------------------------------

@@ -33,6 +33,7 @@ from clinfuse.explain.quality import (
     quality_summary,
     study_batch,
     word_deletion,
+    word_occlusion,
 )
 from clinfuse.explain.randomization import cascading_randomization
 from clinfuse.explain.render import note_html, overlay_png
@@ -233,6 +234,19 @@ def test_deletion_of_everything_equals_the_explanation_baselines(trained, export
     curve = word_deletion(model, batch, 1, spans, np.arange(len(spans)))
     assert len(curve) == len(spans) + 1
     assert curve[-1] == pytest.approx(float(empty[0, 1]), abs=1e-5)
+
+
+def test_occluding_one_word_is_the_first_step_of_deleting_it_first(trained, export):
+    model = load_checkpoint(trained)
+    rows = list(load_manifest(export / "manifest.csv", labels=model.labels))
+    batch = study_batch(model, [next(r for r in rows if r.note_path is not None)])
+    spans = note_words(batch.notes[0])
+    dropped = word_occlusion(model, batch, 1, spans)
+    assert dropped.shape == (len(spans),) and np.abs(dropped).max() > 0
+    for w in (0, len(spans) // 2, len(spans) - 1):
+        order = np.r_[w, np.delete(np.arange(len(spans)), w)]
+        curve = word_deletion(model, batch, 1, spans, order)
+        assert dropped[w] == pytest.approx(curve[0] - curve[1], abs=1e-5)
 
 
 def identifiers(export) -> set[str]:

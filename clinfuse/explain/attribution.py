@@ -41,6 +41,7 @@ from clinfuse.explain.explanation import Explanation
 from clinfuse.model.model import FusionModel
 
 METHODS = ("ig", "gradcam", "shapley", "attention")
+CAM_FLOOR = 0.03  # a finer Grad-CAM scales the coarse map by (its value / its peak) + this
 WORD = re.compile(r"\w+|[^\w\s]")  # a word: a run of \w characters, or one punctuation mark
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -255,10 +256,14 @@ def image_integrated_gradients(
 
 def gradcam_maps(model: FusionModel, inputs: Inputs, targets: Sequence[int]) -> torch.Tensor:
     """Multi-scale Grad-CAM (B, L, *spatial): the ReLU'd Grad-CAM of the backbone's last
-    feature map times that of its last stage at twice the resolution, each upsampled (one
-    layer for a trunk without such a stage, e.g. a ViT). The coarse map says which region,
-    the finer one where in it: on the sample data's lesions the product's peak lands within
-    the pointing game's tolerance where the coarse map's peaks sit on its cell centres."""
+    feature map, scaled by those of its last stages at twice and four times the resolution
+    (one layer for a trunk without such stages, e.g. a ViT), each upsampled. The coarse map
+    says which region, the finer ones where in it: a finer map weighs each pixel by its value
+    over its peak plus `CAM_FLOOR`, so the product peaks where all scales agree (within the
+    pointing game's tolerance on the sample data's small lesions, where the coarse map's peaks
+    sit on its cell centres) while pixels a finer map leaves at zero keep the coarse map's
+    order (a plain product zeroes them, and deleting a large lesion such as an enlarged heart
+    then falls back to random order)."""
     image, *rest = inputs
     spatial = tuple(model.cfg.preprocess.spatial_size)
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
@@ -271,7 +276,12 @@ def gradcam_maps(model: FusionModel, inputs: Inputs, targets: Sequence[int]) -> 
                 image, target=target, additional_forward_args=tuple(rest), relu_attributions=True
             )  # (B, 1, *grid of the layer)
             upsampled = LayerAttribution.interpolate(grid_map.detach(), spatial, mode)[:, 0]
-            product = upsampled if product is None else product * upsampled  # (B, *spatial)
+            if product is None:
+                product = upsampled  # (B, *spatial)
+                continue
+            peak = upsampled.flatten(1).amax(1).clamp(min=1e-12)  # (B,)
+            weight = upsampled / peak.view(-1, *[1] * len(spatial)) + CAM_FLOOR  # (B, *spatial)
+            product = product * weight
         maps.append(product)
     return torch.stack(maps, 1).float()  # (B, L, *spatial)
 

@@ -312,6 +312,7 @@ def quality_markdown(summary: dict) -> str:
                 image.get("deletion_ratio"),
                 image.get("randomization_drop"),
                 note.get("rationale_first"),
+                e.get("note_occlusion", {}).get("rationale_first"),
                 note.get("rationale_mass"),
                 note.get("deletion_ratio"),
                 e.get("modality", {}).get("note_share"),
@@ -320,7 +321,7 @@ def quality_markdown(summary: dict) -> str:
     header = ["label", "depends on", "TP/present", "pointing", "(strict)", "relevance mass"]
     header += ["(mask area)"]
     header += ["mask AUROC", "deletion px / random", "randomisation drop", "rationale first"]
-    header += ["rationale mass", "deletion words / random", "note share"]
+    header += ["(by occlusion)", "rationale mass", "deletion words / random", "note share"]
     keys = ("pointing_game", "pointing_strict", "relevance_mass", "mask_auroc", "deletion_pixels")
     methods = _table(
         ["method", "pointing", "(strict)", "relevance mass", "mask AUROC", "deletion px"]
@@ -362,7 +363,9 @@ def quality_markdown(summary: dict) -> str:
         "deletion areas are divided by the random-order area (n/a where removing the pixels or "
         "words barely moves the output, so no order can be judged); the mask area is the "
         "relevance mass of a map that knows nothing; the randomisation drop is the relative "
-        "fall of the relevance mass from the trained model to the fully re-initialised one.",
+        "fall of the relevance mass from the trained model to the fully re-initialised one; "
+        "rationale first by occlusion: the same question asked of the model with no attribution "
+        "method, the word whose removal alone lowers the probability most.",
         "## Per label (image columns: the default method)",
         _table(header, rows),
         "## Image methods compared (worst label)",

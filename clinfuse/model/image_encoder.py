@@ -113,7 +113,7 @@ class ImageEncoder(nn.Module):
         if cfg.pretrained:
             load_backbone_weights(self.backbone, cfg.pretrained)
         self.project = nn.Linear(features, width)
-        self.grid, self.finer_stage = _probe(self.backbone, cfg.in_channels, spatial_size)
+        self.grid, self.finer_stages = _probe(self.backbone, cfg.in_channels, spatial_size)
         self.register_buffer("positions", sinusoidal_positions(self.grid, width), persistent=False)
 
     @property
@@ -125,10 +125,11 @@ class ImageEncoder(nn.Module):
         return self.backbone(image)
 
     def cam_layers(self) -> list[nn.Module]:
-        """Grad-CAM's layers: the last feature map, and (CNN trunks) the last stage at twice its
-        resolution, whose map sharpens the coarse one (`clinfuse.explain.gradcam_maps`)."""
+        """Grad-CAM's layers: the last feature map, then (CNN trunks) the last stages at twice
+        and four times its resolution, whose maps sharpen the coarse one
+        (`clinfuse.explain.gradcam_maps`)."""
         stages = dict(_stages(self.backbone))
-        return [self.backbone] + ([stages[self.finer_stage]] if self.finer_stage else [])
+        return [self.backbone] + [stages[name] for name in self.finer_stages]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         features = self.feature_map(image)  # (B, F, *grid)
@@ -142,11 +143,18 @@ def _stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
     return list((features if isinstance(features, nn.Sequential) else backbone).named_children())
 
 
+# Grad-CAM multiplies the last map by those of the stages at these multiples of its grid: on the
+# sample data, adding the 4x stage to the 2x one doubled the relevance mass inside the lesion
+# masks at the same pointing game; adding 8x (a DenseNet's stem) lost pointing and mask AUROC.
+FINER_FACTORS = (2, 4)
+
+
 def _probe(
     backbone: nn.Module, in_channels: int, spatial_size: tuple[int, ...]
-) -> tuple[tuple[int, ...], str | None]:
-    """One forward of a blank image: the output grid, and the name of the last stage whose
-    output grid is twice it on every axis (None when no stage is, e.g. a ViT)."""
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """One forward of a blank image: the output grid, and for each of `FINER_FACTORS` the name
+    of the last stage whose output grid is that many times it on every axis (none for a factor
+    no stage has, e.g. in a ViT)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str) -> Callable[[nn.Module, object, object], None]:
@@ -164,8 +172,11 @@ def _probe(
         for hook in hooks:
             hook.remove()
         backbone.train()
-    finer = [name for name, shape in shapes.items() if shape == tuple(2 * g for g in grid)]
-    return grid, (finer[-1] if finer else None)
+    finer = []
+    for factor in FINER_FACTORS:
+        names = [name for name, shape in shapes.items() if shape == tuple(factor * g for g in grid)]
+        finer += names[-1:]
+    return grid, tuple(finer)
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
