@@ -6,10 +6,11 @@
 - efficiency: `clinfuse infer`'s own studies/s while streaming (decoding, tokenizing, the
   model, the store's commits; process start-up, model loading and the final exports excluded,
   and reported apart) divided by the model's forward pass alone on the same collated batches
-  (studies/s), measured in the same run, one after the other. The forward pass is timed twice:
-  with every core (the headline ratio: what the pipeline loses against the bare model on this
-  machine) and, for reference, on one thread, as each decoding worker of `clinfuse infer` runs
-  it on CPU (two threads of a hyperthreaded pair do little more than one);
+  (studies/s, the median of three passes), measured in the same run, one after the other. The
+  forward pass is timed with every core (the headline ratio: what the pipeline loses against
+  the bare model on this machine) and, for reference, on one thread, as each decoding worker
+  of `clinfuse infer` runs it on CPU (two threads of a hyperthreaded pair do little more than
+  one);
 - scaling: wall time and peak resident memory of `clinfuse infer` (a fresh process each) at each
   of `--sizes` studies; the larger manifests repeat the n-study export's files under new study
   and patient ids (every row is decoded and scored anew; generating 50,000 distinct images would
@@ -35,6 +36,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -48,10 +50,12 @@ from clinfuse.synthetic import make_sample_data
 
 
 def forward_only(
-    model_dir: Path, manifest: Path, batch_size: int, threads: tuple[int, ...]
+    model_dir: Path, manifest: Path, batch_size: int, threads: tuple[int, ...], rounds: int = 3
 ) -> dict[int, float]:
     """Studies/s of the model alone on pre-collated batches (decoding excluded), for each
-    thread count (the model loaded and the batches decoded once)."""
+    thread count (the model loaded and the batches decoded once): the median of `rounds`
+    passes, the thread counts alternating, so one pass slowed or sped by another job's load
+    does not decide the efficiency's denominator."""
     model = load_checkpoint(model_dir)
     rows = list(load_manifest(manifest, labels=model.labels))
     loader = DataLoader(
@@ -61,15 +65,16 @@ def forward_only(
     )
     batches = list(loader)
     device = torch.device("cpu")
-    rates = {}
-    for count in threads:
-        with cpu_threads(count):
-            for _ in iter_predictions(model, batches[:1], device):  # warm-up
-                pass
-            started = time.perf_counter()
-            n = sum(len(batch) for batch, *_ in iter_predictions(model, batches, device))
-            rates[count] = n / (time.perf_counter() - started)
-    return rates
+    rates: dict[int, list[float]] = {count: [] for count in threads}
+    for _ in range(rounds):
+        for count in threads:
+            with cpu_threads(count):
+                for _ in iter_predictions(model, batches[:1], device):  # warm-up
+                    pass
+                started = time.perf_counter()
+                n = sum(len(batch) for batch, *_ in iter_predictions(model, batches, device))
+                rates[count].append(n / (time.perf_counter() - started))
+    return {count: float(np.median(found)) for count, found in rates.items()}
 
 
 def run_infer(model_dir: Path, manifest: Path, out: Path, batch_size: int, workers: int) -> dict:
