@@ -329,4 +329,7 @@ def test_explain_eval_writes_results_and_judges_the_bar(trained, export, tmp_pat
     assert list(stages)[0] == "trained" and list(stages)[-1] == "image backbone all"
     table = (out / "explain_eval.md").read_text()
     assert "| bar | needs | worst label | value | verdict |" in table
+    modality = next(e["modality"] for e in summary["labels"].values() if "modality" in e)
+    assert {"phi_image", "phi_note", "interaction", "note_share"} <= set(modality)
+    assert "| label | depends on | phi_image | phi_note | interaction | note share |" in table
     assert ("FAIL" in capsys.readouterr().out) == (code == 1)

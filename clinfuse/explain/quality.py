@@ -379,9 +379,10 @@ def evaluate_explanations(
             records += faithfulness(
                 model, batch, expl, j, truth, deletion_steps, random_orders, rng
             )
-            records += _rows(
-                expl, j, "trained", "modality", {"note_share": note_share(expl.modality[j])}
-            )
+            phi_image, phi_note, interaction = expl.modality[j]
+            modality = {"note_share": note_share(expl.modality[j]), "phi_image": phi_image}
+            modality |= {"phi_note": phi_note, "interaction": interaction}
+            records += _rows(expl, j, "trained", "modality", modality)
         if progress and (n % 10 == 0 or n == len(studies)):
             progress(f"explained {n}/{len(studies)} studies")
     if sanity:

@@ -292,6 +292,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+MODALITY_COLUMNS = ("phi_image", "phi_note", "interaction", "note_share")
+
+
 def quality_markdown(summary: dict) -> str:
     """`evaluate_explanations`'s summary as Markdown: per label, per image method, per
     randomisation stage, and the bar with its verdicts."""
@@ -376,6 +379,21 @@ def quality_markdown(summary: dict) -> str:
             "## Cascading randomisation: relevance mass (image labels) or rationale mass "
             "(note-only labels) after re-initialising up to each stage",
             _table(["label", *stages], stage_rows),
+        ]
+    modality = [
+        [name, e["group"], *(e["modality"].get(k) for k in MODALITY_COLUMNS)]
+        for name, e in labels.items()
+        if "modality" in e
+    ]
+    if modality:
+        parts += [
+            "## Modality Shapley values (mean over the true positives, logits)",
+            "The note's share is |phi_note| / (|phi_image| + |phi_note|) per study; each phi "
+            "holds half the interaction (both - image alone - note alone + neither).",
+            _table(
+                ["label", "depends on", "phi_image", "phi_note", "interaction", "note share"],
+                modality,
+            ),
         ]
     parts += ["## Bar", bars]
     return "\n\n".join(parts) + "\n"
