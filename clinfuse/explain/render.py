@@ -297,7 +297,7 @@ MODALITY_COLUMNS = ("phi_image", "phi_note", "interaction", "note_share")
 
 def quality_markdown(summary: dict) -> str:
     """`evaluate_explanations`'s summary as Markdown: per label, per image method, per
-    randomisation stage, and the bar with its verdicts."""
+    randomisation stage, the modality Shapley means, and the bar with its verdicts."""
     default, labels = summary["default_method"], summary["labels"]
     rows = []
     for name, e in labels.items():
