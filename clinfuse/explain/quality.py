@@ -295,7 +295,8 @@ def faithfulness(
             area = _excess(pixel_deletion(model, batch, k, order, steps))
             metrics = {"deletion_area": area, "deletion_random": random_area}
             rows += _rows(expl, j, "trained", method, metrics)
-    if truth.rationale(expl.study_id, expl.labels[j]) and expl.words is not None:
+    rationale = truth.rationale(expl.study_id, expl.labels[j])
+    if rationale and expl.words is not None:
         spans, n = expl.spans, len(expl.spans)
         ranked = word_deletion(model, batch, k, spans, np.argsort(-expl.words[j], kind="stable"))
         random = [word_deletion(model, batch, k, spans, rng.permutation(n)) for _ in range(orders)]
@@ -304,7 +305,7 @@ def faithfulness(
             "deletion_random": _mean([_excess(c) for c in random]),
         }
         rows += _rows(expl, j, "trained", "note", metrics)
-        inside = rationale_words(spans, truth.rationale(expl.study_id, expl.labels[j]))
+        inside = rationale_words(spans, rationale)
         first = rationale_first(word_occlusion(model, batch, k, spans), inside)
         rows += _rows(expl, j, "trained", "note_occlusion", {"rationale_first": first})
     return rows
