@@ -316,6 +316,14 @@ def test_checkpoint_folder_restores_the_exact_model_without_unpickling(tmp_path,
     monkeypatch.setattr(torch, "load", no_pickle)
     loaded = load_checkpoint(tmp_path / "m")
     torch.testing.assert_close(loaded(*args), expected)
+    # for inference the trunk's convolutions are laid out channels-last (same outputs, above);
+    # such a model saves and reloads like any other
+    convs = [m for m in loaded.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    conv = next(c for c in convs if c.in_channels > 1 and c.kernel_size[0] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    save_checkpoint(loaded, tmp_path / "again")
+    torch.testing.assert_close(load_checkpoint(tmp_path / "again")(*args), expected)
     assert loaded.labels == LABELS
     torch.testing.assert_close(loaded.thresholds, model.thresholds)
     assert (

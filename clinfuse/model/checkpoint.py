@@ -45,7 +45,7 @@ def save_checkpoint(
         **(info or {}),
     }
     tmp = folder / "model.safetensors.tmp"
-    save_model(model, str(tmp))
+    save_model(model, str(tmp), force_contiguous=True)  # a loaded (channels-last) model too
     tmp.replace(folder / "model.safetensors")  # atomic: a crash never leaves half a file
     model.note_tokenizer.tokenizer.save_pretrained(str(folder / "tokenizer"))
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -80,8 +80,12 @@ def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> FusionModel:
-    """Rebuild the model from `folder` in eval mode: config, tokenizer, safetensors weights."""
+def load_checkpoint(
+    folder: str | Path, device: str | torch.device = "cpu", channels_last: bool = True
+) -> FusionModel:
+    """Rebuild the model from `folder` in eval mode: config, tokenizer, safetensors weights;
+    for inference the image trunk laid out channels-last (see `ImageEncoder.channels_last`),
+    for more training (`channels_last=False`) in the layout training uses."""
     folder = Path(folder)
     config = read_checkpoint_config(folder)
     cfg = parse_config(ModelConfig, config["model"], "model")
@@ -98,6 +102,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> F
             f"unexpected {sorted(unexpected)[:5]})",
             hint="the folder was edited or mixes two models; use the folder training wrote",
         )
+    if channels_last and model.image_encoder is not None:
+        model.image_encoder.channels_last()
     return model.to(device).eval()
 
 

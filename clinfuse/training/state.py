@@ -87,8 +87,10 @@ def load_snapshot(
             "the optimiser state as a pickle, which is never loaded)",
             hint=f"delete {folder.parent} to train from the start",
         )
-    model = load_checkpoint(folder / "model")
-    best = load_checkpoint(folder / "best") if (folder / "best").is_dir() else None
+    model = load_checkpoint(folder / "model", channels_last=False)  # training goes on
+    best = None
+    if (folder / "best").is_dir():
+        best = load_checkpoint(folder / "best", channels_last=False)
     states = load_tree(folder / "optimizer")
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if state["best_auroc"] is None:
