@@ -4,7 +4,8 @@
         [--max-seconds S] [--device cpu|cuda] [--threads T] [--out benchmarks/model]
 
 Each registered model runs in its default `cross_attention` mode, and `small` in all four
-fusion modes, in eval mode under `torch.inference_mode()`, with every image present and notes
+fusion modes, as inference runs it (eval mode, `torch.inference_mode()`, the image trunk laid
+out channels-last as `load_checkpoint` does), with every image present and notes
 of 60-100 tokens (consecutive sample notes joined). Every (model, batch) runs in a fresh
 subprocess so its peak memory is its own. The machine's fp32 matmul peak is measured in the
 same run (before and after the models), so the share of peak is a ratio within one run.
@@ -133,6 +134,8 @@ def measure(
     notes = [p.read_text(encoding="utf-8") for p in sorted(NOTES.glob("*.txt"))]
     cfg = model_config(name, labels=LABELS, fusion={"mode": mode})
     model = create_model(cfg, notes=notes).eval()
+    if model.image_encoder is not None:
+        model.image_encoder.channels_last()  # the layout `load_checkpoint` gives for inference
     texts = realistic_notes(model, notes, batch)
     enc = model.note_tokenizer(texts)
     image = torch.randn(batch, cfg.image.in_channels, *cfg.preprocess.spatial_size)
@@ -301,7 +304,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Latency: median (and fastest) forward after 2 warm-up calls; eval mode, "
-        "`torch.inference_mode()`, all images and notes present. FLOPs: "
+        "`torch.inference_mode()`, the image trunk channels-last (as `load_checkpoint` lays it out "
+        "for inference), all images and notes present. FLOPs: "
         "`torch.utils.flop_counter.FlopCounterMode` (convolutions, matmuls, attention; a "
         "multiply-add is 2 FLOPs) at each batch size, per study. Peak RSS: high-water RSS (VmHWM) "
         "of a fresh process minus its RSS after imports (model, tokenizer, activations). Other "
