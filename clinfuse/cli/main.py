@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clinfuse import __version__
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
 from clinfuse.errors import ClinfuseError
 
@@ -254,6 +255,7 @@ def _at_least_one(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reuse_freed_memory()  # every command runs models on CPU batch after batch
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import iter_manifest
 from clinfuse.data.study import modality_name
@@ -279,6 +280,7 @@ def run_inference(
     settings: InferenceSettings | None = None,
 ) -> InferenceSummary:
     """Score every row of `manifest` with the model in `model_dir`; see the module docstring."""
+    reuse_freed_memory()  # before the workers fork: they inherit it
     run = open_run(model_dir, manifest, run_dir, store_url, settings or InferenceSettings())
     settings, model = run.settings, run.model
     device = model.temperature.device

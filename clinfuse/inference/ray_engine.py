@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.data.batch import Collator, load_item
 from clinfuse.data.manifest import StudyRow, iter_manifest
 from clinfuse.data.transforms import build_transforms
@@ -70,6 +71,7 @@ class Scorer:
     """A Ray actor: holds the model, turns a batch of rows into serialised records."""
 
     def __init__(self, model_dir: str, run_dir: str, settings: dict[str, Any]) -> None:
+        reuse_freed_memory()  # an actor is a process of its own
         self.settings = InferenceSettings(**settings)
         self.model = load_checkpoint(model_dir, self.settings.device or "cpu")
         self.version = model_version(model_dir)
