@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.config import RunConfig, resolve_run_config
 from clinfuse.data.manifest import reference_labels
 from clinfuse.evaluation.evaluate import evaluate_model, write_evaluation
@@ -256,6 +257,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
+    reuse_freed_memory()  # as `clinfuse train` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=Path("sample_data/manifest.csv"))
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.config import resolve_run_config
 from clinfuse.data.manifest import PatientSplit, load_manifest
 from clinfuse.evaluation.evaluate import model_version
@@ -98,6 +99,7 @@ def explanation_cost(
 
 
 def main(argv: list[str] | None = None) -> int:
+    reuse_freed_memory()  # as `clinfuse explain` does
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a trained model folder (default: train one)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_explain")

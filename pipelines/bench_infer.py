@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.dicom import read_dicom
 from clinfuse.data.manifest import load_manifest
@@ -145,6 +146,7 @@ def decode_throughput(manifest: Path) -> dict:
 
 
 def main() -> None:
+    reuse_freed_memory()  # as every clinfuse command does: forward-only runs as `infer` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--n", type=int, default=1000, help="studies in the generated export")

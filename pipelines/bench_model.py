@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.model import FusionModel, create_model, list_models, model_config
 
 NOTES = Path(__file__).resolve().parents[1] / "sample_data" / "notes"
@@ -129,6 +130,7 @@ def measure(
     name: str, mode: str, batch: int, repeats: int, max_seconds: float, device: str
 ) -> dict[str, Any]:
     """Build one model, then its parameters, FLOPs, latency and memory at one batch size."""
+    reuse_freed_memory()  # as every clinfuse command does
     after_imports = rss_mb()
     torch.manual_seed(0)
     notes = [p.read_text(encoding="utf-8") for p in sorted(NOTES.glob("*.txt"))]

@@ -50,6 +50,7 @@ from ablation import (
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from clinfuse.allocator import reuse_freed_memory
 from clinfuse.config import RunConfig, apply_overrides, resolve_run_config
 from clinfuse.data.batch import Batch, Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
@@ -480,6 +481,7 @@ def delta(value: float | None, reference: float | None) -> str:
 
 
 def main() -> None:
+    reuse_freed_memory()  # as every clinfuse command does (both models alike)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=Path("sample_data/manifest.csv"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/peers"))
