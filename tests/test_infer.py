@@ -339,6 +339,7 @@ def test_batches_after_the_first_reuse_freed_memory_instead_of_faulting_it_in():
             check=True,
         ).stdout.split()
         counts[mode] = (out[0], float(out[1]))
-    assert counts["tuned"][0] == "True"  # it applied
-    assert counts["default"][1] > 500  # pages per batch of 32 at 96 x 96 (3,000-15,000 seen)
-    assert counts["tuned"][1] < 50
+    assert counts["tuned"][0] == "True", counts  # it applied
+    # pages faulted in per batch of 32 at 96 x 96: 3,000-15,000 by default, 0-120 with it
+    assert counts["default"][1] > 500, counts
+    assert counts["tuned"][1] * 10 < counts["default"][1], counts
