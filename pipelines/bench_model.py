@@ -127,16 +127,24 @@ def time_forward(
 
 
 def measure(
-    name: str, mode: str, batch: int, repeats: int, max_seconds: float, device: str
+    name: str,
+    mode: str,
+    batch: int,
+    repeats: int,
+    max_seconds: float,
+    device: str,
+    plain: bool = False,
 ) -> dict[str, Any]:
-    """Build one model, then its parameters, FLOPs, latency and memory at one batch size."""
-    reuse_freed_memory()  # as every clinfuse command does
+    """Build one model, then its parameters, FLOPs, latency and memory at one batch size; as
+    inference runs it, or `plain` (default memory layout and allocator) for comparison."""
+    if not plain:
+        reuse_freed_memory()  # as every clinfuse command does
     after_imports = rss_mb()
     torch.manual_seed(0)
     notes = [p.read_text(encoding="utf-8") for p in sorted(NOTES.glob("*.txt"))]
     cfg = model_config(name, labels=LABELS, fusion={"mode": mode})
     model = create_model(cfg, notes=notes).eval()
-    if model.image_encoder is not None:
+    if model.image_encoder is not None and not plain:
         model.image_encoder.channels_last()  # the layout `load_checkpoint` gives for inference
     texts = realistic_notes(model, notes, batch)
     enc = model.note_tokenizer(texts)
@@ -238,8 +246,14 @@ def run(
     for name, mode in cases:
         for batch in batches:
             spec = dict(name=name, mode=mode, batch=batch, repeats=repeats)
-            row = run_in_subprocess({**spec, "max_seconds": max_seconds, "device": device})
-            print(f"{name:>12} {mode:<15} b{batch:<3} {row['seconds']['median'] * 1e3:9.1f} ms")
+            spec |= {"max_seconds": max_seconds, "device": device}
+            plain = run_in_subprocess({**spec, "plain": True})  # then as inference runs it
+            row = run_in_subprocess(spec)
+            row["plain"] = {k: plain[k] for k in ("seconds", "studies_per_s", "peak_rss_mb")}
+            print(
+                f"{name:>12} {mode:<15} b{batch:<3} {row['seconds']['median'] * 1e3:9.1f} ms "
+                f"(plain {plain['seconds']['median'] * 1e3:.1f} ms)"
+            )
             rows.append(row)
     peak_after = matmul_peak_gflops(device)
     peak = max(peak_before, peak_after)
@@ -304,6 +318,24 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [" / ".join(cell(r) for r in rs) for cell in columns.values()]
         lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
     lines += [
+        "",
+        f"| model | fusion | studies/s plain {per} | studies/s as inference runs {per} | "
+        f"speed-up {per} | peak RSS MB plain {per} |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (name, mode), rs in cases.items():
+        cells = [
+            " / ".join(f"{r['plain']['studies_per_s']:.1f}" for r in rs),
+            " / ".join(f"{r['studies_per_s']:.1f}" for r in rs),
+            " / ".join(f"{r['studies_per_s'] / r['plain']['studies_per_s']:.2f}x" for r in rs),
+            " / ".join(f"{r['plain']['peak_rss_mb']:.0f}" for r in rs),
+        ]
+        lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "Plain: each model in its default memory layout under glibc's default allocator settings, "
+        "measured in a fresh process just before the same case as inference runs it (the image "
+        "trunk channels-last, `clinfuse.allocator.reuse_freed_memory`).",
         "",
         "Latency: median (and fastest) forward after 2 warm-up calls; eval mode, "
         "`torch.inference_mode()`, the image trunk channels-last (as `load_checkpoint` lays it out "
