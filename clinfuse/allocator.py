@@ -15,12 +15,12 @@ def reuse_freed_memory() -> bool:
     """Keep freed tensor memory in the process for the next batch (glibc; a no-op elsewhere).
 
     glibc returns each freed block above its mmap threshold to the OS, so every forward pass of
-    a small model on CPU faults its activations' pages in afresh: measured on `small`, batch 32,
-    one thread, ~14,000 minor page faults and half the time of each pass (54 ms -> 27 ms with
-    this). Raising the mmap threshold to its ceiling (32 MB) and the trim threshold to 1 GB
-    serves them from the heap instead; the process then keeps its working peak between batches
-    rather than returning it to the OS. Process-wide, inherited by forked DataLoader workers;
-    results are unchanged. Returns whether it applied.
+    a small model on CPU faults its activations' pages in afresh (thousands of minor page faults
+    a batch for `small` at batch 32; `pipelines/bench_model.py` times each model with and
+    without this and the channels-last trunk). Raising the mmap threshold to its ceiling
+    (32 MB) and the trim threshold to 1 GB serves them from the heap instead; the process then
+    keeps its working peak between batches rather than returning it to the OS. Process-wide,
+    inherited by forked DataLoader workers; results are unchanged. Returns whether it applied.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -133,9 +133,9 @@ class ImageEncoder(nn.Module):
 
     def channels_last(self) -> ImageEncoder:
         """Lay the trunk's convolution weights out channels-last (NHWC, NDHWC in 3D), the layout
-        oneDNN's CPU kernels run fastest; outputs are unchanged up to float rounding. Measured
-        per image encoder (batch 32, one CPU thread): DenseNet `small` 1.32x the images/s,
-        ResNet 1.24x, 3D DenseNet 1.13x, ViT 1.07x. `load_checkpoint` applies it; training keeps
+        oneDNN's CPU kernels run fastest; outputs are unchanged up to float rounding
+        (`pipelines/bench_model.py` measures each model with and without it and
+        `clinfuse.allocator.reuse_freed_memory`). `load_checkpoint` applies it; training keeps
         the default layout (DistributedDataParallel's gradient buckets expect it)."""
         layout = torch.channels_last if len(self.grid) == 2 else torch.channels_last_3d
         self.backbone.to(memory_format=layout)  # only 4D / 5D tensors change layout
