@@ -17,6 +17,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from clinfuse.cli import main
+from clinfuse.model import load_checkpoint
 
 LABELS = ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass")
 
@@ -228,11 +229,17 @@ def test_workers_and_threads_change_speed_not_predictions(tiny_model, mixed_mani
 
     def read(run):  # each run has its own store, so its own pseudonym key
         table = pd.read_csv(tmp_path / run / "predictions.csv").sort_values("study_id")
-        return table.drop(columns="patient_pseudonym")
+        return table.drop(columns="patient_pseudonym").reset_index(drop=True)
 
     inline, two = read("inline"), read("two")
+    model = load_checkpoint(tiny_model)
+    for label, threshold in zip(model.labels, model.thresholds.tolist(), strict=True):
+        # The untrained tiny model scores some labels a hair from their threshold; there float
+        # round-off may decide the call. Everywhere else the calls must agree.
+        on_edge = (inline[f"p_{label}"] - threshold).abs() < 1e-5
+        inline.loc[on_edge, f"decision_{label}"] = two.loc[on_edge, f"decision_{label}"]
     pd.testing.assert_frame_equal(  # batches are cut differently: float round-off only
-        inline.reset_index(drop=True), two.reset_index(drop=True), rtol=1e-4, atol=1e-6
+        inline, two, rtol=1e-4, atol=1e-6
     )
 
 

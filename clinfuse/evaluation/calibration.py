@@ -78,14 +78,18 @@ def fit_thresholds(
     """(L,) decision thresholds on calibrated probabilities; a label is called at `probs >= t`.
 
     Rules, each over the label's ROC curve on known cells (`sklearn.metrics.roc_curve`, every
-    distinct score a candidate threshold):
+    distinct score a candidate cut):
 
-    - ``"youden"``: the threshold maximising Youden's J = sensitivity + specificity - 1; ties go
-      to the highest threshold. On a separable label this is the lowest positive score.
-    - ``"sensitivity"``: the highest threshold whose sensitivity reaches `target_sensitivity`,
-      i.e. the most specific operating point that still finds that share of positives.
+    - ``"youden"``: the cut maximising Youden's J = sensitivity + specificity - 1; ties go to
+      the highest cut. On a separable label this cuts between the lowest positive score and the
+      highest negative one.
+    - ``"sensitivity"``: the highest cut whose sensitivity reaches `target_sensitivity`, i.e.
+      the most specific operating point that still finds that share of positives.
 
-    A label with no positives or no negatives among its known cells gets 0.5.
+    The threshold lies halfway between the chosen score and the next lower validation score (or
+    0), so it makes the same calls on validation, and a study scored exactly as a validation
+    study was is not flipped by float round-off (another batch size or thread count). A label
+    with no positives or no negatives among its known cells gets 0.5.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; use one of {THRESHOLD_RULES}")
@@ -105,7 +109,9 @@ def fit_thresholds(
             best = int(np.argmax(tpr - fpr))
         else:
             best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # first = highest threshold
-        thresholds[j] = float(candidates[best])
+        # Below the lowest score (every study called), halfway down to probability 0.
+        below = candidates[best + 1] if best + 1 < len(candidates) else 0.0
+        thresholds[j] = float((candidates[best] + below) / 2)
     return thresholds
 
 
