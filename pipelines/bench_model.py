@@ -312,25 +312,18 @@ def markdown(results: dict[str, Any]) -> str:
         "repeats": lambda r: str(r["repeats"]),
         "other load, cores": lambda r: f"{r['other_processes_cores']:.1f}",
     }
-    lines += ["", "| model | fusion | " + " | ".join(f"{c} {per}" for c in columns) + " |"]
-    lines.append("|---|---|" + "---:|" * len(columns))
-    for (name, mode), rs in cases.items():
-        cells = [" / ".join(cell(r) for r in rs) for cell in columns.values()]
-        lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
-    lines += [
-        "",
-        f"| model | fusion | studies/s plain {per} | studies/s as inference runs {per} | "
-        f"speed-up {per} | peak RSS MB plain {per} |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for (name, mode), rs in cases.items():
-        cells = [
-            " / ".join(f"{r['plain']['studies_per_s']:.1f}" for r in rs),
-            " / ".join(f"{r['studies_per_s']:.1f}" for r in rs),
-            " / ".join(f"{r['studies_per_s'] / r['plain']['studies_per_s']:.2f}x" for r in rs),
-            " / ".join(f"{r['plain']['peak_rss_mb']:.0f}" for r in rs),
-        ]
-        lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
+    plain = {
+        "studies/s plain": lambda r: f"{r['plain']['studies_per_s']:.1f}",
+        "studies/s as inference runs": lambda r: f"{r['studies_per_s']:.1f}",
+        "speed-up": lambda r: f"{r['studies_per_s'] / r['plain']['studies_per_s']:.2f}x",
+        "peak RSS MB plain": lambda r: f"{r['plain']['peak_rss_mb']:.0f}",
+    }
+    for table in (columns, plain):  # one row a case, each cell its batch sizes' values
+        lines += ["", "| model | fusion | " + " | ".join(f"{c} {per}" for c in table) + " |"]
+        lines.append("|---|---|" + "---:|" * len(table))
+        for (name, mode), rs in cases.items():
+            cells = [" / ".join(cell(r) for r in rs) for cell in table.values()]
+            lines.append(f"| {name} | {mode} | {' | '.join(cells)} |")
     lines += [
         "",
         "Plain: each model in its default memory layout under glibc's default allocator settings, "
