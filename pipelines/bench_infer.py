@@ -1,7 +1,7 @@
 """Batch-inference benchmark: pipeline efficiency, scaling in time and memory, DICOM decoding.
 
     python pipelines/bench_infer.py --model MODEL_DIR [--n 1000] [--sizes 1000,10000,50000] \
-        [--workers 2] [--out benchmarks/infer]
+        [--workers 2] [--explain-n 200] [--out benchmarks/infer]
 
 - efficiency: `clinfuse infer`'s own studies/s while streaming (decoding, tokenizing, the
   model, the store's commits; process start-up, model loading and the final exports excluded,
@@ -16,7 +16,10 @@
   and patient ids (every row is decoded and scored anew; generating 50,000 distinct images would
   take ~15 min and change nothing the pipeline does);
 - decoding: `read_dicom` images/s in one process (one DataLoader worker's share) for native and
-  compressed transfer syntaxes of the sample export.
+  compressed transfer syntaxes of the sample export;
+- explaining: `clinfuse infer --explain positive` over `--explain-n` studies, explained in the
+  main process (`--workers 0`, the model on every core) and in the decoding workers (on CPU
+  each worker explains the batches it scored, on one thread), a fresh process each.
 
 Writes `<out>.json` and `<out>.md`. Ratios are what to compare across machines: this one is
 shared and noisy.
@@ -78,7 +81,14 @@ def forward_only(
     return {count: float(np.median(found)) for count, found in rates.items()}
 
 
-def run_infer(model_dir: Path, manifest: Path, out: Path, batch_size: int, workers: int) -> dict:
+def run_infer(
+    model_dir: Path,
+    manifest: Path,
+    out: Path,
+    batch_size: int,
+    workers: int,
+    extra: tuple[str, ...] = (),
+) -> dict:
     """`clinfuse infer` in a fresh process: wall time, its own studies/s, and its peak RSS (MB).
 
     A wrapper process runs it and reports its own children's peak, so each run is measured
@@ -87,7 +97,7 @@ def run_infer(model_dir: Path, manifest: Path, out: Path, batch_size: int, worke
     command = [
         sys.executable, "-m", "clinfuse", "infer", "--model", str(model_dir),
         "--manifest", str(manifest), "--out", str(out),
-        "--batch-size", str(batch_size), "--workers", str(workers),
+        "--batch-size", str(batch_size), "--workers", str(workers), *extra,
     ]  # fmt: skip
     wrapper = (
         "import resource, subprocess, sys; "
@@ -145,6 +155,24 @@ def decode_throughput(manifest: Path) -> dict:
     return {k: {"images": len(v), "images_per_s": len(v) / sum(v)} for k, v in timings.items()}
 
 
+def explain_runs(args: argparse.Namespace, export: Path) -> dict[str, dict]:
+    """`clinfuse infer --explain positive` on the first `--explain-n` studies, explained in the
+    main process and in the workers; each run's figures and its count of explanation files."""
+    manifest = repeated_manifest(export, args.explain_n, args.work / "explain")
+    found = {}
+    for where, workers in (
+        (f"the main process (0 workers, {available_cores()} threads)", 0),
+        (f"{args.workers} workers (1 thread each)", args.workers),
+    ):
+        out = args.work / f"explain_{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        run = run_infer(
+            args.model, manifest, out, args.batch_size, workers, ("--explain", "positive")
+        )
+        found[where] = {**run, "explained": len(list((out / "explanations").glob("*.npz")))}
+    return found
+
+
 def main() -> None:
     reuse_freed_memory()  # as every clinfuse command does: forward-only runs as `infer` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -153,6 +181,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,50000", help="manifest sizes to run")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--explain-n", type=int, default=200, help="studies of the explained runs (0: none)"
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/bench_infer"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/infer"))
     args = parser.parse_args()
@@ -194,6 +225,8 @@ def main() -> None:
     results["scaling"] = {str(n): r for n, r in runs.items()}
     results["memory_ratio"] = last["peak_rss_mb"] / first["peak_rss_mb"]
     results["decoding"] = decode_throughput(export / "manifest.csv")
+    if args.explain_n:
+        results["explain"] = explain_runs(args, export / "manifest.csv")
     results["load_average_1min"]["end"] = os.getloadavg()[0]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +254,12 @@ def main() -> None:
         f"| decode, {k} | {v['images_per_s']:.0f} images/s ({v['images']} files) |"
         for k, v in results["decoding"].items()
     ]
+    for where, r in results.get("explain", {}).items():
+        lines.append(
+            f"| `clinfuse infer --explain positive`, explained in {where} "
+            f"({r['studies']} studies, {r['explained']} explained) | "
+            f"{r['in_run_studies_per_s']:.1f} studies/s |"
+        )
     lines += [
         "",
         "Scaling (a fresh `clinfuse infer` process per size):",

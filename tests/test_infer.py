@@ -44,6 +44,14 @@ def mixed_manifest(small_export, tmp_path_factory) -> Path:
     return path
 
 
+def absolute_rows(manifest: Path) -> pd.DataFrame:
+    """The manifest's rows with absolute file paths, to be written anywhere."""
+    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    for column in ("image", "note_path"):
+        rows[column] = [str(manifest.parent / p) if p else "" for p in rows[column]]
+    return rows
+
+
 def infer(model, manifest, out, *extra):
     return main(
         [
@@ -106,13 +114,11 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
 ):
     run = tmp_path / "run"
     # ten copies of the export under new ids: long enough for the kill to land mid-run
-    rows = pd.read_csv(small_export, dtype=str, keep_default_na=False)
+    rows = absolute_rows(small_export)
     copies = []
     for k in range(10):
         copy = rows.copy()
         copy["study_id"] += f"-{k}"
-        for column in ("image", "note_path"):
-            copy[column] = [str(small_export.parent / p) if p else "" for p in copy[column]]
         copies.append(copy)
     manifest = tmp_path / "long.csv"
     pd.concat(copies).to_csv(manifest, index=False)
@@ -243,6 +249,70 @@ def test_workers_and_threads_change_speed_not_predictions(tiny_model, mixed_mani
     )
 
 
+def test_explanations_made_in_workers_are_those_the_main_process_makes(
+    tiny_model, mixed_manifest, tmp_path
+):
+    """`--explain` in CPU workers (each explains the batches it scored) and in the main process
+    (`--workers 0`) save the same files and records; a study that failed is not explained."""
+    import numpy as np
+
+    from clinfuse.explain import Explanation
+    from clinfuse.store import Store
+
+    rows = absolute_rows(mixed_manifest)
+    few = tmp_path / "few.csv"  # explaining every label is slow: six studies and a corrupt file
+    pd.concat([rows.head(6), rows[rows["study_id"] == "BAD0"]]).to_csv(few, index=False)
+    runs = {"inline": ["--workers", "0"], "workers": ["--workers", "2", "--batch-size", "2"]}
+    for name, extra in runs.items():
+        assert infer(tiny_model, few, tmp_path / name, "--explain", "all", *extra) == 0
+    predictions = pd.read_csv(tmp_path / "inline" / "predictions.csv")
+    predicted = set(predictions.loc[predictions["status"] == "predicted", "study_id"])
+    for name in runs:
+        files = sorted((tmp_path / name / "explanations").iterdir())
+        assert {f.name for f in files} == {f"{s}.npz" for s in predicted}  # no .tmp left behind
+        with Store(Store.default_url(tmp_path / name)) as store:
+            (run,) = store.runs()
+            for study_id in predicted:
+                record = store.explanation(run["id"], study_id)
+                assert record["path"] == str(tmp_path / name / "explanations" / f"{study_id}.npz")
+                assert record["record"]["labels"] == list(LABELS)
+    for study_id in sorted(predicted):
+        inline, workers = (
+            Explanation.load_npz(tmp_path / name / "explanations" / f"{study_id}.npz")
+            for name in runs
+        )
+        assert inline.labels == workers.labels == LABELS
+        assert inline.model_version == workers.model_version != ""
+        for part in ("probabilities", "modality", "image", "gradcam", "words", "attention"):
+            ours, theirs = getattr(inline, part), getattr(workers, part)
+            assert (ours is None) == (theirs is None), (study_id, part)
+            if ours is not None:  # float16 files: compare at float16's precision
+                scale = max(float(np.abs(ours).max()), 1e-6)
+                np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-3 * scale)
+        if inline.spans is not None:
+            assert np.array_equal(inline.spans, workers.spans)
+
+
+def test_explain_positive_explains_exactly_the_labels_decided_positive(
+    tiny_model, small_export, tmp_path
+):
+    from clinfuse.explain import Explanation
+
+    few = tmp_path / "few.csv"
+    absolute_rows(small_export).head(12).to_csv(few, index=False)
+    assert infer(tiny_model, few, tmp_path / "run", "--explain", "positive") == 0
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    explained = 0
+    for row in predictions.itertuples():
+        positive = tuple(n for n in LABELS if getattr(row, f"decision_{n}"))
+        path = tmp_path / "run" / "explanations" / f"{row.study_id}.npz"
+        assert path.exists() == bool(positive), row.study_id
+        if positive:
+            assert Explanation.load_npz(path).labels == positive
+            explained += 1
+    assert explained > 0
+
+
 def test_a_batch_crosses_processes_by_value_not_by_shared_memory_handle():
     import pickle
     from multiprocessing.reduction import ForkingPickler
@@ -298,15 +368,16 @@ def test_a_cpu_worker_scores_its_batch_as_the_main_process_would(tiny_model, sma
         DataLoader(stream, batch_size=8, collate_fn=ScoringCollator(collate, model), num_workers=1)
     )
     assert sum(len(batch) for batch, *_ in scored) == 64
-    assert all(isinstance(x, np.ndarray) for _, *rest in scored for x in rest)
+    assert all(isinstance(x, np.ndarray) for _, *arrays, _ in scored for x in arrays)
     inline = list(DataLoader(stream, batch_size=8, collate_fn=collate))
-    for (batch, logits, image_used, note_used), (same, *expected) in zip(
+    for (batch, logits, image_used, note_used, explained), (same, *expected) in zip(
         scored, iter_predictions(model, inline, torch.device("cpu")), strict=True
     ):
         assert batch.study_ids == same.study_ids
         np.testing.assert_allclose(logits, expected[0].numpy(), rtol=1e-4, atol=1e-5)
         assert image_used.tolist() == expected[1].tolist()
         assert note_used.tolist() == expected[2].tolist()
+        assert explained == []  # not asked to explain
 
 
 FAULTS_PER_FORWARD = """

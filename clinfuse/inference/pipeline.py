@@ -6,8 +6,9 @@ Results are committed to the store one batch per transaction; a run killed at an
 started again with the same command skips what is done and finishes the rest. The manifest is
 read in chunks and decoded in DataLoader workers, overlapped with the model, so memory stays
 flat however long the manifest is. On CPU each worker also runs the model (on one thread) on
-the batches it decodes, so every core decodes and scores and the main process only writes; on
-a GPU the main process holds the model. Exports are written at the end, each atomically.
+the batches it decodes, and explains them when asked, so every core decodes, scores and explains
+and the main process only writes; on a GPU the main process holds the model. Exports are written
+at the end, each atomically.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from sqlalchemy.engine import make_url
@@ -36,7 +37,10 @@ from clinfuse.engine import available_cores, cpu_threads, iter_predictions, sele
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
-from clinfuse.store import FailureRecord, PredictionRecord, Store
+from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord, Store
+
+if TYPE_CHECKING:  # importing clinfuse.explain loads captum: only runs that explain pay for it
+    from clinfuse.explain import Explanation
 
 log = logging.getLogger(__name__)
 ExplainMode = Literal["none", "positive", "all"]
@@ -48,8 +52,8 @@ class InferenceSettings:
 
     batch_size: int = 32
     workers: int = 2  # DataLoader processes decoding studies (and, on CPU, scoring them)
-    threads: int | None = None  # the main process's model threads (explanations, or all the
-    # scoring with no workers or on a GPU); None: the cores the workers leave
+    threads: int | None = None  # the main process's model threads (the scoring and explaining
+    # with no workers or on a GPU); None: the cores the workers leave
     explain: ExplainMode = "none"
     standards: tuple[str, ...] = ()  # "fhir", "sr"
     device: str | None = None
@@ -107,22 +111,26 @@ class ManifestStream(IterableDataset):
 
 
 class ScoringCollator:
-    """Collate, then score in the DataLoader worker: (batch, logits (B, L), image_used (B,),
-    note_used (B,)), the three as numpy arrays so they travel inside the pipe (see
-    `Batch.__reduce__`). A worker's torch runs one thread, so with as many workers as cores
-    every core decodes and scores its own batches: measured, 1 thread of this model does a study
-    in ~2.0 ms of CPU where 2 threads take ~2.7 ms between them."""
+    """Collate, then score and explain in the DataLoader worker: (batch, logits (B, L),
+    image_used (B,), note_used (B,), explanations), the three arrays as numpy so they travel
+    inside the pipe (see `Batch.__reduce__`). A worker's torch runs one thread, so with as many
+    workers as cores every core decodes, scores and explains its own batches: measured, 1 thread
+    of this model does a study in ~2.0 ms of CPU where 2 threads take ~2.7 ms between them."""
 
-    def __init__(self, collate: Collator, model: FusionModel) -> None:
+    def __init__(
+        self, collate: Collator, model: FusionModel, explain: ExplainMode = "none"
+    ) -> None:
         self.collate = collate
         self.model = model
+        self.explain = explain
 
     def __call__(self, items: list[dict[str, Any]]) -> tuple:
         batch = self.collate(items)
         ((_, logits, image_used, note_used),) = iter_predictions(
             self.model, [batch], torch.device("cpu")
         )
-        return batch, logits.numpy(), image_used.numpy(), note_used.numpy()
+        explanations = explain_scored(self.model, batch, logits, self.explain)
+        return batch, logits.numpy(), image_used.numpy(), note_used.numpy(), explanations
 
 
 def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
@@ -311,22 +319,29 @@ def stream(run: OpenRun) -> tuple[int, int, float]:
     loader = DataLoader(
         ManifestStream(run.manifest, model, run.done, settings.chunk_rows),
         batch_size=settings.batch_size,
-        collate_fn=ScoringCollator(collate, model) if in_workers else collate,
+        collate_fn=ScoringCollator(collate, model, settings.explain) if in_workers else collate,
         num_workers=settings.workers,
         prefetch_factor=4 if settings.workers else None,
     )
     batches = (
-        ((b, *map(torch.from_numpy, rest)) for b, *rest in loader)
+        ((b, *map(torch.from_numpy, arrays), explained) for b, *arrays, explained in loader)
         if in_workers
-        else iter_predictions(model, loader, device)
-    )  # (batch, logits, image_used, note_used) each
+        else ((*scored, None) for scored in iter_predictions(model, loader, device))
+    )  # (batch, logits, image_used, note_used, explanations or None: not yet explained) each
     predicted = failed = 0
     bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer", smoothing=0.05)
-    for scored in batches:
+    for batch, *scored, explained in batches:
         predictions, failures, explanations = score_batch(
-            model, *scored, run.version, run.store.pseudonym, settings.explain, run.run_dir
+            model,
+            batch,
+            *scored,
+            run.version,
+            run.store.pseudonym,
+            settings.explain,
+            run.run_dir,
+            explained,
         )
-        commit(run, predictions, failures, explanations, scored[0].image_paths, bar)
+        commit(run, predictions, failures, explanations, batch.image_paths, bar)
         predicted += len(predictions)
         failed += len(failures)
     bar.close()
@@ -343,8 +358,10 @@ def score_batch(
     pseudonym: Callable[[str], str],
     explain_mode: ExplainMode,
     run_dir: Path,
-) -> tuple[list[PredictionRecord], list[FailureRecord], list]:
-    """One scored batch -> the records the store takes: predictions, failures, explanations."""
+    explained: list[Explanation] | None = None,
+) -> tuple[list[PredictionRecord], list[FailureRecord], list[ExplanationRecord]]:
+    """One scored batch -> the records the store takes: predictions, failures, explanations
+    (`explained`, where a worker already explained the batch, else explained here)."""
     predictions = prediction_records(
         model, batch, logits, image_used, note_used, version, pseudonym
     )
@@ -354,8 +371,9 @@ def score_batch(
         )
         for study_id, reason in batch.failures
     ]
-    explanations = explanation_records(model, batch, predictions, explain_mode, run_dir, version)
-    return predictions, failures, explanations
+    if explained is None:
+        explained = explain_scored(model, batch, logits, explain_mode)
+    return predictions, failures, save_explanations(explained, run_dir, version)
 
 
 def prediction_records(
@@ -392,38 +410,38 @@ def prediction_records(
     return records
 
 
-def explanation_records(
-    model: FusionModel,
-    batch: Batch,
-    predictions: list[PredictionRecord],
-    mode: ExplainMode,
-    run_dir: Path,
-    version: str,
-) -> list:
-    """Explanations for each study's positive labels (or all), saved as npz and as records."""
-    if mode == "none" or not predictions:
+def explain_scored(
+    model: FusionModel, batch: Batch, logits: torch.Tensor, mode: ExplainMode
+) -> list[Explanation]:
+    """Explain each study of a scored batch for its positive labels (the decisions at the saved
+    thresholds) or, with mode "all", every label; a study with nothing to explain is left out."""
+    if mode == "none" or len(batch) == 0:
         return []
     from clinfuse.explain import explain
-    from clinfuse.store import ExplanationRecord
 
+    device = model.temperature.device
+    decisions = model.decisions(model.probabilities(logits.to(device))).cpu()  # (B, L) bool
+    explained = []
+    for i, positive in enumerate(decisions.tolist()):
+        labels = [n for n, d in zip(model.labels, positive, strict=True) if d or mode == "all"]
+        if labels:
+            explained += explain(model, batch.select([i]).to(device), labels)
+    return explained
+
+
+def save_explanations(
+    explained: list[Explanation], run_dir: Path, version: str
+) -> list[ExplanationRecord]:
+    """Each explanation as `RUN_DIR/explanations/<study_id>.npz` (atomically) and its record."""
     out = run_dir / "explanations"
-    out.mkdir(exist_ok=True)
     records = []
-    for i, prediction in enumerate(predictions):
-        labels = (
-            [n for n, d in prediction.decisions.items() if d]
-            if mode == "positive"
-            else list(model.labels)
-        )
-        if not labels:
-            continue
-        explanation = explain(model, batch.select([i]).to(model.temperature.device), labels)[0]
+    for explanation in explained:
         explanation.model_version = version
-        path = out / f"{prediction.study_id}.npz"
+        path = out / f"{explanation.study_id}.npz"
         tmp = path.with_name(path.name + ".tmp.npz")
         explanation.save_npz(tmp)
         tmp.replace(path)  # atomic: a crash never leaves half a file
-        records.append(ExplanationRecord(prediction.study_id, explanation.to_record(), str(path)))
+        records.append(ExplanationRecord(explanation.study_id, explanation.to_record(), str(path)))
     return records
 
 
