@@ -1,6 +1,7 @@
 """`clinfuse infer`: every row ends exactly once as a prediction or a failure, resumable after
 kill -9, exports that validate, no identifiers, the same results on PostgreSQL and on Ray."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -249,11 +250,12 @@ def test_workers_and_threads_change_speed_not_predictions(tiny_model, mixed_mani
     )
 
 
-def test_explanations_made_in_workers_are_those_the_main_process_makes(
+def test_workers_the_main_process_and_ray_save_the_same_explanations(
     tiny_model, mixed_manifest, tmp_path
 ):
-    """`--explain` in CPU workers (each explains the batches it scored) and in the main process
-    (`--workers 0`) save the same files and records; a study that failed is not explained."""
+    """`--explain` in CPU workers (each explains the batches it scored), in the main process
+    (`--workers 0`) and in Ray actors saves the same files and records; a study that failed is
+    not explained."""
     import numpy as np
 
     from clinfuse.explain import Explanation
@@ -263,6 +265,8 @@ def test_explanations_made_in_workers_are_those_the_main_process_makes(
     few = tmp_path / "few.csv"  # explaining every label is slow: six studies and a corrupt file
     pd.concat([rows.head(6), rows[rows["study_id"] == "BAD0"]]).to_csv(few, index=False)
     runs = {"inline": ["--workers", "0"], "workers": ["--workers", "2", "--batch-size", "2"]}
+    if importlib.util.find_spec("ray"):  # Ray actors explain too (skipped without the extra)
+        runs["ray"] = ["--engine", "ray", "--batch-size", "4"]
     for name, extra in runs.items():
         assert infer(tiny_model, few, tmp_path / name, "--explain", "all", *extra) == 0
     predictions = pd.read_csv(tmp_path / "inline" / "predictions.csv")
@@ -277,20 +281,21 @@ def test_explanations_made_in_workers_are_those_the_main_process_makes(
                 assert record["path"] == str(tmp_path / name / "explanations" / f"{study_id}.npz")
                 assert record["record"]["labels"] == list(LABELS)
     for study_id in sorted(predicted):
-        inline, workers = (
+        inline, *others = (
             Explanation.load_npz(tmp_path / name / "explanations" / f"{study_id}.npz")
             for name in runs
         )
-        assert inline.labels == workers.labels == LABELS
-        assert inline.model_version == workers.model_version != ""
-        for part in ("probabilities", "modality", "image", "gradcam", "words", "attention"):
-            ours, theirs = getattr(inline, part), getattr(workers, part)
-            assert (ours is None) == (theirs is None), (study_id, part)
-            if ours is not None:  # float16 files: compare at float16's precision
-                scale = max(float(np.abs(ours).max()), 1e-6)
-                np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-3 * scale)
-        if inline.spans is not None:
-            assert np.array_equal(inline.spans, workers.spans)
+        assert inline.labels == LABELS and inline.model_version != ""
+        for other in others:
+            assert other.labels == inline.labels and other.model_version == inline.model_version
+            for part in ("probabilities", "modality", "image", "gradcam", "words", "attention"):
+                ours, theirs = getattr(inline, part), getattr(other, part)
+                assert (ours is None) == (theirs is None), (study_id, part)
+                if ours is not None:  # float16 files: compare at float16's precision
+                    scale = max(float(np.abs(ours).max()), 1e-6)
+                    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-3 * scale)
+            if inline.spans is not None:
+                assert np.array_equal(inline.spans, other.spans)
 
 
 def test_explain_positive_explains_exactly_the_labels_decided_positive(
