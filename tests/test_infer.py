@@ -25,7 +25,8 @@ LABELS = ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass")
 
 @pytest.fixture(scope="module")
 def mixed_manifest(small_export, tmp_path_factory) -> Path:
-    """The small export plus rows that must fail: corrupt, non-image, missing, truncated."""
+    """The small export plus rows that must fail: corrupt, non-image, truncated, missing, and a
+    real DICOM volume (an RT dose grid) given to a 2D model."""
     root = small_export.parent
     manifest = pd.read_csv(small_export, dtype=str, keep_default_na=False)
     bad = tmp_path_factory.mktemp("bad")
@@ -33,8 +34,9 @@ def mixed_manifest(small_export, tmp_path_factory) -> Path:
     shutil.copy(get_testdata_file("rtplan.dcm"), bad / "plan.dcm")
     real = (root / manifest.at[0, "image"]).read_bytes()
     (bad / "short.dcm").write_bytes(real[: len(real) // 2])
+    shutil.copy(get_testdata_file("rtdose.dcm"), bad / "dose.dcm")
     extra = []
-    for i, name in enumerate(["text.dcm", "plan.dcm", "short.dcm", "absent.dcm"]):
+    for i, name in enumerate(["text.dcm", "plan.dcm", "short.dcm", "absent.dcm", "dose.dcm"]):
         row = manifest.iloc[i].copy()
         row["study_id"] = f"BAD{i}"
         row["image"] = str(bad / name)
@@ -89,6 +91,7 @@ def test_every_row_ends_as_one_prediction_or_one_failure(
     assert reasons["BAD1"] == "image:no_pixel_data"
     assert reasons["BAD2"] == "image:truncated"
     assert reasons["BAD3"] == "image:missing"
+    assert reasons["BAD4"] == "image:wrong_dimensions"  # typed, not a crash of the run
     for label in LABELS:
         assert predicted[f"p_{label}"].between(0, 1).all()
         assert predicted[f"decision_{label}"].isin([True, False]).all()
@@ -97,7 +100,7 @@ def test_every_row_ends_as_one_prediction_or_one_failure(
     parquet = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert len(parquet) == len(predictions)
     printed = capsys.readouterr().out
-    assert f"{len(predicted)} predicted, 4 failed, 0 skipped" in printed
+    assert f"{len(predicted)} predicted, 5 failed, 0 skipped" in printed
     assert "failed image:truncated: 1" in printed
 
 
@@ -221,7 +224,7 @@ def test_ray_engine_gives_the_same_predictions_as_local(tiny_model, mixed_manife
     ray = pd.read_csv(tmp_path / "ray" / "predictions.csv").drop(columns="patient_pseudonym")
     pd.testing.assert_frame_equal(ray, local, atol=1e-5, check_exact=False)
     failures = pd.read_csv(tmp_path / "ray" / "failures.csv")
-    assert len(failures) == 4
+    assert len(failures) == 5
 
 
 def test_workers_and_threads_change_speed_not_predictions(tiny_model, mixed_manifest, tmp_path):

@@ -26,7 +26,7 @@ from monai.transforms import (
 
 from clinfuse.config import PreprocessConfig
 from clinfuse.data.dicom import DicomImage, apply_window, default_window
-from clinfuse.errors import DicomError
+from clinfuse.errors import ClinfuseError, DicomError
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,19 @@ class Preprocess:
 
 
 def _untracked(compose: Compose, data: dict[str, Any]) -> dict[str, Any]:
+    """Run `compose` without MONAI's metadata tracking; a `ClinfuseError` a transform raised
+    comes out as itself, not inside MONAI's "applying transform" RuntimeError."""
     previous = get_track_meta()
     set_track_meta(False)
     try:
         return compose(data)
+    except RuntimeError as exc:
+        cause = exc.__cause__
+        while isinstance(cause, RuntimeError) and not isinstance(cause, ClinfuseError):
+            cause = cause.__cause__  # MONAI wraps once per nested Compose
+        if isinstance(cause, ClinfuseError):
+            raise cause from None
+        raise
     finally:
         set_track_meta(previous)
 
