@@ -298,6 +298,14 @@ def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, caps
     assert clinfuse("explain", *base, "--study-id", study) == 0
     with np.load(tmp_path / "x" / f"{study}.npz") as data:
         assert 1 <= len(data["labels"]) <= 6
+    unlabelled = export / "new_studies.csv"  # new studies: no label columns yet
+    table = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    table[["study_id", "patient_id", "image", "note_path"]].to_csv(unlabelled, index=False)
+    out = tmp_path / "unlabelled"
+    assert clinfuse("explain", *base[:2], "--manifest", str(unlabelled), "--out", str(out),
+                    "--study-id", study) == 0  # fmt: skip
+    with np.load(out / f"{study}.npz") as data:
+        assert 1 <= len(data["labels"]) <= 6
     assert clinfuse("explain", *base, "--study-id", "NO-SUCH-STUDY") == 2
     err = capsys.readouterr().err
     assert "error:" in err and "'NO-SUCH-STUDY' is not in the manifest" in err

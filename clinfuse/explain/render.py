@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_dicom  # noqa: E402
-from clinfuse.data.manifest import load_manifest, read_table  # noqa: E402
+from clinfuse.data.manifest import iter_manifest  # noqa: E402
 from clinfuse.engine import select_device  # noqa: E402
 from clinfuse.errors import ConfigError, ManifestError  # noqa: E402
 from clinfuse.explain.attribution import explain  # noqa: E402
@@ -244,9 +244,10 @@ def explain_studies(
 
     model = load_checkpoint(model_dir, select_device(device))
     version = model_version(model_dir)
-    columns = set(read_table(manifest_path).columns)  # explaining needs no label column
-    known = [label for label in model.labels if label in columns] or None
-    rows = {r.study_id: r for r in load_manifest(manifest_path, labels=known)}
+    wanted = set(study_ids)  # streamed as `infer` reads it: label columns optional
+    rows = {
+        r.study_id: r for r in iter_manifest(manifest_path, model.labels) if r.study_id in wanted
+    }
     for study_id in study_ids:
         if study_id not in rows:
             raise ManifestError(
