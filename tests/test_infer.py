@@ -167,6 +167,17 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
         assert con.execute("select count(distinct study_id) from studies").fetchone()[0] == total
 
 
+def test_an_output_folder_that_cannot_be_made_is_a_clear_error(
+    tiny_model, small_export, tmp_path, capsys
+):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"  # a folder inside a file: the OS refuses it
+    code = main(["infer", "--model", str(tiny_model), "--manifest", str(small_export),
+                 "--out", str(out)])  # fmt: skip
+    assert code == 2
+    assert f"error: [Errno 20] Not a directory: '{out}'" in capsys.readouterr().err
+
+
 def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export, tmp_path):
     assert infer(tiny_model, small_export, tmp_path / "run", "--standards", "fhir,sr") == 0
     root = small_export.parent

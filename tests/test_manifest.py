@@ -55,6 +55,16 @@ def test_every_format_reads_the_same(tmp_path, name):
     assert [r.row for r in rows] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_spreadsheets_semicolon_or_tab_separated_csv_reads_the_same(tmp_path, sep):
+    rows = [dict(r, note=r["note"] and r["note"] + ", 38.5 C") for r in ROWS]  # commas in cells
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", sep=sep, index=False, encoding="utf-8-sig")
+    manifest = load_manifest(tmp_path / "m.csv")
+    assert manifest.labels == ("flu", "copd")
+    assert [r.note for r in manifest] == ["fever, 38.5 C", None, "cough, 38.5 C"]
+    assert next(iter(manifest)).image == tmp_path / "img/a.dcm"
+
+
 def test_jsonl_numbers_and_nulls_are_labels(tmp_path):
     rows = [
         {"study_id": 7, "patient_id": 1, "note": "x", "flu": 1, "copd": None},

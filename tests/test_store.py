@@ -407,3 +407,20 @@ def test_migrations_ship_inside_the_package():
     shipped = [p for p in shipped if p.endswith((".py", ".mako"))]
     assert "migrations/env.py" in shipped and "migrations/versions/0001_initial.py" in shipped
     assert all(any(fnmatch(p, pattern) for pattern in patterns) for p in shipped), shipped
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        # a PostgreSQL server that cannot be reached (nothing listens on port 1)
+        ("postgresql+psycopg://reader:topsecret@127.0.0.1:1/clinical", "cannot open the store"),
+        ("not a database url", "is not a database URL"),
+        ("mysql://reader@host/db", "a clinfuse store is SQLite or PostgreSQL"),
+    ],
+)
+def test_a_store_that_cannot_be_opened_is_one_store_error_without_the_password(url, says):
+    with pytest.raises(StoreError, match=says) as caught:
+        Store(url)
+    assert "topsecret" not in str(caught.value)
+    if url.startswith("postgresql"):
+        assert "reader:***@127.0.0.1:1/clinical" in str(caught.value)

@@ -260,10 +260,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # Alembic announces its plugins whenever a new store is created
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return args.run(args)
     except ClinfuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder that cannot be made, no permission, a full disk: named
+        if args.verbose:
+            raise
+        print(f"error: {exc}. Check the path and its permissions", file=sys.stderr)
         return 2
 
 

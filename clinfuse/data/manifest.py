@@ -128,9 +128,15 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
     path = Path(path)
     kind = _kind(path)
     try:
+        sep = _csv_separator(path) if kind == "csv" else ","
         if kind == "csv":
             chunks = pd.read_csv(
-                path, dtype=str, keep_default_na=False, encoding="utf-8-sig", chunksize=chunk_rows
+                path,
+                sep=sep,
+                dtype=str,
+                keep_default_na=False,
+                encoding="utf-8-sig",
+                chunksize=chunk_rows,
             )
         elif kind == "parquet":
             batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows or 1 << 30)
@@ -145,7 +151,7 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
             yield _text_table(chunk)
         if empty:
             yield _text_table(
-                pd.read_csv(path, dtype=str, nrows=0)
+                pd.read_csv(path, sep=sep, dtype=str, nrows=0, encoding="utf-8-sig")
                 if kind == "csv"
                 else pd.DataFrame(columns=["study_id"])
             )
@@ -153,6 +159,14 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
         raise
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
         raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
+
+
+def _csv_separator(path: Path) -> str:
+    """ "," unless the header row has no comma and is split by ";" or a tab, as spreadsheet
+    programs save "CSV" in locales whose decimal mark is a comma."""
+    with path.open(encoding="utf-8-sig", errors="replace") as file:
+        header = file.readline()
+    return next((sep for sep in (",", ";", "\t") if sep in header), ",")
 
 
 def _as_text(value: object) -> str:

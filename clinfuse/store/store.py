@@ -68,6 +68,14 @@ class Store:
             if not secret:
                 raise StoreError("the store has no pseudonym secret (settings table)")
             self._secret = bytes.fromhex(secret)
+        except sa.exc.OperationalError as exc:  # server down, unknown user or database, no access
+            self._engine.dispose()
+            shown = self._engine.url.render_as_string(hide_password=True)
+            reason = " ".join(str(exc.orig or exc).split())[:300]
+            raise StoreError(
+                f"cannot open the store {shown} ({reason}). Check the URL, that the database "
+                "server is running, and that this user may connect and create tables"
+            ) from exc
         except BaseException:
             self._engine.dispose()
             raise

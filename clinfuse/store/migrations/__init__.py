@@ -35,7 +35,13 @@ _WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at
 
 def connect(url: str) -> sa.Engine:
     """An engine for a SQLite or PostgreSQL URL (a SQLite file's folder is created)."""
-    parsed = sa.make_url(url)
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StoreError(
+            f"{url!r} is not a database URL: give sqlite:///path/to/clinfuse.db or "
+            "postgresql+psycopg://user@host/database"
+        ) from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise StoreError(f"{backend}: a clinfuse store is SQLite or PostgreSQL")
