@@ -45,6 +45,7 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     real = (root / manifest.at[0, "image"]).read_bytes()
     (root / "bad" / "short.dcm").write_bytes(real[: len(real) // 2])
     shutil.copy(get_testdata_file("rtplan.dcm"), root / "bad" / "plan.dcm")  # no pixel data
+    shutil.copy(get_testdata_file("rtdose.dcm"), root / "bad" / "dose.dcm")  # a volume
     (root / "bad" / "latin1.txt").write_bytes("fi\xe8vre".encode("latin-1"))
     manifest.loc[0, "image"] = "bad/text.dcm"
     manifest.loc[1, "image"] = "bad/short.dcm"
@@ -53,10 +54,12 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     manifest.loc[4, ["image", "note_path"]] = ["", ""]
     manifest.loc[5, "note_path"] = "bad/latin1.txt"
     manifest.loc[6, "note_path"] = "bad/absent.txt"
+    manifest.loc[7, "image"] = "bad/dose.dcm"
     manifest.to_csv(root / "manifest.csv", index=False)
 
     assert main(["validate", str(root / "manifest.csv"), "--out", str(tmp_path / "v.csv")]) == 0
-    verdicts = pd.read_csv(tmp_path / "v.csv", keep_default_na=False).set_index("row")
+    verdicts = pd.read_csv(tmp_path / "v.csv", dtype=str, keep_default_na=False)
+    verdicts = verdicts.set_index(verdicts["row"].astype(int))
     assert len(verdicts) == 40  # every row accounted for
     reasons = verdicts["reason"]
     assert reasons[1].startswith("image:not_dicom") and "text.dcm" in reasons[1]
@@ -68,8 +71,11 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     assert (verdicts.loc[[1, 2, 3, 4, 5, 7], "status"] == "failed").all()
     assert verdicts.at[6, "status"] != "failed" and "invalid UTF-8" in verdicts.at[6, "warning"]
     assert (verdicts.loc[8:, "status"] != "failed").all()
+    assert verdicts.at[8, "image_dims"] == "3" and verdicts.at[9, "image_dims"] == "2"
+    assert verdicts.at[1, "image_dims"] == ""  # no readable image
     printed = capsys.readouterr().out
     assert "failed: 6" in printed and "failed image:truncated: 1" in printed
+    assert "images: 33 2D, 1 volumes (3D)" in printed  # a 2D model would fail the volume
 
 
 def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):

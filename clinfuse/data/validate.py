@@ -1,8 +1,9 @@
 """Is this export usable? Per-row verdicts and a summary (`clinfuse validate`).
 
 Every row gets one verdict: `ok` (image and note), `image_only`, `note_only`, or `failed` with
-the reason (`<input>:<reason>: <detail>`). An input the user gave that cannot be read fails the
-row rather than silently turning it into a single-modality study.
+the reason (`<input>:<reason>: <detail>`), and its image's dimensionality (2 for an image, 3 for
+a volume). An input the user gave that cannot be read fails the row rather than silently
+turning it into a single-modality study.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from clinfuse.data.study import load_study
 from clinfuse.errors import ClinfuseError, DicomError
 
 STATUSES = ("ok", "image_only", "note_only", "failed")
-VERDICT_COLUMNS = ("row", "study_id", "split", "status", "reason", "warning")
+VERDICT_COLUMNS = ("row", "study_id", "split", "status", "reason", "warning", "image_dims")
 
 
 def check_row(row: StudyRow) -> dict[str, object]:
@@ -46,6 +47,8 @@ def check_row(row: StudyRow) -> dict[str, object]:
         status, reason = "image_only", ""
     else:
         status, reason = "ok", ""
+    if sample.image is not None:  # a model takes 2D images or volumes, not both
+        verdict["image_dims"] = sample.image.spatial_dims
     if status != "failed" and np.isnan(row.labels).all():
         caught_text = "all labels unknown (usable for inference, not for training)"
         return {
@@ -101,10 +104,16 @@ class ValidationReport:
                 )
         return pd.DataFrame(rows)
 
+    def image_dims(self) -> dict[int, int]:
+        """Rows with a readable image, by its dimensionality: {2: images, 3: volumes}."""
+        counts = self.verdicts["image_dims"].dropna().value_counts().sort_index()
+        return {int(d): int(n) for d, n in counts.items()}
+
     def summary(self) -> dict[str, object]:
         counts = self.verdicts["status"].value_counts()
         return {
             "rows": len(self.verdicts),
+            "image_dims": self.image_dims(),
             "usable": int(self.usable.sum()),
             **{status: int(counts.get(status, 0)) for status in STATUSES},
             "failed_by_reason": self.failures_by_reason(),
@@ -121,6 +130,13 @@ class ValidationReport:
             f"image only {s['image_only']}, note only {s['note_only']})  failed: {s['failed']}",
         ]
         lines += [f"  failed {reason}: {n}" for reason, n in s["failed_by_reason"].items()]
+        dims = s["image_dims"]
+        if len(dims) > 1:
+            lines.append(
+                f"images: {dims.get(2, 0)} 2D, {dims.get(3, 0)} volumes (3D). A model takes one "
+                "kind (model.image.spatial_dims); the other kind's rows fail with "
+                "image:wrong_dimensions: split the manifest into one per kind"
+            )
         table = self.prevalence()
         table["prevalence"] = (table["positive"] / table["known"].where(table["known"] > 0)).round(
             3
@@ -155,4 +171,6 @@ def validate_manifest(
             verdicts = list(pool.map(check_row, rows, chunksize=max(1, len(rows) // (8 * workers))))
     else:
         verdicts = [check_row(row) for row in rows]
-    return ValidationReport(manifest, pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)))
+    table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS))
+    table["image_dims"] = table["image_dims"].astype("Int64")  # empty without a readable image
+    return ValidationReport(manifest, table)
