@@ -313,7 +313,7 @@ def test_workers_the_main_process_and_ray_save_the_same_explanations(
 
 
 def test_explain_positive_explains_exactly_the_labels_decided_positive(
-    tiny_model, small_export, tmp_path
+    tiny_model, small_export, tmp_path, capsys
 ):
     from clinfuse.explain import Explanation
 
@@ -330,6 +330,7 @@ def test_explain_positive_explains_exactly_the_labels_decided_positive(
             assert Explanation.load_npz(path).labels == positive
             explained += 1
     assert explained > 0
+    assert f"0 skipped as already done, {explained} explained" in capsys.readouterr().out
 
 
 def test_a_batch_crosses_processes_by_value_not_by_shared_memory_handle():

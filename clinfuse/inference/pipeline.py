@@ -69,6 +69,7 @@ class InferenceSummary:
     predicted: int  # written by this invocation
     failed: int  # written by this invocation
     skipped: int  # already done by an earlier invocation of the same run
+    explained: int = 0  # studies whose explanation this invocation wrote (--explain)
     failed_by_reason: dict[str, int] = field(default_factory=dict)  # whole run
     total_predicted: int = 0
     total_failed: int = 0
@@ -82,7 +83,8 @@ class InferenceSummary:
         lines = [
             f"run {self.run_id} ({self.model_version}) in {self.run_dir}",
             f"this invocation: {self.predicted} predicted, {self.failed} failed, {self.skipped} "
-            f"skipped as already done; {self.streaming_studies_per_s:.1f} studies/s while "
+            f"skipped as already done, {self.explained} explained; "
+            f"{self.streaming_studies_per_s:.1f} studies/s while "
             f"streaming, {self.studies_per_s:.1f} studies/s with model loading",
             f"whole run: {self.total_predicted} predicted, {self.total_failed} failed",
         ]
@@ -165,6 +167,9 @@ class OpenRun:
     settings: InferenceSettings
     started: float
     issued: datetime  # when the run first started: the time stamped on its standards exports
+    predicted: int = 0  # studies this invocation committed, by outcome (see `commit`)
+    failed: int = 0
+    explained: int = 0
 
 
 def open_run(
@@ -222,21 +227,20 @@ def open_run(
     )
 
 
-def finish_run(
-    run: OpenRun, predicted: int, failed: int, streaming_seconds: float
-) -> InferenceSummary:
+def finish_run(run: OpenRun, streaming_seconds: float) -> InferenceSummary:
     """Count, export and close the run; the summary printed at the end."""
     counts = run.store.counts(run.run_id)
     seconds = time.perf_counter() - run.started
-    scored = predicted + failed
+    scored = run.predicted + run.failed
     summary = InferenceSummary(
         run_id=run.run_id,
         run_dir=run.run_dir,
         store_url=run.store_url,
         model_version=run.version,
-        predicted=predicted,
-        failed=failed,
+        predicted=run.predicted,
+        failed=run.failed,
         skipped=len(run.done),
+        explained=run.explained,
         failed_by_reason=dict(counts["by_reason"]),
         total_predicted=counts["predicted"],
         total_failed=counts["failed"],
@@ -261,7 +265,7 @@ def commit(
     bar: tqdm,
 ) -> None:
     """Per-study standards files first (rewritten identically if a kill lands between the two),
-    then one store transaction for the batch, which marks its studies done."""
+    then one store transaction for the batch, which marks its studies done; counted in `run`."""
     if run.settings.standards:
         write_standards(
             run.run_dir,
@@ -278,6 +282,9 @@ def commit(
             len(predictions) + len(failures) - written,
         )
     bar.update(len(predictions) + len(failures))
+    run.predicted += len(predictions)
+    run.failed += len(failures)
+    run.explained += len(explanations)
 
 
 def run_inference(
@@ -293,8 +300,8 @@ def run_inference(
     settings, model = run.settings, run.model
     device = model.temperature.device
     with cpu_threads(model_threads(settings, device)):
-        predicted, failed, seconds = stream(run)
-    return finish_run(run, predicted, failed, seconds)
+        seconds = stream(run)
+    return finish_run(run, seconds)
 
 
 def model_threads(settings: InferenceSettings, device: torch.device) -> int | None:
@@ -309,8 +316,8 @@ def model_threads(settings: InferenceSettings, device: torch.device) -> int | No
     return None if device.type != "cpu" else max(1, available_cores() - settings.workers)
 
 
-def stream(run: OpenRun) -> tuple[int, int, float]:
-    """The loop: decode in workers, score, commit batch by batch; (predicted, failed, seconds)."""
+def stream(run: OpenRun) -> float:
+    """The loop: decode in workers, score, commit batch by batch; returns its seconds."""
     settings, model = run.settings, run.model
     device = model.temperature.device
     started = time.perf_counter()
@@ -328,7 +335,6 @@ def stream(run: OpenRun) -> tuple[int, int, float]:
         if in_workers
         else ((*scored, None) for scored in iter_predictions(model, loader, device))
     )  # (batch, logits, image_used, note_used, explanations or None: not yet explained) each
-    predicted = failed = 0
     bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer", smoothing=0.05)
     for batch, *scored, explained in batches:
         predictions, failures, explanations = score_batch(
@@ -342,10 +348,8 @@ def stream(run: OpenRun) -> tuple[int, int, float]:
             explained,
         )
         commit(run, predictions, failures, explanations, batch.image_paths, bar)
-        predicted += len(predictions)
-        failed += len(failures)
     bar.close()
-    return predicted, failed, time.perf_counter() - started
+    return time.perf_counter() - started
 
 
 def score_batch(

@@ -144,7 +144,6 @@ def run_inference_ray(
     )
     actor_settings = {k: v for k, v in dataclasses.asdict(run.settings).items()}
     started = time.perf_counter()
-    predicted = failed = 0
     bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer (ray)")
     while chunk := list(itertools.islice(pending, run.settings.chunk_rows)):
         items = [row_to_item(r, run.store.pseudonym(r.patient_id)) for r in chunk]
@@ -163,7 +162,5 @@ def run_inference_ray(
             predictions, failures, explanations = records(frame)
             paths = {r["study_id"]: r["image"] for r in items}
             commit(run, predictions, failures, explanations, paths, bar)
-            predicted += len(predictions)
-            failed += len(failures)
     bar.close()
-    return finish_run(run, predicted, failed, time.perf_counter() - started)
+    return finish_run(run, time.perf_counter() - started)
