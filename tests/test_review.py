@@ -645,6 +645,10 @@ def test_demo_quick_runs_every_job_end_to_end(tmp_path, capsys):
         assert str(out / name) in printed and (out / name).is_file()
     url = Store.default_url(out / "run")
     assert f"clinfuse dashboard --store {url}" in printed and "not a diagnosis" in printed
+    auroc = json.loads((out / "model" / "config.json").read_text())["metrics"]["validation"]
+    auroc = auroc["macro"]["auroc"]  # the tiny model after one epoch: any value, even 0.0
+    shown = "n/a" if auroc is None else f"{auroc:.3f}"
+    assert f"validation macro AUROC: {shown}\n" in printed
     with Store(url) as store:
         run = store.runs()[-1]
         assert run["status"] == "finished"

@@ -196,12 +196,12 @@ def run_demo(out: Path, quick: bool) -> dict[str, str]:
     settings = InferenceSettings(explain="positive", workers=0 if quick else 1)
     summary = run_inference(model_dir, scored, run_dir, None, settings)
     _step("done", started)
-    macro = result.validation.get("macro", {})
+    auroc = result.validation.get("macro", {}).get("auroc")  # None: no label had both classes
     return {
         "data": str(manifest),
         "model": str(result.model_dir),
         "model card": str(result.model_dir / "MODEL_CARD.md"),
-        "validation macro AUROC": f"{macro.get('auroc') or float('nan'):.3f}",
+        "validation macro AUROC": "n/a" if auroc is None else f"{auroc:.3f}",
         "evaluation report": str(evaluation),
         "scored manifest": str(scored),
         "run": f"{run_dir} (run {summary.run_id}: {summary.total_predicted} predicted, "
