@@ -143,6 +143,22 @@ def test_sr_without_image_gets_a_study_of_its_own(tmp_path):
     assert pydicom.dcmread(again).StudyInstanceUID == ds.StudyInstanceUID
 
 
+def test_a_source_without_its_uids_still_gets_both_exports_in_a_study_of_their_own(
+    tmp_path, caplog
+):
+    source = pydicom.dcmread(IMAGES / "S00001.dcm")
+    del source.StudyInstanceUID  # as some exports and hand-made files are
+    source.save_as(tmp_path / "no_study_uid.dcm")
+    fhir, sr = write_study_exports(
+        tmp_path / "out", record(), LABELS, tmp_path / "no_study_uid.dcm", {"fhir", "sr"}
+    )
+    assert "imagingStudy" not in json.loads(fhir.read_text())
+    ds = pydicom.dcmread(sr)
+    assert "CurrentRequestedProcedureEvidenceSequence" not in ds
+    assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert "study S00001: 1 of its 1 source DICOM file(s) lack one of" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["S00001.dcm", "S00002.dcm", "S00003.dcm"])
 def test_no_patient_identifier_reaches_either_export(tmp_path, name):
     source = IMAGES / name

@@ -260,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # Alembic announces its plugins whenever a new store is created
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    if not args.verbose:  # Alembic announces its plugins whenever a new store is created,
+        for chatty in ("alembic", "highdicom"):  # highdicom each module it copies into an SR
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return args.run(args)
     except ClinfuseError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -60,6 +61,28 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+log = logging.getLogger(__name__)
+# What a report needs of an image to reference it.
+EVIDENCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def referable(sources: Sequence[Dataset], study_id: str) -> list[Dataset]:
+    """The source headers a report can reference (all of `EVIDENCE_ATTRIBUTES`); a warning names
+    the study when some cannot be, and without any the exports stand in a study of their own."""
+    kept = [s for s in sources if all(k in s for k in EVIDENCE_ATTRIBUTES)]
+    if len(kept) < len(sources):
+        log.warning(
+            "study %s: %d of its %d source DICOM file(s) lack one of %s, so its exports do not "
+            "reference %s",
+            study_id,
+            len(sources) - len(kept),
+            len(sources),
+            ", ".join(EVIDENCE_ATTRIBUTES),
+            "them" if kept else "the image (they stand in a study of their own)",
+        )
+    return kept
 
 
 def read_source(path: Path) -> list[Dataset]:
@@ -124,6 +147,7 @@ def write_study_exports(
         )
     issued = issued or datetime.now(timezone.utc)
     sources = read_source(source_path) if source_path is not None and formats else []
+    sources = referable(sources, pred.study_id)
     study_uid = str(sources[0].StudyInstanceUID) if sources else None
     name = export_name(pred.study_id)
     out_dir = Path(out_dir)

@@ -43,6 +43,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from clinfuse import __version__
 from clinfuse.exports.fhir import DISCLAIMER, Finding, findings, model_name, summary
+from clinfuse.exports.files import EVIDENCE_ATTRIBUTES
 
 if TYPE_CHECKING:
     from clinfuse.store import PredictionRecord
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 SERIES_NUMBER = 990  # high, so the SR series sorts after the images in a viewer
 LABEL_SCHEME = "99CLINFUSE"  # private coding scheme ("99" prefix) for label names
 DECISION = CodedConcept("decision", LABEL_SCHEME, "Decision at operating threshold")
-EVIDENCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def _lo(text: str) -> str:
