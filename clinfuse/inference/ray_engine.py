@@ -137,6 +137,7 @@ def run_inference_ray(
         ray.init(
             address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
         )
+    ray.data.DataContext.get_current().enable_progress_bars = False  # clinfuse shows its own
     pending = (
         r
         for r in iter_manifest(run.manifest, run.model.labels, run.settings.chunk_rows)
