@@ -21,6 +21,7 @@ from identity import auth_section, current_reviewer, sign_in_page, sign_out  # n
 from session import SESSION_KEY, ReviewSession, choose_run, open_store, store_url  # noqa: E402
 
 from clinfuse.model.checkpoint import NOTICE  # noqa: E402
+from clinfuse.store import StoreError  # noqa: E402
 
 st.set_page_config(page_title="clinfuse review", page_icon=":material/fact_check:", layout="wide")
 st.session_state.pop(SESSION_KEY, None)  # rebuilt below on every run, only once identified
@@ -39,7 +40,11 @@ def main() -> None:
             "(or set CLINFUSE_STORE to the store's SQLAlchemy URL)."
         )
         return
-    store = open_store(url)
+    try:
+        store = open_store(url)
+    except StoreError as exc:  # a path that holds no store, a server that cannot be reached
+        st.error(str(exc))
+        return
     with st.sidebar:
         st.caption(f"Reviewer: **{reviewer}**")
         if st.button("Log out" if auth_section() is not None else "Change reviewer"):

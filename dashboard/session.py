@@ -55,7 +55,7 @@ def store_url(argv: Sequence[str]) -> str | None:
 @st.cache_resource(show_spinner=False)
 def open_store(url: str) -> Store:
     """One `Store` per URL for the whole server (it is thread-safe)."""
-    return Store(url)
+    return Store(url, create=False)
 
 
 def choose_run(store: Store) -> dict[str, Any] | None:

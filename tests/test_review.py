@@ -635,6 +635,10 @@ def test_export_command_writes_manifest_and_agreement(tmp_path, capsys):
     )
     assert pd.read_csv(tmp_path / "a.csv").agreement.tolist() == [1.0, 1.0]
     assert "1 studies" in capsys.readouterr().out
+    typo = Store.default_url(tmp_path / "rnu")  # a mistyped run folder: an error, no new store
+    args = ["export", "--store", typo, "--format", "manifest", "--out", str(tmp_path / "t.csv")]
+    assert clinfuse_main(args) == 2
+    assert "no store at" in capsys.readouterr().err and not (tmp_path / "rnu").exists()
 
 
 def test_demo_quick_runs_every_job_end_to_end(tmp_path, capsys):

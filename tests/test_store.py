@@ -424,3 +424,15 @@ def test_a_store_that_cannot_be_opened_is_one_store_error_without_the_password(u
     assert "topsecret" not in str(caught.value)
     if url.startswith("postgresql"):
         assert "reader:***@127.0.0.1:1/clinical" in str(caught.value)
+
+
+def test_a_reader_never_creates_a_store_where_none_is(tmp_path):
+    """Review and export open a store with create=False: a mistyped path is an error naming it,
+    and no empty database is left behind."""
+    path = tmp_path / "runs" / "nigth1" / "clinfuse.db"
+    with pytest.raises(StoreError, match=f"no store at {path}: check the path"):
+        Store(f"sqlite:///{path}", create=False)
+    assert not path.exists() and not path.parent.exists()
+    Store(f"sqlite:///{path}").close()  # inference creates it
+    with Store(f"sqlite:///{path}", create=False) as store:
+        assert store.runs() == []

@@ -86,7 +86,10 @@ def dashboard_command(store_url: str, host: str, port: int) -> tuple[list[str], 
 
 def serve_dashboard(store_url: str, host: str = "127.0.0.1", port: int = 8501) -> int:
     """Serve the dashboard until it is stopped (Ctrl-C); on POSIX this process becomes it."""
+    from clinfuse.store import Store
+
     argv, env = dashboard_command(store_url, host, port)
+    Store(store_url, create=False).close()  # a wrong path or an unreachable server: say so now
     print(f"dashboard: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     if os.name == "posix":  # signals reach Streamlit itself; no orphan when this is killed
         os.execve(argv[0], argv, env)
@@ -105,7 +108,7 @@ def _export(args: argparse.Namespace) -> int:
     from clinfuse.review import export_reviewed_manifest, review_agreement
     from clinfuse.store import Store, StoreError
 
-    with Store(args.store) as store:
+    with Store(args.store, create=False) as store:
         runs = store.runs()
         if not runs:
             raise StoreError("the store has no inference run")

@@ -48,9 +48,10 @@ SECRET_KEY = "pseudonym_secret"  # settings row: the store's HMAC key for pseudo
 class Store:
     """The clinfuse database; thread-safe, one instance may serve many threads."""
 
-    def __init__(self, url: str) -> None:
-        """Open (creating or upgrading as needed) the store at a SQLAlchemy URL."""
-        self._engine = connect(str(url))
+    def __init__(self, url: str, create: bool = True) -> None:
+        """Open (upgrading as needed) the store at a SQLAlchemy URL; a SQLite file that does
+        not exist is created, or with `create=False` (readers: review, export) an error."""
+        self._engine = connect(str(url), create)
         postgres = self._engine.dialect.name == "postgresql"
         self._insert = postgresql.insert if postgres else sqlite.insert
         self._run_models: dict[int, tuple[str, frozenset[str]]] = {}

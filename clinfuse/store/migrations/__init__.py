@@ -33,8 +33,9 @@ _ALEMBIC = threading.Lock()  # alembic's `context` and `op` are process-wide: on
 _WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at BEGIN
 
 
-def connect(url: str) -> sa.Engine:
-    """An engine for a SQLite or PostgreSQL URL (a SQLite file's folder is created)."""
+def connect(url: str, create: bool = True) -> sa.Engine:
+    """An engine for a SQLite or PostgreSQL URL (a SQLite file's folder is created; with
+    `create=False` a SQLite file that does not exist is an error, not a new empty store)."""
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError:
@@ -48,6 +49,11 @@ def connect(url: str) -> sa.Engine:
     if backend == "postgresql":
         return sa.create_engine(parsed, json_serializer=dumps_json, pool_pre_ping=True)
     memory = parsed.database in (None, "", ":memory:")
+    if not memory and not create and not Path(parsed.database).expanduser().is_file():
+        raise StoreError(
+            f"no store at {parsed.database}: check the path (`clinfuse infer` creates a run's "
+            "store, RUN_DIR/clinfuse.db)"
+        )
     if not memory:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
