@@ -2,6 +2,7 @@
 user relies on (missing sides, masks, residual path, baselines, checkpoint, configs)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -345,6 +346,21 @@ def test_checkpoint_weights_must_match_the_config_except_a_missing_offset(tmp_pa
         tmp_path / "m" / "model.safetensors",
     )
     with pytest.raises(ModelFolderError, match="does not match config.json"):
+        load_checkpoint(tmp_path / "m")
+
+
+def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path):
+    save_checkpoint(build(), tmp_path / "m")
+    weights = (tmp_path / "m" / "model.safetensors").read_bytes()
+    (tmp_path / "m" / "model.safetensors").write_bytes(weights[:1000])  # a copy cut short
+    with pytest.raises(ModelFolderError, match="model.safetensors cannot be read"):
+        load_checkpoint(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(weights)
+    shutil.rmtree(tmp_path / "m" / "tokenizer")
+    with pytest.raises(ModelFolderError, match="its tokenizer cannot be read"):
+        load_checkpoint(tmp_path / "m")  # never looked up on the hub as a name
+    (tmp_path / "m" / "config.json").write_text("{cut short", encoding="utf-8")
+    with pytest.raises(ModelFolderError, match="config.json is not valid JSON"):
         load_checkpoint(tmp_path / "m")
 
 

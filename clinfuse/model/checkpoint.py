@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -77,7 +78,14 @@ def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
             "not a clinfuse model folder (no config.json)",
             hint="Pass the folder `clinfuse train --out` wrote",
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(
+            folder,
+            f"config.json is not valid JSON ({exc})",
+            hint="the file was edited or cut short; copy the model folder again from its source",
+        ) from None
 
 
 def load_checkpoint(
@@ -91,10 +99,26 @@ def load_checkpoint(
     cfg = parse_config(ModelConfig, config["model"], "model")
     # The weights come from model.safetensors; never re-read the user's pretrained files.
     cfg = cfg.model_copy(update={"image": cfg.image.model_copy(update={"pretrained": None})})
-    model = FusionModel(cfg, load_tokenizer(str(folder / "tokenizer")), config.get("text_model"))
-    missing, unexpected = load_model(
-        model, str(folder / "model.safetensors"), strict=False, device="cpu"
-    )
+    try:  # a folder, never a hub name: an absent one must not be looked up online
+        if not (folder / "tokenizer").is_dir():
+            raise OSError("no tokenizer folder")
+        tokenizer = load_tokenizer(str(folder / "tokenizer"))
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(
+            folder,
+            f"its tokenizer cannot be read ({str(exc).splitlines()[0]})",
+            hint="copy the model folder again from its source, tokenizer/ included",
+        ) from None
+    model = FusionModel(cfg, tokenizer, config.get("text_model"))
+    weights = folder / "model.safetensors"
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
+    except (OSError, SafetensorError) as exc:  # absent, cut short, not a safetensors file
+        raise ModelFolderError(
+            folder,
+            f"model.safetensors cannot be read ({exc})",
+            hint="copy the model folder again from its source (the weights must be complete)",
+        ) from None
     if unexpected or set(missing) - {"offset"}:  # folders from before the offset predict b = 0
         raise ModelFolderError(
             folder,
