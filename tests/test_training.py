@@ -221,6 +221,26 @@ def test_an_unknown_override_key_is_an_error_naming_it(export, tmp_path, capsys)
     assert "'train.epoch': unknown key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("broken", ["train", "val"])
+def test_a_split_none_of_whose_studies_can_be_read_stops_training_saying_why(
+    export, tmp_path, capsys, broken
+):
+    rows = pd.read_csv(export, dtype=str, keep_default_na=False)
+    rows = rows.assign(split=np.where(np.arange(len(rows)) % 4 == 0, "val", "train"))
+    rows["split"] = rows.groupby("patient_id")["split"].transform("first")  # one per patient
+    chosen = rows["split"] == broken
+    rows.loc[chosen, ["image", "note", "note_path"]] = ["images/gone.dcm", "", ""]
+    manifest = export.parent / f"broken_{broken}.csv"
+    rows.to_csv(manifest, index=False)
+    out = tmp_path / "model"
+    assert main(["train", "--manifest", str(manifest), "--out", str(out), *FAST]) == 2
+    split = {"train": "training", "val": "validation"}[broken]
+    err = capsys.readouterr().err
+    assert f"none of the {chosen.sum()} {split} studies could be read" in err
+    assert "image:missing" in err and f"clinfuse validate {manifest}" in err
+    assert not (out / "model.safetensors").exists()
+
+
 def test_unknown_labels_are_masked_out_of_the_loss():
     logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
     labels = torch.tensor([[1.0, float("nan")], [float("nan"), 0.0]])
