@@ -102,3 +102,15 @@ class NoteError(ClinfuseError):
 
 class NoteWarning(UserWarning):
     """A note was readable but had to be repaired (invalid UTF-8 bytes, control characters)."""
+
+
+def unreadable_split(
+    manifest: str | Path, split: str, rows: int, failures: dict[str, str]
+) -> ClinfuseError:
+    """The error for a split none of whose studies could be read: how many, the first reason."""
+    first = next(iter(sorted(failures.items())), None)
+    reason = f" (the first, {first[0]}: {first[1]})" if first else ""
+    return ClinfuseError(
+        f"none of the {rows} studies ({split}) could be read{reason}. "
+        f"`clinfuse validate {manifest}` gives every row's reason"
+    )

@@ -223,7 +223,7 @@ def test_an_unknown_override_key_is_an_error_naming_it(export, tmp_path, capsys)
 
 @pytest.mark.parametrize("broken", ["train", "val"])
 def test_a_split_none_of_whose_studies_can_be_read_stops_training_saying_why(
-    export, tmp_path, capsys, broken
+    export, trained, tmp_path, capsys, broken
 ):
     rows = pd.read_csv(export, dtype=str, keep_default_na=False)
     rows = rows.assign(split=np.where(np.arange(len(rows)) % 4 == 0, "val", "train"))
@@ -236,9 +236,12 @@ def test_a_split_none_of_whose_studies_can_be_read_stops_training_saying_why(
     assert main(["train", "--manifest", str(manifest), "--out", str(out), *FAST]) == 2
     split = {"train": "training", "val": "validation"}[broken]
     err = capsys.readouterr().err
-    assert f"none of the {chosen.sum()} {split} studies could be read" in err
+    assert f"none of the {chosen.sum()} studies ({split}) could be read" in err
     assert "image:missing" in err and f"clinfuse validate {manifest}" in err
     assert not (out / "model.safetensors").exists()
+    args = ["evaluate", "--model", str(trained), "--manifest", str(manifest), "--split", broken]
+    assert main([*args, "--out", str(tmp_path / "report")]) == 2  # nor does evaluate crash
+    assert f"none of the {chosen.sum()} studies ({broken}) could be read" in capsys.readouterr().err
 
 
 def test_unknown_labels_are_masked_out_of_the_loss():

@@ -37,7 +37,7 @@ from clinfuse.data.batch import Batch, Collator, StudyDataset
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, load_manifest
 from clinfuse.data.notes import read_note
 from clinfuse.engine import Predictions, autocast, predict, select_device
-from clinfuse.errors import ClinfuseError, ManifestError
+from clinfuse.errors import ClinfuseError, ManifestError, unreadable_split
 from clinfuse.evaluation.calibration import apply_temperature, fit_calibration, fit_thresholds
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import read_checkpoint_config, save_checkpoint
@@ -317,10 +317,11 @@ def train(
                 snapshot_now()
 
         if progress.step == 0:  # a whole epoch and not one study read: stop now, say why
-            raise unreadable(manifest_path, "training", len(train_rows), failures)
+            raise unreadable_split(manifest_path, "training", len(train_rows), failures)
         val = predict(model, val_loader, torch_device, cfg.train.amp)
         if len(val.logits) == 0:
-            raise unreadable(manifest_path, "validation", len(val.failures), dict(val.failures))
+            failed = dict(val.failures)
+            raise unreadable_split(manifest_path, "validation", len(failed), failed)
         auroc = validation_macro_auroc(val, manifest.labels)
         seconds = time.perf_counter() - epoch_started
         improved = auroc is not None and auroc > progress.best_auroc
@@ -441,18 +442,6 @@ def score_distribution(
     }
 
 
-def unreadable(
-    manifest: str | Path, split: str, rows: int, failures: dict[str, str]
-) -> ClinfuseError:
-    """The error for a split none of whose studies could be read: how many, the first reason."""
-    first = next(iter(sorted(failures.items())), None)
-    reason = f" (the first, {first[0]}: {first[1]})" if first else ""
-    return ClinfuseError(
-        f"none of the {rows} {split} studies could be read{reason}. "
-        f"`clinfuse validate {manifest}` gives every row's reason"
-    )
-
-
 def calibrate(
     model: FusionModel, val_loader: DataLoader, device: torch.device, cfg: RunConfig
 ) -> dict[str, Any]:
@@ -461,7 +450,7 @@ def calibrate(
     val = predict(model, val_loader, device, cfg.train.amp)
     if len(val.logits) == 0:
         failed = dict(val.failures)
-        raise unreadable("MANIFEST", "validation", len(failed), failed)
+        raise unreadable_split("MANIFEST", "validation", len(failed), failed)
     raw = 1 / (1 + np.exp(-val.logits))
     temperature, offset = fit_calibration(val.logits, val.labels)
     probs = apply_temperature(val.logits, temperature, offset)
