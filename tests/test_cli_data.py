@@ -26,6 +26,17 @@ def test_console_script_has_help_for_every_subcommand():
         assert "usage: clinfuse" in done.stdout
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--n", "0"], "--n: 0: give 1 or more"), (["--size", "8"], "--size: 8: give 32 or more")],
+)
+def test_sample_data_refuses_sizes_it_cannot_make_as_a_usage_error(tmp_path, capsys, args, says):
+    with pytest.raises(SystemExit) as stopped:
+        main(["sample-data", str(tmp_path / "x"), *args])
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_sample_data_then_validate_is_trainable(export, capsys):
     assert main(["validate", str(export / "manifest.csv"), "--out", str(export / "v.csv")]) == 0
     printed = capsys.readouterr().out

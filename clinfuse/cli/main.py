@@ -138,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest and explanation ground truth. Same arguments, same bytes.",
     )
     p.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
-    p.add_argument("--n", type=int, default=1000, help="number of studies (default 1000)")
+    p.add_argument("--n", type=_at_least(1), default=1000, help="number of studies (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
+    p.add_argument(
+        "--size", type=_at_least(32), default=96, help="image side in pixels (default 96, >= 32)"
+    )
     p.set_defaults(run=_sample_data)
 
     p = commands.add_parser(
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_at_least_one,
+        type=_at_least(1),
         help="the main process's model threads: explanations, or all the scoring with "
         "--workers 0 (default: the cores left by workers)",
     )
@@ -246,11 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum` (else a usage error saying so)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: give {minimum} or more")
+        return value
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
