@@ -414,7 +414,7 @@ def test_migrations_ship_inside_the_package():
     [
         # a PostgreSQL server that cannot be reached (nothing listens on port 1)
         ("postgresql+psycopg://reader:topsecret@127.0.0.1:1/clinical", "cannot open the store"),
-        ("not a database url", "is not a database URL"),
+        ("postgres//reader:topsecret@host/db", "is not a database URL"),  # a typo: not echoed
         ("mysql://reader@host/db", "a clinfuse store is SQLite or PostgreSQL"),
     ],
 )

@@ -162,8 +162,8 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
 
 
 def _csv_separator(path: Path) -> str:
-    """ "," unless the header row has no comma and is split by ";" or a tab, as spreadsheet
-    programs save "CSV" in locales whose decimal mark is a comma."""
+    """The CSV's separator: a comma, unless the header row has none and is split by semicolons
+    or tabs, as spreadsheet programs save "CSV" in locales whose decimal mark is a comma."""
     with path.open(encoding="utf-8-sig", errors="replace") as file:
         header = file.readline()
     return next((sep for sep in (",", ";", "\t") if sep in header), ",")

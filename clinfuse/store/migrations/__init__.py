@@ -40,8 +40,8 @@ def connect(url: str, create: bool = True) -> sa.Engine:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError:
         raise StoreError(
-            f"{url!r} is not a database URL: give sqlite:///path/to/clinfuse.db or "
-            "postgresql+psycopg://user@host/database"
+            "the store URL is not a database URL (not repeated here: it may hold a password): "
+            "give sqlite:///path/to/clinfuse.db or postgresql+psycopg://user@host/database"
         ) from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
