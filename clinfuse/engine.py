@@ -16,13 +16,30 @@ import torch
 
 from clinfuse.data.batch import Batch
 from clinfuse.data.study import modality_name
+from clinfuse.errors import ConfigError
 from clinfuse.model.model import FusionModel
+
+_DEVICE_HINT = "leave --device out to use a GPU when there is one, else the CPU; or give cpu"
 
 
 def select_device(requested: str | None = None) -> torch.device:
-    """`requested`, else this process's GPU (LOCAL_RANK under torchrun) when there is one."""
+    """`requested`, else this process's GPU (LOCAL_RANK under torchrun) when there is one.
+
+    A device this machine does not have is a `ConfigError` naming what it has."""
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            detail = f"{requested!r} is not a device"
+            raise ConfigError("device", detail, hint=_DEVICE_HINT) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", "no CUDA GPU is available here", hint=_DEVICE_HINT)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            detail = f"{requested!r}: this machine has {torch.cuda.device_count()} GPU(s)"
+            raise ConfigError("device", detail, hint=_DEVICE_HINT)
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device", "Apple's MPS is not available here", hint=_DEVICE_HINT)
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

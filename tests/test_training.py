@@ -393,3 +393,14 @@ def test_a_batch_whose_every_row_failed_is_skipped_and_recorded(export, tmp_path
     failures = pd.read_csv(out / "failures.csv")
     assert failures["study_id"].tolist() == ["BAD1"]
     assert failures["reason"].str.startswith("image:missing").all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine lacks")
+@pytest.mark.parametrize(
+    "device, says", [("cuda", "no CUDA GPU is available here"), ("gpu0", "'gpu0' is not a device")]
+)
+def test_a_device_the_machine_lacks_is_a_config_error(export, tmp_path, capsys, device, says):
+    args = ["train", "--manifest", str(export), "--out", str(tmp_path / "m"), "--device", device]
+    assert main([*args, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"config key 'device': {says}" in err and "leave --device out" in err
