@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from sqlalchemy.engine import make_url
@@ -38,9 +38,6 @@ from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
 from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord, Store
-
-if TYPE_CHECKING:  # importing clinfuse.explain loads captum: only runs that explain pay for it
-    from clinfuse.explain import Explanation
 
 log = logging.getLogger(__name__)
 ExplainMode = Literal["none", "positive", "all"]
@@ -114,25 +111,37 @@ class ManifestStream(IterableDataset):
 
 class ScoringCollator:
     """Collate, then score and explain in the DataLoader worker: (batch, logits (B, L),
-    image_used (B,), note_used (B,), explanations), the three arrays as numpy so they travel
-    inside the pipe (see `Batch.__reduce__`). A worker's torch runs one thread, so with as many
-    workers as cores every core decodes, scores and explains its own batches: measured, 1 thread
-    of this model does a study in ~2.0 ms of CPU where 2 threads take ~2.7 ms between them."""
+    image_used (B,), note_used (B,), explanation records), the three arrays as numpy so they
+    travel inside the pipe (see `Batch.__reduce__`). A worker's torch runs one thread, so with as
+    many workers as cores every core decodes, scores and explains its own batches: measured, 1
+    thread of this model does a study in ~2.0 ms of CPU where 2 threads take ~2.7 ms between
+    them. The worker saves each explanation's npz itself, so only its small record (a 64x64
+    summary map) crosses the pipe: full-resolution maps of a batch of radiographs would hold
+    gigabytes in the queue."""
 
     def __init__(
-        self, collate: Collator, model: FusionModel, explain: ExplainMode = "none"
+        self,
+        collate: Collator,
+        model: FusionModel,
+        explain: ExplainMode = "none",
+        run_dir: Path | None = None,
+        version: str = "",
     ) -> None:
         self.collate = collate
         self.model = model
         self.explain = explain
+        self.run_dir = run_dir
+        self.version = version
 
     def __call__(self, items: list[dict[str, Any]]) -> tuple:
         batch = self.collate(items)
         ((_, logits, image_used, note_used),) = iter_predictions(
             self.model, [batch], torch.device("cpu")
         )
-        explanations = explain_scored(self.model, batch, logits, self.explain)
-        return batch, logits.numpy(), image_used.numpy(), note_used.numpy(), explanations
+        records = explain_and_save(
+            self.model, batch, logits, self.explain, self.run_dir, self.version
+        )
+        return batch, logits.numpy(), image_used.numpy(), note_used.numpy(), records
 
 
 def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
@@ -326,7 +335,11 @@ def stream(run: OpenRun) -> float:
     loader = DataLoader(
         ManifestStream(run.manifest, model, run.done, settings.chunk_rows),
         batch_size=settings.batch_size,
-        collate_fn=ScoringCollator(collate, model, settings.explain) if in_workers else collate,
+        collate_fn=(
+            ScoringCollator(collate, model, settings.explain, run.run_dir, run.version)
+            if in_workers
+            else collate
+        ),
         num_workers=settings.workers,
         prefetch_factor=4 if settings.workers else None,
     )
@@ -334,7 +347,7 @@ def stream(run: OpenRun) -> float:
         ((b, *map(torch.from_numpy, arrays), explained) for b, *arrays, explained in loader)
         if in_workers
         else ((*scored, None) for scored in iter_predictions(model, loader, device))
-    )  # (batch, logits, image_used, note_used, explanations or None: not yet explained) each
+    )  # (batch, logits, image_used, note_used, explanation records or None: not explained yet)
     bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer", smoothing=0.05)
     for batch, *scored, explained in batches:
         predictions, failures, explanations = score_batch(
@@ -362,7 +375,7 @@ def score_batch(
     pseudonym: Callable[[str], str],
     explain_mode: ExplainMode,
     run_dir: Path,
-    explained: list[Explanation] | None = None,
+    explained: list[ExplanationRecord] | None = None,
 ) -> tuple[list[PredictionRecord], list[FailureRecord], list[ExplanationRecord]]:
     """One scored batch -> the records the store takes: predictions, failures, explanations
     (`explained`, where a worker already explained the batch, else explained here)."""
@@ -376,8 +389,8 @@ def score_batch(
         for study_id, reason in batch.failures
     ]
     if explained is None:
-        explained = explain_scored(model, batch, logits, explain_mode)
-    return predictions, failures, save_explanations(explained, run_dir, version)
+        explained = explain_and_save(model, batch, logits, explain_mode, run_dir, version)
+    return predictions, failures, explained
 
 
 def prediction_records(
@@ -414,34 +427,34 @@ def prediction_records(
     return records
 
 
-def explain_scored(
-    model: FusionModel, batch: Batch, logits: torch.Tensor, mode: ExplainMode
-) -> list[Explanation]:
+def explain_and_save(
+    model: FusionModel,
+    batch: Batch,
+    logits: torch.Tensor,
+    mode: ExplainMode,
+    run_dir: Path | None,
+    version: str,
+) -> list[ExplanationRecord]:
     """Explain each study of a scored batch for its positive labels (the decisions at the saved
-    thresholds) or, with mode "all", every label; a study with nothing to explain is left out."""
+    thresholds) or, with mode "all", every label, and save it as
+    `RUN_DIR/explanations/<study_id>.npz` (atomically), one study at a time so that only one
+    study's full-resolution maps are held; a study with nothing to explain is left out."""
     if mode == "none" or len(batch) == 0:
         return []
     from clinfuse.explain import explain
 
+    if run_dir is None:
+        raise ValueError("explaining needs the run folder to save the explanations into")
     device = model.temperature.device
     decisions = model.decisions(model.probabilities(logits.to(device))).cpu()  # (B, L) bool
-    explained = []
+    records = []
     for i, positive in enumerate(decisions.tolist()):
         labels = [n for n, d in zip(model.labels, positive, strict=True) if d or mode == "all"]
-        if labels:
-            explained += explain(model, batch.select([i]).to(device), labels)
-    return explained
-
-
-def save_explanations(
-    explained: list[Explanation], run_dir: Path, version: str
-) -> list[ExplanationRecord]:
-    """Each explanation as `RUN_DIR/explanations/<study_id>.npz` (atomically) and its record."""
-    out = run_dir / "explanations"
-    records = []
-    for explanation in explained:
+        if not labels:
+            continue
+        (explanation,) = explain(model, batch.select([i]).to(device), labels)
         explanation.model_version = version
-        path = out / f"{explanation.study_id}.npz"
+        path = run_dir / "explanations" / f"{explanation.study_id}.npz"
         tmp = path.with_name(path.name + ".tmp.npz")
         explanation.save_npz(tmp)
         tmp.replace(path)  # atomic: a crash never leaves half a file
