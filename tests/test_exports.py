@@ -155,7 +155,8 @@ def test_a_source_without_its_uids_still_gets_both_exports_in_a_study_of_their_o
     assert "imagingStudy" not in json.loads(fhir.read_text())
     ds = pydicom.dcmread(sr)
     assert "CurrentRequestedProcedureEvidenceSequence" not in ds
-    assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    (alone,) = write_study_exports(tmp_path / "alone", record(), LABELS, None, {"sr"})
+    assert ds.StudyInstanceUID == pydicom.dcmread(alone).StudyInstanceUID  # as with no image
     assert "study S00001: 1 of its 1 source DICOM file(s) lack one of" in caplog.text
 
 
