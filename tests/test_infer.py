@@ -333,6 +333,31 @@ def test_explain_positive_explains_exactly_the_labels_decided_positive(
     assert f"0 skipped as already done, {explained} explained" in capsys.readouterr().out
 
 
+def test_a_study_whose_explanation_fails_keeps_its_prediction_and_the_run_goes_on(
+    tiny_model, small_export, tmp_path, monkeypatch, caplog
+):
+    import clinfuse.explain
+
+    real = clinfuse.explain.explain
+    few = tmp_path / "few.csv"
+    rows = absolute_rows(small_export).head(4)
+    rows.to_csv(few, index=False)
+    unlucky = rows["study_id"].iloc[1]
+
+    def explain(model, batch, labels, **kwargs):  # an internal failure on one study only
+        if batch.study_ids == [unlucky]:
+            raise RuntimeError("out of memory while explaining")
+        return real(model, batch, labels, **kwargs)
+
+    monkeypatch.setattr(clinfuse.explain, "explain", explain)
+    assert infer(tiny_model, few, tmp_path / "run", "--explain", "all", "--workers", "0") == 0
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert (predictions["status"] == "predicted").all() and len(predictions) == 4
+    explained = {p.stem for p in (tmp_path / "run" / "explanations").glob("*.npz")}
+    assert explained == set(rows["study_id"]) - {unlucky}
+    assert f"study {unlucky}: not explained (RuntimeError: out of memory" in caplog.text
+
+
 def test_a_batch_crosses_processes_by_value_not_by_shared_memory_handle():
     import pickle
     from multiprocessing.reduction import ForkingPickler

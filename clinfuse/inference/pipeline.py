@@ -438,7 +438,8 @@ def explain_and_save(
     """Explain each study of a scored batch for its positive labels (the decisions at the saved
     thresholds) or, with mode "all", every label, and save it as
     `RUN_DIR/explanations/<study_id>.npz` (atomically), one study at a time so that only one
-    study's full-resolution maps are held; a study with nothing to explain is left out."""
+    study's full-resolution maps are held; a study with nothing to explain is left out, and
+    one whose explanation fails is logged as a warning naming it (its prediction stands)."""
     if mode == "none" or len(batch) == 0:
         return []
     from clinfuse.explain import explain
@@ -452,7 +453,16 @@ def explain_and_save(
         labels = [n for n, d in zip(model.labels, positive, strict=True) if d or mode == "all"]
         if not labels:
             continue
-        (explanation,) = explain(model, batch.select([i]).to(device), labels)
+        try:
+            (explanation,) = explain(model, batch.select([i]).to(device), labels)
+        except Exception as exc:  # one study's explanation never stops a night's run
+            log.warning(
+                "study %s: not explained (%s: %s); its prediction is kept",
+                batch.study_ids[i],
+                type(exc).__name__,
+                " ".join(str(exc).split())[:200],
+            )
+            continue
         explanation.model_version = version
         path = run_dir / "explanations" / f"{explanation.study_id}.npz"
         tmp = path.with_name(path.name + ".tmp.npz")
