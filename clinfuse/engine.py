@@ -10,13 +10,14 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from clinfuse.data.batch import Batch
 from clinfuse.data.study import modality_name
-from clinfuse.errors import ConfigError
+from clinfuse.errors import ConfigError, unreadable_split
 from clinfuse.model.model import FusionModel
 
 _DEVICE_HINT = "leave --device out to use a GPU when there is one, else the CPU; or give cpu"
@@ -79,6 +80,14 @@ class Predictions:
     image_used: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
     note_used: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (study_id, reason)
+
+    def require_any(self, manifest: str | Path, split: str) -> Predictions:
+        """These predictions, or the error saying that none of the split's studies could be
+        read (every one of them is a failure)."""
+        if len(self.logits) == 0:
+            failed = dict(self.failures)
+            raise unreadable_split(manifest, split, len(failed), failed)
+        return self
 
     def modalities(self) -> list[str]:
         """Per study: the sides the prediction used (see `modality_name`)."""

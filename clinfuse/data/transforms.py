@@ -156,8 +156,8 @@ def _untracked(compose: Compose, data: dict[str, Any]) -> dict[str, Any]:
         return compose(data)
     except RuntimeError as exc:
         cause = exc.__cause__
-        while isinstance(cause, RuntimeError) and not isinstance(cause, ClinfuseError):
-            cause = cause.__cause__  # MONAI wraps once per nested Compose
+        while isinstance(cause, RuntimeError):  # MONAI wraps once per nested Compose
+            cause = cause.__cause__
         if isinstance(cause, ClinfuseError):
             raise cause from None
         raise

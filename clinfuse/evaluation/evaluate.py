@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, load_manifest, reference_labels
 from clinfuse.engine import Predictions, predict, select_device
-from clinfuse.errors import ManifestError, unreadable_split
+from clinfuse.errors import ManifestError
 from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, write_report
@@ -68,9 +68,7 @@ def evaluate_model(
         batch_size=batch_size,
         collate_fn=Collator(model.note_tokenizer, model.cfg),
     )
-    predictions = predict(model, loader, torch_device)
-    if len(predictions.logits) == 0:
-        raise unreadable_split(manifest_path, split, len(rows), dict(predictions.failures))
+    predictions = predict(model, loader, torch_device).require_any(manifest_path, split)
     thresholds = model.thresholds.cpu().numpy()
     probs = calibrated_probabilities(model, predictions.logits)
     y = measured_labels(predictions, model.labels, labels_path)  # (N, L)

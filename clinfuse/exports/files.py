@@ -33,7 +33,10 @@ from clinfuse.exports.fhir import diagnostic_report
 if TYPE_CHECKING:
     from clinfuse.store import PredictionRecord
 
+log = logging.getLogger(__name__)
 FORMATS = frozenset({"fhir", "sr"})
+# What a report needs of an image to reference it.
+EVIDENCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -61,11 +64,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-log = logging.getLogger(__name__)
-# What a report needs of an image to reference it.
-EVIDENCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def referable(sources: Sequence[Dataset], study_id: str) -> list[Dataset]:

@@ -319,9 +319,7 @@ def train(
         if progress.step == 0:  # a whole epoch and not one study read: stop now, say why
             raise unreadable_split(manifest_path, "training", len(train_rows), failures)
         val = predict(model, val_loader, torch_device, cfg.train.amp)
-        if len(val.logits) == 0:
-            failed = dict(val.failures)
-            raise unreadable_split(manifest_path, "validation", len(failed), failed)
+        val.require_any(manifest_path, "validation")  # not one study read: stop now, say why
         auroc = validation_macro_auroc(val, manifest.labels)
         seconds = time.perf_counter() - epoch_started
         improved = auroc is not None and auroc > progress.best_auroc
@@ -447,10 +445,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Fit per-label temperature, offset and thresholds on validation; return the validation
     metrics."""
-    val = predict(model, val_loader, device, cfg.train.amp)
-    if len(val.logits) == 0:
-        failed = dict(val.failures)
-        raise unreadable_split("MANIFEST", "validation", len(failed), failed)
+    val = predict(model, val_loader, device, cfg.train.amp).require_any("MANIFEST", "validation")
     raw = 1 / (1 + np.exp(-val.logits))
     temperature, offset = fit_calibration(val.logits, val.labels)
     probs = apply_temperature(val.logits, temperature, offset)
