@@ -169,6 +169,7 @@ def test_oidc_user_is_the_reviewer_of_a_saved_verdict(review_run, monkeypatch):
     assert at.title[0].value == "Worklist" and "Log out" in [b.label for b in at.button]
     study = str(table(at).study_id.iloc[-1])
     open_study(at, study)
+    at.radio(key=f"verdict-{study}-verdict").set_value("agree")
     at.text_input(key=f"verdict-{study}-comment").input("oidc check")
     at.button(key=f"verdict-{study}-save").click().run()
     with Store(review_run.url) as store:
@@ -251,6 +252,12 @@ def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_o
     assert "copd: see the history in the note" in set(history["comment"])
 
     at.text_input(key=f"{form}-comment").input("second look: fine")
+    at.button(key=f"{form}-save").click().run()  # no verdict chosen: nothing is saved
+    assert "Choose a verdict first" in page_text(at)
+    assert at.text_input(key=f"{form}-comment").value == "second look: fine"  # kept
+    with Store(review_run.url) as store:
+        assert store.reviews(review_run.run_id, study) == events
+    at.radio(key=f"{form}-verdict").set_value("agree")
     at.button(key=f"{form}-save-next").click().run()  # agree, then next
     assert at.query_params["study"] == following and at.title[0].value == f"Study {following}"
     with Store(review_run.url) as store:

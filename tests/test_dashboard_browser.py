@@ -109,7 +109,10 @@ def test_review_a_study_in_a_real_browser(server, tmp_path):
             page.screenshot(path=str(tmp_path / "study.png"))
             comment = page.get_by_label("Comment")
             comment.fill("checked in the browser")
-            comment.press("Enter")  # Enter submits the form's first button: "Save and next"
+            comment.press("Enter")  # no verdict chosen yet: Enter must not save agreement
+            page.get_by_text("Choose a verdict first").wait_for()
+            page.get_by_text("Agree with the model").click()
+            comment.press("Enter")  # the comment is kept; Enter presses "Save and next"
             page.get_by_text(f"of {study}: agree with the model").wait_for()
         finally:
             browser.close()

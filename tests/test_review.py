@@ -21,8 +21,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from clinfuse.cli import main as clinfuse_main
 from clinfuse.cli.review_commands import QUICK_SCORED, DashboardError, dashboard_command
-from clinfuse.data.manifest import load_manifest
-from clinfuse.errors import ClinfuseError
+from clinfuse.data.manifest import file_sha256, load_manifest
+from clinfuse.errors import ClinfuseError, ManifestError
 from clinfuse.review import (
     WorklistQuery,
     export_reviewed_manifest,
@@ -131,7 +131,7 @@ def make_run(store: Store, folder: Path, n: int = 30, n_failed: int = 3, seed: i
     pd.DataFrame(rows).to_csv(manifest, index=False)
     validation = {"score_distribution": reference_distribution()}
     store.register_model("m-1", "tiny", LABELS, THRESHOLDS, {}, validation)
-    run_id, _ = store.start_run(f"run-{seed}", "m-1", str(manifest), "a" * 64, {})
+    run_id, _ = store.start_run(f"run-{seed}", "m-1", str(manifest), file_sha256(manifest), {})
     store.write_batch(run_id, predictions, failures, explanations)
     return {
         "run_id": run_id,
@@ -395,9 +395,17 @@ def test_study_view_and_append_only_history(store, tmp_path):
         save_review(store, run_id, "S001", "dr.a", "corrected", {"gout": 1}, "")
     with pytest.raises(ValueError, match="use 'corrected'"):
         save_review(store, run_id, "S001", "dr.a", "agree", {"flu": 1 - before["flu"]}, "")
+    with pytest.raises(ValueError, match="'corrected' needs at least one label changed"):
+        save_review(store, run_id, "S001", "dr.a", "corrected", before, "")
+    with pytest.raises(ValueError, match="label 'flu': 2 is not 1, 0 or None"):
+        save_review(store, run_id, "S001", "dr.a", "disagree", {"flu": 2}, "")
     with pytest.raises(ClinfuseError, match="no study"):
         save_review(store, run_id, "S999", "dr.a", "disagree", {}, "")
     assert len(store.reviews(run_id, "S001")) == 2
+    read = pd.DataFrame({"flu": [np.int64(1 - before["flu"])], "copd": [np.nan]}).iloc[0]
+    save_review(store, run_id, "S001", "dr.c", "disagree", read.to_dict(), "from a CSV")
+    last = store.reviews(run_id, "S001")[-1]  # numpy values and NaN (unknown), as pandas reads
+    assert last["labels_after"] == {"flu": 1 - before["flu"], "copd": None}
 
 
 def test_manifest_index_follows_the_file(tmp_path):
@@ -455,7 +463,7 @@ def test_reviewed_manifest_loads_and_trains_with_the_latest_labels(tmp_path, sma
     labels = list(truth.labels)
     with Store(Store.default_url(tmp_path / "run")) as store:
         store.register_model("m-1", "tiny", labels, {x: 0.5 for x in labels}, {}, {})
-        run_id, _ = store.start_run("r", "m-1", str(small_export), "a" * 64, {})
+        run_id, _ = store.start_run("r", "m-1", str(small_export), file_sha256(small_export), {})
         records, rng = [], random.Random(1)
         for row in truth:
             probs = {x: rng.random() for x in labels}
@@ -597,6 +605,9 @@ def test_dashboard_binds_to_localhost_unless_oidc_is_configured(tmp_path, monkey
     (tmp_path / ".streamlit" / "secrets.toml").write_text('[auth]\nclient_id = "x"\n')
     argv, _ = dashboard_command(url, "0.0.0.0", 8501)
     assert "0.0.0.0" in argv
+    path = tmp_path / "run" / "clinfuse.db"  # a SQLite store by its path, not only its URL
+    argv, env = dashboard_command(str(path), "127.0.0.1", 8501)
+    assert argv[-1] == env["CLINFUSE_STORE"] == f"sqlite:///{path}"
 
 
 def test_export_command_writes_manifest_and_agreement(tmp_path, capsys):
@@ -660,3 +671,53 @@ def test_demo_quick_runs_every_job_end_to_end(tmp_path, capsys):
         assert total == QUICK_SCORED == len(frame)
         assert score_distributions(store, run["id"])["has_reference"]
         assert frame.explained.tolist() == (frame.n_positive > 0).tolist()  # --explain positive
+
+
+def test_a_manifest_changed_or_gone_since_the_run_is_never_shown_or_exported(tmp_path):
+    """The study page and the export find a study's files through the run's manifest; once
+    that file has changed its rows may name another study's image and note, so neither trusts
+    it (the run recorded the manifest's SHA-256)."""
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        made = make_run(store, tmp_path / "data", n=3, n_failed=0)
+        run_id, manifest = made["run_id"], made["manifest"]
+        save_review(store, run_id, "S001", "dr.a", "agree", {}, "")
+        assert study_view(store, run_id, "S001").note == "Note of study 1: cough."
+        rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        rows.loc[1, ["image", "note"]] = rows.loc[2, ["image", "note"]].to_numpy()  # swapped in
+        rows.to_csv(manifest, index=False)
+        view = study_view(store, run_id, "S001")
+        assert view.note is None and view.image_path is None
+        assert f"{manifest}: has changed since run {run_id} scored it" in view.source_error
+        out = tmp_path / "reviewed.csv"
+        with pytest.raises(ManifestError, match="has changed since run .* restore the manifest"):
+            export_reviewed_manifest(store, run_id, out)
+        manifest.unlink()
+        with pytest.raises(ManifestError, match=f"the manifest run {run_id} scored cannot be read"):
+            export_reviewed_manifest(store, run_id, out)
+        assert "cannot be read" in study_view(store, run_id, "S001").source_error
+        assert not out.exists()
+
+
+def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_reviews(
+    tmp_path, capsys
+):
+    url = Store.default_url(tmp_path / "run")
+    with Store(url) as store:
+        first = make_run(store, tmp_path / "data", n=5)["run_id"]
+        save_review(store, first, "S002", "dr.a", "agree", {}, "")
+        make_run(store, tmp_path / "data2", n=3, seed=1)  # a later run, not reviewed
+    export = ["export", "--store", url, "--format"]
+    assert clinfuse_main([*export, "manifest", "--out", str(tmp_path)]) == 2
+    assert "has no reviewed study to export: runs with reviews: 1 (choose one with --run)" in (
+        capsys.readouterr().err
+    )
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for out in (folder, tmp_path / "m.parquet"):
+        assert clinfuse_main([*export, "manifest", "--run", str(first), "--out", str(out)]) == 0
+    made = [folder / "reviewed_manifest.csv", tmp_path / "m.parquet"]
+    for path in made:
+        assert load_manifest(path, labels=LABELS).table.study_id.tolist() == ["S002"]
+    assert clinfuse_main([*export, "agreement", "--run", str(first), "--out", str(folder)]) == 0
+    assert pd.read_csv(folder / "agreement.csv").reviewed.tolist() == [1, 1]
+    assert sorted(p.name for p in folder.iterdir()) == ["agreement.csv", "reviewed_manifest.csv"]

@@ -27,6 +27,7 @@ from clinfuse.store import (
     StoreError,
     head_revision,
     migrate,
+    store_url,
 )
 from clinfuse.store.migrations import connect
 from clinfuse.store.schema import Base
@@ -436,3 +437,42 @@ def test_a_reader_never_creates_a_store_where_none_is(tmp_path):
     Store(f"sqlite:///{path}").close()  # inference creates it
     with Store(f"sqlite:///{path}", create=False) as store:
         assert store.runs() == []
+
+
+def test_a_database_without_a_store_is_refused_not_taken_over(new_url):
+    """Review and export never turn an empty database into a store; no command creates one
+    in a database that holds another application's tables of the same names."""
+    url = new_url()
+    database = sa.make_url(url).database
+    if url.startswith("sqlite"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url)
+    with engine.connect():  # an empty database (on SQLite: an empty file)
+        pass
+    with pytest.raises(StoreError, match="holds no clinfuse store: check the URL"):
+        Store(url, create=False)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE runs (id integer primary key, ward text)")
+    with pytest.raises(StoreError, match="already has tables named runs that are not a clinfuse"):
+        Store(url)
+    with pytest.raises(StoreError, match="holds no clinfuse store"):
+        Store(url, create=False)
+    assert sa.inspect(engine).get_table_names() == ["runs"]  # nothing of clinfuse's was made
+    engine.dispose()
+
+
+def test_a_sqlite_store_is_also_opened_by_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Store(Store.default_url(tmp_path / "run")).close()
+    assert store_url("run/clinfuse.db") == f"sqlite:///{tmp_path / 'run' / 'clinfuse.db'}"
+    with Store("run/clinfuse.db", create=False) as store:
+        assert store.runs() == []
+    for url in ("postgresql+psycopg://dr@db.example/clinfuse", "sqlite:///run/clinfuse.db"):
+        assert store_url(url) == url
+    with pytest.raises(StoreError, match="no store at .*other.db: check the path"):
+        Store("other.db", create=False)
+    with pytest.raises(StoreError, match="is not a database URL"):
+        Store("run/notes.txt")  # neither a URL nor a database file: not made into one
+    (tmp_path / "predictions.db").write_text("study_id,status\n")
+    with pytest.raises(StoreError, match=r"cannot open the store .* \(file is not a database\)"):
+        Store("predictions.db", create=False)

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from clinfuse.cli.args import at_least
+
 
 def _explain(args: argparse.Namespace) -> int:
     from clinfuse.explain.render import explain_studies
@@ -96,7 +98,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default="positive",
         help="positive (called at the saved thresholds, default), all, or names: a,b",
     )
-    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument("--steps", type=at_least(1), default=32, help="integrated-gradients steps")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_explain)
 
@@ -113,7 +115,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--truth", required=True, type=Path, help="ground_truth folder (sample-data)")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument("--steps", type=at_least(1), default=32, help="integrated-gradients steps")
     p.add_argument("--max-studies", type=int, help="explain at most this many studies")
     p.add_argument("--no-sanity", action="store_true", help="skip the randomisation check")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")

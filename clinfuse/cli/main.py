@@ -16,6 +16,7 @@ from pathlib import Path
 from clinfuse import __version__
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
+from clinfuse.cli.args import at_least
 from clinfuse.errors import ClinfuseError
 
 Command = Callable[[argparse.Namespace], int]
@@ -114,6 +115,13 @@ def _infer(args: argparse.Namespace) -> int:
     else:
         summary = run_inference(args.model, args.manifest, args.out, args.store, settings)
     print(summary.format())
+    if summary.total_failed and not summary.total_predicted:  # a scheduler must notice this
+        print(
+            f"error: every study of run {summary.run_id} failed; the reasons are in "
+            f"{summary.run_dir / 'failures.csv'}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -138,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest and explanation ground truth. Same arguments, same bytes.",
     )
     p.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
-    p.add_argument("--n", type=_at_least(1), default=1000, help="number of studies (default 1000)")
+    p.add_argument("--n", type=at_least(1), default=1000, help="number of studies (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
-        "--size", type=_at_least(32), default=96, help="image side in pixels (default 96, >= 32)"
+        "--size", type=at_least(32), default=96, help="image side in pixels (default 96, >= 32)"
     )
     p.set_defaults(run=_sample_data)
 
@@ -236,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_at_least(1),
+        type=at_least(1),
         help="the main process's model threads: explanations, or all the scoring with "
         "--workers 0 (default: the cores left by workers)",
     )
@@ -246,18 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     explain_commands.add_commands(commands)  # explain, explain-eval
     review_commands.add_commands(commands)  # dashboard, export, demo
     return parser
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least `minimum` (else a usage error saying so)."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: give {minimum} or more")
-        return value
-
-    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

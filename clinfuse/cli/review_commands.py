@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from clinfuse.cli.args import at_least
 from clinfuse.errors import ClinfuseError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -67,7 +68,7 @@ def dashboard_command(store_url: str, host: str, port: int) -> tuple[list[str], 
     only when it holds no password, so `ps` never shows one. Refuses an address other than
     localhost unless OIDC login is configured.
     """
-    import sqlalchemy as sa
+    from clinfuse.store import parse_url
 
     if host not in LOCAL_HOSTS and not oidc_configured():
         raise DashboardError(
@@ -79,7 +80,9 @@ def dashboard_command(store_url: str, host: str, port: int) -> tuple[list[str], 
     argv = [sys.executable, "-m", "streamlit", "run", str(dashboard_app())]
     argv += ["--server.address", host, "--server.port", str(port)]
     argv += ["--browser.gatherUsageStats", "false"]
-    if sa.make_url(store_url).password is None:
+    url = parse_url(store_url)
+    store_url = url.render_as_string(hide_password=False)
+    if url.password is None:
         argv += ["--", "--store", store_url]
     return argv, {**os.environ, "CLINFUSE_STORE": store_url}
 
@@ -104,25 +107,30 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 # -- export -----------------------------------------------------------------------------------
+EXPORT_NAMES = {"manifest": "reviewed_manifest.csv", "agreement": "agreement.csv"}
+
+
 def _export(args: argparse.Namespace) -> int:
+    from clinfuse.data.manifest import read_table
     from clinfuse.review import export_reviewed_manifest, review_agreement
+    from clinfuse.review.export import write_table
     from clinfuse.store import Store, StoreError
 
+    out = Path(args.out)
+    if out.is_dir():  # a folder, as --out is for the other commands: a file of its own in it
+        out = out / EXPORT_NAMES[args.format]
     with Store(args.store, create=False) as store:
         runs = store.runs()
         if not runs:
             raise StoreError("the store has no inference run")
         run_id = args.run_id if args.run_id is not None else runs[-1]["id"]
-        out = Path(args.out)
         if args.format == "manifest":
             export_reviewed_manifest(store, run_id, out)
-            n = sum(1 for _ in out.open(encoding="utf-8")) - 1
-            print(f"reviewed manifest of run {run_id}: {out} ({n} studies)")
+            print(f"reviewed manifest of run {run_id}: {out} ({len(read_table(out))} studies)")
             print(f"train on it: clinfuse train --manifest {out} --out MODEL_DIR")
         else:
             table = review_agreement(store, run_id)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(out, index=False)
+            write_table(table, out)
             print(table.to_string(index=False) if len(table) else f"run {run_id}: no review yet")
             print(f"agreement of run {run_id}: {out}")
     return 0
@@ -243,7 +251,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--store", required=True, help="SQLAlchemy URL of the store")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=at_least(1, 65535), default=8501, help="port (default 8501)")
     p.set_defaults(run=_dashboard)
 
     p = commands.add_parser(
@@ -256,7 +264,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help="SQLAlchemy URL of the store")
     p.add_argument("--run", dest="run_id", type=int, help="run id (default: the latest run)")
     p.add_argument("--format", required=True, choices=["manifest", "agreement"])
-    p.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="file to write: CSV, or Parquet for a .parquet name; in a folder, "
+        "reviewed_manifest.csv or agreement.csv",
+    )
     p.set_defaults(run=_export)
 
     p = commands.add_parser(

@@ -118,6 +118,11 @@ def _text_table(table: pd.DataFrame) -> pd.DataFrame:
     return table.map(_as_text) if len(table) else table.astype(str)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes: what a model or a run records of the manifest it read."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV, Parquet or JSONL manifest with every cell as text ("" for empty)."""
     return next(read_chunks(path, chunk_rows=None))

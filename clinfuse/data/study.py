@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +11,19 @@ import numpy as np
 from clinfuse.data.dicom import DicomImage, read_dicom
 from clinfuse.data.manifest import StudyRow
 from clinfuse.data.notes import read_note
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def file_stem(study_id: str) -> str:
+    """A file name stem for a study's own files (explanations, FHIR, SR): the id itself when it
+    is safe as a name, else its safe characters (at most 80) and a hash of the whole id, so an
+    id such as "../x", "2024/00123" or 300 characters long stays one file inside its folder."""
+    if _SAFE_NAME.fullmatch(study_id):
+        return study_id
+    digest = hashlib.sha256(study_id.encode("utf-8")).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", study_id).strip("._")[:80]
+    return f"{stem}-{digest}" if stem else digest
 
 
 def modality_name(image: bool, note: bool) -> str:

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_dicom  # noqa: E402
 from clinfuse.data.manifest import iter_manifest  # noqa: E402
+from clinfuse.data.study import file_stem  # noqa: E402
 from clinfuse.engine import select_device  # noqa: E402
 from clinfuse.errors import ConfigError, ManifestError  # noqa: E402
 from clinfuse.explain.attribution import explain  # noqa: E402
@@ -186,15 +187,18 @@ splits the label's logit between image (blue) and note (orange) by exact Shapley
 def render_explanation(
     expl: Explanation, image_pixels: np.ndarray | None, out_dir: str | Path
 ) -> list[Path]:
-    """Write <study_id>.png (when there is an image map) and <study_id>.html into `out_dir`."""
+    """Write <study_id>.png (when there is an image map) and <study_id>.html into `out_dir`
+    (named by `file_stem`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     image_file = None
     if image_pixels is not None and (expl.image is not None or expl.gradcam is not None):
-        written.append(explanation_png(expl, image_pixels, out_dir / f"{expl.study_id}.png"))
+        written.append(
+            explanation_png(expl, image_pixels, out_dir / f"{file_stem(expl.study_id)}.png")
+        )
         image_file = written[-1].name
-    page = out_dir / f"{expl.study_id}.html"
+    page = out_dir / f"{file_stem(expl.study_id)}.html"
     page.write_text(explanation_html(expl, image_file), encoding="utf-8")
     return [*written, page]
 
@@ -239,7 +243,7 @@ def explain_studies(
     device: str | None = None,
     progress: Callable[[ExplainedStudy], None] | None = None,
 ) -> list[ExplainedStudy]:
-    """Explain each study: <study_id>.npz, .png and .html in `out_dir`."""
+    """Explain each study: <study_id>.npz, .png and .html in `out_dir` (named by `file_stem`)."""
     from clinfuse.evaluation.evaluate import model_version
 
     model = load_checkpoint(model_dir, select_device(device))
@@ -270,7 +274,7 @@ def explain_studies(
             expl = explain(model, batch, names, steps=steps, model_version=version)[0]
             image = rows[study_id].image
             pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
-            files = [expl.save_npz(out_dir / f"{study_id}.npz")]
+            files = [expl.save_npz(out_dir / f"{file_stem(study_id)}.npz")]
             files += render_explanation(expl, pixels, out_dir)
             done.append(ExplainedStudy(study_id, expl.labels, files))
         if progress:

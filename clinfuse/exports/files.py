@@ -11,11 +11,9 @@ writes a study again changes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -27,6 +25,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
+from clinfuse.data.study import file_stem
 from clinfuse.errors import ClinfuseError, DicomError
 from clinfuse.exports.fhir import diagnostic_report
 
@@ -37,16 +36,6 @@ log = logging.getLogger(__name__)
 FORMATS = frozenset({"fhir", "sr"})
 # What a report needs of an image to reference it.
 EVIDENCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def export_name(study_id: str) -> str:
-    """A file name stem for a study id; ids that are unsafe as names get a hash suffix."""
-    if _SAFE_NAME.fullmatch(study_id):
-        return study_id
-    digest = hashlib.sha256(study_id.encode("utf-8")).hexdigest()[:12]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", study_id).strip("._")[:80]
-    return f"{stem}-{digest}" if stem else digest
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -147,7 +136,7 @@ def write_study_exports(
     sources = read_source(source_path) if source_path is not None and formats else []
     sources = referable(sources, pred.study_id)
     study_uid = str(sources[0].StudyInstanceUID) if sources else None
-    name = export_name(pred.study_id)
+    name = file_stem(pred.study_id)
     out_dir = Path(out_dir)
     written = []
     if "fhir" in formats:

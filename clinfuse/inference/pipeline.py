@@ -24,20 +24,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from sqlalchemy.engine import make_url
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.data.batch import Batch, Collator, load_item
-from clinfuse.data.manifest import iter_manifest
-from clinfuse.data.study import modality_name
+from clinfuse.data.manifest import file_sha256, iter_manifest
+from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
-from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord, Store
+from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord, Store, parse_url
 
 log = logging.getLogger(__name__)
 ExplainMode = Literal["none", "positive", "all"]
@@ -149,9 +148,14 @@ def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
     return sum(1 for _ in iter_manifest(manifest, labels, chunk_rows))
 
 
-def run_key(version: str, manifest: Path, manifest_sha256: str, settings: InferenceSettings) -> str:
+def run_key(
+    version: str, manifest: Path, manifest_sha256: str, run_dir: Path, settings: InferenceSettings
+) -> str:
+    """What a run is: the model, the manifest and its bytes, the output folder and what it
+    writes; the same command finds its run again (a resume), another folder starts its own."""
     identity = {
         "model": version,
+        "out": str(run_dir.resolve()),
         "manifest": str(manifest.resolve()),
         "sha256": manifest_sha256,
         "explain": settings.explain,
@@ -190,7 +194,8 @@ def open_run(
 ) -> OpenRun:
     """Load the model, check the manifest, register model and run, find what is done."""
     started = time.perf_counter()
-    model_dir, manifest, run_dir = Path(model_dir), Path(manifest), Path(run_dir)
+    model_dir, manifest = Path(model_dir), Path(manifest)
+    run_dir = Path(run_dir).expanduser().resolve()  # the store records files by absolute path
     run_dir.mkdir(parents=True, exist_ok=True)
     model = load_checkpoint(model_dir, select_device(settings.device))
     version = model_version(model_dir)
@@ -207,9 +212,9 @@ def open_run(
         saved["model"],
         saved.get("metrics", {}).get("validation", {}),
     )
-    sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sha = file_sha256(manifest)
     run_id, resumed = store.start_run(
-        run_key(version, manifest, sha, settings),
+        run_key(version, manifest, sha, run_dir, settings),
         version,
         str(manifest.resolve()),
         sha,
@@ -219,7 +224,7 @@ def open_run(
     if resumed:
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
     issued = store.run(run_id)["started_at"]
-    shown_url = make_url(store_url).render_as_string(hide_password=True)
+    shown_url = parse_url(store_url).render_as_string(hide_password=True)
     return OpenRun(
         model,
         version,
@@ -453,9 +458,15 @@ def explain_and_save(
         labels = [n for n, d in zip(model.labels, positive, strict=True) if d or mode == "all"]
         if not labels:
             continue
+        path = run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
+        tmp = path.with_name(path.name + ".tmp.npz")
         try:
             (explanation,) = explain(model, batch.select([i]).to(device), labels)
+            explanation.model_version = version
+            explanation.save_npz(tmp)
+            tmp.replace(path)  # atomic: a crash never leaves half a file
         except Exception as exc:  # one study's explanation never stops a night's run
+            tmp.unlink(missing_ok=True)
             log.warning(
                 "study %s: not explained (%s: %s); its prediction is kept",
                 batch.study_ids[i],
@@ -463,11 +474,6 @@ def explain_and_save(
                 " ".join(str(exc).split())[:200],
             )
             continue
-        explanation.model_version = version
-        path = run_dir / "explanations" / f"{explanation.study_id}.npz"
-        tmp = path.with_name(path.name + ".tmp.npz")
-        explanation.save_npz(tmp)
-        tmp.replace(path)  # atomic: a crash never leaves half a file
         records.append(ExplanationRecord(explanation.study_id, explanation.to_record(), str(path)))
     return records
 

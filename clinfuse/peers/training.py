@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from clinfuse.config import ModelConfig, RunConfig, parse_config
 from clinfuse.data.batch import Batch, Collator, StudyDataset
-from clinfuse.data.manifest import PatientSplit, load_manifest
+from clinfuse.data.manifest import PatientSplit, file_sha256, load_manifest
 from clinfuse.engine import predict, select_device
 from clinfuse.model.checkpoint import calibration_table
 from clinfuse.model.text_encoder import load_tokenizer, train_tokenizer
@@ -46,7 +46,6 @@ from clinfuse.training.trainer import (
     calibrate,
     class_weights,
     epoch_order,
-    file_sha256,
     masked_bce,
     split_rows,
     training_notes,

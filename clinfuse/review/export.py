@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
-from clinfuse.review.study import manifest_index
+from clinfuse.review.study import run_manifest_index
 from clinfuse.store import Store, StoreError
 from clinfuse.store.schema import Review, Study
 
@@ -39,18 +39,26 @@ def latest_reviews(store: Store, run_id: int) -> dict[str, dict[str, Any]]:
 
 
 def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) -> Path:
-    """Write the run's reviewed studies as a CSV manifest `clinfuse train` accepts.
+    """Write the run's reviewed studies as a manifest `clinfuse train` accepts (CSV, or Parquet
+    for a .parquet name).
 
     Columns: study_id, patient_id (the pseudonym), image, note_path, note (absolute paths from
     the run's manifest), then one column per model label holding the latest review's label
     (1, 0, or empty = unknown). Studies no longer in the run's manifest are left out (logged).
-    Written atomically; raises StoreError when the run has no reviewed study.
+    Written atomically; raises StoreError when the run has no reviewed study and ManifestError
+    when the run's manifest is gone or has changed since it was scored.
     """
     run = store.run(run_id)
     labels = list(run["labels"])
     latest = latest_reviews(store, run_id)
     if not latest:
-        raise StoreError(f"run {run_id} has no reviewed study to export")
+        with store.engine.connect() as conn:
+            reviewed_runs = list(
+                conn.scalars(sa.select(Review.run_id).distinct().order_by(Review.run_id))
+            )
+        where = ", ".join(map(str, reviewed_runs))
+        hint = f": runs with reviews: {where} (choose one with --run)" if where else ""
+        raise StoreError(f"run {run_id} has no reviewed study to export{hint}")
     reviewed = sa.select(Review.study_id).where(Review.run_id == run_id).distinct()
     query = (
         sa.select(Study.study_id, Study.patient_pseudonym)
@@ -59,7 +67,7 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     )
     with store.engine.connect() as conn:
         patients = dict(conn.execute(query).all())
-    index = manifest_index(run["manifest"])
+    index = run_manifest_index(run)
     rows, missing = [], 0
     for study_id, pseudonym in patients.items():
         entry = index.get(study_id)
@@ -80,11 +88,23 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     if missing:
         log.warning("%d reviewed studies are no longer in %s: left out", missing, run["manifest"])
     columns = ["study_id", "patient_id", "image", "note_path", "note", *labels]
-    out = Path(out_path)
+    return write_table(pd.DataFrame(rows, columns=columns), Path(out_path))
+
+
+def write_table(frame: pd.DataFrame, out: Path) -> Path:
+    """Write `frame` to `out` in one rename (no half-written file): Parquet for a .parquet
+    name, else CSV; returns `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
-    tmp.replace(out)
+    try:
+        if out.suffix.lower() == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

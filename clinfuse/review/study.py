@@ -9,6 +9,7 @@ keeps no patient id.
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 
-from clinfuse.data.manifest import read_chunks
+from clinfuse.data.manifest import file_sha256, read_chunks
 from clinfuse.data.notes import read_note
-from clinfuse.errors import ClinfuseError
+from clinfuse.errors import ClinfuseError, ManifestError
 from clinfuse.store import ReviewEvent, Store, StoreError
 from clinfuse.store.schema import VERDICTS, Failure, Prediction, Study
 
@@ -58,13 +61,39 @@ class StudyView:
 
 def manifest_index(manifest_path: str | Path) -> Mapping[str, ManifestEntry]:
     """study_id -> `ManifestEntry` of a manifest (read-only), cached until the file changes."""
+    return _indexed(manifest_path)[0]
+
+
+def run_manifest_index(run: Mapping[str, Any]) -> Mapping[str, ManifestEntry]:
+    """`manifest_index` of the manifest a run scored (`Store.run`), refusing one that is gone or
+    has changed since: its rows could now point a study at another study's image and note, and
+    a reviewer would see them beside this study's scores."""
+    manifest = run["manifest"]
+    try:
+        entries, sha256 = _indexed(manifest)
+    except OSError as exc:
+        raise ManifestError(
+            manifest,
+            f"the manifest run {run['id']} scored cannot be read ({exc.strerror or exc})",
+            hint="restore it at this path (the store keeps its path, not its rows)",
+        ) from exc
+    if sha256 != run["manifest_sha256"]:
+        raise ManifestError(
+            manifest,
+            f"has changed since run {run['id']} scored it, so its rows may now name other files",
+            hint="restore the manifest the run scored, or run `clinfuse infer` on the new one",
+        )
+    return entries
+
+
+def _indexed(manifest_path: str | Path) -> tuple[Mapping[str, ManifestEntry], str]:
     path = Path(manifest_path).expanduser().resolve()
     stat = path.stat()
     return _index(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=4)
-def _index(path: str, mtime_ns: int, size: int) -> Mapping[str, ManifestEntry]:
+def _index(path: str, mtime_ns: int, size: int) -> tuple[Mapping[str, ManifestEntry], str]:
     root, entries, row = Path(path).parent, {}, 0
     for chunk in read_chunks(path):
         for record in chunk.to_dict("records"):  # every cell is text, "" when empty
@@ -81,7 +110,7 @@ def _index(path: str, mtime_ns: int, size: int) -> Mapping[str, ManifestEntry]:
                 note=cell.get("note") or None,
                 note_path=root / note_path if note_path else None,
             )
-    return MappingProxyType(entries)
+    return MappingProxyType(entries), file_sha256(Path(path))
 
 
 def study_view(store: Store, run_id: int, study_id: str) -> StudyView:
@@ -126,7 +155,7 @@ def study_view(store: Store, run_id: int, study_id: str) -> StudyView:
         if name in scores
     ]
     explanation = store.explanation(run_id, study_id)
-    image, note, problem = _inputs(run["manifest"], study_id)
+    image, note, problem = _inputs(run, study_id)
     return StudyView(
         run_id=run_id,
         study_id=study_id,
@@ -145,14 +174,18 @@ def study_view(store: Store, run_id: int, study_id: str) -> StudyView:
     )
 
 
-def _inputs(manifest: str, study_id: str) -> tuple[Path | None, str | None, str | None]:
+def _inputs(run: Mapping[str, Any], study_id: str) -> tuple[Path | None, str | None, str | None]:
     """(image path, note text, problem) of a study, through the run's manifest."""
     try:
-        entry = manifest_index(manifest).get(study_id)
-    except (OSError, ClinfuseError) as exc:
-        return None, None, f"the run's manifest cannot be read: {exc}"
+        entry = run_manifest_index(run).get(study_id)
+    except ClinfuseError as exc:
+        return None, None, str(exc)
     if entry is None:
-        return None, None, f"study {study_id!r} is no longer in the run's manifest {manifest}"
+        return (
+            None,
+            None,
+            f"study {study_id!r} is no longer in the run's manifest {run['manifest']}",
+        )
     try:
         with warnings.catch_warnings():  # a repaired note is still shown
             warnings.simplefilter("ignore")
@@ -175,7 +208,8 @@ def save_review(
 
     labels_before = the model's decisions for the study. labels_after holds 1, 0 or None
     (unknown) per model label; a label left out is the model's decision when the verdict is
-    'agree' and unknown otherwise. 'agree' with labels that differ from the model's is refused.
+    'agree' and unknown otherwise. 'agree' with labels that differ from the model's is refused,
+    and so is 'corrected' with none that differ.
     """
     reviewer = str(reviewer).strip()
     if not reviewer:
@@ -202,10 +236,13 @@ def save_review(
             after[name] = _label_value(name, labels_after[name])
         else:
             after[name] = before.get(name) if verdict == "agree" else None
-    if verdict == "agree" and any(after[n] != before.get(n) for n in labels):
+    changed = any(after[n] != before.get(n) for n in labels)
+    if verdict == "agree" and changed:
         raise ValueError(
             "verdict 'agree' with labels that differ from the model's: use 'corrected'"
         )
+    if verdict == "corrected" and not changed:
+        raise ValueError("verdict 'corrected' needs at least one label changed from the model's")
     event = ReviewEvent(
         run_id=run_id,
         study_id=study_id,
@@ -220,9 +257,10 @@ def save_review(
 
 
 def _label_value(name: str, value: Any) -> int | None:
-    """1, 0 or None from 1/0/True/False/None (and 1.0/0.0)."""
-    if value is None:
+    """1, 0 or None (unknown) from 1/0/True/False/1.0/0.0, numpy's and pandas' too, and None,
+    NaN or pandas' NA for unknown: a column read with pandas saves as it reads."""
+    if value is None or value is pd.NA or (isinstance(value, numbers.Real) and value != value):
         return None
-    if isinstance(value, (bool, int, float)) and value in (0, 1):
+    if isinstance(value, (numbers.Real, np.bool_)) and value in (0, 1):
         return int(value)
-    raise ValueError(f"label {name!r}: {value!r} is not 1, 0 or None")
+    raise ValueError(f"label {name!r}: {value!r} is not 1, 0 or None (unknown)")

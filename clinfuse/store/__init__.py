@@ -7,7 +7,7 @@
 See `Store` for the API; the schema is versioned by the Alembic revisions in `migrations/`.
 """
 
-from clinfuse.store.migrations import head_revision, migrate
+from clinfuse.store.migrations import head_revision, migrate, parse_url, store_url
 from clinfuse.store.store import (
     ExplanationRecord,
     FailureRecord,
@@ -26,4 +26,6 @@ __all__ = [
     "StoreError",
     "head_revision",
     "migrate",
+    "parse_url",
+    "store_url",
 ]

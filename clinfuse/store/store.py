@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from clinfuse.store.migrations import connect, current_revision, head_revision, migrate
 from clinfuse.store.migrations import write_transaction as _write
 from clinfuse.store.schema import (
+    Base,
     Explanation,
     ExplanationRecord,
     Failure,
@@ -50,14 +51,18 @@ class Store:
 
     def __init__(self, url: str, create: bool = True) -> None:
         """Open (upgrading as needed) the store at a SQLAlchemy URL; a SQLite file that does
-        not exist is created, or with `create=False` (readers: review, export) an error."""
+        not exist is created; with `create=False` (readers: review, export) a missing file or a
+        database without a clinfuse store is an error, not a new empty store."""
         self._engine = connect(str(url), create)
         postgres = self._engine.dialect.name == "postgresql"
         self._insert = postgresql.insert if postgres else sqlite.insert
         self._run_models: dict[int, tuple[str, frozenset[str]]] = {}
         try:
             with self._engine.connect() as conn:
-                ready = current_revision(conn) == head_revision() and self._read_secret(conn)
+                revision = current_revision(conn)
+                if revision is None:
+                    self._check_new(conn, create)
+                ready = revision == head_revision() and self._read_secret(conn)
             if not ready:
                 migrate(self._engine)
                 with _write(self._engine) as conn:  # the first opener's secret wins
@@ -69,7 +74,7 @@ class Store:
             if not secret:
                 raise StoreError("the store has no pseudonym secret (settings table)")
             self._secret = bytes.fromhex(secret)
-        except sa.exc.OperationalError as exc:  # server down, unknown user or database, no access
+        except sa.exc.DatabaseError as exc:  # server down, no such user or database, not a database
             self._engine.dispose()
             shown = self._engine.url.render_as_string(hide_password=True)
             reason = " ".join(str(exc.orig or exc).split())[:300]
@@ -80,6 +85,22 @@ class Store:
         except BaseException:
             self._engine.dispose()
             raise
+
+    def _check_new(self, conn: sa.Connection, create: bool) -> None:
+        """Refuse to turn a database without clinfuse's schema into a store when asked only to
+        read one, or when it holds another application's tables of the same names."""
+        shown = self._engine.url.render_as_string(hide_password=True)
+        if not create:
+            raise StoreError(
+                f"{shown} holds no clinfuse store: check the URL (`clinfuse infer --store URL` "
+                "creates one)"
+            )
+        clash = sorted(set(sa.inspect(conn).get_table_names()) & set(Base.metadata.tables))
+        if clash:
+            raise StoreError(
+                f"{shown} already has tables named {', '.join(clash)} that are not a clinfuse "
+                "store: give clinfuse a database of its own"
+            )
 
     @staticmethod
     def _read_secret(conn: sa.Connection) -> str | None:

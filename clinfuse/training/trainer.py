@@ -34,7 +34,7 @@ from tqdm import tqdm
 from clinfuse import __version__
 from clinfuse.config import RunConfig, TrainConfig
 from clinfuse.data.batch import Batch, Collator, StudyDataset
-from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, load_manifest
+from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
 from clinfuse.data.notes import read_note
 from clinfuse.engine import Predictions, autocast, predict, select_device
 from clinfuse.errors import ClinfuseError, ManifestError, unreadable_split
@@ -159,10 +159,6 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def split_rows(manifest: Manifest, split: str) -> list[StudyRow]:

@@ -55,14 +55,20 @@ def neighbour(
 
 def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | None:
     """The verdict form; (verdict, labels_after, comment) when submitted with a valid
-    verdict, with "next" in session state when "Save and next" was pressed."""
+    verdict, with "next" in session state when "Save and next" was pressed. No verdict is
+    chosen in advance: Enter in the comment box must never record agreement by default."""
     before = {x["label"]: int(bool(x["decision"])) for x in view.labels}
     key = f"verdict-{view.study_id}"
-    with st.form(key, clear_on_submit=True, enter_to_submit=True):
+    if st.session_state.pop("sv_saved", None) == view.study_id:  # saved: a fresh form
+        for name in ("verdict", "comment", *before):
+            st.session_state.pop(f"{key}-{name}", None)
+    # Not cleared on submit: a refused submit keeps what the reviewer chose and typed.
+    with st.form(key, enter_to_submit=True):
         verdict = st.radio(
             "Verdict",
             list(VERDICTS),
             format_func=VERDICTS.__getitem__,
+            index=None,
             horizontal=True,
             key=f"{key}-verdict",
         )
@@ -84,14 +90,11 @@ def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | N
         save = buttons[1].form_submit_button("Save", key=f"{key}-save")
     if not (save_next or save):
         return None
-    if verdict == "agree" and edited != before:
-        st.error("You changed labels: choose “Correct the labels” to save them.")
-        return None
-    if verdict == "corrected" and edited == before:
-        st.error("“Correct the labels” needs at least one label changed.")
+    if verdict is None:
+        st.error("Choose a verdict first: nothing was saved.")
         return None
     st.session_state["sv_go_next"] = bool(save_next)
-    return verdict, (before if verdict == "agree" else edited), comment.strip()
+    return verdict, edited, comment.strip()  # save_review refuses labels against the verdict
 
 
 def main() -> None:
@@ -163,6 +166,7 @@ def main() -> None:
         except (ValueError, StoreError) as exc:
             st.error(f"Not saved: {exc}")
             st.stop()
+        st.session_state["sv_saved"] = view.study_id
         saved = f"Saved review #{review_id} of {view.study_id}: {VERDICTS[verdict].lower()}."
         if st.session_state.pop("sv_go_next", False):
             if following is None:

@@ -33,16 +33,38 @@ _ALEMBIC = threading.Lock()  # alembic's `context` and `op` are process-wide: on
 _WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at BEGIN
 
 
-def connect(url: str, create: bool = True) -> sa.Engine:
-    """An engine for a SQLite or PostgreSQL URL (a SQLite file's folder is created; with
-    `create=False` a SQLite file that does not exist is an error, not a new empty store)."""
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def store_url(value: str | Path) -> str:
+    """A store's SQLAlchemy URL: a URL as given, or the path of a SQLite file (one that exists,
+    or a name ending .db, .sqlite or .sqlite3) as sqlite:///<absolute path>."""
+    text = str(value)
+    if "://" not in text:
+        path = Path(text).expanduser()
+        if path.suffix.lower() in _SQLITE_SUFFIXES or path.is_file():
+            return f"sqlite:///{path.resolve()}"
+    return text
+
+
+def parse_url(url: str | Path) -> sa.URL:
+    """`store_url` parsed; a StoreError (never echoing the value: it may hold a password) when
+    it is neither a database URL nor a SQLite file's path."""
     try:
-        parsed = sa.make_url(url)
+        return sa.make_url(store_url(url))
     except sa.exc.ArgumentError:
         raise StoreError(
             "the store URL is not a database URL (not repeated here: it may hold a password): "
-            "give sqlite:///path/to/clinfuse.db or postgresql+psycopg://user@host/database"
+            "give sqlite:///path/to/clinfuse.db (or the path of a .db file) or "
+            "postgresql+psycopg://user@host/database"
         ) from None
+
+
+def connect(url: str, create: bool = True) -> sa.Engine:
+    """An engine for a SQLite or PostgreSQL URL, or a SQLite file's path (`store_url`); a SQLite
+    file's folder is created; with `create=False` a SQLite file that does not exist is an
+    error, not a new empty store."""
+    parsed = parse_url(url)
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise StoreError(f"{backend}: a clinfuse store is SQLite or PostgreSQL")
