@@ -2,9 +2,10 @@
 `clinfuse dashboard --store URL`.
 
 The entry point identifies the reviewer, opens the store, picks the run and routes to the
-pages in `views/` (worklist, study, monitoring). Until the reviewer is identified it registers
-one page, the sign-in page, so nothing else can be reached. All queries live in
-`clinfuse.review`; the pages only lay out what it returns.
+pages in `views/` (worklist, study, monitoring). Until the reviewer is identified every page's
+address shows the sign-in page, so nothing else can be reached, and a reloaded or bookmarked
+link (a study's, say) opens its page once the reviewer is known: its query parameters stay.
+All queries live in `clinfuse.review`; the pages only lay out what it returns.
 """
 
 from __future__ import annotations
@@ -25,13 +26,22 @@ from clinfuse.store import StoreError  # noqa: E402
 
 st.set_page_config(page_title="clinfuse review", page_icon=":material/fact_check:", layout="wide")
 st.session_state.pop(SESSION_KEY, None)  # rebuilt below on every run, only once identified
+PAGES = {  # url path (views/<path>.py) -> (title, icon); the first is the default page
+    "worklist": ("Worklist", ":material/list:"),
+    "study": ("Study", ":material/radiology:"),
+    "monitoring": ("Monitoring", ":material/monitoring:"),
+}
 
 
 def main() -> None:
     """Identify, open the store, pick the run, then run the chosen page."""
     reviewer = current_reviewer()
     if reviewer is None:
-        st.navigation([st.Page(sign_in_page, title="Sign in")], position="hidden").run()
+        sign_in = [
+            st.Page(sign_in_page, title="Sign in", url_path=path, default=i == 0)
+            for i, path in enumerate(PAGES)
+        ]
+        st.navigation(sign_in, position="hidden").run()
         return
     url = store_url(sys.argv[1:])
     if not url:
@@ -57,9 +67,8 @@ def main() -> None:
     st.sidebar.caption(NOTICE)
     st.session_state[SESSION_KEY] = ReviewSession(store=store, run=run, reviewer=reviewer)
     pages = [
-        st.Page(HERE / "views" / "worklist.py", title="Worklist", icon=":material/list:"),
-        st.Page(HERE / "views" / "study.py", title="Study", icon=":material/radiology:"),
-        st.Page(HERE / "views" / "monitoring.py", title="Monitoring", icon=":material/monitoring:"),
+        st.Page(HERE / "views" / f"{path}.py", title=title, icon=icon, url_path=path)
+        for path, (title, icon) in PAGES.items()
     ]
     st.navigation(pages).run()
 

@@ -1,7 +1,7 @@
 """One real browser on the real server: `streamlit run dashboard/app.py -- --store URL` driven
 by Debian's Chromium through Playwright: name the reviewer, open the worklist, open a study,
-save a verdict with the keyboard, and find it in the store. Skipped only without Chromium or
-Playwright (never downloads a browser)."""
+reload it and land on it again, save a verdict with the keyboard, and find it in the store.
+Skipped only without Chromium or Playwright (never downloads a browser)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,11 @@ def test_review_a_study_in_a_real_browser(server, tmp_path):
             page.get_by_role("heading", name="Your verdict").wait_for()
             page.wait_for_timeout(1500)  # let the tables and the image paint
             page.screenshot(path=str(tmp_path / "study.png"))
+            page.reload()  # a new session: sign in again, and land on the same study
+            page.get_by_label("Reviewer name").fill("Dr Browser")
+            page.get_by_role("button", name="Start reviewing").click()
+            page.get_by_role("heading", name=f"Study {study}").wait_for()
+            assert page.get_by_text("Page not found").count() == 0
             comment = page.get_by_label("Comment")
             comment.fill("checked in the browser")
             comment.press("Enter")  # no verdict chosen yet: Enter must not save agreement
