@@ -515,3 +515,15 @@ def test_a_run_where_every_study_failed_exits_1_naming_the_failures(
     assert "whole run: 0 predicted, 3 failed" in captured.out
     assert f"every study of run 1 failed; the reasons are in {tmp_path / 'run'}" in captured.err
     assert len(pd.read_csv(tmp_path / "run" / "failures.csv")) == 3
+
+
+def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
+    tiny_model, small_export, tmp_path, caplog
+):
+    few = tmp_path / "few.csv"
+    absolute_rows(small_export).head(3).to_csv(few, index=False)
+    assert infer(tiny_model, few, tmp_path / "run") == 0
+    assert "already holds run" not in caplog.text
+    assert infer(tiny_model, few, tmp_path / "run", "--standards", "fhir") == 0  # another run
+    assert f"{tmp_path / 'run'} already holds run 1 (another model" in caplog.text
+    assert "replaced by run 2's; the store keeps every run" in caplog.text

@@ -223,6 +223,16 @@ def open_run(
     done = store.done_study_ids(run_id)
     if resumed:
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
+    earlier = [r["id"] for r in store.runs() if r["id"] != run_id]
+    if not resumed and earlier and store_url == Store.default_url(run_dir):
+        log.warning(
+            "%s already holds run %s (another model, manifest or --explain/--standards): its "
+            "predictions.csv, .parquet and failures.csv are replaced by run %d's; the store "
+            "keeps every run. Use a new --out folder to keep each run's files apart",
+            run_dir,
+            ", ".join(map(str, earlier)),
+            run_id,
+        )
     issued = store.run(run_id)["started_at"]
     shown_url = parse_url(store_url).render_as_string(hide_password=True)
     return OpenRun(
