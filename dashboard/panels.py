@@ -166,7 +166,8 @@ def modality_panel(record: dict | None) -> None:
 
 
 def note_panel(note: str | None, expl: Explanation | None, record: dict | None, label: str) -> None:
-    """The note as written, words coloured by their attribution to `label`."""
+    """The note as written, words coloured by their attribution to `label`; a note longer than
+    the model read is shown up to where it stopped, the rest apart."""
     if not note:
         st.info("This study has no note.")
         return
@@ -177,11 +178,23 @@ def note_panel(note: str | None, expl: Explanation | None, record: dict | None, 
         top = sorted(record["top_words"][label])  # the record keeps the strongest words only
         spans = np.array([[s, e] for s, e, _ in top], dtype=np.int32).reshape(-1, 2)
         words = np.array([[score for _, _, score in top]], dtype=np.float32)
+    read = (expl.note_read if expl is not None else None) or (record or {}).get("note_read")
+    unread = note[read:] if read and note[read:].strip() else ""
+    if unread:
+        st.warning(
+            f"The model read the first {read:,} of {len(note):,} characters of this note (its "
+            "token limit); the rest, below the note, did not count."
+        )
+        note = note[:read]
     if spans is None:
         st.text(note)
-        return
-    st.html(note_html(note, spans, words, [label]))
-    st.caption("Red words raise the label's score, blue words lower it.")
+    else:
+        shown = spans[:, 1] <= len(note)  # the words the model read
+        st.html(note_html(note, spans[shown], words[:, shown], [label]))
+        st.caption("Red words raise the label's score, blue words lower it.")
+    if unread:
+        with st.expander(f"The rest of the note ({len(unread):,} characters, not read)"):
+            st.text(unread)
 
 
 def history_panel(history: list[dict[str, Any]]) -> None:

@@ -333,3 +333,21 @@ def test_window_presets_slices_and_overlay():
     corner, other = slice(0, len(shown) // 2), slice(len(shown) // 2, None)
     assert not np.array_equal(shown[corner, corner], plain[corner, corner])
     assert np.array_equal(shown[other, other], plain[other, other])
+
+
+def test_a_note_longer_than_the_model_read_says_where_it_stopped():
+    def page(note: str, record: dict, dashboard: str) -> None:
+        import sys
+
+        sys.path.insert(0, dashboard)
+        from panels import note_panel
+
+        note_panel(note, None, record, "copd")
+
+    note = "Chronic cough, COPD. " + "Follow-up history. " * 200
+    record = {"note_read": 20, "top_words": {"copd": [[15, 19, 0.8]]}}
+    at = AppTest.from_function(page, args=(note, record, str(DASHBOARD))).run()
+    assert "read the first 20 of 3,821 characters" in at.warning[0].value
+    assert "<mark" in at.get("html")[0].value  # the part read, its evidence marked
+    assert at.expander[0].label == "The rest of the note (3,801 characters, not read)"
+    assert at.expander[0].text[0].value == note[20:].strip()  # st.text strips the ends

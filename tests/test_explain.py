@@ -177,7 +177,7 @@ def test_explanation_words_index_the_original_note(explained):
     assert np.abs(expl.words).sum(0).min() > 0  # every word got some attribution
 
 
-def test_words_cut_by_truncation_are_listed_with_score_zero():
+def test_words_cut_by_truncation_are_listed_with_score_zero(tmp_path):
     model = build(text={"max_length": 16})
     note = " ".join(f"word{i} fever" for i in range(30)) + " café"
     [expl] = explain(model, make_batch(model, [(None, note)]), methods=("ig",), steps=STEPS)
@@ -189,6 +189,10 @@ def test_words_cut_by_truncation_are_listed_with_score_zero():
     assert seen.sum() < len(words) // 4  # the note was cut early
     assert (expl.words[:, ~seen] == 0).all()
     assert (np.abs(expl.words[:, seen]).sum(0) > 0).all()
+    # how much of the note the model read, for the reviewer: in the file and in the record
+    assert expl.note_read == last_char < len(note)
+    assert Explanation.load_npz(expl.save_npz(tmp_path / "cut.npz")).note_read == last_char
+    assert expl.to_record()["note_read"] == last_char
 
 
 MODES = ["cross_attention", "late", "image_only", "text_only"]

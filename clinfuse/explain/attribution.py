@@ -149,10 +149,12 @@ def _study_explanation(
     has_image = bool(batch.image_present[b]) and model.uses_image
     original = batch.original_shapes[b] or tuple(model.cfg.preprocess.spatial_size)
     note = batch.notes[b] if bool(batch.note_present[b]) else None
-    spans = weights = None
+    spans = weights = note_read = None
     if note is not None:
         spans = note_words(note)  # (N, 2)
-        weights = token_word_weights(batch.offsets[b].cpu(), batch.attention_mask[b].cpu(), spans)
+        offsets, mask = batch.offsets[b].cpu(), batch.attention_mask[b].cpu()
+        weights = token_word_weights(offsets, mask, spans)
+        note_read = int(offsets[mask.bool(), 1].max()) if mask.any() else 0
 
     def on_original_grid(maps: torch.Tensor | None) -> np.ndarray | None:
         if maps is None or not has_image:
@@ -177,6 +179,7 @@ def _study_explanation(
         attention=attention,
         delta=found.delta[b].numpy().astype(np.float32),
         model_version=model_version,
+        note_read=note_read,
     )
 
 

@@ -38,6 +38,9 @@ class Explanation:
     attention: np.ndarray | None  # (N, *grid) float32 text->image cross-attention per word
     delta: np.ndarray  # (L, 2) float32 IG convergence deltas (image, note); NaN = not computed
     model_version: str = ""
+    # the model read note[:note_read]; less than the note's length when the note was cut to
+    # the model's token limit (the words after it have no attribution); None without a note
+    note_read: int | None = None
 
     def __post_init__(self) -> None:
         self.labels = tuple(self.labels)
@@ -66,6 +69,8 @@ class Explanation:
                 arrays[key] = np.asarray(value, dtype=dtype)
         if self.note is not None:
             arrays["note"] = np.asarray(self.note, dtype=np.str_)
+        if self.note_read is not None:
+            arrays["note_read"] = np.asarray(self.note_read, dtype=np.int64)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as file:  # a file object: numpy would otherwise append ".npz"
             np.savez_compressed(file, **arrays)
@@ -101,6 +106,7 @@ class Explanation:
                     else np.full((len(labels), 2), np.nan, np.float32)
                 ),
                 model_version=str(data["model_version"]) if "model_version" in data.files else "",
+                note_read=int(data["note_read"]) if "note_read" in data.files else None,
             )
 
     # -- database ---------------------------------------------------------------------------
@@ -130,6 +136,7 @@ class Explanation:
                 label: [list(w) for w in words] for label, words in self.top_words().items()
             },
             "image": None if self.image is None else encode_map(self.image),
+            "note_read": self.note_read,
         }
 
 
