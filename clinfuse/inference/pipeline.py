@@ -149,18 +149,26 @@ def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
 
 
 def run_key(
-    version: str, manifest: Path, manifest_sha256: str, run_dir: Path, settings: InferenceSettings
+    version: str,
+    manifest: Path,
+    manifest_sha256: str,
+    settings: InferenceSettings,
+    shared_out: Path | None = None,
 ) -> str:
-    """What a run is: the model, the manifest and its bytes, the output folder and what it
-    writes; the same command finds its run again (a resume), another folder starts its own."""
+    """What a run is: the model, the manifest and its bytes, what it writes and, in a store
+    other run folders share (`shared_out`), its own folder; the same command finds its run
+    again (a resume), another folder on a shared store starts its own. (A run folder's own
+    store holds that folder's runs only, so its keys are as older clinfuse versions made them,
+    and their runs resume.)"""
     identity = {
         "model": version,
-        "out": str(run_dir.resolve()),
         "manifest": str(manifest.resolve()),
         "sha256": manifest_sha256,
         "explain": settings.explain,
         "standards": sorted(settings.standards),
     }
+    if shared_out is not None:
+        identity["out"] = str(shared_out.resolve())
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -201,6 +209,7 @@ def open_run(
     version = model_version(model_dir)
     total = count_rows(manifest, model.labels, settings.chunk_rows)
     store_url = store_url or Store.default_url(run_dir)
+    own_store = parse_url(store_url) == parse_url(Store.default_url(run_dir))  # RUN_DIR's
     store = Store(store_url)
     saved = read_checkpoint_config(model_dir)
     thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
@@ -214,7 +223,7 @@ def open_run(
     )
     sha = file_sha256(manifest)
     run_id, resumed = store.start_run(
-        run_key(version, manifest, sha, run_dir, settings),
+        run_key(version, manifest, sha, settings, None if own_store else run_dir),
         version,
         str(manifest.resolve()),
         sha,
@@ -224,7 +233,7 @@ def open_run(
     if resumed:
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
     earlier = [r["id"] for r in store.runs() if r["id"] != run_id]
-    if not resumed and earlier and store_url == Store.default_url(run_dir):
+    if not resumed and earlier and own_store:
         log.warning(
             "%s already holds run %s (another model, manifest or --explain/--standards): its "
             "predictions.csv, .parquet and failures.csv are replaced by run %d's; the store "
