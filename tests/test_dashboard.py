@@ -218,6 +218,8 @@ def test_failures_are_listed_with_their_reason(review_run, monkeypatch):
     failed = table(at)
     assert list(failed.study_id) == [review_run.failed]
     assert "image:" in failed.to_csv() and at.query_params.get("failures")
+    at = new_app(monkeypatch, review_run, p_max="0.0").run()  # no study's top score is 0
+    assert "No study matches these filters. This run has 1 failed study: see" in page_text(at)
 
 
 def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_on(

@@ -159,7 +159,10 @@ def main() -> None:
     )
     st.caption(f"{total} {what} · page {page + 1} of {n_pages} · sorted by {query.sort}")
     if frame.empty:
-        st.info("No study matches these filters.")
+        failed = 0 if query.failures else session.store.counts(session.run_id)["failed"]
+        studies = "study" if failed == 1 else "studies"
+        hint = f" This run has {failed} failed {studies}: see “Failures instead”." if failed else ""
+        st.info(f"No study matches these filters.{hint}")
         return
     picked = table(frame, session.labels)
     rows = picked.get("selection", {}).get("rows", []) if picked else []
