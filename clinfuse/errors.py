@@ -70,12 +70,15 @@ class ManifestError(ClinfuseError):
 
 
 class ConfigError(ClinfuseError):
-    """A configuration with an unknown, mistyped or missing key; names the key."""
+    """A configuration with an unknown, mistyped or missing key, or a command-line option
+    ("--name") with a wrong value; names the key or option."""
 
     def __init__(self, key: str, problem: str, hint: str = "") -> None:
         self.key = key
         self.problem = problem
-        message = f"config key {key!r}: {problem}"
+        message = (
+            f"option {key}: {problem}" if key.startswith("--") else f"config key {key!r}: {problem}"
+        )
         super().__init__(f"{message}. {hint}" if hint else message)
 
 

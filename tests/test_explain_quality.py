@@ -315,8 +315,9 @@ def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, caps
     assert f"{tmp_path / 'missing-model'}: not a clinfuse model folder" in err
     assert "config key" not in err
     base[1] = str(trained)
-    assert clinfuse("explain", *base, "--study-id", study, "--labels", "copd,nope") == 2
-    assert "unknown label(s) nope" in capsys.readouterr().err
+    assert clinfuse("explain", *base, "--study-id", "NO-SUCH-STUDY", "--labels", "copd,nope") == 2
+    err = capsys.readouterr().err  # the label is judged first: before any study is looked up
+    assert "error: option --labels: unknown label(s) nope. use positive, all, or names" in err
 
 
 def test_explain_eval_writes_results_and_judges_the_bar(trained, export, tmp_path, capsys):

@@ -222,6 +222,11 @@ def select_labels(model: FusionModel, probabilities: torch.Tensor, which: str) -
     if which == "positive":
         called = model.decisions(probabilities).nonzero().flatten().tolist()
         return [model.labels[k] for k in called or [int(probabilities.argmax())]]
+    return label_names(model, which)
+
+
+def label_names(model: FusionModel, which: str) -> list[str]:
+    """Comma-separated label names, each one of the model's (else a ConfigError naming them)."""
     names = [name.strip() for name in which.split(",") if name.strip()]
     unknown = [name for name in names if name not in model.labels]
     if unknown or not names:
@@ -247,6 +252,8 @@ def explain_studies(
     from clinfuse.evaluation.evaluate import model_version
 
     model = load_checkpoint(model_dir, select_device(device))
+    if labels not in ("positive", "all"):
+        label_names(model, labels)  # a wrong name is an error before any study is read
     version = model_version(model_dir)
     wanted = set(study_ids)  # streamed as `infer` reads it: label columns optional
     rows = {
