@@ -275,6 +275,11 @@ def test_reviews_are_append_only_events_oldest_first(open_store):
         store.add_review(ReviewEvent(run_id, "S404", "dr.a", "agree"))
     with pytest.raises(ValueError):
         store.add_review(ReviewEvent(run_id, "S1", "dr.a", "maybe"))
+    # refused alike on both backends (PostgreSQL's text cannot hold NUL; ids are text)
+    with pytest.raises(ValueError, match="review comment holds a NUL character"):
+        store.add_review(ReviewEvent(run_id, "S1", "dr.a", "agree", comment="ok\x00"))
+    with pytest.raises(ValueError, match="review study_id must be text, got int"):
+        store.add_review(ReviewEvent(run_id, 1, "dr.a", "agree"))
     for statement in ("UPDATE reviews SET verdict = 'agree'", "DELETE FROM reviews"):
         with pytest.raises(sa.exc.DBAPIError, match="append-only"):  # the database refuses too
             with store._engine.begin() as conn:

@@ -25,7 +25,7 @@ from clinfuse.data.manifest import file_sha256, read_chunks
 from clinfuse.data.notes import read_note
 from clinfuse.errors import ClinfuseError, ManifestError
 from clinfuse.store import ReviewEvent, Store, StoreError
-from clinfuse.store.schema import VERDICTS, Failure, Prediction, Study
+from clinfuse.store.schema import Failure, Prediction, Study
 
 
 @dataclass(frozen=True)
@@ -211,11 +211,8 @@ def save_review(
     'agree' and unknown otherwise. 'agree' with labels that differ from the model's is refused,
     and so is 'corrected' with none that differ.
     """
-    reviewer = str(reviewer).strip()
-    if not reviewer:
-        raise ValueError("a review needs a reviewer: the audit trail names who decided")
-    if verdict not in VERDICTS:
-        raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
+    reviewer, comment = str(reviewer).strip(), str(comment or "").strip()
+    ReviewEvent(run_id, study_id, reviewer, verdict, comment=comment).check()  # before any query
     run = store.run(run_id)
     labels = list(run["labels"])
     unknown = sorted(set(labels_after) - set(labels))
@@ -250,7 +247,7 @@ def save_review(
         verdict=verdict,
         labels_before=before,
         labels_after=after,
-        comment=str(comment or "").strip(),
+        comment=comment,
         model_version=run["model_version"],
     )
     return store.add_review(event)

@@ -319,10 +319,17 @@ class ReviewEvent:
     created_at: datetime | None = None
 
     def check(self) -> None:
-        """Raise ValueError unless the verdict is known and a reviewer is named."""
+        """Raise ValueError unless the verdict is known, a reviewer is named and the texts are
+        text every backend stores as given (PostgreSQL refuses a NUL character)."""
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict {self.verdict!r} is not one of {VERDICTS}")
-        if not str(self.reviewer).strip():
+        for name in ("study_id", "reviewer", "comment"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"review {name} must be text, got {type(value).__name__}")
+            if "\x00" in value:
+                raise ValueError(f"review {name} holds a NUL character: remove it and save again")
+        if not self.reviewer.strip():
             raise ValueError("a review needs a reviewer: the audit trail names who decided")
 
 
