@@ -67,8 +67,12 @@ def choose_run(store: Store) -> dict[str, Any] | None:
     wanted = st.query_params.get("run")
     if wanted is not None and wanted.isdigit() and int(wanted) in ids:
         st.session_state["run_choice"] = int(wanted)
-    elif st.session_state.get("run_choice") not in ids:
-        st.session_state["run_choice"] = ids[0]
+    else:
+        if st.session_state.get("run_choice") not in ids:
+            st.session_state["run_choice"] = ids[0]
+        if wanted is not None:  # a link to a run this store does not hold: say so
+            shown = st.session_state["run_choice"]
+            st.warning(f"This store has no run {wanted!r}; showing run {shown} instead.")
     by_id = {int(r["id"]): r for r in runs}
     run_id = st.sidebar.selectbox(
         "Run",

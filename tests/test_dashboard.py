@@ -220,6 +220,14 @@ def test_failures_are_listed_with_their_reason(review_run, monkeypatch):
     assert "image:" in failed.to_csv() and at.query_params.get("failures")
     at = new_app(monkeypatch, review_run, p_max="0.0").run()  # no study's top score is 0
     assert "No study matches these filters. This run has 1 failed study: see" in page_text(at)
+    at = new_app(monkeypatch, review_run)
+    at.query_params["run"] = "99"  # a stale link
+    at.run()
+    assert (
+        at.warning[0].value
+        == f"This store has no run '99'; showing run {review_run.run_id} instead."
+    )
+    assert at.query_params["run"] == str(review_run.run_id) and not at.exception
 
 
 def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_on(
