@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clinfuse.errors import ConfigError
 
@@ -172,32 +172,45 @@ class DataConfig(Config):
     """Which labels to learn and how to split patients when the manifest has no `split`."""
 
     labels: tuple[str, ...] | None = None  # default: every non-reserved manifest column
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
     split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_a_train_split(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave patients to train on (< 1)")
+        return self
 
 
 class TrainConfig(Config):
     """The optimisation: budget, schedule, stopping, calibration rule, resources."""
 
-    epochs: int = 36
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05  # of all steps, linear warm-up, then cosine decay to 0
-    grad_clip: float = 1.0
-    patience: int = 10  # epochs without a better validation macro AUROC before stopping
+    # Ranges are checked when the config is read, before any data: a value outside them is a
+    # ConfigError naming the key, not a traceback mid-run (or an untrained model at the end).
+    epochs: int = Field(36, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    # of all steps, linear warm-up, then cosine decay to 0
+    warmup_fraction: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    # epochs without a better validation macro AUROC before stopping
+    patience: int = Field(10, ge=1)
     class_weighting: Literal["balanced", "none"] = "balanced"  # pos_weight = negatives/positives
-    max_pos_weight: float = 10.0
+    max_pos_weight: float = Field(10.0, ge=1)  # below 1 it would weigh positives down
     threshold_rule: Literal["youden", "sensitivity"] = "youden"
-    target_sensitivity: float = 0.9  # with threshold_rule=sensitivity
+    target_sensitivity: float = Field(0.9, gt=0, le=1)  # with threshold_rule=sensitivity
     augment: bool = True
-    workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    # DataLoader worker processes (0: load in the training process)
+    workers: int = Field(0, ge=0)
     cache: bool = True  # keep each decoded, resized image in memory after its first epoch
-    checkpoint_every: int = 50  # steps between resumable checkpoints (and at every epoch end)
+    # steps between resumable checkpoints (and at every epoch end)
+    checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
-    bootstrap: int = 1000  # resamples for the validation metrics' confidence intervals
+    # resamples for the validation metrics' confidence intervals
+    bootstrap: int = Field(1000, ge=0)
 
 
 class RunConfig(Config):

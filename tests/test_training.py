@@ -66,10 +66,18 @@ def test_train_writes_a_calibrated_model_folder(trained, export):
     )
 
 
-def test_rerunning_a_finished_training_does_nothing(trained, export, capsys):
+def test_rerunning_a_finished_training_does_nothing(trained, export, capsys, tmp_path):
     before = (trained / "model.safetensors").read_bytes()
     assert main(["train", "--manifest", str(export), "--out", str(trained), *FAST]) == 0
     assert "already trained" in capsys.readouterr().out
+    # another command into the same folder is refused, not answered with the old model
+    assert main(["train", "--manifest", str(export), "--out", str(trained), *FAST,
+                 "train.lr=0.002"]) == 2  # fmt: skip
+    assert "already holds a model trained with another train than" in capsys.readouterr().err
+    other = tmp_path / "other.csv"
+    other.write_bytes(export.read_bytes() + b"\n")  # the same rows, other bytes
+    assert main(["train", "--manifest", str(other), "--out", str(trained), *FAST]) == 2
+    assert "another manifest than this command's" in capsys.readouterr().err
     assert (trained / "model.safetensors").read_bytes() == before
 
 
@@ -267,6 +275,25 @@ def test_ranks_see_disjoint_equal_shards_of_a_seeded_order():
     assert set(shards[0]) | set(shards[1]) == set(range(11))
     assert epoch_order(11, 2, 0, Workers()) == epoch_order(11, 2, 0, Workers())
     assert epoch_order(11, 2, 0, Workers()) != epoch_order(11, 3, 0, Workers())
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("train.lr=-1", "'train.lr': Input should be greater than 0"),
+        ("train.batch_size=0", "'train.batch_size': Input should be greater than or equal to 1"),
+        ("train.epochs=0", "'train.epochs': Input should be greater than or equal to 1"),
+        ("train.checkpoint_every=0", "'train.checkpoint_every': Input should be greater"),
+        ("train.target_sensitivity=1.5", "'train.target_sensitivity': Input should be less"),
+        ("train.max_pos_weight=0", "'train.max_pos_weight': Input should be greater"),
+        ("data.val_fraction=0.9", "'data': Value error, val_fraction + test_fraction must leave"),
+    ],
+)
+def test_a_value_out_of_range_is_an_error_before_any_data_is_read(tmp_path, capsys, override, says):
+    missing = tmp_path / "not-read.csv"  # a ConfigError comes first, so this is never opened
+    assert main(["train", "--manifest", str(missing), "--out", str(tmp_path / "m"), override]) == 2
+    assert f"error: config key {says}" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_example_configs_in_pipelines_load():

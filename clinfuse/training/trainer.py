@@ -161,6 +161,31 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
     return factor
 
 
+def _check_same_training(
+    out_dir: Path, done: dict, manifest_path: str | Path, cfg: RunConfig
+) -> None:
+    """A finished model folder is reused only by the command that made it: another manifest or
+    configuration would otherwise leave the old model in place and report it as trained."""
+    asked = {
+        "manifest": file_sha256(manifest_path) if Path(manifest_path).is_file() else None,
+        "model": {**cfg.model.model_dump(mode="json"), "labels": None},
+        "data": cfg.data.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+    }
+    made = {
+        "manifest": done.get("manifest_sha256"),
+        "model": {**done.get("model", {}), "labels": None},
+        "data": done.get("data"),
+        "train": done.get("train"),
+    }
+    changed = [part for part in asked if asked[part] != made[part]]
+    if changed:
+        raise ClinfuseError(
+            f"{out_dir}: already holds a model trained with another {' and '.join(changed)} "
+            "than this command's. Choose a new --out to train this one (the folder is kept)"
+        )
+
+
 def split_rows(manifest: Manifest, split: str) -> list[StudyRow]:
     rows = list(manifest.rows(split))
     if not rows:
@@ -182,6 +207,7 @@ def train(
     workers = Workers.start(torch_device)
     if (out_dir / "config.json").is_file() and "training" in read_checkpoint_config(out_dir):
         done = read_checkpoint_config(out_dir)
+        _check_same_training(out_dir, done, manifest_path, cfg)
         log.info("%s is already a trained model folder; nothing to do", out_dir)
         return TrainResult(
             out_dir,
