@@ -76,6 +76,7 @@ def test_fhir_report_validates_and_carries_every_label(tmp_path):
     uid = pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
     assert report.imagingStudy[0].identifier.value == f"urn:oid:{uid}"
     assert DISCLAIMER in report.conclusion and MODEL in report.conclusion
+    assert report.text.div.count(DISCLAIMER) == 1  # said once in the narrative
 
     device, *observations = report.contained
     assert device.version[0].value == MODEL

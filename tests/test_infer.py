@@ -527,3 +527,5 @@ def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
     assert infer(tiny_model, few, tmp_path / "run", "--standards", "fhir") == 0  # another run
     assert f"{tmp_path / 'run'} already holds run 1 (another model" in caplog.text
     assert "replaced by run 2's; the store keeps every run" in caplog.text
+    assert infer(tiny_model, few, tmp_path / "run", "--explain", "all") == 0  # a third
+    assert "replaced by run 3's while fhir/ may still hold the earlier run's files" in caplog.text

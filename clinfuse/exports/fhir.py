@@ -173,7 +173,7 @@ def _narrative(pred: PredictionRecord, rows: Sequence[Finding]) -> dict:
     )
     div = (
         '<div xmlns="http://www.w3.org/1999/xhtml">'
-        f"<p><b>{escape(DISCLAIMER)}.</b> {escape(summary(pred, rows))}</p>"
+        f"<p>{escape(summary(pred, rows))}</p>"  # the summary opens with the disclaimer
         "<table><tr><th>Label</th><th>Probability</th><th>Threshold</th><th>Decision</th></tr>"
         f"{cells}</table></div>"
     )

@@ -234,13 +234,15 @@ def open_run(
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
     earlier = [r["id"] for r in store.runs() if r["id"] != run_id]
     if not resumed and earlier and own_store:
+        kept = [f"{d}/" for d in ("explanations", "fhir", "sr") if (run_dir / d).is_dir()]
         log.warning(
             "%s already holds run %s (another model, manifest or --explain/--standards): its "
-            "predictions.csv, .parquet and failures.csv are replaced by run %d's; the store "
+            "predictions.csv, .parquet and failures.csv are replaced by run %d's%s; the store "
             "keeps every run. Use a new --out folder to keep each run's files apart",
             run_dir,
             ", ".join(map(str, earlier)),
             run_id,
+            f" while {', '.join(kept)} may still hold the earlier run's files" if kept else "",
         )
     issued = store.run(run_id)["started_at"]
     shown_url = parse_url(store_url).render_as_string(hide_password=True)
