@@ -431,3 +431,16 @@ def test_a_device_the_machine_lacks_is_a_config_error(export, tmp_path, capsys, 
     assert main([*args, *FAST]) == 2
     err = capsys.readouterr().err
     assert f"config key 'device': {says}" in err and "leave --device out" in err
+
+
+def test_a_label_validation_cannot_calibrate_is_a_warning_at_the_end(export, tmp_path, caplog):
+    rows = pd.read_csv(export, dtype=str, keep_default_na=False)
+    rows["copd"] = "0"  # nobody has it: no threshold can be fitted
+    rows["image"] = [str(export.parent / p) for p in rows["image"]]
+    rows["note_path"] = [str(export.parent / p) if p else "" for p in rows["note_path"]]
+    manifest = tmp_path / "no_copd.csv"
+    rows.to_csv(manifest, index=False)
+    fast = [*FAST[:1], "train.epochs=1", *FAST[2:]]
+    assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "m"), *fast]) == 0
+    assert "label 'copd': no positives (validation): its threshold and calibration" in caplog.text
+    assert "label 'effusion'" not in caplog.text

@@ -491,4 +491,13 @@ def calibrate(
     before = evaluate_predictions(val.labels, raw, thresholds, model.labels, n_bootstrap=0)
     metrics["macro"]["ece_before_temperature"] = before["macro"]["ece"]
     metrics["score_distribution"] = score_distribution(probs, thresholds, model.labels)
+    for name, found in metrics["labels"].items():
+        if found.get("note"):  # said at the end of training, not only in config.json
+            log.warning(
+                "label %r: %s (validation): its threshold and calibration could not be fitted "
+                "and are left near their defaults; give the validation split studies with and "
+                "without it",
+                name,
+                found["note"].removesuffix(" in this split"),
+            )
     return json.loads(json.dumps(metrics))  # plain JSON types
