@@ -129,6 +129,10 @@ def test_given_split_is_kept_and_empty_cells_are_assigned(tmp_path):
             "row 2 column 'flu': label value 'yes' is not 1, 0 or empty",
         ),
         (lambda rows: [rows[0], dict(rows[1], flu="2"), rows[2]], "row 2 column 'flu'"),
+        (  # a column of the export that is not a label: say how to name the labels
+            lambda rows: [dict(r, ward="ICU") for r in rows],
+            r"column 'ward': label value 'ICU' .* if 'ward' is not a label .* data.labels=\[a,b\]",
+        ),
         (
             lambda rows: [dict(rows[0], split="train"), dict(rows[1], split="test"), rows[2]],
             "row 1 column 'split': a patient's studies straddle splits",

@@ -286,7 +286,7 @@ def check_table(
 
     _check_required_values(path, table)
     _check_unique_studies(path, table)
-    table[list(label_names)] = _parse_labels(path, table, label_names)
+    table[list(label_names)] = _parse_labels(path, table, label_names, chosen=labels is not None)
     table["split"] = _resolve_splits(path, table, split)
     columns = ["row", *RESERVED, *label_names]
     return Manifest(path=path, labels=label_names, table=table[columns].reset_index(drop=True))
@@ -347,8 +347,11 @@ def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
         )
 
 
-def _parse_labels(path: Path, table: pd.DataFrame, names: tuple[str, ...]) -> pd.DataFrame:
-    """Label cells -> float32 1.0 / 0.0 / NaN; any other value is an error naming the cell."""
+def _parse_labels(
+    path: Path, table: pd.DataFrame, names: tuple[str, ...], chosen: bool = True
+) -> pd.DataFrame:
+    """Label cells -> float32 1.0 / 0.0 / NaN; any other value is an error naming the cell
+    (and, where every other column was taken for a label, how to name the labels instead)."""
     parsed = {}
     for name in names:
         values = table[name].str.lower()
@@ -360,7 +363,14 @@ def _parse_labels(path: Path, table: pd.DataFrame, names: tuple[str, ...]) -> pd
                 f"label value {table.at[first, name]!r} is not 1, 0 or empty",
                 row=int(table.at[first, "row"]),
                 column=name,
-                hint="use 1 (present), 0 (absent) or leave empty (unknown)",
+                hint="use 1 (present), 0 (absent) or leave empty (unknown)"
+                + (
+                    ""
+                    if chosen
+                    else f"; if {name!r} is not a label (every column but the reserved ones is "
+                    "taken for one), name the labels: data.labels=[a,b] for train, --labels a,b "
+                    "for validate"
+                ),
             )
         parsed[name] = np.where(values.isin(_TRUE), 1.0, np.where(values == "", np.nan, 0.0))
     return pd.DataFrame(parsed, index=table.index).astype(np.float32)
