@@ -112,6 +112,15 @@ def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
     run.wait()
     assert list(out.glob(".train_state/step-*/COMPLETE")), "no snapshot before the kill"
     assert not (out / "config.json").exists()
+    edited = tmp_path / "edited.csv"  # the manifest changed since: not a resume of that run
+    edited.write_bytes(export.read_bytes() + b"\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "clinfuse", *args[:2], str(edited), *args[3:]],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2
+    assert "holds an unfinished run with a different configuration or manifest" in refused.stderr
     resumed = subprocess.run(
         [sys.executable, "-m", "clinfuse", *args], capture_output=True, text=True, check=True
     )

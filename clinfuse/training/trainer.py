@@ -225,7 +225,10 @@ def train(
         split=PatientSplit(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed),
     )
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"labels": manifest.labels})})
-    config_sha = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
+    # what an unfinished run resumes only with: this configuration on this manifest's bytes
+    config_sha = hashlib.sha256(
+        (cfg.model_dump_json() + file_sha256(manifest_path)).encode()
+    ).hexdigest()
     train_rows, val_rows = split_rows(manifest, "train"), split_rows(manifest, "val")
     state_dir = out_dir / ".train_state"
     snapshot = latest_snapshot(state_dir)
@@ -234,8 +237,9 @@ def train(
         model, best, states, progress = load_snapshot(snapshot)
         if progress.config_sha256 != config_sha:
             raise ClinfuseError(
-                f"{out_dir}: holds an unfinished run with a different configuration. "
-                "Rerun with the same config, or choose a new --out"
+                f"{out_dir}: holds an unfinished run with a different configuration or "
+                "manifest. Rerun the same command (same config, same manifest file), or choose "
+                "a new --out"
             )
         log.info(
             "resuming from %s (epoch %d, step %d)", snapshot.name, progress.epoch, progress.step
