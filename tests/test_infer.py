@@ -496,7 +496,7 @@ def test_study_ids_that_are_not_file_names_are_explained_inside_the_run_folder(
         for study_id in rows["study_id"]:
             path = Path(store.explanation(1, study_id)["path"])
             assert path.is_absolute() and Explanation.load_npz(path).study_id == study_id
-    capsys.readouterr()
+    assert f"export: {tmp_path / 'run' / 'explanations'}/" in capsys.readouterr().out
     assert infer(tiny_model, odd, "run2", "--explain", "all", "--store", url) == 0
     assert "0 skipped as already done, 4 explained" in capsys.readouterr().out
     with Store(url, create=False) as store:

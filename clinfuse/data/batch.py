@@ -177,7 +177,8 @@ class Collator:
             [it["image"] if it["image"] is not None else zeros for it in items] or [zeros]
         )[:n]  # (B, C, *spatial)
         labels = (
-            torch.stack([torch.as_tensor(it["labels"]) for it in items])
+            torch.from_numpy(np.stack([it["labels"] for it in items]))  # a copy: the rows'
+            # label arrays may be read-only views of the manifest's table
             if items
             else torch.zeros(0, 0)
         )

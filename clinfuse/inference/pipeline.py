@@ -285,6 +285,15 @@ def finish_run(run: OpenRun, streaming_seconds: float) -> InferenceSummary:
         streaming_studies_per_s=scored / streaming_seconds if streaming_seconds else 0.0,
     )
     summary.exports = [str(p) for p in write_exports(run.store, run.run_id, run.run_dir)]
+    summary.exports += [  # the per-study files' folders: FHIR, SR and explanations
+        f"{run.run_dir / name}/"
+        for name, wanted in (
+            ("fhir", "fhir" in run.settings.standards),
+            ("sr", "sr" in run.settings.standards),
+            ("explanations", run.settings.explain != "none"),
+        )
+        if wanted and (run.run_dir / name).is_dir()
+    ]
     run.store.finish_run(
         run.run_id, {k: v for k, v in asdict(summary).items() if k not in ("run_dir", "exports")}
     )
