@@ -191,7 +191,7 @@ def test_evaluate_writes_metrics_predictions_and_a_report(trained, export, tmp_p
     assert (out / "predictions.csv").read_text().startswith("study_id,modalities,p_")
 
 
-def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path):
+def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path, caplog):
     other = tmp_path / "late"
     assert (
         main(
@@ -230,6 +230,14 @@ def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path)
     assert set(compare) == {"tiny", "late"}
     html = (out / "report.html").read_text()
     assert "tiny" in html and "late" in html
+    assert "do not compare" not in caplog.text  # same labels, same split
+    pair = tmp_path / "pair"  # two labels, and its own patient split
+    args = ["--manifest", str(export), *FAST, "data.labels=[copd,mass]", "data.split_seed=1"]
+    assert main(["train", "--out", str(pair), *args[:2], *args[2:]]) == 0
+    evaluate = ["evaluate", "--manifest", str(export), "--bootstrap", "20"]
+    assert main([*evaluate, "--model", str(trained), "--model", str(pair), "--out", str(out)]) == 0
+    assert "pair and tiny were scored on different labels (copd, mass against" in caplog.text
+    assert "and studies (" in caplog.text and "another split): their macro figures" in caplog.text
 
 
 def test_an_unknown_override_key_is_an_error_naming_it(export, tmp_path, capsys):

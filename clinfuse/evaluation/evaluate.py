@@ -7,6 +7,7 @@ patients that training held out.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, write_report
 from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
+
+log = logging.getLogger(__name__)
 
 
 def measured_labels(
@@ -107,6 +110,7 @@ def write_evaluation(
     )
     first_table.to_csv(out_dir / "predictions.csv", index=False)
     if len(names) > 1:
+        _warn_if_not_comparable(runs)
         compare = {name: run.metrics for name, (run, _) in runs.items()}
         (out_dir / "compare.json").write_text(
             json.dumps(compare, indent=2, allow_nan=False), encoding="utf-8"
@@ -114,6 +118,25 @@ def write_evaluation(
         for name, (_, table) in runs.items():
             table.to_csv(out_dir / f"predictions_{name}.csv", index=False)
     return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
+
+
+def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> None:
+    """Models side by side are scored alike only on the same labels and the same studies (a
+    model trained with another split seed or test share has another test split)."""
+    (first, (run0, table0)), *others = runs.items()
+    for name, (run, table) in others:
+        differs = []
+        if run.labels != run0.labels:
+            differs.append(f"labels ({', '.join(run.labels)} against {', '.join(run0.labels)})")
+        if set(table["study_id"]) != set(table0["study_id"]):
+            differs.append(f"studies ({len(table)} against {len(table0)}: another split)")
+        if differs:
+            log.warning(
+                "%s and %s were scored on different %s: their macro figures do not compare",
+                name,
+                first,
+                " and ".join(differs),
+            )
 
 
 def unique_names(model_dirs: list[Path]) -> list[str]:
