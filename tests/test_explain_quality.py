@@ -342,3 +342,18 @@ def test_explain_eval_writes_results_and_judges_the_bar(trained, export, tmp_pat
     assert {"phi_image", "phi_note", "interaction", "note_share"} <= set(modality)
     assert "| label | depends on | phi_image | phi_note | interaction | note share |" in table
     assert ("FAIL" in capsys.readouterr().out) == (code == 1)
+
+
+def test_ground_truth_that_knows_none_of_the_models_labels_is_refused(trained, export, tmp_path):
+    from clinfuse.errors import ManifestError
+    from clinfuse.explain.quality import evaluate_explanations, load_ground_truth
+    from clinfuse.model import load_checkpoint
+
+    model = load_checkpoint(trained)
+    assert set(model.labels) <= load_ground_truth(export / "ground_truth").known_labels()
+    other = tmp_path / "ground_truth"  # another data set's: masks and rationales of a nodule
+    other.mkdir()
+    np.savez_compressed(other / "masks.npz", **{"S1/nodule": np.ones((4, 4), np.uint8)})
+    (other / "rationales.jsonl").write_text('{"study_id": "S1", "label": "nodule", "spans": []}\n')
+    with pytest.raises(ManifestError, match="holds no ground truth for any of the model's labels"):
+        evaluate_explanations(model, export / "manifest.csv", other)

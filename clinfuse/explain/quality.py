@@ -23,6 +23,7 @@ The per-map metrics are in `clinfuse.explain.metrics`, the weight re-initialisat
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ from clinfuse.model.model import FusionModel
 
 IMAGE_METHODS = ("ig", "ig_positive", "gradcam", "attention", "gradcam_x_ig")
 Record = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 # -- ground truth ---------------------------------------------------------------------------
@@ -74,6 +76,12 @@ class GroundTruth:
 
     def rationale(self, study_id: str, label: str) -> list[tuple[int, int]]:
         return self.rationales.get((study_id, label), [])
+
+    def known_labels(self) -> set[str]:
+        """The labels any mask, rationale or truth.csv column speaks of."""
+        found = {key.rsplit("/", 1)[-1] for key in self.masks}
+        found |= {label for _, label in self.rationales}
+        return found | {label for row in self.labels.values() for label in row}
 
     def label(self, study_id: str, label: str, fallback: float) -> float:
         """The noise-free label when truth.csv has it, else `fallback` (the manifest's)."""
@@ -359,6 +367,20 @@ def evaluate_explanations(
     the model's saved split settings). Returns `quality_summary`'s dict."""
     model.eval()
     truth = load_ground_truth(truth_dir)
+    known = truth.known_labels()
+    unmeasured = [name for name in model.labels if name not in known]
+    if len(unmeasured) == len(model.labels):
+        raise ManifestError(
+            truth_dir,
+            f"holds no ground truth for any of the model's labels ({', '.join(model.labels)})",
+            hint=f"it speaks of: {', '.join(sorted(known)) or 'nothing'}",
+        )
+    if unmeasured:
+        log.warning(
+            "no ground truth in %s for %s: their explanations are not measured",
+            truth_dir,
+            ", ".join(unmeasured),
+        )
     manifest = load_manifest(manifest_path, labels=model.labels, split=patient_split)
     rows = {r.study_id: r for r in manifest.rows(None if split == "all" else split)}
     if not rows:
