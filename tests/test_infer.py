@@ -503,6 +503,16 @@ def test_study_ids_that_are_not_file_names_are_explained_inside_the_run_folder(
         assert [r["id"] for r in store.runs()] == [1, 2]
 
 
+def test_label_columns_are_not_read_for_scoring(tiny_model, small_export, tmp_path):
+    rows = absolute_rows(small_export).head(3)
+    rows["copd"] = ["yes", "pending", ""]  # a label column a night's run never uses
+    odd = tmp_path / "odd_labels.csv"
+    rows.to_csv(odd, index=False)
+    assert infer(tiny_model, odd, tmp_path / "run") == 0
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert (predictions["status"] == "predicted").sum() == 3
+
+
 def test_a_run_where_every_study_failed_exits_1_naming_the_failures(
     tiny_model, small_export, tmp_path, capsys
 ):

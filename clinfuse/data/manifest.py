@@ -229,19 +229,21 @@ def reference_labels(
 
 
 def iter_manifest(
-    path: str | Path, labels: Sequence[str], chunk_rows: int = 4096
+    path: str | Path, labels: Sequence[str], chunk_rows: int = 4096, read_labels: bool = True
 ) -> Iterator[StudyRow]:
     """Stream a manifest to score (constant memory): the same checks, chunk by chunk.
 
-    Label columns are optional here (absent ones are unknown); a study id repeated anywhere in
-    the file is an error naming both rows.
+    Label columns are optional here (absent ones are unknown); with `read_labels=False` they
+    are not read at all (every label unknown), for scoring, which never uses them: a cell of a
+    label column cannot stop a run. A study id repeated anywhere in the file is an error naming
+    both rows.
     """
     path = Path(path)
     first_rows: dict[str, int] = {}
     offset = 0
     for chunk in read_chunks(path, chunk_rows):
         for name in labels:
-            if name not in chunk.columns:
+            if name not in chunk.columns or not read_labels:
                 chunk[name] = ""
         manifest = check_table(path, chunk, labels, PatientSplit(), first_row=offset + 1)
         for row in manifest.rows():

@@ -257,7 +257,9 @@ def explain_studies(
     version = model_version(model_dir)
     wanted = set(study_ids)  # streamed as `infer` reads it: label columns optional
     rows = {
-        r.study_id: r for r in iter_manifest(manifest_path, model.labels) if r.study_id in wanted
+        r.study_id: r
+        for r in iter_manifest(manifest_path, model.labels, read_labels=False)
+        if r.study_id in wanted
     }
     for study_id in study_ids:
         if study_id not in rows:

@@ -103,7 +103,8 @@ class ManifestStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for i, row in enumerate(iter_manifest(self.manifest, self.labels, self.chunk_rows)):
+        rows = iter_manifest(self.manifest, self.labels, self.chunk_rows, read_labels=False)
+        for i, row in enumerate(rows):
             if i % workers == worker and row.study_id not in self.skip:
                 yield load_item(row, self.transforms)
 
@@ -145,7 +146,7 @@ class ScoringCollator:
 
 def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
     """Check the whole manifest's structure up front (one clear error) and count its rows."""
-    return sum(1 for _ in iter_manifest(manifest, labels, chunk_rows))
+    return sum(1 for _ in iter_manifest(manifest, labels, chunk_rows, read_labels=False))
 
 
 def run_key(

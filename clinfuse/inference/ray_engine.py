@@ -140,7 +140,9 @@ def run_inference_ray(
     ray.data.DataContext.get_current().enable_progress_bars = False  # clinfuse shows its own
     pending = (
         r
-        for r in iter_manifest(run.manifest, run.model.labels, run.settings.chunk_rows)
+        for r in iter_manifest(
+            run.manifest, run.model.labels, run.settings.chunk_rows, read_labels=False
+        )
         if r.study_id not in run.done
     )
     actor_settings = {k: v for k, v in dataclasses.asdict(run.settings).items()}
