@@ -75,7 +75,7 @@ def model_name(pred: PredictionRecord) -> str:
 
 def summary(pred: PredictionRecord, rows: Sequence[Finding]) -> str:
     """One paragraph for a reader: disclaimer, model, inputs, and the labels above threshold."""
-    positive = [f"{r.label} ({r.probability:.2f} >= {r.threshold:.2f})" for r in rows if r.decision]
+    positive = [f"{r.label} ({r.probability:.3f} >= {r.threshold:.3f})" for r in rows if r.decision]
     inputs = pred.modalities or "none"
     found = (
         "Above the operating threshold: " + "; ".join(positive) + "."
