@@ -228,6 +228,9 @@ def test_failures_are_listed_with_their_reason(review_run, monkeypatch):
         == f"This store has no run '99'; showing run {review_run.run_id} instead."
     )
     assert at.query_params["run"] == str(review_run.run_id) and not at.exception
+    at = new_app(monkeypatch, review_run, label="gout").run()  # another model's link
+    assert at.warning[0].value == "This run has no label 'gout': its filter is left out."
+    assert len(table(at)) > 0 and not at.exception
 
 
 def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_on(

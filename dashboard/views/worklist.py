@@ -47,7 +47,7 @@ def seed_widgets(query: WorklistQuery, page: int, size: int) -> None:
         st.session_state.setdefault(key, value)
 
 
-def initial_view(run_id: int) -> tuple[WorklistQuery, int, int]:
+def initial_view(run_id: int, labels: list[str]) -> tuple[WorklistQuery, int, int]:
     """The list to show first: the URL's when it names one, else this session's last list."""
     params = st.query_params.to_dict()
     if not (set(params) & (QUERY_FIELDS | {"page", "size"})):
@@ -55,6 +55,9 @@ def initial_view(run_id: int) -> tuple[WorklistQuery, int, int]:
     query, problem = query_from_params(run_id, params)
     if problem:
         st.warning(problem)
+    if query.label is not None and query.label not in labels:  # e.g. another model's link
+        st.warning(f"This run has no label {query.label!r}: its filter is left out.")
+        query = dataclasses.replace(query, label=None)
     return (query, *page_from_params(params))
 
 
@@ -133,7 +136,7 @@ def open_study(study_id: str, params: dict[str, str]) -> None:
 def main() -> None:
     """The worklist page."""
     session = current()
-    query, page, size = initial_view(session.run_id)
+    query, page, size = initial_view(session.run_id, session.labels)
     seed_widgets(query, page, size)
     st.title("Worklist")
     query = filters(session.labels, session.run_id)
