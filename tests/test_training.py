@@ -461,3 +461,4 @@ def test_a_label_validation_cannot_calibrate_is_a_warning_at_the_end(export, tmp
     assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "m"), *fast]) == 0
     assert "label 'copd': no positives (validation): its threshold and calibration" in caplog.text
     assert "label 'effusion'" not in caplog.text
+    assert "studies: early stopping, calibration and thresholds are fitted on them" in caplog.text

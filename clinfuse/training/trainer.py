@@ -47,6 +47,7 @@ from clinfuse.training.pretrain import pretrain_note_encoder
 from clinfuse.training.state import Progress, latest_snapshot, load_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
+FEW_VALIDATION_STUDIES = 30  # below it, a warning: per-label fits on so few studies are rough
 
 
 @dataclass
@@ -230,6 +231,13 @@ def train(
         (cfg.model_dump_json() + file_sha256(manifest_path)).encode()
     ).hexdigest()
     train_rows, val_rows = split_rows(manifest, "train"), split_rows(manifest, "val")
+    if len(val_rows) < FEW_VALIDATION_STUDIES:
+        log.warning(
+            "the validation split holds %d studies: early stopping, calibration and thresholds "
+            "are fitted on them and will be rough; give it more (data.val_fraction, or a split "
+            "column)",
+            len(val_rows),
+        )
     state_dir = out_dir / ".train_state"
     snapshot = latest_snapshot(state_dir)
     best: FusionModel | None = None
