@@ -8,13 +8,13 @@ supersedes it. The manifest names patients by the store's pseudonym, never by th
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
 
+from clinfuse.exports.files import write_atomic
 from clinfuse.review.study import run_manifest_index
 from clinfuse.store import Store, StoreError
 from clinfuse.store.schema import Review, Study
@@ -92,19 +92,11 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
 
 
 def write_table(frame: pd.DataFrame, out: Path) -> Path:
-    """Write `frame` to `out` in one rename (no half-written file): Parquet for a .parquet
-    name, else CSV; returns `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        if out.suffix.lower() == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `frame` to `out` with `write_atomic` (no half-written file): Parquet for a
+    .parquet name, else CSV; returns `out`."""
+    parquet = out.suffix.lower() == ".parquet"
+    data = frame.to_parquet(index=False) if parquet else frame.to_csv(index=False).encode()
+    write_atomic(out, data)
     return out
 
 

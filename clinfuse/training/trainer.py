@@ -226,10 +226,9 @@ def train(
         split=PatientSplit(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed),
     )
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"labels": manifest.labels})})
+    manifest_sha = file_sha256(manifest_path)  # read once: the bytes this run trains on
     # what an unfinished run resumes only with: this configuration on this manifest's bytes
-    config_sha = hashlib.sha256(
-        (cfg.model_dump_json() + file_sha256(manifest_path)).encode()
-    ).hexdigest()
+    config_sha = hashlib.sha256((cfg.model_dump_json() + manifest_sha).encode()).hexdigest()
     train_rows, val_rows = split_rows(manifest, "train"), split_rows(manifest, "val")
     if len(val_rows) < FEW_VALIDATION_STUDIES:
         log.warning(
@@ -400,7 +399,7 @@ def train(
         info = {
             "metrics": {"validation": validation},
             "manifest": str(Path(manifest_path).resolve()),
-            "manifest_sha256": file_sha256(Path(manifest_path)),
+            "manifest_sha256": manifest_sha,
             "data": cfg.data.model_dump(mode="json"),
             "train": cfg.train.model_dump(mode="json"),
             "training": {
