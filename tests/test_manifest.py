@@ -135,7 +135,17 @@ def test_given_split_is_kept_and_empty_cells_are_assigned(tmp_path):
         ),
         (
             lambda rows: [dict(rows[0], split="train"), dict(rows[1], split="test"), rows[2]],
-            "row 1 column 'split': a patient's studies straddle splits",
+            r"row 1 column 'split': a patient's studies straddle splits \(rows 1 \(train\), "
+            r"2 \(test\)\)",
+        ),
+        (  # an empty split names what the seeded split chose for that row
+            lambda rows: [
+                dict(rows[0], split="train"),
+                rows[1],
+                dict(rows[2], patient_id="P1", split="test"),
+            ],
+            r"straddle splits \(rows 1 \(train\), 2 \(empty: the seeded split gives "
+            r"(train|val|test)\), 3 \(test\)\)",
         ),
         (
             lambda rows: [rows[0], dict(rows[1], study_id=""), rows[2]],

@@ -395,12 +395,17 @@ def _resolve_splits(path: Path, table: pd.DataFrame, split: PatientSplit) -> pd.
     per_patient = resolved.groupby(table["patient_id"]).nunique()
     straddling = per_patient[per_patient > 1]
     if len(straddling):
-        patient = straddling.index[0]
-        rows = table.loc[table["patient_id"] == patient, "row"].tolist()
+        own = table["patient_id"] == straddling.index[0]
+        rows = [
+            f"{row} ({split})" if split else f"{row} (empty: the seeded split gives {seeded})"
+            for row, split, seeded in zip(
+                table.loc[own, "row"], table.loc[own, "split"], resolved[own], strict=True
+            )
+        ]
         raise ManifestError(
             path,
-            f"a patient's studies straddle splits (rows {', '.join(map(str, rows))})",
-            row=int(rows[0]),
+            f"a patient's studies straddle splits (rows {', '.join(rows)})",
+            row=int(table.loc[own, "row"].iloc[0]),
             column="split",
             hint="put all of a patient's studies in one split, or leave split empty",
         )
