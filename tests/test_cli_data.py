@@ -80,7 +80,7 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     assert reasons[5].startswith("no_input")
     assert reasons[7].startswith("note:note_unreadable") and "absent.txt" in reasons[7]
     assert (verdicts.loc[[1, 2, 3, 4, 5, 7], "status"] == "failed").all()
-    assert verdicts.at[6, "status"] != "failed" and "invalid UTF-8" in verdicts.at[6, "warning"]
+    assert verdicts.at[6, "status"] != "failed" and "Windows-1252" in verdicts.at[6, "warning"]
     assert (verdicts.loc[8:, "status"] != "failed").all()
     assert verdicts.at[8, "image_dims"] == "3" and verdicts.at[9, "image_dims"] == "2"
     assert verdicts.at[1, "image_dims"] == ""  # no readable image

@@ -34,12 +34,28 @@ def test_unicode_file_round_trips_with_bom(tmp_path):
     assert read_note(path=path) == "Patient reports dyspnée, 38.9 °C — crackles."
 
 
-def test_invalid_utf8_bytes_are_replaced_with_a_warning_naming_the_file(tmp_path):
+def test_latin1_note_is_read_as_windows_1252_with_a_warning_naming_file_and_encoding(tmp_path):
     path = tmp_path / "latin1.txt"
-    path.write_bytes("fièvre and cough".encode("latin-1"))
-    with pytest.warns(NoteWarning, match="latin1.txt"):
+    path.write_bytes("fièvre 38,9 °C and cough".encode("latin-1"))
+    with pytest.warns(NoteWarning, match="latin1.txt: not UTF-8.*Windows-1252"):
         note = read_note(path=path)
-    assert note == "fi\ufffdvre and cough"
+    assert note == "fièvre 38,9 °C and cough"
+
+
+def test_stray_byte_in_a_utf8_note_is_replaced_and_the_utf8_kept(tmp_path):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("dyspnée, 38.9 °C".encode() + b" \xff cough")
+    with pytest.warns(NoteWarning, match="mixed.txt: invalid UTF-8 at byte 19"):
+        note = read_note(path=path)
+    assert note == "dyspnée, 38.9 °C \ufffd cough"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_note_is_read_as_written(tmp_path, recwarn, encoding):
+    path = tmp_path / "n.txt"
+    path.write_bytes("Fièvre; crackles at the left base.".encode(encoding))  # utf-16: with BOM
+    assert read_note(path=path) == "Fièvre; crackles at the left base."
+    assert not recwarn.list
 
 
 def test_control_characters_become_spaces_so_offsets_hold():

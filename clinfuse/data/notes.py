@@ -1,12 +1,13 @@
-"""Clinical-note ingestion: inline text or a UTF-8 file, repaired rather than rejected.
+"""Clinical-note ingestion: inline text or a text file, repaired rather than rejected.
 
-A note is never a reason to lose a study: invalid UTF-8 bytes become U+FFFD and control
-characters become spaces (so character offsets into the returned text stay valid), each with
-a `NoteWarning`. An empty or missing note means "no note", which is not an error.
+A note is never a reason to lose a study: a file in UTF-16 or Windows-1252 is read as such,
+other invalid UTF-8 bytes become U+FFFD, and control characters become spaces (so character
+offsets into the returned text stay valid), each with a `NoteWarning`. An empty or missing note means "no note", which is not an error.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
 import warnings
 from pathlib import Path
@@ -29,23 +30,52 @@ def clean_note(text: str, source: str = "note") -> str | None:
     return cleaned if cleaned.strip() else None
 
 
+def decode_note(raw: bytes, source: str) -> str:
+    """A note file's bytes as text: UTF-8 (BOM allowed), or UTF-16 when the file says so (a
+    BOM, or the NUL byte of every other position that UTF-16 gives English text). Bytes that
+    are not UTF-8 are read as Windows-1252 (Latin-1's superset) when nothing in the file is
+    UTF-8 beyond ASCII, else replaced by U+FFFD; both with a `NoteWarning` naming the file."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    if len(raw) >= 4 and len(raw) % 2 == 0 and raw.count(0) * 2 >= len(raw) * 0.9:
+        try:
+            return raw.decode("utf-16-be" if raw[0] == 0 else "utf-16-le")
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: decoded below, its NULs become spaces
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        replaced = raw.decode("utf-8-sig", errors="replace")
+        if all(c < "\x80" or c == "\ufffd" for c in replaced):
+            try:
+                text = raw.decode("cp1252")
+            except UnicodeDecodeError:
+                pass  # a byte Windows-1252 leaves undefined: keep the replacement
+            else:
+                warnings.warn(
+                    f"{source}: not UTF-8 (byte {exc.start}); read as Windows-1252 (Latin-1). "
+                    "Save notes as UTF-8 if accented characters look wrong",
+                    NoteWarning,
+                    stacklevel=3,
+                )
+                return text
+        warnings.warn(
+            f"{source}: invalid UTF-8 at byte {exc.start}; replaced undecodable bytes with "
+            "U+FFFD. Save notes as UTF-8",
+            NoteWarning,
+            stacklevel=3,
+        )
+        return replaced
+
+
 def read_note_file(path: str | Path) -> str | None:
-    """Read a note file as UTF-8 (BOM allowed); invalid bytes become U+FFFD with a warning."""
+    """Read a note file (see `decode_note` for its encodings); a typed error if unreadable."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise NoteError(path, exc.strerror or str(exc)) from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        text = raw.decode("utf-8-sig", errors="replace")
-        warnings.warn(
-            f"{path}: invalid UTF-8 at byte {exc.start}; replaced undecodable bytes with U+FFFD",
-            NoteWarning,
-            stacklevel=2,
-        )
-    return clean_note(text, source=str(path))
+    return clean_note(decode_note(raw, str(path)), source=str(path))
 
 
 def read_note(text: str | None = None, path: str | Path | None = None) -> str | None:
