@@ -527,6 +527,16 @@ def test_a_run_where_every_study_failed_exits_1_naming_the_failures(
     assert len(pd.read_csv(tmp_path / "run" / "failures.csv")) == 3
 
 
+def test_a_manifest_with_no_study_rows_is_an_error_not_an_empty_success(
+    tiny_model, small_export, tmp_path, capsys
+):
+    header_only = tmp_path / "header_only.csv"
+    absolute_rows(small_export).head(0).to_csv(header_only, index=False)
+    assert infer(tiny_model, header_only, tmp_path / "run") == 2
+    assert "header_only.csv: no study rows below the header" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "predictions.csv").exists()
+
+
 def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
     tiny_model, small_export, tmp_path, caplog
 ):

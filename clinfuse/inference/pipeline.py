@@ -32,6 +32,7 @@ from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import file_sha256, iter_manifest
 from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
+from clinfuse.errors import ManifestError
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
@@ -145,8 +146,16 @@ class ScoringCollator:
 
 
 def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
-    """Check the whole manifest's structure up front (one clear error) and count its rows."""
-    return sum(1 for _ in iter_manifest(manifest, labels, chunk_rows, read_labels=False))
+    """Check the whole manifest's structure up front (one clear error) and count its rows; a
+    manifest with no study row is an error (a run of nothing would look like success)."""
+    total = sum(1 for _ in iter_manifest(manifest, labels, chunk_rows, read_labels=False))
+    if not total:
+        raise ManifestError(
+            manifest,
+            "no study rows below the header",
+            hint="add one row per study (README, \"The manifest\")",
+        )
+    return total
 
 
 def run_key(
