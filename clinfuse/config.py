@@ -199,6 +199,8 @@ class TrainConfig(Config):
     patience: int = Field(10, ge=1)
     class_weighting: Literal["balanced", "none"] = "balanced"  # pos_weight = negatives/positives
     max_pos_weight: float = Field(10.0, ge=1)  # below 1 it would weigh positives down
+    # targets 1 - e/2 and e/2 for every head (0: hard targets)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     threshold_rule: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, le=1)  # with threshold_rule=sensitivity
     augment: bool = True

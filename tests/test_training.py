@@ -278,6 +278,20 @@ def test_unknown_labels_are_masked_out_of_the_loss():
     torch.testing.assert_close(masked_bce(logits, labels, torch.ones(2)), expected)
 
 
+def test_label_smoothing_moves_targets_in_by_half_and_keeps_unknowns_out():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    labels = torch.tensor([[1.0, float("nan")], [float("nan"), 0.0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, 3.0]), torch.tensor([0.95, 0.05])
+    )
+    torch.testing.assert_close(masked_bce(logits, labels, torch.ones(2), 0.1), expected)
+    # the loss is smallest at a finite logit: log(0.95 / 0.05) for a positive
+    best = torch.log(torch.tensor(0.95 / 0.05))
+    grid = best + torch.tensor([-0.5, 0.0, 0.5])
+    losses = [masked_bce(z.view(1, 1), torch.ones(1, 1), torch.ones(1), 0.1) for z in grid]
+    assert losses[1] < losses[0] and losses[1] < losses[2]
+
+
 def test_class_imbalance_weights_are_negatives_over_positives():
     labels = np.array([[1, 0], [0, 0], [0, np.nan], [0, 1], [np.nan, 0]], dtype=np.float32)
     weights = balanced_pos_weight(labels, max_weight=2.5)

@@ -97,12 +97,18 @@ class Workers:
 
 
 def masked_bce(
-    logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pos_weight: torch.Tensor,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Mean binary cross-entropy over known labels; NaN labels contribute nothing."""
+    """Mean binary cross-entropy over known labels; NaN labels contribute nothing. With
+    `smoothing` e the targets are 1 - e/2 and e/2: the best logit is finite even where the
+    data separate the classes."""
     known = ~torch.isnan(labels)  # (B, L)
+    targets = torch.nan_to_num(labels) * (1 - smoothing) + smoothing / 2
     losses = torch.nn.functional.binary_cross_entropy_with_logits(
-        logits.float(), torch.nan_to_num(labels), pos_weight=pos_weight, reduction="none"
+        logits.float(), targets, pos_weight=pos_weight, reduction="none"
     )
     return (losses * known).sum() / known.sum().clamp(min=1)
 
@@ -112,17 +118,18 @@ def fusion_loss(
     batch: Batch,
     pos_weight: torch.Tensor,
     side_weight: float,
+    smoothing: float = 0.0,
 ) -> torch.Tensor:
     """The training loss of one batch: masked BCE of the fused logits, plus `side_weight` x
     the side heads' loss on the sides each study really used (after modality dropout) and the
     prior's on every study."""
     if side_weight <= 0:
-        return masked_bce(model(*batch.model_inputs()), batch.labels, pos_weight)
+        return masked_bce(model(*batch.model_inputs()), batch.labels, pos_weight, smoothing)
     logits, side_logits, used = model(*batch.model_inputs(), with_sides=True)
     side_labels = batch.labels[:, None, :].expand_as(side_logits)  # (B, 3, L)
     side_labels = side_labels.masked_fill(~used[:, :, None], float("nan"))
-    return masked_bce(logits, batch.labels, pos_weight) + side_weight * masked_bce(
-        side_logits, side_labels, pos_weight
+    return masked_bce(logits, batch.labels, pos_weight, smoothing) + side_weight * masked_bce(
+        side_logits, side_labels, pos_weight, smoothing
     )
 
 
@@ -333,7 +340,7 @@ def train(
                 continue
             batch = batch.to(torch_device)
             with autocast(torch_device, cfg.train.amp):
-                loss = fusion_loss(ddp, batch, pos_weight, side_weight)
+                loss = fusion_loss(ddp, batch, pos_weight, side_weight, cfg.train.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
