@@ -123,6 +123,18 @@ def parse_config(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
         raise ConfigError(key, error["msg"]) from exc
 
 
+def as_current(cls: type[Config], saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config section saved by an earlier clinfuse, with today's defaults for the keys it
+    predates (so it compares equal to the same settings given today); as saved when it no
+    longer validates (a key since removed or renamed)."""
+    if saved is None:
+        return None
+    try:
+        return cls.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
+
+
 def _known_keys_hint(cls: type[Config], loc: tuple[Any, ...]) -> str:
     model: Any = cls
     for part in loc[:-1]:

@@ -60,7 +60,7 @@ from clinfuse.evaluation.evaluate import measured_labels
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 from clinfuse.peers import TranschexConfig, count_parameters, train_transchex
-from clinfuse.training.trainer import balanced_pos_weight, file_sha256, masked_bce
+from clinfuse.training.trainer import balanced_pos_weight, masked_bce, training_differences
 
 PEER = "transchex"
 SIDES = ("note", "image")
@@ -72,15 +72,7 @@ def trained_with(folder: Path, cfg: RunConfig, manifest: Path) -> bool:
     if not (folder / "config.json").is_file():
         return False
     saved = read_checkpoint_config(folder)
-    model = {k: v for k, v in saved.get("model", {}).items() if k != "labels"}
-    wanted = cfg.model.model_dump(mode="json", exclude={"labels"})
-    return (
-        "training" in saved
-        and saved.get("manifest_sha256") == file_sha256(manifest)
-        and saved.get("train") == cfg.train.model_dump(mode="json")
-        and saved.get("data") == cfg.data.model_dump(mode="json")
-        and model == wanted
-    )
+    return "training" in saved and not training_differences(saved, manifest, cfg)
 
 
 def clinfuse_folder(mode: str, cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, bool]:

@@ -1,6 +1,7 @@
 """`clinfuse train` and `clinfuse evaluate` end to end on a small synthetic export (tiny model)."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -79,6 +80,22 @@ def test_rerunning_a_finished_training_does_nothing(trained, export, capsys, tmp
     assert main(["train", "--manifest", str(other), "--out", str(trained), *FAST]) == 2
     assert "another manifest than this command's" in capsys.readouterr().err
     assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_a_model_folder_from_before_a_new_setting_is_still_the_same_command(
+    trained, export, capsys, tmp_path
+):
+    older = tmp_path / "older"
+    shutil.copytree(trained, older)
+    config = json.loads((older / "config.json").read_text())
+    del config["train"]["label_smoothing"]  # saved before the setting existed
+    (older / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--manifest", str(export), "--out", str(older), *FAST]) == 0
+    assert "already trained" in capsys.readouterr().out
+    # its value today is the default: asking for another is another command
+    assert main(["train", "--manifest", str(export), "--out", str(older), *FAST,
+                 "train.label_smoothing=0.1"]) == 2  # fmt: skip
+    assert "another train than" in capsys.readouterr().err
 
 
 def test_training_is_seeded_and_reproducible_on_cpu(export, trained, tmp_path):

@@ -2,7 +2,8 @@
 
 A note is never a reason to lose a study: a file in UTF-16 or Windows-1252 is read as such,
 other invalid UTF-8 bytes become U+FFFD, and control characters become spaces (so character
-offsets into the returned text stay valid), each with a `NoteWarning`. An empty or missing note means "no note", which is not an error.
+offsets into the returned text stay valid), each with a `NoteWarning`. An empty or missing
+note means "no note", which is not an error.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import file_sha256, iter_manifest
 from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
-from clinfuse.errors import ManifestError
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
+from clinfuse.errors import ManifestError
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
@@ -153,7 +153,7 @@ def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
         raise ManifestError(
             manifest,
             "no study rows below the header",
-            hint="add one row per study (README, \"The manifest\")",
+            hint='add one row per study (README, "The manifest")',
         )
     return total
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clinfuse import __version__
-from clinfuse.config import RunConfig, TrainConfig
+from clinfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, as_current
 from clinfuse.data.batch import Batch, Collator, StudyDataset
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
 from clinfuse.data.notes import read_note
@@ -169,11 +169,9 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
     return factor
 
 
-def _check_same_training(
-    out_dir: Path, done: dict, manifest_path: str | Path, cfg: RunConfig
-) -> None:
-    """A finished model folder is reused only by the command that made it: another manifest or
-    configuration would otherwise leave the old model in place and report it as trained."""
+def training_differences(done: dict, manifest_path: str | Path, cfg: RunConfig) -> list[str]:
+    """What a finished model folder's saved config (`done`) was trained with that this
+    manifest and configuration are not: some of "manifest", "model", "data", "train"."""
     asked = {
         "manifest": file_sha256(manifest_path) if Path(manifest_path).is_file() else None,
         "model": {**cfg.model.model_dump(mode="json"), "labels": None},
@@ -182,11 +180,19 @@ def _check_same_training(
     }
     made = {
         "manifest": done.get("manifest_sha256"),
-        "model": {**done.get("model", {}), "labels": None},
-        "data": done.get("data"),
-        "train": done.get("train"),
+        "model": {**(as_current(ModelConfig, done.get("model")) or {}), "labels": None},
+        "data": as_current(DataConfig, done.get("data")),
+        "train": as_current(TrainConfig, done.get("train")),
     }
-    changed = [part for part in asked if asked[part] != made[part]]
+    return [part for part in asked if asked[part] != made[part]]
+
+
+def _check_same_training(
+    out_dir: Path, done: dict, manifest_path: str | Path, cfg: RunConfig
+) -> None:
+    """A finished model folder is reused only by the command that made it: another manifest or
+    configuration would otherwise leave the old model in place and report it as trained."""
+    changed = training_differences(done, manifest_path, cfg)
     if changed:
         raise ClinfuseError(
             f"{out_dir}: already holds a model trained with another {' and '.join(changed)} "
