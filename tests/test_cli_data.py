@@ -28,13 +28,34 @@ def test_console_script_has_help_for_every_subcommand():
 
 @pytest.mark.parametrize(
     "args, says",
-    [(["--n", "0"], "--n: 0: give 1 or more"), (["--size", "8"], "--size: 8: give 32 or more")],
+    [
+        (["--n", "0"], "--n: 0: give 1 or more"),
+        (["--size", "8"], "--size: 8: give 32 to 2048"),
+        (["--size", "100000"], "--size: 100000: give 32 to 2048"),  # not a 75 GB array
+        (["--seed", "-1"], "--seed: -1: give 0 or more"),
+    ],
 )
 def test_sample_data_refuses_sizes_it_cannot_make_as_a_usage_error(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as stopped:
         main(["sample-data", str(tmp_path / "x"), *args])
     assert stopped.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_starts_over(
+    tmp_path, capsys, monkeypatch
+):
+    from clinfuse.synthetic import export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_readme", interrupt)
+    assert main(["sample-data", str(tmp_path / "x"), "--n", "5", "--size", "32"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: the same command") and "Traceback" not in err
+    monkeypatch.undo()
+    assert main(["sample-data", str(tmp_path / "x"), "--n", "5", "--size", "32"]) == 0
 
 
 def test_sample_data_then_validate_is_trainable(export, capsys):

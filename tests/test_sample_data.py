@@ -13,6 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from clinfuse.errors import ClinfuseError
 from clinfuse.synthetic import LABELS, make_sample_data
 
 SIZE = 64
@@ -67,9 +68,25 @@ def test_rerun_replaces_a_previous_export_but_refuses_other_folders(tmp_path: Pa
     assert len(_rows(tmp_path / "out" / "manifest.csv")) == 10
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(ClinfuseError, match="not empty and not a previous sample export"):
         make_sample_data(tmp_path / "other", n=5, size=SIZE)
     assert (tmp_path / "other" / "mine.txt").read_text() == "keep me"
+
+
+def test_an_interrupted_export_has_no_manifest_and_a_rerun_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C after the images, before the export is complete
+
+    monkeypatch.setattr("clinfuse.synthetic.export.write_readme", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        make_sample_data(tmp_path / "out", n=10, size=SIZE)
+    assert list((tmp_path / "out" / "images").glob("*.dcm"))
+    assert not (tmp_path / "out" / "manifest.csv").exists()  # nothing to train on by mistake
+    monkeypatch.undo()
+    summary = make_sample_data(tmp_path / "out", n=10, size=SIZE)
+    assert len(_rows(summary.manifest)) == 10
 
 
 def test_manifest_follows_the_contract(export: Path) -> None:

@@ -1,8 +1,8 @@
 """`clinfuse train` and `clinfuse evaluate` end to end on a small synthetic export (tiny model)."""
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -147,9 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
     p.add_argument("--n", type=at_least(1), default=1000, help="number of studies (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="random seed (default 0)")
     p.add_argument(
-        "--size", type=at_least(32), default=96, help="image side in pixels (default 96, >= 32)"
+        "--size",
+        type=at_least(32, 2048),
+        default=96,
+        help="image side in pixels (default 96, 32 to 2048)",
     )
     p.set_defaults(run=_sample_data)
 
@@ -256,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """A warning as one line for the user ("warning: ..."), not Python's file:line form."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reuse_freed_memory()  # every command runs models on CPU batch after batch
@@ -266,8 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # Alembic announces its plugins whenever a new store is created,
         for chatty in ("alembic", "highdicom"):  # highdicom each module it copies into an SR
             logging.getLogger(chatty).setLevel(logging.WARNING)
+    warnings.formatwarning = _format_warning
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the same command continues where it stopped (train, infer, demo) "
+            "or starts again",
+            file=sys.stderr,
+        )
+        return 130
     except ClinfuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from clinfuse.errors import ClinfuseError
 from clinfuse.synthetic.cohort import LABELS, Study, observed_labels, sample_cohort, true_labels
 from clinfuse.synthetic.images import ImageSpec, Rendering, render_chest
 from clinfuse.synthetic.notes import Note, rationale_spans, write_note
@@ -101,7 +102,6 @@ def make_sample_data(
             (out / "notes" / f"{study.study_id}.txt").write_bytes(note.text.encode("utf-8"))
             rationales += _rationale_rows(study, note, truth)
     observed = observed_labels(studies, seed)
-    _write_manifest(out / "manifest.csv", studies, observed)
     _write_truth(out / "ground_truth" / "truth.csv", studies, truths)
     _write_masks(out / "ground_truth" / "masks.npz", masks)
     lines = [json.dumps(row, sort_keys=True, ensure_ascii=False) for row in rationales]
@@ -109,6 +109,7 @@ def make_sample_data(
         "".join(f"{x}\n" for x in lines).encode()
     )
     write_readme(out / "README.md", studies, truths, observed, n=n, seed=seed, size=size)
+    _write_manifest(out / "manifest.csv", studies, observed)  # last: the export is complete
     return SampleDataSummary(
         out_dir=out,
         manifest=out / "manifest.csv",
@@ -123,12 +124,14 @@ def make_sample_data(
 
 
 def _prepare(out: Path) -> None:
-    """Create the layout; clear the files of a previous export; refuse any other content."""
+    """Create the layout; clear the files of a previous export, finished or interrupted (its
+    marker file says so); refuse any other content."""
+    marker = out / MARKER
     ours = [out / "manifest.csv", out / "README.md", *(out / "ground_truth").glob("*")]
     ours += [*(out / "images").glob("*.dcm"), *(out / "notes").glob("*.txt")]
-    previous = (out / "ground_truth" / "truth.csv").is_file()
+    previous = marker.is_file() or (out / "ground_truth" / "truth.csv").is_file()
     if out.is_dir() and not previous and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise FileExistsError(
+        raise ClinfuseError(
             f"{out}: not empty and not a previous sample export; choose an empty folder"
         )
     for path in ours:
@@ -136,6 +139,7 @@ def _prepare(out: Path) -> None:
             path.unlink()
     for sub in ("images", "notes", "ground_truth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by clinfuse sample-data; a rerun may replace this folder\n")
 
 
 def _render(study: Study, seed: int, size: int) -> Rendering:
@@ -279,6 +283,7 @@ def _write_manifest(path: Path, studies: list[Study], observed: list[dict[str, s
     _write_csv(path, header, rows)
 
 
+MARKER = ".clinfuse-sample-data"  # in every export from its start: an interrupted one is ours too
 TRUTH_COLUMNS = (
     "opacity", "opacity_side", "infection", "infection_side", "effusion_side", "ctr",
     "decoy_marker", "decoy_line", "decoy_ecg", "view", "modality", "photometric",
