@@ -42,9 +42,7 @@ def test_sample_data_refuses_sizes_it_cannot_make_as_a_usage_error(tmp_path, cap
     assert not (tmp_path / "x").exists()
 
 
-def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_starts_over(
-    tmp_path, capsys, monkeypatch
-):
+def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_starts_over(tmp_path, capsys, monkeypatch):
     from clinfuse.synthetic import export
 
     def interrupt(*args, **kwargs):

@@ -5,6 +5,8 @@ end to end on a tiny model trained on a small synthetic export.
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -357,3 +359,38 @@ def test_ground_truth_that_knows_none_of_the_models_labels_is_refused(trained, e
     (other / "rationales.jsonl").write_text('{"study_id": "S1", "label": "nodule", "spans": []}\n')
     with pytest.raises(ManifestError, match="holds no ground truth for any of the model's labels"):
         evaluate_explanations(model, export / "manifest.csv", other)
+
+
+def test_damaged_ground_truth_is_one_error_naming_file_and_line(trained, export, tmp_path):
+    from clinfuse.errors import ManifestError
+    from clinfuse.explain.quality import evaluate_explanations, load_ground_truth
+    from clinfuse.model import load_checkpoint
+
+    def damaged(name: str, content: bytes) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(export / "ground_truth", folder)
+        (folder / name).write_bytes(content)
+        return folder
+
+    with pytest.raises(ManifestError, match=r"masks.npz: not a NumPy .npz of lesion masks"):
+        load_ground_truth(damaged("masks.npz", b"PK\x03\x04 cut short"))
+    lines = (export / "ground_truth" / "rationales.jsonl").read_bytes().splitlines(keepends=True)
+    with pytest.raises(ManifestError, match=r"rationales.jsonl: line 2 is not a rationale record"):
+        load_ground_truth(damaged("rationales.jsonl", b"".join([lines[0], b"{cut\n", *lines[1:]])))
+    truth = pd.read_csv(export / "ground_truth" / "truth.csv", dtype=str)
+    truth.loc[0, "copd"] = "yes"
+    folder = damaged("truth.csv", truth.to_csv(index=False).encode())
+    load_ground_truth(folder)  # a column no model label names is not read
+    with pytest.raises(ManifestError, match=r"truth.csv column 'copd': truth values must be 1, 0"):
+        load_ground_truth(folder, ("cardiomegaly", "copd"))
+
+    model = load_checkpoint(trained)  # masks of another export, drawn at another size
+    with np.load(export / "ground_truth" / "masks.npz") as data:
+        small = {key: data[key][::2, ::2] for key in data.files}
+    other = tmp_path / "other_size"
+    shutil.copytree(export / "ground_truth", other)
+    np.savez_compressed(other / "masks.npz", **small)
+    with pytest.raises(ManifestError, match=r"the mask of \S+ is 32x32 pixels but the study's"):
+        evaluate_explanations(
+            model, export / "manifest.csv", other, split="all", steps=2, sanity=False
+        )

@@ -110,6 +110,21 @@ def test_given_split_is_kept_and_empty_cells_are_assigned(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "header", ["study_id,patient_id,note,flu,flu", "study_id,patient_id,note,flu, flu "]
+)
+def test_a_column_named_twice_is_an_error_not_a_renamed_label(tmp_path, header):
+    path = tmp_path / "m.csv"
+    path.write_text(f"{header}\nS1,P1,fever,1,0\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="column 'flu': column named twice in the header"):
+        load_manifest(path)
+
+
+def test_a_label_named_twice_is_an_error(tmp_path):
+    with pytest.raises(ManifestError, match="column 'flu': label named twice"):
+        load_manifest(write(tmp_path, ROWS), labels=["flu", "flu"])
+
+
+@pytest.mark.parametrize(
     ("change", "match"),
     [
         (

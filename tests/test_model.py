@@ -362,6 +362,20 @@ def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{cut short", encoding="utf-8")
     with pytest.raises(ModelFolderError, match="config.json is not valid JSON"):
         load_checkpoint(tmp_path / "m")
+    for other in ('{"architectures": ["BertModel"]}', "[]"):  # e.g. a Hugging Face folder
+        (tmp_path / "m" / "config.json").write_text(other, encoding="utf-8")
+        with pytest.raises(ModelFolderError, match="config.json has no 'model' section"):
+            load_checkpoint(tmp_path / "m")
+
+
+def test_weights_of_another_shape_are_one_error_naming_the_tensor(tmp_path):
+    save_checkpoint(build(), tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["labels"] = [*config["model"]["labels"], "extra"]  # files of two models
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"does not match config.json \(size mismatch"):
+        load_checkpoint(tmp_path / "m")
 
 
 def test_checkpoint_with_an_unknown_key_fails_naming_it(tmp_path):

@@ -116,7 +116,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--steps", type=at_least(1), default=32, help="integrated-gradients steps")
-    p.add_argument("--max-studies", type=int, help="explain at most this many studies")
+    p.add_argument(
+        "--max-studies", type=at_least(1), help="explain at most this many studies"
+    )
     p.add_argument("--no-sanity", action="store_true", help="skip the randomisation check")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_explain_eval)

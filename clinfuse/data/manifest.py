@@ -8,9 +8,10 @@ are not structural and are found later, study by study, by `validate` or the pip
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,9 +114,25 @@ def _kind(path: Path) -> str:
     return kind
 
 
-def _text_table(table: pd.DataFrame) -> pd.DataFrame:
-    table.columns = [str(c).strip() for c in table.columns]
+def _text_table(path: Path, table: pd.DataFrame) -> pd.DataFrame:
+    table.columns = _unique_columns(path, table.columns)
     return table.map(_as_text) if len(table) else table.astype(str)
+
+
+def _unique_columns(path: Path, names: Iterable[object]) -> list[str]:
+    """Column names stripped; one named twice is an error (it would hide one column's values)."""
+    stripped = [str(name).strip() for name in names]
+    seen: set[str] = set()
+    for name in stripped:
+        if name in seen:
+            raise ManifestError(
+                path,
+                "column named twice in the header",
+                column=name,
+                hint="rename or remove one of them",
+            )
+        seen.add(name)
+    return stripped
 
 
 def file_sha256(path: str | Path) -> str:
@@ -153,12 +170,13 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
         empty = True
         for chunk in chunks:
             empty = False
-            yield _text_table(chunk)
+            yield _text_table(path, chunk)
         if empty:
             yield _text_table(
+                path,
                 pd.read_csv(path, sep=sep, dtype=str, nrows=0, encoding="utf-8-sig")
                 if kind == "csv"
-                else pd.DataFrame(columns=["study_id"])
+                else pd.DataFrame(columns=["study_id"]),
             )
     except ManifestError:
         raise
@@ -168,10 +186,13 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
 
 def _csv_separator(path: Path) -> str:
     """The CSV's separator: a comma, unless the header row has none and is split by semicolons
-    or tabs, as spreadsheet programs save "CSV" in locales whose decimal mark is a comma."""
-    with path.open(encoding="utf-8-sig", errors="replace") as file:
+    or tabs, as spreadsheet programs save "CSV" in locales whose decimal mark is a comma. The
+    header's names are checked here, before pandas renames a repeated one ("mass.1")."""
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
         header = file.readline()
-    return next((sep for sep in (",", ";", "\t") if sep in header), ",")
+    sep = next((sep for sep in (",", ";", "\t") if sep in header), ",")
+    _unique_columns(path, next(csv.reader([header], delimiter=sep), []))
+    return sep
 
 
 def _as_text(value: object) -> str:
@@ -306,6 +327,10 @@ def _label_columns(
     else:
         names = tuple(labels)
         for name in names:
+            if names.count(name) > 1:
+                raise ManifestError(
+                    path, "label named twice in --labels / data.labels", column=name
+                )
             if name not in table.columns:
                 raise ManifestError(
                     path,

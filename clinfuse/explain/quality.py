@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,22 @@ class GroundTruth:
     masks: dict[str, np.ndarray]  # "<study_id>/<label>" -> (H, W) uint8
     rationales: dict[tuple[str, str], list[tuple[int, int]]]
     labels: dict[str, dict[str, float]]  # study_id -> label -> 1.0 / 0.0 (truth.csv)
+    folder: Path | None = None  # where it was read from
 
     def mask(self, study_id: str, label: str) -> np.ndarray | None:
         return self.masks.get(f"{study_id}/{label}")
+
+    def mask_on(self, study_id: str, label: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The mask, checked to lie on the study's DICOM grid `shape`."""
+        mask = self.mask(study_id, label)
+        if mask is not None and tuple(mask.shape) != tuple(shape):
+            raise ManifestError(
+                (self.folder or Path(".")) / "masks.npz",
+                f"the mask of {study_id}/{label} is {'x'.join(map(str, mask.shape))} pixels "
+                f"but the study's image is {'x'.join(map(str, shape))}",
+                hint="pass the ground truth of the export the manifest comes from",
+            )
+        return mask
 
     def rationale(self, study_id: str, label: str) -> list[tuple[int, int]]:
         return self.rationales.get((study_id, label), [])
@@ -88,27 +102,65 @@ class GroundTruth:
         return self.labels.get(study_id, {}).get(label, fallback)
 
 
-def load_ground_truth(folder: str | Path) -> GroundTruth:
-    """Read masks.npz, rationales.jsonl and (optional) truth.csv from `folder`."""
+def load_ground_truth(folder: str | Path, labels: Sequence[str] = ()) -> GroundTruth:
+    """Read masks.npz, rationales.jsonl and (optional) truth.csv from `folder`; a file that
+    does not parse, or a truth.csv column of `labels` that is not 1/0/empty, is one
+    `ManifestError` naming it (and the line or column)."""
     folder = Path(folder)
     hint = "pass the ground_truth folder `clinfuse sample-data` writes"
     for name in ("masks.npz", "rationales.jsonl"):
         if not (folder / name).is_file():
             raise ManifestError(folder / name, "ground-truth file not found", hint=hint)
-    with np.load(folder / "masks.npz", allow_pickle=False) as data:
-        masks = {key: data[key] for key in data.files}
+    try:
+        with np.load(folder / "masks.npz", allow_pickle=False) as data:
+            masks = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # never unpickled
+        raise ManifestError(
+            folder / "masks.npz", f"not a NumPy .npz of lesion masks ({exc})", hint=hint
+        ) from None
     rationales: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for line in (folder / "rationales.jsonl").read_text(encoding="utf-8").splitlines():
+    lines = (folder / "rationales.jsonl").read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
         if line.strip():
-            item = json.loads(line)
-            key = (item["study_id"], item["label"])
-            rationales[key] = [(int(s), int(e)) for s, e in item["spans"]]
-    labels: dict[str, dict[str, float]] = {}
+            try:
+                item = json.loads(line)
+                key = (str(item["study_id"]), str(item["label"]))
+                rationales[key] = [(int(s), int(e)) for s, e in item["spans"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ManifestError(
+                    folder / "rationales.jsonl",
+                    f"line {number} is not a rationale record ({type(exc).__name__}: {exc})",
+                    hint='each line: {"study_id": ..., "label": ..., "spans": [[start, end]]}',
+                ) from None
+    truth: dict[str, dict[str, float]] = {}
     if (folder / "truth.csv").is_file():
-        table = pd.read_csv(folder / "truth.csv", dtype={"study_id": str}).set_index("study_id")
-        numeric = table.select_dtypes("number")
-        labels = {sid: {k: float(v) for k, v in row.items()} for sid, row in numeric.iterrows()}
-    return GroundTruth(masks, rationales, labels)
+        truth = _truth_labels(folder / "truth.csv", labels)
+    return GroundTruth(masks, rationales, truth, folder)
+
+
+def _truth_labels(path: Path, labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """truth.csv: study_id, then columns of 1 / 0 / empty (the labels; other columns, such as
+    the sample data's latent variables, are not read). A column named in `labels` must be one."""
+    try:
+        table = pd.read_csv(path, dtype={"study_id": str}).set_index("study_id")
+    except (ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise ManifestError(
+            path, f"cannot read a study_id column and label columns ({exc})"
+        ) from None
+    binary = []
+    for column in table.columns:
+        values = pd.to_numeric(table[column], errors="coerce")
+        if (
+            values.notna().sum() == table[column].notna().sum()
+            and values.dropna().isin([0, 1]).all()
+        ):
+            binary.append(column)
+        elif column in labels:
+            raise ManifestError(path, "truth values must be 1, 0 or empty", column=str(column))
+    return {
+        sid: {k: float(v) for k, v in row.items() if not pd.isna(v)}
+        for sid, row in table[binary].apply(pd.to_numeric).iterrows()
+    }
 
 
 # -- image maps per method ------------------------------------------------------------------
@@ -242,7 +294,7 @@ def localisation(
     it), relevance mass and mask AUROC per image method (where a mask exists), and rationale
     rank and mass of the note (where a rationale does)."""
     rows: list[Record] = []
-    mask = truth.mask(expl.study_id, expl.labels[j])
+    mask = truth.mask_on(expl.study_id, expl.labels[j], tuple(original or ()))
     if mask is not None and original is not None and expl.image is not None:
         rows += _rows(expl, j, stage, "mask", {"fraction": np.mean(mask > 0)})
         tolerance = POINTING_TOLERANCE * max(original)  # pixels of the DICOM grid
@@ -366,7 +418,7 @@ def evaluate_explanations(
     """Score `explain` on the true positives of `split` ("all" = every row; `patient_split` =
     the model's saved split settings). Returns `quality_summary`'s dict."""
     model.eval()
-    truth = load_ground_truth(truth_dir)
+    truth = load_ground_truth(truth_dir, model.labels)
     known = truth.known_labels()
     unmeasured = [name for name in model.labels if name not in known]
     if len(unmeasured) == len(model.labels):
@@ -381,6 +433,12 @@ def evaluate_explanations(
             truth_dir,
             ", ".join(unmeasured),
         )
+    for parts, kind, bars in (
+        (truth.masks, "lesion masks", "pointing game, relevance mass, pixel deletion"),
+        (truth.rationales, "rationales", "rationale first, word deletion"),
+    ):
+        if not parts:
+            log.warning("%s holds no %s: the %s bars cannot be measured", truth_dir, kind, bars)
     manifest = load_manifest(manifest_path, labels=model.labels, split=patient_split)
     rows = {r.study_id: r for r in manifest.rows(None if split == "all" else split)}
     if not rows:
@@ -604,9 +662,11 @@ def check_bars(summary: dict[str, Any], seconds_per_study: float | None = None) 
     worst["note_share_note_only"] = _worst(labels, "modality", "note_share", "min", "note")
     if seconds_per_study is not None:
         worst["seconds_per_study"] = {"label": None, "value": seconds_per_study}
+    unmeasured = {"label": None, "value": None}  # e.g. no lesion masks: no image bar, no pass
     return [
-        {"bar": name, "threshold": threshold, "direction": direction, **worst[name]}
-        | {"passed": _passes(name, worst[name]["value"])}
+        {"bar": name, "threshold": threshold, "direction": direction}
+        | worst.get(name, unmeasured)
+        | {"passed": _passes(name, worst.get(name, unmeasured)["value"])}
         for name, (threshold, direction) in BARS.items()
-        if name in worst
+        if name != "seconds_per_study" or name in worst
     ]

@@ -79,13 +79,21 @@ def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
             hint="Pass the folder `clinfuse train --out` wrote",
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFolderError(
             folder,
             f"config.json is not valid JSON ({exc})",
             hint="the file was edited or cut short; copy the model folder again from its source",
         ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ModelFolderError(
+            folder,
+            "not a clinfuse model folder (its config.json has no 'model' section)",
+            hint="Pass the folder `clinfuse train --out` wrote; a pretrained note encoder's "
+            "folder goes in text.pretrained",
+        )
+    return config
 
 
 def load_checkpoint(
@@ -118,6 +126,13 @@ def load_checkpoint(
             folder,
             f"model.safetensors cannot be read ({exc})",
             hint="copy the model folder again from its source (the weights must be complete)",
+        ) from None
+    except RuntimeError as exc:  # tensors of other shapes: another model's weights or config
+        mismatch = next((x.strip() for x in str(exc).splitlines() if "size mismatch" in x), "")
+        raise ModelFolderError(
+            folder,
+            f"model.safetensors does not match config.json ({mismatch or 'shapes differ'})",
+            hint="the folder was edited or mixes two models; use the folder training wrote",
         ) from None
     if unexpected or set(missing) - {"offset"}:  # folders from before the offset predict b = 0
         raise ModelFolderError(
