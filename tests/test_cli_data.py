@@ -114,6 +114,11 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
     broken.to_csv(tmp_path / "broken.csv", index=False)
     assert main(["validate", str(tmp_path / "broken.csv")]) == 2
     assert "column 'patient_id': missing required column" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")  # where the verdicts cannot go: said before any row
+    args = ["validate", str(export / "manifest.csv"), "--out", str(tmp_path / "a_file" / "v.csv")]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "a_file: is a file, not a folder" in captured.err and "rows:" not in captured.out
 
     unlabeled = manifest.copy()
     for label in ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"):
@@ -122,7 +127,17 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
     unlabeled["note_path"] = unlabeled["note_path"].map(lambda p: str(export / p) if p else "")
     unlabeled.to_csv(tmp_path / "unlabeled.csv", index=False)
     assert main(["validate", str(tmp_path / "unlabeled.csv")]) == 1
-    assert "trainable: NO" in capsys.readouterr().out
+    assert "trainable: NO (no usable row with a known label)" in capsys.readouterr().out
+
+    no_val = manifest.copy()  # every row in train ("Train" as a spreadsheet capitalises it)
+    no_val["split"] = "Train"
+    for column in ("image", "note_path"):
+        no_val[column] = no_val[column].map(lambda p: str(export / p) if p else "")
+    no_val.to_csv(tmp_path / "no_val.csv", index=False)
+    assert main(["validate", str(tmp_path / "no_val.csv")]) == 1  # as train would refuse it
+    assert "trainable: NO (no usable row with a known label in the 'val' split" in (
+        capsys.readouterr().out
+    )
 
 
 def test_committed_sample_data_is_what_the_documented_command_writes(tmp_path):

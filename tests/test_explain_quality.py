@@ -300,6 +300,19 @@ def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, caps
     assert clinfuse("explain", *base, "--study-id", study) == 0
     with np.load(tmp_path / "x" / f"{study}.npz") as data:
         assert 1 <= len(data["labels"]) <= 6
+    capsys.readouterr()
+    assert clinfuse("explain", *base, "--study-id", study, "--study-id", f" {study}",
+                    "--labels", "copd,copd") == 0  # fmt: skip
+    assert capsys.readouterr().out.count(f"{study}: copd ->") == 1  # once, one label
+    with np.load(tmp_path / "x" / f"{study}.npz") as data:
+        assert list(data["labels"]) == ["copd"]
+    (tmp_path / "a_file").write_text("")
+    for command in ("explain", "explain-eval"):
+        args = [*base[:4], "--out", str(tmp_path / "a_file"), "--study-id", study]
+        if command == "explain-eval":
+            args = [*base[:4], "--truth", str(export / "ground_truth"), "--out", args[5]]
+        assert clinfuse(command, *args) == 2
+        assert "a_file: is a file, not a folder" in capsys.readouterr().err
     unlabelled = export / "new_studies.csv"  # new studies: no label columns yet
     table = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
     table[["study_id", "patient_id", "image", "note_path"]].to_csv(unlabelled, index=False)

@@ -14,6 +14,7 @@ from clinfuse.cli.args import at_least
 
 def _explain(args: argparse.Namespace) -> int:
     from clinfuse.explain.render import explain_studies
+    from clinfuse.exports.files import check_writable
 
     def report(study) -> None:
         if study.failure:
@@ -22,6 +23,7 @@ def _explain(args: argparse.Namespace) -> int:
             names = ", ".join(p.name for p in study.files)
             print(f"{study.study_id}: {', '.join(study.labels)} -> {names}")
 
+    check_writable(args.out)  # before any study is explained
     done = explain_studies(
         args.model,
         args.manifest,
@@ -42,8 +44,11 @@ def _explain_eval(args: argparse.Namespace) -> int:
     from clinfuse.evaluation.evaluate import model_version
     from clinfuse.explain.quality import evaluate_explanations
     from clinfuse.explain.render import quality_markdown
+    from clinfuse.exports.files import check_writable
     from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 
+    out = Path(args.out)
+    check_writable(out)  # before the studies are explained, not after
     model = load_checkpoint(args.model, select_device(args.device))
     data = read_checkpoint_config(args.model).get("data", {})
     summary = evaluate_explanations(
@@ -62,8 +67,6 @@ def _explain_eval(args: argparse.Namespace) -> int:
         progress=print,
     )
     summary["model_version"] = model_version(args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "explain_eval.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (out / "explain_eval.md").write_text(quality_markdown(summary), encoding="utf-8")
     print(f"default image method: {summary['default_method']}")
@@ -116,9 +119,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder to write")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--steps", type=at_least(1), default=32, help="integrated-gradients steps")
-    p.add_argument(
-        "--max-studies", type=at_least(1), help="explain at most this many studies"
-    )
+    p.add_argument("--max-studies", type=at_least(1), help="explain at most this many studies")
     p.add_argument("--no-sanity", action="store_true", help="skip the randomisation check")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.set_defaults(run=_explain_eval)

@@ -34,7 +34,10 @@ def _sample_data(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from clinfuse.data.manifest import PatientSplit
     from clinfuse.data.validate import validate_manifest
+    from clinfuse.exports.files import check_writable
 
+    out = args.out or Path(args.manifest).with_name(Path(args.manifest).stem + ".verdicts.csv")
+    check_writable(out.parent)  # before the rows are read, not after
     report = validate_manifest(
         args.manifest,
         labels=args.labels.split(",") if args.labels else None,
@@ -42,7 +45,6 @@ def _validate(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(report.format_summary())
-    out = args.out or Path(args.manifest).with_name(Path(args.manifest).stem + ".verdicts.csv")
     report.verdicts.to_csv(out, index=False)
     print(f"per-row verdicts: {out}")
     if args.json:
@@ -162,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every row of a manifest; exit 0 when it can be trained on",
         description="Check a manifest's structure, then every row (image decodes, note "
         "readable, labels valid). Prints a summary, writes per-row verdicts. Exit status 0 when "
-        "the manifest can be trained on, 1 when no usable row has a known label, 2 on a "
-        "structural error.",
+        "the manifest can be trained on, 1 when training would refuse it (no usable row with a "
+        "known label in the train or the val split), 2 on a structural error.",
     )
     p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL manifest")
     p.add_argument("--out", type=Path, help="verdicts CSV (default MANIFEST.verdicts.csv)")

@@ -76,10 +76,25 @@ class ValidationReport:
         return self.verdicts["status"] != "failed"
 
     @property
+    def untrainable(self) -> str:
+        """Why `clinfuse train` would refuse this manifest ("" when it would not): it needs
+        usable rows with a known label in the train and val splits."""
+        known = ~np.isnan(self.manifest.label_matrix()).all(axis=1) & self.usable.to_numpy()
+        if not known.any():
+            return "no usable row with a known label"
+        splits = self.verdicts["split"].to_numpy()
+        empty = [split for split in ("train", "val") if not (known & (splits == split)).any()]
+        if empty:
+            return (
+                f"no usable row with a known label in the {' or '.join(map(repr, empty))} "
+                "split; training needs both (fix the split column, or leave it empty for a "
+                "seeded patient-level split)"
+            )
+        return ""
+
+    @property
     def trainable(self) -> bool:
-        """At least one usable row with at least one known label."""
-        known = ~np.isnan(self.manifest.label_matrix()).all(axis=1)
-        return bool((self.usable.to_numpy() & known).any())
+        return not self.untrainable
 
     def failures_by_reason(self) -> dict[str, int]:
         failed = self.verdicts.loc[~self.usable, "reason"]
@@ -149,11 +164,7 @@ class ValidationReport:
             "label prevalence (positive / known) per split:",
             wide.to_string(na_rep="-"),
         ]
-        lines.append(
-            "trainable: yes"
-            if s["trainable"]
-            else "trainable: NO (no usable row with a known label)"
-        )
+        lines.append("trainable: yes" if s["trainable"] else f"trainable: NO ({self.untrainable})")
         return "\n".join(lines)
 
 

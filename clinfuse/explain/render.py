@@ -227,7 +227,7 @@ def select_labels(model: FusionModel, probabilities: torch.Tensor, which: str) -
 
 def label_names(model: FusionModel, which: str) -> list[str]:
     """Comma-separated label names, each one of the model's (else a ConfigError naming them)."""
-    names = [name.strip() for name in which.split(",") if name.strip()]
+    names = list(dict.fromkeys(name.strip() for name in which.split(",") if name.strip()))
     unknown = [name for name in names if name not in model.labels]
     if unknown or not names:
         raise ConfigError(
@@ -255,6 +255,7 @@ def explain_studies(
     if labels not in ("positive", "all"):
         label_names(model, labels)  # a wrong name is an error before any study is read
     version = model_version(model_dir)
+    study_ids = list(dict.fromkeys(s.strip() for s in study_ids))  # as manifest ids are read
     wanted = set(study_ids)  # streamed as `infer` reads it: label columns optional
     rows = {
         r.study_id: r

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -36,6 +37,17 @@ log = logging.getLogger(__name__)
 FORMATS = frozenset({"fhir", "sr"})
 # What a report needs of an image to reference it.
 EVIDENCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def check_writable(folder: Path) -> None:
+    """Make `folder` and write (and remove) a file in it, so a command that writes there at
+    the end fails at its start, not after all its work: an `OSError` naming the folder, or a
+    `ClinfuseError` when it is a file."""
+    if folder.exists() and not folder.is_dir():
+        raise ClinfuseError(f"{folder}: is a file, not a folder; choose a folder to write into")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def write_atomic(path: Path, data: bytes) -> None:
