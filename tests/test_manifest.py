@@ -197,3 +197,14 @@ def test_manifest_error_never_prints_patient_ids(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(write(tmp_path, rows))
     assert "P1" not in str(info.value)
+
+
+def test_a_pipe_separated_or_utf16_manifest_says_what_to_fix(tmp_path):
+    piped = tmp_path / "piped.csv"
+    piped.write_text("study_id|patient_id|note|flu\nS1|P1|fever|1\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="header reads as one column: separate columns by"):
+        load_manifest(piped)
+    wide = tmp_path / "utf16.csv"
+    wide.write_bytes("study_id,patient_id,note,flu\nS1,P1,fièvre,1\n".encode("utf-16"))
+    with pytest.raises(ManifestError, match=r"utf16.csv: not UTF-8 text .*save it as UTF-8"):
+        load_manifest(wide)

@@ -362,6 +362,8 @@ def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{cut short", encoding="utf-8")
     with pytest.raises(ModelFolderError, match="config.json is not valid JSON"):
         load_checkpoint(tmp_path / "m")
+    with pytest.raises(ModelFolderError, match="config.json: is a file, not a model folder"):
+        load_checkpoint(tmp_path / "m" / "config.json")  # the file, not its folder
     for other in ('{"architectures": ["BertModel"]}', "[]"):  # e.g. a Hugging Face folder
         (tmp_path / "m" / "config.json").write_text(other, encoding="utf-8")
         with pytest.raises(ModelFolderError, match="config.json has no 'model' section"):

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=float, default=0.15, help="validation share of patients")
     p.add_argument("--test", type=float, default=0.15, help="test share of patients")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-    p.add_argument("--workers", type=int, default=1, help="processes reading files")
+    p.add_argument("--workers", type=at_least(0), default=1, help="processes reading files")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
     p.set_defaults(run=_validate)
 
@@ -244,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--standards", default="", help="also write fhir,sr per study")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument(
-        "--workers", type=int, default=2, help="decoding (and, on CPU, scoring) processes"
+        "--workers", type=at_least(0), default=2, help="decoding (and, on CPU, scoring) processes"
     )
     p.add_argument(
         "--threads",

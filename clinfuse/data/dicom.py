@@ -160,7 +160,12 @@ def _parse(path: Path) -> Dataset:
             detail = "the pixel data lives on a JPIP server, not in the file"
             raise _error(path, "no_decoder", detail, "retrieve the image as a complete file")
         if "Rows" in ds or (last and last.value_tell + last.length < size):  # cut-off tag
-            raise _error(path, "truncated", "the file ends before its Pixel Data")
+            raise _error(
+                path,
+                "truncated",
+                "the file ends before its Pixel Data (it describes an image, Rows and Columns, "
+                "but holds no pixels: cut short, or the pixels were removed)",
+            )
         modality = _text(ds, "Modality")
         what = sop_class or (f"{modality} object" if modality else "this data set")
         raise _error(path, "no_pixel_data", f"{what} holds no Pixel Data")

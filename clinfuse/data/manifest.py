@@ -180,6 +180,10 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
             )
     except ManifestError:
         raise
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            path, f"not UTF-8 text ({exc.reason} at byte {exc.start})", hint="save it as UTF-8"
+        ) from exc
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
         raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
 
@@ -316,7 +320,10 @@ def check_table(
 
 
 def _columns_hint(table: pd.DataFrame) -> str:
-    return f"columns found: {', '.join(map(str, table.columns)) or 'none'}"
+    found = f"columns found: {', '.join(map(str, table.columns)) or 'none'}"
+    if len(table.columns) == 1 and any(sep in str(table.columns[0]) for sep in "|:^"):
+        found += " (the header reads as one column: separate columns by commas, semicolons or tabs)"
+    return found
 
 
 def _label_columns(

@@ -72,6 +72,12 @@ def model_version(folder: str | Path) -> str:
 
 def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
+    if Path(folder).is_file():
+        raise ModelFolderError(
+            folder,
+            "is a file, not a model folder",
+            hint="Pass the folder `clinfuse train --out` wrote (it holds config.json)",
+        )
     if not path.is_file():
         raise ModelFolderError(
             folder,
