@@ -199,6 +199,19 @@ def _csv_separator(path: Path) -> str:
     return sep
 
 
+def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
+    """A CSV manifest's rows with fewer cells than its header: {row: (cells, header cells)}.
+    The reader reads their missing cells as empty (labels unknown); `validate` says so."""
+    path = Path(path)
+    if _kind(path) != "csv":
+        return {}
+    sep = _csv_separator(path)
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
+        records = (r for r in csv.reader(file, delimiter=sep) if any(c.strip() for c in r))
+        width = len(next(records, []))
+        return {n: (len(r), width) for n, r in enumerate(records, 1) if len(r) < width}
+
+
 def _as_text(value: object) -> str:
     """A cell as text: None/NaN -> "", 1.0 -> "1", strings stripped."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

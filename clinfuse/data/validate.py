@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from clinfuse.data.manifest import SPLITS, Manifest, PatientSplit, StudyRow, load_manifest
+from clinfuse.data.manifest import (
+    SPLITS,
+    Manifest,
+    PatientSplit,
+    StudyRow,
+    load_manifest,
+    short_rows,
+)
 from clinfuse.data.study import load_study
 from clinfuse.errors import ClinfuseError, DicomError
 
@@ -70,6 +77,7 @@ class ValidationReport:
 
     manifest: Manifest
     verdicts: pd.DataFrame  # columns VERDICT_COLUMNS, one row per manifest row, manifest order
+    short: dict[int, tuple[int, int]] = field(default_factory=dict)  # `short_rows`
 
     @property
     def usable(self) -> pd.Series:
@@ -145,6 +153,12 @@ class ValidationReport:
             f"image only {s['image_only']}, note only {s['note_only']})  failed: {s['failed']}",
         ]
         lines += [f"  failed {reason}: {n}" for reason, n in s["failed_by_reason"].items()]
+        if self.short:
+            listed = ", ".join(map(str, list(self.short)[:10])) + (", ..." * (len(self.short) > 10))
+            lines.append(
+                f"rows with fewer cells than the header: {len(self.short)} (rows {listed}); "
+                "their missing cells read as empty (labels unknown): see their warnings"
+            )
         dims = s["image_dims"]
         if len(dims) > 1:
             lines.append(
@@ -183,5 +197,10 @@ def validate_manifest(
     else:
         verdicts = [check_row(row) for row in rows]
     table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS))
+    short = short_rows(path)
+    for row, (cells, width) in short.items():
+        at = table.index[table["row"] == row]
+        note = f"the row has {cells} of the header's {width} cells; the missing ones read as empty"
+        table.loc[at, "warning"] = [f"{w}; {note}" if w else note for w in table.loc[at, "warning"]]
     table["image_dims"] = table["image_dims"].astype("Int64")  # empty without a readable image
-    return ValidationReport(manifest, table)
+    return ValidationReport(manifest, table, short)
