@@ -1,7 +1,5 @@
 """`python -m clinfuse` runs the command line."""
 
-import sys
+from clinfuse.cli import run
 
-from clinfuse.cli import main
-
-sys.exit(main())
+run()

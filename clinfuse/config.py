@@ -126,7 +126,8 @@ def parse_config(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
 def as_current(cls: type[Config], saved: dict[str, Any] | None) -> dict[str, Any] | None:
     """A config section saved by an earlier clinfuse, with today's defaults for the keys it
     predates (so it compares equal to the same settings given today); as saved when it no
-    longer validates (a key since removed or renamed)."""
+    longer validates (a key since removed or renamed). This holds only while every new
+    setting's default does what clinfuse did before the setting existed: keep it so."""
     if saved is None:
         return None
     try:

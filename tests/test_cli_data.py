@@ -1,8 +1,10 @@
 """`clinfuse sample-data` and `clinfuse validate` end to end, as a user runs them."""
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -54,6 +56,20 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_starts_over(tmp_path, cap
     assert err.startswith("interrupted: the same command") and "Traceback" not in err
     monkeypatch.undo()
     assert main(["sample-data", str(tmp_path / "x"), "--n", "5", "--size", "32"]) == 0
+
+
+def test_ctrl_c_ends_the_console_command_by_sigint_so_a_shell_loop_stops(tmp_path):
+    out = tmp_path / "big"
+    command = [sys.executable, "-m", "clinfuse", "sample-data", str(out), "--n", "20000"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "images").is_dir() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == -signal.SIGINT  # as bash needs it to stop a loop
+    assert "interrupted: the same command" in err and "Traceback" not in err
+    assert not (out / "manifest.csv").exists()
 
 
 def test_sample_data_then_validate_is_trainable(export, capsys):
@@ -147,7 +163,7 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
         no_val[column] = no_val[column].map(lambda p: str(export / p) if p else "")
     no_val.to_csv(tmp_path / "no_val.csv", index=False)
     assert main(["validate", str(tmp_path / "no_val.csv")]) == 1  # as train would refuse it
-    assert "trainable: NO (no usable row with a known label in the 'val' split" in (
+    assert "trainable: NO (no usable row in the 'val' split; training needs both" in (
         capsys.readouterr().out
     )
 

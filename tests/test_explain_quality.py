@@ -403,7 +403,8 @@ def test_damaged_ground_truth_is_one_error_naming_file_and_line(trained, export,
     other = tmp_path / "other_size"
     shutil.copytree(export / "ground_truth", other)
     np.savez_compressed(other / "masks.npz", **small)
-    with pytest.raises(ManifestError, match=r"the mask of \S+ is 32x32 pixels but the study's"):
+    wrong_size = r"the mask of \S+ is 32x32 pixels but the study's image is 64x64"
+    with pytest.raises(ManifestError, match=wrong_size):
         evaluate_explanations(
             model, export / "manifest.csv", other, split="all", steps=2, sanity=False
         )

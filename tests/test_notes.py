@@ -70,3 +70,17 @@ def test_control_characters_become_spaces_so_offsets_hold():
 def test_unreadable_note_file_is_a_typed_error_naming_it(tmp_path):
     with pytest.raises(NoteError, match="missing.txt.*note_path"):
         read_note(path=tmp_path / "missing.txt")
+
+
+def test_a_damaged_utf16_note_is_repaired_with_a_warning_not_an_error(tmp_path):
+    path = tmp_path / "cut.txt"
+    path.write_bytes("Fièvre".encode("utf-16") + b"\n")  # odd length: a byte appended
+    with pytest.warns(NoteWarning, match="cut.txt: damaged UTF-16"):
+        assert read_note(path=path) == "Fièvre\ufffd"
+
+
+def test_a_utf8_note_padded_with_nul_bytes_stays_utf8(tmp_path):
+    path = tmp_path / "padded.txt"
+    path.write_bytes(b"Patient has fever" + b"\0" * 60)  # not UTF-16: NULs on both parities
+    with pytest.warns(NoteWarning, match="60 control"):
+        assert read_note(path=path).rstrip() == "Patient has fever"

@@ -74,7 +74,7 @@ def _explain_eval(args: argparse.Namespace) -> int:
         value = "n/a" if bar["value"] is None else f"{bar['value']:.3f}"
         sign = ">=" if bar["direction"] == "min" else "<="
         where = f" ({bar['label']})" if bar["label"] else ""
-        verdict = "pass" if bar["passed"] else "FAIL"
+        verdict = "pass" if bar["passed"] else "FAIL" if bar["value"] is not None else "n/a "
         print(f"{verdict}  {bar['bar']}: {value}{where}, bar {sign} {bar['threshold']}")
     print(f"results: {out / 'explain_eval.json'}  table: {out / 'explain_eval.md'}")
     return 0 if all(bar["passed"] for bar in summary["bars"]) else 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,10 +36,11 @@ def _sample_data(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from clinfuse.data.manifest import PatientSplit
     from clinfuse.data.validate import validate_manifest
-    from clinfuse.exports.files import check_writable
+    from clinfuse.exports.files import check_writable_file
 
     out = args.out or Path(args.manifest).with_name(Path(args.manifest).stem + ".verdicts.csv")
-    check_writable(out.parent)  # before the rows are read, not after
+    if Path(args.manifest).is_file():  # else the manifest's own error comes first
+        check_writable_file(out)  # before the rows are read, not after
     report = validate_manifest(
         args.manifest,
         labels=args.labels.split(",") if args.labels else None,
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check a manifest's structure, then every row (image decodes, note "
         "readable, labels valid). Prints a summary, writes per-row verdicts. Exit status 0 when "
         "the manifest can be trained on, 1 when training would refuse it (no usable row with a "
-        "known label in the train or the val split), 2 on a structural error.",
+        "known label, or none in the train or the val split), 2 on a structural error.",
     )
     p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL manifest")
     p.add_argument("--out", type=Path, help="verdicts CSV (default MANIFEST.verdicts.csv)")
@@ -262,9 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+_python_format = warnings.formatwarning
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
-    """A warning as one line for the user ("warning: ..."), not Python's file:line form."""
-    return f"warning: {message}\n"
+    """clinfuse's own warnings as one line for the user ("warning: ..."); others (torch,
+    pydicom ...) as Python shows them, with their origin."""
+    if str(filename).startswith(_PACKAGE):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,7 +305,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}. Check the path and its permissions", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = _python_format
+
+
+def run() -> None:
+    """The console entry point: `main`'s exit status; after Ctrl-C the process ends by SIGINT
+    (once the message is printed), so a shell loop running clinfuse stops too."""
+    code = main()
+    if code == 130:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

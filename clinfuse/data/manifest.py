@@ -124,7 +124,7 @@ def _unique_columns(path: Path, names: Iterable[object]) -> list[str]:
     stripped = [str(name).strip() for name in names]
     seen: set[str] = set()
     for name in stripped:
-        if name in seen:
+        if name in seen and name:  # empty names (a trailing separator) are pandas' "Unnamed"
             raise ManifestError(
                 path,
                 "column named twice in the header",
@@ -182,7 +182,7 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
         raise
     except UnicodeDecodeError as exc:
         raise ManifestError(
-            path, f"not UTF-8 text ({exc.reason} at byte {exc.start})", hint="save it as UTF-8"
+            path, f"not UTF-8 text ({exc.reason})", hint="save it as UTF-8"
         ) from exc
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
         raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
@@ -206,6 +206,7 @@ def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     if _kind(path) != "csv":
         return {}
     sep = _csv_separator(path)
+    csv.field_size_limit(2**31 - 1)  # a long inline note is one cell, as pandas reads it
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
         records = (r for r in csv.reader(file, delimiter=sep) if any(c.strip() for c in r))
         width = len(next(records, []))

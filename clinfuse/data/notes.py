@@ -33,40 +33,57 @@ def clean_note(text: str, source: str = "note") -> str | None:
 
 def decode_note(raw: bytes, source: str) -> str:
     """A note file's bytes as text: UTF-8 (BOM allowed), or UTF-16 when the file says so (a
-    BOM, or the NUL byte of every other position that UTF-16 gives English text). Bytes that
-    are not UTF-8 are read as Windows-1252 (Latin-1's superset) when nothing in the file is
-    UTF-8 beyond ASCII, else replaced by U+FFFD; both with a `NoteWarning` naming the file."""
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return raw.decode("utf-16")
-    if len(raw) >= 4 and len(raw) % 2 == 0 and raw.count(0) * 2 >= len(raw) * 0.9:
+    BOM, or NUL in every other byte, as UTF-16 stores English text). Bytes that are not UTF-8
+    are read as Windows-1252 (Latin-1's superset) when nothing in the file is UTF-8 beyond
+    ASCII, else replaced by U+FFFD; each repair with a `NoteWarning` naming the file."""
+    encoding = _utf16(raw)
+    if encoding:
         try:
-            return raw.decode("utf-16-be" if raw[0] == 0 else "utf-16-le")
-        except UnicodeDecodeError:
-            pass  # not UTF-16 after all: decoded below, its NULs become spaces
+            return raw.decode(encoding)
+        except UnicodeDecodeError as exc:  # cut short (odd length), a lone surrogate
+            _warn(f"{source}: damaged UTF-16 at byte {exc.start}; replaced it with U+FFFD")
+            return raw.decode(encoding, errors="replace")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         replaced = raw.decode("utf-8-sig", errors="replace")
-        if all(c < "\x80" or c == "\ufffd" for c in replaced):
+        ascii_only = all(c < "\x80" or c == "\ufffd" for c in replaced)
+        if ascii_only and not raw.startswith(codecs.BOM_UTF8):
             try:
                 text = raw.decode("cp1252")
             except UnicodeDecodeError:
                 pass  # a byte Windows-1252 leaves undefined: keep the replacement
             else:
-                warnings.warn(
+                _warn(
                     f"{source}: not UTF-8 (byte {exc.start}); read as Windows-1252 (Latin-1). "
-                    "Save notes as UTF-8 if accented characters look wrong",
-                    NoteWarning,
-                    stacklevel=3,
+                    "Save notes as UTF-8 if accented characters look wrong"
                 )
                 return text
-        warnings.warn(
+        _warn(
             f"{source}: invalid UTF-8 at byte {exc.start}; replaced undecodable bytes with "
-            "U+FFFD. Save notes as UTF-8",
-            NoteWarning,
-            stacklevel=3,
+            "U+FFFD. Save notes as UTF-8"
         )
         return replaced
+
+
+def _utf16(raw: bytes) -> str | None:
+    """ "utf-16" (with a BOM), "utf-16-le" / "utf-16-be" (no BOM: NUL in nearly every odd /
+    even byte and almost none in the others, as in English text), else None."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    half = len(raw) // 2
+    if half < 2:
+        return None
+    even, odd = raw[0::2].count(0), raw[1::2].count(0)
+    if odd >= 0.9 * half and even <= 0.1 * half:
+        return "utf-16-le"
+    if even >= 0.9 * half and odd <= 0.1 * half:
+        return "utf-16-be"
+    return None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, NoteWarning, stacklevel=4)
 
 
 def read_note_file(path: str | Path) -> str | None:

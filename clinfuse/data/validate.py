@@ -86,17 +86,16 @@ class ValidationReport:
     @property
     def untrainable(self) -> str:
         """Why `clinfuse train` would refuse this manifest ("" when it would not): it needs
-        usable rows with a known label in the train and val splits."""
-        known = ~np.isnan(self.manifest.label_matrix()).all(axis=1) & self.usable.to_numpy()
-        if not known.any():
+        a usable row with a known label, and usable rows in the train and the val split."""
+        usable = self.usable.to_numpy()
+        if not (~np.isnan(self.manifest.label_matrix()).all(axis=1) & usable).any():
             return "no usable row with a known label"
         splits = self.verdicts["split"].to_numpy()
-        empty = [split for split in ("train", "val") if not (known & (splits == split)).any()]
+        empty = [split for split in ("train", "val") if not (usable & (splits == split)).any()]
         if empty:
             return (
-                f"no usable row with a known label in the {' or '.join(map(repr, empty))} "
-                "split; training needs both (fix the split column, or leave it empty for a "
-                "seeded patient-level split)"
+                f"no usable row in the {' or '.join(map(repr, empty))} split; training needs "
+                "both (fix the split column, or leave it empty for a seeded patient-level split)"
             )
         return ""
 
@@ -198,9 +197,15 @@ def validate_manifest(
         verdicts = [check_row(row) for row in rows]
     table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS))
     short = short_rows(path)
-    for row, (cells, width) in short.items():
-        at = table.index[table["row"] == row]
-        note = f"the row has {cells} of the header's {width} cells; the missing ones read as empty"
-        table.loc[at, "warning"] = [f"{w}; {note}" if w else note for w in table.loc[at, "warning"]]
+    notes = table["row"].map(
+        {
+            row: f"the row has {cells} of the header's {width} cells; the missing ones are empty"
+            for row, (cells, width) in short.items()
+        }
+    )
+    table["warning"] = [
+        "; ".join(filter(None, (w, n))) if isinstance(n, str) else w
+        for w, n in zip(table["warning"], notes, strict=True)
+    ]
     table["image_dims"] = table["image_dims"].astype("Int64")  # empty without a readable image
     return ValidationReport(manifest, table, short)

@@ -294,8 +294,8 @@ def localisation(
     it), relevance mass and mask AUROC per image method (where a mask exists), and rationale
     rank and mass of the note (where a rationale does)."""
     rows: list[Record] = []
-    mask = truth.mask_on(expl.study_id, expl.labels[j], tuple(original or ()))
-    if mask is not None and original is not None and expl.image is not None:
+    mask = None if original is None else truth.mask_on(expl.study_id, expl.labels[j], original)
+    if mask is not None and expl.image is not None:
         rows += _rows(expl, j, stage, "mask", {"fraction": np.mean(mask > 0)})
         tolerance = POINTING_TOLERANCE * max(original)  # pixels of the DICOM grid
         for method, values in image_maps(expl, j, spec, tuple(original)).items():

@@ -365,7 +365,7 @@ def quality_markdown(summary: dict) -> str:
                 f"{'>=' if b['direction'] == 'min' else '<='} {b['threshold']}",
                 b["label"] or "-",
                 b["value"],
-                "pass" if b["passed"] else "**FAIL**",
+                "pass" if b["passed"] else "**FAIL**" if b["value"] is not None else "not measured",
             ]
             for b in summary["bars"]
         ],

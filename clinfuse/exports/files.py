@@ -11,6 +11,7 @@ writes a study again changes nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -46,6 +47,24 @@ def check_writable(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ClinfuseError(f"{folder}: is a file, not a folder; choose a folder to write into")
     folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def check_writable_file(path: Path) -> None:
+    """`check_writable` for one file that a command writes at its end: an existing file must
+    be writable, a new one's folder must exist and take a file (nothing is created)."""
+    if path.is_dir():
+        raise ClinfuseError(f"{path}: is a folder; name a file to write")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "cannot be written", str(path))
+        return
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise ClinfuseError(f"{folder}: is a file, not a folder; choose a folder to write into")
+    if not folder.is_dir():
+        raise ClinfuseError(f"{folder}: no such folder; create it, or choose another path")
     with tempfile.TemporaryFile(dir=folder):
         pass
 

@@ -135,9 +135,11 @@ def load_checkpoint(
         ) from None
     except RuntimeError as exc:  # tensors of other shapes: another model's weights or config
         mismatch = next((x.strip() for x in str(exc).splitlines() if "size mismatch" in x), "")
+        if not mismatch:
+            raise
         raise ModelFolderError(
             folder,
-            f"model.safetensors does not match config.json ({mismatch or 'shapes differ'})",
+            f"model.safetensors does not match config.json ({mismatch})",
             hint="the folder was edited or mixes two models; use the folder training wrote",
         ) from None
     if unexpected or set(missing) - {"offset"}:  # folders from before the offset predict b = 0

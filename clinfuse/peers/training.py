@@ -109,9 +109,10 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     pos_weight: torch.Tensor,
     grad_clip: float,
+    smoothing: float = 0.0,
 ) -> float:
     """One optimisation step on `batch` (already on the model's device); returns the loss."""
-    loss = masked_bce(model(*batch.model_inputs()), batch.labels, pos_weight)
+    loss = masked_bce(model(*batch.model_inputs()), batch.labels, pos_weight, smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -184,7 +185,16 @@ def train_transchex(
             if len(batch) == 0:
                 continue
             batch = batch.to(torch_device)
-            losses.append(train_step(model, batch, optimizer, pos_weight, cfg.train.grad_clip))
+            losses.append(
+                train_step(
+                    model,
+                    batch,
+                    optimizer,
+                    pos_weight,
+                    cfg.train.grad_clip,
+                    cfg.train.label_smoothing,
+                )
+            )
             scheduler.step()
             seen += len(batch)
         val = predict(model, val_loader, torch_device, cfg.train.amp)
