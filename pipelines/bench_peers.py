@@ -317,7 +317,7 @@ def robustness_bar(scores: dict[str, dict]) -> dict[str, bool]:
     """Each fused model with a side removed against the unimodal model of the side it keeps,
     from {model: {"macro_auroc", "no_note", "no_image"}}."""
     bar = {}
-    for name in ("cross_attention", "late", PEER):
+    for name in (n for n in ("cross_attention", "late", PEER) if n in scores):
         for side, other in (("note", "image_only"), ("image", "text_only")):
             reference = scores[other]["macro_auroc"]
             bar[f"{NAMES[name]}, {side} removed >= the {other.replace('_', '-')} model"] = above(
