@@ -72,6 +72,17 @@ def test_ctrl_c_ends_the_console_command_by_sigint_so_a_shell_loop_stops(tmp_pat
     assert not (out / "manifest.csv").exists()
 
 
+def test_an_output_path_inside_a_file_names_the_file(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "export"):
+        assert main(["sample-data", str(out), "--n", "2", "--size", "32"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"error: {tmp_path / 'notes.txt'}: a file is where this command makes a folder" in err
+        )
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_sample_data_then_validate_is_trainable(export, capsys):
     assert main(["validate", str(export / "manifest.csv"), "--out", str(export / "v.csv")]) == 0
     printed = capsys.readouterr().out

@@ -303,10 +303,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a folder that cannot be made, no permission, a full disk: named
         if args.verbose:
             raise
-        print(f"error: {exc}. Check the path and its permissions", file=sys.stderr)
+        in_the_way = _file_in_the_way(exc)
+        if in_the_way:
+            print(
+                f"error: {in_the_way}: a file is where this command makes a folder; choose "
+                "another path (or move the file)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"error: {exc}. Check the path and its permissions", file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = _python_format
+
+
+def _file_in_the_way(exc: OSError) -> Path | None:
+    """The file that stopped a folder from being made (mkdir of it or of a folder inside it)."""
+    if not isinstance(exc, (FileExistsError, NotADirectoryError)) or not exc.filename:
+        return None
+    path = Path(exc.filename)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
 def run() -> None:
