@@ -31,7 +31,8 @@ def test_console_script_has_help_for_every_subcommand():
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["--n", "0"], "--n: 0: give 1 or more"),
+        (["--n", "0"], "--n: 0: give 1 to 1000000"),
+        (["--n", "1000000000"], "--n: 1000000000: give 1 to 1000000"),  # not an hour of silence
         (["--size", "8"], "--size: 8: give 32 to 2048"),
         (["--size", "100000"], "--size: 100000: give 32 to 2048"),  # not a 75 GB array
         (["--seed", "-1"], "--seed: -1: give 0 or more"),

@@ -152,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest and explanation ground truth. Same arguments, same bytes.",
     )
     p.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
-    p.add_argument("--n", type=at_least(1), default=1000, help="number of studies (default 1000)")
+    p.add_argument(
+        "--n",
+        type=at_least(1, 1_000_000),
+        default=1000,
+        help="number of studies (default 1000, at most 1,000,000: ~18 GB at 96 px)",
+    )
     p.add_argument("--seed", type=at_least(0), default=0, help="random seed (default 0)")
     p.add_argument(
         "--size",
