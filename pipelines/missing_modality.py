@@ -52,9 +52,9 @@ def markdown(results: dict) -> str:
     ]
     for run in results["runs"]:
         lines.append(
-            f"| `{run['folder']}` | " + " | ".join(f"{run['gap'][k]:+.3f}" for k in keys) + " |"
+            f"| `{run['folder']}` | " + " | ".join(f"{run['gap'][k]:+.4f}" for k in keys) + " |"
         )
-    lines.append("| **mean** | " + " | ".join(f"**{results['mean_gap'][k]:+.3f}**" for k in keys))
+    lines.append("| **mean** | " + " | ".join(f"**{results['mean_gap'][k]:+.5f}**" for k in keys))
     lines[-1] += " |"
     lines += ["", "Bar (mean over the runs):", ""]
     lines += [f"- {'met' if ok else 'NOT met'}: {name}" for name, ok in results["bar"].items()]
