@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,7 +186,26 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
             path, f"not UTF-8 text ({exc.reason})", hint="save it as UTF-8"
         ) from exc
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
+        bad = _bad_json_line(path) if kind == "jsonl" else None
+        if bad is not None:  # pandas names a character position; a person needs the line
+            number, problem = bad
+            raise ManifestError(path, f"line {number} is not a JSON object ({problem})") from exc
         raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
+
+
+def _bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSONL file that is not one JSON object, and why (None: all are)."""
+    with path.open(encoding="utf-8", errors="replace") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return number, exc.msg
+            if not isinstance(value, dict):
+                return number, f"a {type(value).__name__}"
+    return None
 
 
 def _csv_separator(path: Path) -> str:
