@@ -62,12 +62,19 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_starts_over(tmp_path, cap
 def test_ctrl_c_ends_the_console_command_by_sigint_so_a_shell_loop_stops(tmp_path):
     out = tmp_path / "big"
     command = [sys.executable, "-m", "clinfuse", "sample-data", str(out), "--n", "20000"]
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "images").is_dir() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=120)
+
+    def as_at_a_terminal() -> None:  # a background job (CI's `... &`) inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=as_at_a_terminal)
+    try:
+        deadline = time.time() + 120
+        while not (out / "images").is_dir() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
     assert run.returncode == -signal.SIGINT  # as bash needs it to stop a loop
     assert "interrupted: the same command" in err and "Traceback" not in err
     assert not (out / "manifest.csv").exists()

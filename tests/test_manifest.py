@@ -213,6 +213,6 @@ def test_a_pipe_separated_or_utf16_manifest_says_what_to_fix(tmp_path):
 def test_a_broken_jsonl_line_is_named_by_its_line_number(tmp_path):
     path = tmp_path / "m.jsonl"
     good = json.dumps({"study_id": "S1", "patient_id": "P1", "note": "fever", "flu": 1})
-    path.write_text(f"{good}\n\n{{\"study_id\": \"S2\",\n", encoding="utf-8")
+    path.write_text(f'{good}\n\n{{"study_id": "S2",\n', encoding="utf-8")
     with pytest.raises(ManifestError, match=r"m.jsonl: line 3 is not a JSON object"):
         load_manifest(path)
