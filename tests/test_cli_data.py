@@ -59,7 +59,8 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_starts_over(tmp_path, cap
     assert main(["sample-data", str(tmp_path / "x"), "--n", "5", "--size", "32"]) == 0
 
 
-def test_ctrl_c_ends_the_console_command_by_sigint_so_a_shell_loop_stops(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, a scheduler
+def test_a_stopped_console_command_ends_by_its_signal_so_a_shell_loop_stops(tmp_path, stop):
     out = tmp_path / "big"
     command = [sys.executable, "-m", "clinfuse", "sample-data", str(out), "--n", "20000"]
 
@@ -71,11 +72,11 @@ def test_ctrl_c_ends_the_console_command_by_sigint_so_a_shell_loop_stops(tmp_pat
         deadline = time.time() + 120
         while not (out / "images").is_dir() and run.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        run.send_signal(signal.SIGINT)
+        run.send_signal(stop)
         _, err = run.communicate(timeout=120)
     finally:
         run.kill()
-    assert run.returncode == -signal.SIGINT  # as bash needs it to stop a loop
+    assert run.returncode == -stop  # as bash needs it to stop a loop
     assert "interrupted: the same command" in err and "Traceback" not in err
     assert not (out / "manifest.csv").exists()
 

@@ -50,12 +50,19 @@ def test_stray_byte_in_a_utf8_note_is_replaced_and_the_utf8_kept(tmp_path):
     assert note == "dyspnée, 38.9 °C \ufffd cough"
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
-def test_utf16_note_is_read_as_written(tmp_path, recwarn, encoding):
+def test_utf16_note_with_a_byte_order_mark_is_read_as_written(tmp_path, recwarn):
     path = tmp_path / "n.txt"
-    path.write_bytes("Fièvre; crackles at the left base.".encode(encoding))  # utf-16: with BOM
+    path.write_bytes("Fièvre; crackles at the left base.".encode("utf-16"))  # with a BOM
     assert read_note(path=path) == "Fièvre; crackles at the left base."
-    assert not recwarn.list
+    assert not recwarn.list  # unambiguous: nothing to warn about
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_note_without_a_byte_order_mark_is_read_with_a_warning(tmp_path, encoding):
+    path = tmp_path / "n.txt"
+    path.write_bytes("Fièvre; crackles at the left base.".encode(encoding))
+    with pytest.warns(NoteWarning, match=f"n.txt: no byte-order mark; read as {encoding.upper()}"):
+        assert read_note(path=path) == "Fièvre; crackles at the left base."
 
 
 def test_control_characters_become_spaces_so_offsets_hold():

@@ -12,9 +12,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from clinfuse import __version__
 from clinfuse.allocator import reuse_freed_memory
@@ -293,15 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for chatty in ("alembic", "highdicom"):  # highdicom each module it copies into an SR
             logging.getLogger(chatty).setLevel(logging.WARNING)
     warnings.formatwarning = _format_warning
+    on_term = _raise_on_sigterm()
     try:
         return args.run(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         print(
             "interrupted: the same command continues where it stopped (train, infer, demo) "
             "or starts again",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
     except ClinfuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -320,6 +323,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = _python_format
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's `kill`), raised like Ctrl-C's KeyboardInterrupt so that the same
+    clean-up runs: DataLoader workers and Ray are shut down, nothing is left orphaned."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_on_sigterm() -> Any:
+    """Turn SIGTERM into `Terminated` while a command runs; the handler it replaced (None when
+    not in the main thread, where no handler can be set)."""
+
+    owner = os.getpid()
+
+    def terminate(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker (DataLoader, validate's pool): die quietly
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _file_in_the_way(exc: OSError) -> Path | None:
@@ -331,12 +362,15 @@ def _file_in_the_way(exc: OSError) -> Path | None:
 
 
 def run() -> None:
-    """The console entry point: `main`'s exit status; after Ctrl-C the process ends by SIGINT
-    (once the message is printed), so a shell loop running clinfuse stops too."""
+    """The console entry point: `main`'s exit status. After Ctrl-C (or SIGTERM) the process
+    ends by that signal once the message is printed, so a shell loop running clinfuse stops
+    too; once the command is done, a late Ctrl-C no longer turns its success into one."""
     code = main()
-    if code == 130:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+    stopped_by = {128 + signal.SIGINT: signal.SIGINT, 128 + signal.SIGTERM: signal.SIGTERM}
+    if code in stopped_by:
+        signal.signal(stopped_by[code], signal.SIG_DFL)
+        os.kill(os.getpid(), stopped_by[code])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: let the exit finish
     sys.exit(code)
 
 

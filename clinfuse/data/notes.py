@@ -1,7 +1,8 @@
 """Clinical-note ingestion: inline text or a text file, repaired rather than rejected.
 
-A note is never a reason to lose a study: a file in UTF-16 or Windows-1252 is read as such,
-other invalid UTF-8 bytes become U+FFFD, and control characters become spaces (so character
+A note is never a reason to lose a study: a UTF-16 file with a byte-order mark is read as
+such; a UTF-16 file without one, or a Windows-1252 file, is read as such with a `NoteWarning`;
+other invalid UTF-8 bytes become U+FFFD and control characters become spaces (so character
 offsets into the returned text stay valid), each with a `NoteWarning`. An empty or missing
 note means "no note", which is not an error.
 """
@@ -38,6 +39,8 @@ def decode_note(raw: bytes, source: str) -> str:
     ASCII, else replaced by U+FFFD; each repair with a `NoteWarning` naming the file."""
     encoding = _utf16(raw)
     if encoding:
+        if encoding != "utf-16":  # no byte-order mark: a guess, so say so
+            _warn(f"{source}: no byte-order mark; read as {encoding.upper()} (NUL bytes)")
         try:
             return raw.decode(encoding)
         except UnicodeDecodeError as exc:  # cut short (odd length), a lone surrogate
