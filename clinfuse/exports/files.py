@@ -60,13 +60,9 @@ def check_writable_file(path: Path) -> None:
         if not os.access(path, os.W_OK):
             raise PermissionError(errno.EACCES, "cannot be written", str(path))
         return
-    folder = path.parent
-    if folder.exists() and not folder.is_dir():
-        raise ClinfuseError(f"{folder}: is a file, not a folder; choose a folder to write into")
-    if not folder.is_dir():
-        raise ClinfuseError(f"{folder}: no such folder; create it, or choose another path")
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+    if not path.parent.exists():
+        raise ClinfuseError(f"{path.parent}: no such folder; create it, or choose another path")
+    check_writable(path.parent)  # it exists, so nothing is created
 
 
 def write_atomic(path: Path, data: bytes) -> None:
