@@ -149,7 +149,7 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     assert "images: 33 2D, 1 volumes (3D)" in printed  # a 2D model would fail the volume
 
 
-def test_validate_names_rows_with_fewer_cells_than_the_header(export, tmp_path, capsys):
+def test_validate_names_rows_with_fewer_cells_than_the_header(export, tmp_path, capsys, caplog):
     lines = (export / "manifest.csv").read_text(encoding="utf-8").splitlines()
     short = lines[2].rsplit(",", 3)[0]  # the last three label cells cut off
     text = "\n".join([lines[0], lines[1], short, *lines[3:]]) + "\n"
@@ -159,6 +159,7 @@ def test_validate_names_rows_with_fewer_cells_than_the_header(export, tmp_path, 
     verdicts = pd.read_csv(tmp_path / "v.csv", dtype=str, keep_default_na=False)
     assert "the row has 7 of the header's 10 cells" in verdicts.at[1, "warning"]
     assert verdicts["warning"].str.contains("of the header's").sum() == 1
+    assert "fewer cells" not in caplog.text  # said in the summary, not a second time
 
 
 def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):

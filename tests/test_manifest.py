@@ -1,12 +1,13 @@
 """The manifest contract: formats, relative paths, labels, splits and the errors that guard it."""
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from clinfuse.data.manifest import PatientSplit, load_manifest
+from clinfuse.data.manifest import PatientSplit, iter_manifest, load_manifest
 from clinfuse.errors import ManifestError
 
 ROWS = [
@@ -216,3 +217,27 @@ def test_a_broken_jsonl_line_is_named_by_its_line_number(tmp_path):
     path.write_text(f'{good}\n\n{{"study_id": "S2",\n', encoding="utf-8")
     with pytest.raises(ManifestError, match=r"m.jsonl: line 3 is not a JSON object"):
         load_manifest(path)
+
+
+def test_rows_cut_short_are_read_with_a_warning_naming_them_once(tmp_path, caplog):
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "study_id,patient_id,image,note,flu,copd\nS1,P1,img/a.dcm,fever,1,0\nS2,P2,img/b.dcm\n"
+        "S3,P3,img/c.dcm,cough,0,1\n",
+        encoding="utf-8",
+    )
+    with caplog.at_level(logging.WARNING, logger="clinfuse.data.manifest"):
+        manifest = load_manifest(path)
+        rows = list(iter_manifest(path, manifest.labels))  # a run reads it twice: said once
+    assert [r.study_id for r in rows] == ["S1", "S2", "S3"]
+    assert rows[1].note is None and np.isnan(rows[1].labels).all()  # read as empty, kept
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1
+    assert "1 rows have fewer cells than the header's 6 (rows 2)" in warned[0]
+    assert "row 2 has no note, flu, copd" in warned[0]
+    caplog.clear()
+    path.write_text(path.read_text(encoding="utf-8") + "S4,P4,img/d.dcm,cough\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="clinfuse.data.manifest"):
+        load_manifest(path)  # the file changed: its rows are named again
+        load_manifest(path, warn_short_rows=False)
+    assert len(caplog.records) == 1 and "(rows 2, 4)" in caplog.records[0].getMessage()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ INPUT_COLUMNS = ("image", "note", "note_path")
 _TRUE = {"1", "1.0", "true"}
 _FALSE = {"0", "0.0", "false"}
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,15 +210,21 @@ def _bad_json_line(path: Path) -> tuple[int, str] | None:
     return None
 
 
-def _csv_separator(path: Path) -> str:
-    """The CSV's separator: a comma, unless the header row has none and is split by semicolons
-    or tabs, as spreadsheet programs save "CSV" in locales whose decimal mark is a comma. The
-    header's names are checked here, before pandas renames a repeated one ("mass.1")."""
+def _csv_header(path: Path) -> tuple[str, list[str]]:
+    """The CSV's separator and header names. The separator is a comma, unless the header row
+    has none and is split by semicolons or tabs, as spreadsheet programs save "CSV" in locales
+    whose decimal mark is a comma. The names are checked here, before pandas renames a repeated
+    one ("mass.1")."""
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
         header = file.readline()
     sep = next((sep for sep in (",", ";", "\t") if sep in header), ",")
-    _unique_columns(path, next(csv.reader([header], delimiter=sep), []))
-    return sep
+    names = next(csv.reader([header], delimiter=sep), [])
+    _unique_columns(path, names)
+    return sep, names
+
+
+def _csv_separator(path: Path) -> str:
+    return _csv_header(path)[0]
 
 
 def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
@@ -231,6 +239,40 @@ def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
         records = (r for r in csv.reader(file, delimiter=sep) if any(c.strip() for c in r))
         width = len(next(records, []))
         return {n: (len(r), width) for n, r in enumerate(records, 1) if len(r) < width}
+
+
+def listed_rows(rows: Iterable[int], limit: int = 10) -> str:
+    """Row numbers for a message: "4, 9, 12" or, past `limit`, the first ones and "..."."""
+    rows = list(rows)
+    return ", ".join(map(str, rows[:limit])) + (", ..." if len(rows) > limit else "")
+
+
+_short_rows_reported: set[tuple[str, int, int]] = set()
+
+
+def report_short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
+    """`short_rows`, with a warning naming them, once per file version in this process (a run
+    reads its manifest more than once): a row cut short by a broken export would otherwise be
+    read, without a word, as a study with no note or with unknown labels."""
+    path = Path(path)
+    short = short_rows(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if short and key not in _short_rows_reported:
+        _short_rows_reported.add(key)
+        names = _csv_header(path)[1]
+        first, (cells, width) = next(iter(short.items()))
+        log.warning(
+            "%s: %d rows have fewer cells than the header's %d (rows %s): their missing cells "
+            "are read as empty (row %d has no %s); if that is not meant, fix the export",
+            path,
+            len(short),
+            width,
+            listed_rows(short),
+            first,
+            ", ".join(names[cells:]),
+        )
+    return short
 
 
 def _as_text(value: object) -> str:
@@ -248,14 +290,20 @@ def load_manifest(
     path: str | Path,
     labels: Sequence[str] | None = None,
     split: PatientSplit | None = None,
+    warn_short_rows: bool = True,
 ) -> Manifest:
     """Read and check a manifest; raise `ManifestError` naming the row/column of a problem.
 
     `labels` names the label columns; by default every column that is not reserved.
     Rows without a `split` value get the seeded patient-level `split` (default PatientSplit()).
+    CSV rows with fewer cells than the header are read with the missing cells empty, and
+    named in a warning (`report_short_rows`) unless `warn_short_rows` is False.
     """
     path = Path(path)
-    return check_table(path, read_table(path), labels, split or PatientSplit())
+    manifest = check_table(path, read_table(path), labels, split or PatientSplit())
+    if warn_short_rows:
+        report_short_rows(path)
+    return manifest
 
 
 def reference_labels(
@@ -298,6 +346,7 @@ def iter_manifest(
     both rows.
     """
     path = Path(path)
+    report_short_rows(path)
     first_rows: dict[str, int] = {}
     offset = 0
     for chunk in read_chunks(path, chunk_rows):

@@ -21,6 +21,7 @@ from clinfuse.data.manifest import (
     Manifest,
     PatientSplit,
     StudyRow,
+    listed_rows,
     load_manifest,
     short_rows,
 )
@@ -153,9 +154,9 @@ class ValidationReport:
         ]
         lines += [f"  failed {reason}: {n}" for reason, n in s["failed_by_reason"].items()]
         if self.short:
-            listed = ", ".join(map(str, list(self.short)[:10])) + (", ..." * (len(self.short) > 10))
             lines.append(
-                f"rows with fewer cells than the header: {len(self.short)} (rows {listed}); "
+                f"rows with fewer cells than the header: {len(self.short)} "
+                f"(rows {listed_rows(self.short)}); "
                 "their missing cells read as empty (labels unknown): see their warnings"
             )
         dims = s["image_dims"]
@@ -188,7 +189,7 @@ def validate_manifest(
     workers: int = 1,
 ) -> ValidationReport:
     """Check every row of a manifest; raises `ManifestError` only for structural problems."""
-    manifest = load_manifest(path, labels=labels, split=split)
+    manifest = load_manifest(path, labels=labels, split=split, warn_short_rows=False)
     rows = list(manifest.rows())
     if workers > 1 and len(rows) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
