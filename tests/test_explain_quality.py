@@ -329,6 +329,12 @@ def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, caps
     err = capsys.readouterr().err
     assert f"{tmp_path / 'missing-model'}: not a clinfuse model folder" in err
     assert "config key" not in err
+    never = tmp_path / "never" / "made"  # a refused command leaves no empty output folder
+    for command, extra in (("explain", ["--study-id", study]),
+                           ("explain-eval", ["--truth", str(export / "ground_truth")])):  # fmt: skip
+        assert clinfuse(command, *base[:4], "--out", str(never), *extra) == 2
+        assert not (tmp_path / "never").exists()
+    capsys.readouterr()
     base[1] = str(trained)
     assert clinfuse("explain", *base, "--study-id", "NO-SUCH-STUDY", "--labels", "copd,nope") == 2
     err = capsys.readouterr().err  # the label is judged first: before any study is looked up

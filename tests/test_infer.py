@@ -535,7 +535,12 @@ def test_a_manifest_with_no_study_rows_is_an_error_not_an_empty_success(
     absolute_rows(small_export).head(0).to_csv(header_only, index=False)
     assert infer(tiny_model, header_only, tmp_path / "run") == 2
     assert "header_only.csv: no study rows below the header" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "predictions.csv").exists()
+    assert not (tmp_path / "run").exists()  # refused before the store: no empty folder left
+    assert infer(tmp_path / "no_model", small_export, tmp_path / "run") == 2
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made is never removed
+    assert infer(tmp_path / "no_model", small_export, tmp_path / "kept") == 2
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_another_run_into_the_same_folder_says_whose_files_it_replaces(

@@ -14,7 +14,7 @@ from clinfuse.cli.args import at_least
 
 def _explain(args: argparse.Namespace) -> int:
     from clinfuse.explain.render import explain_studies
-    from clinfuse.exports.files import check_writable
+    from clinfuse.exports.files import new_folder
 
     def report(study) -> None:
         if study.failure:
@@ -23,17 +23,17 @@ def _explain(args: argparse.Namespace) -> int:
             names = ", ".join(p.name for p in study.files)
             print(f"{study.study_id}: {', '.join(study.labels)} -> {names}")
 
-    check_writable(args.out)  # before any study is explained
-    done = explain_studies(
-        args.model,
-        args.manifest,
-        args.study_id,
-        args.out,
-        labels=args.labels,
-        steps=args.steps,
-        device=args.device,
-        progress=report,
-    )
+    with new_folder(args.out):  # checked before any study is explained; left empty on an error
+        done = explain_studies(
+            args.model,
+            args.manifest,
+            args.study_id,
+            args.out,
+            labels=args.labels,
+            steps=args.steps,
+            device=args.device,
+            progress=report,
+        )
     print(f"explanations: {args.out}")
     return 1 if any(s.failure for s in done) else 0
 
@@ -44,31 +44,31 @@ def _explain_eval(args: argparse.Namespace) -> int:
     from clinfuse.evaluation.evaluate import model_version
     from clinfuse.explain.quality import evaluate_explanations
     from clinfuse.explain.render import quality_markdown
-    from clinfuse.exports.files import check_writable
+    from clinfuse.exports.files import new_folder
     from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 
     out = Path(args.out)
-    check_writable(out)  # before the studies are explained, not after
-    model = load_checkpoint(args.model, select_device(args.device))
-    data = read_checkpoint_config(args.model).get("data", {})
-    summary = evaluate_explanations(
-        model,
-        args.manifest,
-        args.truth,
-        split=args.split,
-        patient_split=PatientSplit(
-            data.get("val_fraction", 0.15),
-            data.get("test_fraction", 0.15),
-            data.get("split_seed", 0),
-        ),
-        steps=args.steps,
-        sanity=not args.no_sanity,
-        max_studies=args.max_studies,
-        progress=print,
-    )
-    summary["model_version"] = model_version(args.model)
-    (out / "explain_eval.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    (out / "explain_eval.md").write_text(quality_markdown(summary), encoding="utf-8")
+    with new_folder(out):  # checked before the studies are explained, not after
+        model = load_checkpoint(args.model, select_device(args.device))
+        data = read_checkpoint_config(args.model).get("data", {})
+        summary = evaluate_explanations(
+            model,
+            args.manifest,
+            args.truth,
+            split=args.split,
+            patient_split=PatientSplit(
+                data.get("val_fraction", 0.15),
+                data.get("test_fraction", 0.15),
+                data.get("split_seed", 0),
+            ),
+            steps=args.steps,
+            sanity=not args.no_sanity,
+            max_studies=args.max_studies,
+            progress=print,
+        )
+        summary["model_version"] = model_version(args.model)
+        (out / "explain_eval.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (out / "explain_eval.md").write_text(quality_markdown(summary), encoding="utf-8")
     print(f"default image method: {summary['default_method']}")
     for bar in summary["bars"]:
         value = "n/a" if bar["value"] is None else f"{bar['value']:.3f}"

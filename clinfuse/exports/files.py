@@ -17,7 +17,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
@@ -49,6 +50,24 @@ def check_writable(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=folder):
         pass
+
+
+@contextmanager
+def new_folder(folder: Path) -> Iterator[Path]:
+    """`check_writable(folder)` for a block that writes there; if the block fails, the folders
+    made for it that are still empty are removed, so a command stopped by bad input (a wrong
+    model folder, an unknown study id) leaves no empty output folder behind."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        check_writable(folder)
+        yield folder
+    except BaseException:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:  # something was written there (or it was never made): kept
+                break
+        raise
 
 
 def check_writable_file(path: Path) -> None:

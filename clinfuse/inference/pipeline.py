@@ -34,6 +34,7 @@ from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ManifestError
+from clinfuse.exports.files import new_folder
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
@@ -214,13 +215,13 @@ def open_run(
     started = time.perf_counter()
     model_dir, manifest = Path(model_dir), Path(manifest)
     run_dir = Path(run_dir).expanduser().resolve()  # the store records files by absolute path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model = load_checkpoint(model_dir, select_device(settings.device))
-    version = model_version(model_dir)
-    total = count_rows(manifest, model.labels, settings.chunk_rows)
-    store_url = store_url or Store.default_url(run_dir)
-    own_store = parse_url(store_url) == parse_url(Store.default_url(run_dir))  # RUN_DIR's
-    store = Store(store_url)
+    with new_folder(run_dir):  # not left behind when the model, manifest or store is refused
+        model = load_checkpoint(model_dir, select_device(settings.device))
+        version = model_version(model_dir)
+        total = count_rows(manifest, model.labels, settings.chunk_rows)
+        store_url = store_url or Store.default_url(run_dir)
+        own_store = parse_url(store_url) == parse_url(Store.default_url(run_dir))  # RUN_DIR's
+        store = Store(store_url)
     saved = read_checkpoint_config(model_dir)
     thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
     store.register_model(
