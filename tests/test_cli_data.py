@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from clinfuse.cli import main
+from clinfuse.cli.main import _stop_on_signals
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +74,30 @@ def test_a_stopped_console_command_ends_by_its_signal_so_a_shell_loop_stops(tmp_
         deadline = time.time() + 120
         while not (out / "images").is_dir() and run.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        for _ in range(6):  # numpy's Generator.choice can swallow a KeyboardInterrupt raised
-            run.send_signal(stop)  # inside it; a user then presses Ctrl-C again
-            try:
-                _, err = run.communicate(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        run.send_signal(stop)  # once: a stop swallowed on the way (numpy did) is given again
+        _, err = run.communicate(timeout=60)
     finally:
         run.kill()
     assert run.returncode == -stop  # as bash needs it to stop a loop
     assert "interrupted: the same command" in err and "Traceback" not in err
     assert not (out / "manifest.csv").exists()
+
+
+def test_a_ctrl_c_that_something_swallows_is_given_again():
+    over = threading.Event()
+    replaced = _stop_on_signals(over)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                pass  # as numpy's Generator.choice did: the command went on
+            for _ in range(300):  # 30 s of work that the watchdog's second stop ends
+                time.sleep(0.1)
+    finally:
+        over.set()
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
 
 
 def test_an_output_path_inside_a_file_names_the_file(tmp_path, capsys):

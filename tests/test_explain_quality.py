@@ -330,8 +330,9 @@ def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, caps
     assert f"{tmp_path / 'missing-model'}: not a clinfuse model folder" in err
     assert "config key" not in err
     never = tmp_path / "never" / "made"  # a refused command leaves no empty output folder
-    for command, extra in (("explain", ["--study-id", study]),
-                           ("explain-eval", ["--truth", str(export / "ground_truth")])):  # fmt: skip
+    refused = [("explain", ["--study-id", study])]
+    refused.append(("explain-eval", ["--truth", str(export / "ground_truth")]))
+    for command, extra in refused:
         assert clinfuse(command, *base[:4], "--out", str(never), *extra) == 2
         assert not (tmp_path / "never").exists()
     capsys.readouterr()

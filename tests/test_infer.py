@@ -113,11 +113,9 @@ def test_rerunning_a_finished_run_skips_everything(tiny_model, small_export, tmp
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "predictions.csv"), before)
 
 
-def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
-    tiny_model, small_export, tmp_path
-):
-    run = tmp_path / "run"
-    # ten copies of the export under new ids: long enough for the kill to land mid-run
+def long_run(tiny_model, small_export, tmp_path, workers: int) -> tuple[list[str], int]:
+    """An `infer` command line over ten copies of the export under new ids (long enough for a
+    kill to land mid-run), and its study count."""
     rows = absolute_rows(small_export)
     copies = []
     for k in range(10):
@@ -126,28 +124,18 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
         copies.append(copy)
     manifest = tmp_path / "long.csv"
     pd.concat(copies).to_csv(manifest, index=False)
-    total = 10 * len(rows)
-    args = [
-        sys.executable,
-        "-m",
-        "clinfuse",
-        "infer",
-        "--model",
-        str(tiny_model),
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(run),
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-    ]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [sys.executable, "-m", "clinfuse", "infer", "--model", str(tiny_model),
+            "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+            "--batch-size", "2", "--workers", str(workers)]  # fmt: skip
+    return args, 10 * len(rows)
+
+
+def wait_for_studies(run: Path, at_least: int) -> int:
+    """Poll the run's store until it holds `at_least` studies (or 120 s pass); how many."""
     db = run / "clinfuse.db"
     deadline = time.time() + 120
     written = 0
-    while time.time() < deadline and written < 8:
+    while time.time() < deadline and written < at_least:
         time.sleep(0.05)
         if db.exists():
             try:
@@ -155,6 +143,16 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
                     written = con.execute("select count(*) from studies").fetchone()[0]
             except sqlite3.Error:
                 pass
+    return written
+
+
+def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
+    tiny_model, small_export, tmp_path
+):
+    run = tmp_path / "run"
+    args, total = long_run(tiny_model, small_export, tmp_path, workers=0)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    written = wait_for_studies(run, 8)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert 8 <= written < total, "the kill should land mid-run"
@@ -162,9 +160,45 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
     assert "skipped as already done" in done.stdout
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) == total and predictions["study_id"].is_unique
-    with sqlite3.connect(db) as con:
+    with sqlite3.connect(run / "clinfuse.db") as con:
         assert con.execute("select count(*) from studies").fetchone()[0] == total
         assert con.execute("select count(distinct study_id) from studies").fetchone()[0] == total
+
+
+def test_a_schedulers_kill_of_the_whole_job_ends_it_quietly_and_leaves_no_worker(
+    tiny_model, small_export, tmp_path
+):
+    args, total = long_run(tiny_model, small_export, tmp_path, workers=2)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        written = wait_for_studies(tmp_path / "run", 8)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.killpg(process.pid, signal.SIGTERM)  # the main process and its DataLoader workers
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert 8 <= written < total and len(children) >= 2  # the two workers were running
+    assert process.returncode == -signal.SIGTERM
+    assert "interrupted: the same command continues" in err
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-1500:]
+    deadline = time.time() + 10
+    while group_alive(process.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(process.pid)  # no process of the job is left running
+
+
+def group_alive(group: int) -> list[int]:
+    """The running processes (not zombies) of a process group, read from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)"
+        except OSError:  # it ended while being read
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            alive.append(int(stat.parent.name))
+    return alive
 
 
 def test_an_output_folder_that_cannot_be_made_is_a_clear_error(
