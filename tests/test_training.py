@@ -118,6 +118,7 @@ def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
         str(out),
         "model.name=tiny",
         "train.epochs=4",
+        "train.batch_size=8",  # 4 steps an epoch: a snapshot every 2 lands mid-epoch too
         "train.checkpoint_every=2",
         "train.bootstrap=20",
     ]
@@ -145,6 +146,14 @@ def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert [h["epoch"] for h in config["training"]["history"]] == [1, 2, 3, 4]
     assert load_checkpoint(out).labels == tuple(config["model"]["labels"])
+    # the same run as one never stopped, to the byte, whichever step it resumed from, and
+    # whether DataLoader workers read the studies or the main process did
+    whole = tmp_path / "whole"
+    assert main([*args[:4], str(whole), *args[5:], "train.workers=2"]) == 0
+    assert (whole / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    losses = [h["train_loss"] for h in config["training"]["history"]]
+    whole_config = json.loads((whole / "config.json").read_text())
+    assert [h["train_loss"] for h in whole_config["training"]["history"]] == losses
 
 
 def test_two_process_ddp_on_cpu(export, tmp_path):

@@ -99,25 +99,44 @@ class StudyDataset(Dataset):
     memory (one (C, *spatial_size) float32 image per study); later reads only augment and
     normalise it. Items are the same with and without the cache. With DataLoader workers each
     worker keeps its own copy for the life of the loader.
+
+    With `seed` (training), a study's random augmentation is drawn from (seed, `epoch`, its
+    index) alone: the same whatever the number of workers, the process that reads it, or where
+    an interrupted run resumed. Set `epoch` before each epoch's loader is made.
     """
 
     def __init__(
-        self, rows: Sequence[StudyRow], cfg: ModelConfig, train: bool = False, cache: bool = False
+        self,
+        rows: Sequence[StudyRow],
+        cfg: ModelConfig,
+        train: bool = False,
+        cache: bool = False,
+        seed: int | None = None,
     ) -> None:
         self.rows = list(rows)
         self.transforms = build_transforms(cfg.preprocess, cfg.image.in_channels, train=train)
         self.cache: dict[int, dict[str, Any]] | None = {} if cache else None
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.seed is not None:
+            self.transforms.set_random_state(derived_seed(self.seed, self.epoch, index))
         if self.cache is None:
             return load_item(self.rows[index], self.transforms)
         fitted = self.cache.get(index)
         if fitted is None:
             fitted = self.cache[index] = load_item(self.rows[index], self.transforms, finish=False)
         return finish_item(fitted, self.transforms)
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed drawn from a tuple of non-negative integers (numpy's `SeedSequence`):
+    independent streams for, say, (seed, epoch, index) or (seed, rank, step)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def load_item(row: StudyRow, transforms: Preprocess, finish: bool = True) -> dict[str, Any]:

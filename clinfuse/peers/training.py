@@ -154,8 +154,9 @@ def train_transchex(
     ).to(torch_device)
     torch.manual_seed(cfg.train.seed + 1)
     collate = Collator(model.note_tokenizer, model.cfg)
-    train_set = StudyDataset(train_rows, model.cfg, train=cfg.train.augment, cache=cfg.train.cache)
-    train_set.transforms.set_random_state(cfg.train.seed)
+    train_set = StudyDataset(
+        train_rows, model.cfg, train=cfg.train.augment, cache=cfg.train.cache, seed=cfg.train.seed
+    )
     val_loader = DataLoader(
         StudyDataset(val_rows, model.cfg, cache=cfg.train.cache),
         batch_size=cfg.train.batch_size,
@@ -173,6 +174,7 @@ def train_transchex(
     best, best_auroc, best_epoch, stale, history = None, -1.0, 0, 0, []
     for epoch in range(cfg.train.epochs):
         epoch_started, seen, losses = time.perf_counter(), 0, []
+        train_set.epoch = epoch  # the same augmentation as clinfuse's training at this epoch
         loader = DataLoader(
             train_set,
             batch_size=cfg.train.batch_size,

@@ -35,6 +35,7 @@ class Progress:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)  # the epoch in progress, per step
 
 
 def latest_snapshot(state_dir: Path) -> Path | None:
@@ -62,7 +63,6 @@ def save_snapshot(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
         },
         folder / "optimizer",
     )

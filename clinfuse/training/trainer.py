@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from clinfuse import __version__
 from clinfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, as_current
-from clinfuse.data.batch import Batch, Collator, StudyDataset
+from clinfuse.data.batch import Batch, Collator, StudyDataset, derived_seed
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
 from clinfuse.data.notes import read_note
 from clinfuse.engine import Predictions, autocast, predict, select_device
@@ -279,11 +279,11 @@ def train(
             )
         states, progress = None, Progress(config_sha256=config_sha)
     model.to(torch_device).train()
-    torch.manual_seed(cfg.train.seed + 1 + workers.rank + progress.step)
 
     collate = Collator(model.note_tokenizer, cfg.model)
-    train_set = StudyDataset(train_rows, cfg.model, train=cfg.train.augment, cache=cfg.train.cache)
-    train_set.transforms.set_random_state(cfg.train.seed + workers.rank + progress.step)
+    train_set = StudyDataset(
+        train_rows, cfg.model, train=cfg.train.augment, cache=cfg.train.cache, seed=cfg.train.seed
+    )
     val_loader = DataLoader(
         StudyDataset(val_rows, cfg.model, cache=cfg.train.cache),
         batch_size=cfg.train.batch_size,
@@ -319,9 +319,11 @@ def train(
             dist.barrier()
 
     while progress.epoch < cfg.train.epochs:
-        epoch_started, seen, losses = time.perf_counter(), 0, []
+        epoch_started, seen = time.perf_counter(), 0
+        losses = progress.epoch_losses  # with those before a resume: the epoch's mean is exact
         order = epoch_order(len(train_rows), progress.epoch, cfg.train.seed, workers)
         order = order[progress.batch_in_epoch * cfg.train.batch_size :]
+        train_set.epoch = progress.epoch  # its augmentation: from (seed, epoch, study) alone
         loader = DataLoader(
             train_set,
             batch_size=cfg.train.batch_size,
@@ -345,6 +347,8 @@ def train(
             if workers.any(len(batch) == 0, torch_device):
                 continue
             batch = batch.to(torch_device)
+            # dropout's draws: from (seed, rank, step) alone, so a resumed run is the same run
+            torch.manual_seed(derived_seed(cfg.train.seed, workers.rank, progress.step))
             with autocast(torch_device, cfg.train.amp):
                 loss = fusion_loss(ddp, batch, pos_weight, side_weight, cfg.train.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -398,6 +402,7 @@ def train(
             )
         progress.epoch += 1
         progress.batch_in_epoch = 0
+        progress.epoch_losses = []
         stop = workers.agree(progress.epochs_without_improvement >= cfg.train.patience)
         snapshot_now()
         if stop:
