@@ -222,7 +222,7 @@ class TrainConfig(Config):
     cache: bool = True  # keep each decoded, resized image in memory after its first epoch
     # steps between resumable checkpoints (and at every epoch end)
     checkpoint_every: int = Field(50, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     amp: bool = True  # mixed precision on GPU (ignored on CPU)
     # resamples for the validation metrics' confidence intervals
     bootstrap: int = Field(1000, ge=0)

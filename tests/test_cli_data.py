@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pandas as pd
@@ -12,7 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from clinfuse.cli import main
-from clinfuse.cli.main import _stop_on_signals
+from clinfuse.cli.stopping import StopSignals
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +83,25 @@ def test_a_stopped_console_command_ends_by_its_signal_so_a_shell_loop_stops(tmp_
 
 
 def test_a_ctrl_c_that_something_swallows_is_given_again():
-    over = threading.Event()
-    replaced = _stop_on_signals(over)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), StopSignals():
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # as numpy's Generator.choice did: the command went on
+        time.sleep(30)  # one blocking call: the stop given again wakes it
+    assert signal.getsignal(signal.SIGINT) is before  # put back when the command ends
+
+
+def test_a_ctrl_c_the_command_was_started_to_ignore_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # `nohup`, a script's background job
     try:
-        with pytest.raises(KeyboardInterrupt):
-            try:
-                signal.raise_signal(signal.SIGINT)
-            except KeyboardInterrupt:
-                pass  # as numpy's Generator.choice did: the command went on
-            for _ in range(300):  # 30 s of work that the watchdog's second stop ends
-                time.sleep(0.1)
+        with StopSignals():
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.5)  # nothing is raised
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
-        over.set()
-        for signum, handler in replaced.items():
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGINT, before)
 
 
 def test_an_output_path_inside_a_file_names_the_file(tmp_path, capsys):

@@ -233,11 +233,11 @@ def test_rows_cut_short_are_read_with_a_warning_naming_them_once(tmp_path, caplo
     assert rows[1].note is None and np.isnan(rows[1].labels).all()  # read as empty, kept
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1
-    assert "1 rows have fewer cells than the header's 6 (rows 2)" in warned[0]
-    assert "row 2 has no note, flu, copd" in warned[0]
+    assert "m.csv: row 2 with fewer cells than the header's 6" in warned[0]
+    assert "(row 2 has no note, flu, copd)" in warned[0]
     caplog.clear()
     path.write_text(path.read_text(encoding="utf-8") + "S4,P4,img/d.dcm,cough\n", encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="clinfuse.data.manifest"):
         load_manifest(path)  # the file changed: its rows are named again
         load_manifest(path, warn_short_rows=False)
-    assert len(caplog.records) == 1 and "(rows 2, 4)" in caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "2 rows (2, 4) with" in caplog.records[0].getMessage()

@@ -343,6 +343,7 @@ def test_ranks_see_disjoint_equal_shards_of_a_seeded_order():
         ("train.checkpoint_every=0", "'train.checkpoint_every': Input should be greater"),
         ("train.target_sensitivity=1.5", "'train.target_sensitivity': Input should be less"),
         ("train.max_pos_weight=0", "'train.max_pos_weight': Input should be greater"),
+        ("train.seed=-1", "'train.seed': Input should be greater than or equal to 0"),
         ("data.val_fraction=0.9", "'data': Value error, val_fraction + test_fraction must leave"),
     ],
 )

@@ -23,7 +23,7 @@ def _explain(args: argparse.Namespace) -> int:
             names = ", ".join(p.name for p in study.files)
             print(f"{study.study_id}: {', '.join(study.labels)} -> {names}")
 
-    with new_folder(args.out):  # checked before any study is explained; left empty on an error
+    with new_folder(args.out):  # checked before any study is explained; gone again if refused
         done = explain_studies(
             args.model,
             args.manifest,

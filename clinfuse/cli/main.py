@@ -6,25 +6,21 @@ cannot be trained on); 2 a user error (bad arguments, a structural manifest erro
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import json
 import logging
 import os
 import signal
 import sys
-import threading
-import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from clinfuse import __version__
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
 from clinfuse.cli.args import at_least
+from clinfuse.cli.stopping import StopSignals, Terminated
 from clinfuse.errors import ClinfuseError
 
 Command = Callable[[argparse.Namespace], int]
@@ -298,12 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for chatty in ("alembic", "highdicom"):  # highdicom each module it copies into an SR
             logging.getLogger(chatty).setLevel(logging.WARNING)
     warnings.formatwarning = _format_warning
-    over = threading.Event()  # set when the command ends, or when its stop has been caught
-    replaced = _stop_on_signals(over)
     try:
-        return args.run(args)
+        with StopSignals():
+            return args.run(args)
     except (KeyboardInterrupt, Terminated) as stop:
-        over.set()
         print(
             "interrupted: the same command continues where it stopped (train, infer, demo) "
             "or starts again",
@@ -327,66 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}. Check the path and its permissions", file=sys.stderr)
         return 2
     finally:
-        over.set()
         warnings.formatwarning = _python_format
-        for signum, handler in replaced.items():
-            signal.signal(signum, handler)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C while a command runs (a KeyboardInterrupt that `_stop_on_signals` can watch)."""
-
-
-class Terminated(BaseException):
-    """SIGTERM (a scheduler's `kill`), raised like Ctrl-C's KeyboardInterrupt so that the same
-    clean-up runs: DataLoader workers and Ray are shut down, nothing is left orphaned."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop_on_signals(over: threading.Event) -> dict[int, Any]:
-    """While a command runs, Ctrl-C raises `Interrupted` and SIGTERM `Terminated` in the main
-    thread. A stop that something swallows is raised again: numpy was seen to discard a
-    KeyboardInterrupt raised inside `Generator.choice`, and the command went on as if the key
-    had not been pressed. Returns the handlers it replaced, to restore when the command ends
-    (none outside the main thread, where no handler can be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    owner = os.getpid()
-
-    def stop(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked worker (DataLoader, validate's pool)
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt  # as Python's own handler: torch's worker loop ends
-            signal.signal(signum, signal.SIG_DFL)  # SIGTERM: die quietly
-            os.kill(os.getpid(), signum)
-        # stopping: a DataLoader worker that the same signal ended (a scheduler's kill reaches
-        # every process of the job) is no error; torch's SIGCHLD handler made it a traceback
-        replaced.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
-        raise _watched_stop(signum, over)  # no local names it: swallowed, it is freed at once
-
-    replaced = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    return replaced
-
-
-def _watched_stop(signum: int, over: threading.Event, patience: float = 30.0) -> BaseException:
-    """The exception a stop signal raises, watched by a thread until `over` is set: while it
-    travels up to `main` it stays alive; freed before that, it was swallowed on the way, and
-    the signal is given again."""
-    stop = Interrupted() if signum == signal.SIGINT else Terminated(signum)
-    alive = weakref.ref(stop)
-
-    def watch() -> None:
-        deadline = time.monotonic() + patience
-        while not over.wait(0.2) and time.monotonic() < deadline:
-            if alive() is None:
-                _thread.interrupt_main(signum)
-                return
-
-    threading.Thread(target=watch, daemon=True).start()
-    return stop
 
 
 def _file_in_the_way(exc: OSError) -> Path | None:

@@ -123,7 +123,7 @@ class StudyDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if self.seed is not None:
+        if self.seed is not None and self.transforms.augment is not None:
             self.transforms.set_random_state(derived_seed(self.seed, self.epoch, index))
         if self.cache is None:
             return load_item(self.rows[index], self.transforms)

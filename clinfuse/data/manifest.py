@@ -153,7 +153,7 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
     path = Path(path)
     kind = _kind(path)
     try:
-        sep = _csv_separator(path) if kind == "csv" else ","
+        sep = _csv_header(path)[0] if kind == "csv" else ","
         if kind == "csv":
             chunks = pd.read_csv(
                 path,
@@ -223,17 +223,13 @@ def _csv_header(path: Path) -> tuple[str, list[str]]:
     return sep, names
 
 
-def _csv_separator(path: Path) -> str:
-    return _csv_header(path)[0]
-
-
 def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     """A CSV manifest's rows with fewer cells than its header: {row: (cells, header cells)}.
     The reader reads their missing cells as empty (labels unknown); `validate` says so."""
     path = Path(path)
     if _kind(path) != "csv":
         return {}
-    sep = _csv_separator(path)
+    sep = _csv_header(path)[0]
     csv.field_size_limit(2**31 - 1)  # a long inline note is one cell, as pandas reads it
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
         records = (r for r in csv.reader(file, delimiter=sep) if any(c.strip() for c in r))
@@ -247,7 +243,7 @@ def listed_rows(rows: Iterable[int], limit: int = 10) -> str:
     return ", ".join(map(str, rows[:limit])) + (", ..." if len(rows) > limit else "")
 
 
-_short_rows_reported: set[tuple[str, int, int]] = set()
+_short_rows_seen: dict[tuple[str, int, int], dict[int, tuple[int, int]]] = {}
 
 
 def report_short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
@@ -255,20 +251,23 @@ def report_short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     reads its manifest more than once): a row cut short by a broken export would otherwise be
     read, without a word, as a study with no note or with unknown labels."""
     path = Path(path)
-    short = short_rows(path)
+    if _kind(path) != "csv":
+        return {}
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if short and key not in _short_rows_reported:
-        _short_rows_reported.add(key)
+    if key in _short_rows_seen:
+        return _short_rows_seen[key]
+    short = _short_rows_seen[key] = short_rows(path)
+    if short:
         names = _csv_header(path)[1]
         first, (cells, width) = next(iter(short.items()))
+        where = f"row {first}" if len(short) == 1 else f"{len(short)} rows ({listed_rows(short)})"
         log.warning(
-            "%s: %d rows have fewer cells than the header's %d (rows %s): their missing cells "
-            "are read as empty (row %d has no %s); if that is not meant, fix the export",
+            "%s: %s with fewer cells than the header's %d: the missing cells are read as empty "
+            "(row %d has no %s); if that is not meant, fix the export",
             path,
-            len(short),
+            where,
             width,
-            listed_rows(short),
             first,
             ", ".join(names[cells:]),
         )

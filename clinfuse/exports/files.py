@@ -55,8 +55,8 @@ def check_writable(folder: Path) -> None:
 @contextmanager
 def new_folder(folder: Path) -> Iterator[Path]:
     """`check_writable(folder)` for a block that writes there; if the block fails, the folders
-    made for it that are still empty are removed, so a command stopped by bad input (a wrong
-    model folder, an unknown study id) leaves no empty output folder behind."""
+    that did not exist before it and are still empty are removed, so a command stopped by bad
+    input (a wrong model folder, an unknown study id) leaves no empty output folder behind."""
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
         check_writable(folder)
@@ -65,7 +65,9 @@ def new_folder(folder: Path) -> Iterator[Path]:
         for path in made:
             try:
                 path.rmdir()
-            except OSError:  # something was written there (or it was never made): kept
+            except FileNotFoundError:  # never made: its parent may have been
+                continue
+            except OSError:  # something was written there: it and its parents are kept
                 break
         raise
 

@@ -215,7 +215,7 @@ def open_run(
     started = time.perf_counter()
     model_dir, manifest = Path(model_dir), Path(manifest)
     run_dir = Path(run_dir).expanduser().resolve()  # the store records files by absolute path
-    with new_folder(run_dir):  # not left behind when the model, manifest or store is refused
+    with new_folder(run_dir):  # removed again, while empty, if the model or manifest is refused
         model = load_checkpoint(model_dir, select_device(settings.device))
         version = model_version(model_dir)
         total = count_rows(manifest, model.labels, settings.chunk_rows)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -134,9 +136,14 @@ def run_inference_ray(
         model_dir, manifest, run_dir, store_url, settings or InferenceSettings()
     )
     if not ray.is_initialized():
+        caller = signal.getsignal(signal.SIGTERM)
         ray.init(
             address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
         )
+        # Ray's own SIGTERM handler exits at once; the caller's (the CLI's: shut down, say so,
+        # end by the signal) is put back
+        if caller is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, caller)
     ray.data.DataContext.get_current().enable_progress_bars = False  # clinfuse shows its own
     pending = (
         r

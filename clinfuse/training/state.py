@@ -50,6 +50,7 @@ def save_snapshot(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write a complete snapshot, then delete the older ones."""
     folder = state_dir / f"step-{progress.step:08d}"
@@ -63,6 +64,7 @@ def save_snapshot(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},  # AMP's loss scale
         },
         folder / "optimizer",
     )

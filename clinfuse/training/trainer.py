@@ -310,11 +310,13 @@ def train(
         else model
     )
     scaler = torch.amp.GradScaler("cuda", enabled=torch_device.type == "cuda" and cfg.train.amp)
+    if states is not None and states.get("scaler"):  # {} on CPU, where it is off
+        scaler.load_state_dict(states["scaler"])
     failures: dict[str, str] = {}
 
     def snapshot_now() -> None:
         if workers.main:
-            save_snapshot(state_dir, model, best, optimizer, scheduler, progress)
+            save_snapshot(state_dir, model, best, optimizer, scheduler, progress, scaler)
         if workers.world > 1:
             dist.barrier()
 
