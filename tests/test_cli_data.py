@@ -1,5 +1,6 @@
 """`clinfuse sample-data` and `clinfuse validate` end to end, as a user runs them."""
 
+import logging
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from clinfuse.cli import main
-from clinfuse.cli.stopping import StopSignals
+from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,17 @@ def test_a_ctrl_c_that_something_swallows_is_given_again():
             pass  # as numpy's Generator.choice did: the command went on
         time.sleep(30)  # one blocking call: the stop given again wakes it
     assert signal.getsignal(signal.SIGINT) is before  # put back when the command ends
+
+
+def test_a_stop_is_not_logged_as_an_error_by_a_library_it_passed_through():
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("sqlalchemy.pool.impl.QueuePool", logging.ERROR, __file__, 1,
+                                 "Exception during reset or similar", None,
+                                 (type(error), error, None))  # fmt: skip
+
+    assert not not_a_stop(record(Terminated(signal.SIGTERM)))
+    assert not not_a_stop(record(KeyboardInterrupt()))
+    assert not_a_stop(record(ValueError("a real error")))  # still shown
 
 
 def test_a_ctrl_c_the_command_was_started_to_ignore_stays_ignored():

@@ -20,7 +20,7 @@ from clinfuse import __version__
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
 from clinfuse.cli.args import at_least
-from clinfuse.cli.stopping import StopSignals, Terminated
+from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
 from clinfuse.errors import ClinfuseError
 
 Command = Callable[[argparse.Namespace], int]
@@ -293,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # Alembic announces its plugins whenever a new store is created,
         for chatty in ("alembic", "highdicom"):  # highdicom each module it copies into an SR
             logging.getLogger(chatty).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(not_a_stop)  # once: a handler keeps one copy of a filter
     warnings.formatwarning = _format_warning
     try:
         with StopSignals():

@@ -17,6 +17,7 @@ handling gets wrong for a long batch command are handled here:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -39,6 +40,13 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+def not_a_stop(record: logging.LogRecord) -> bool:
+    """A logging filter: False for a record that logs a stop as an error. SQLAlchemy logs one
+    with its traceback when a stop lands while it returns a connection to its pool, then lets
+    the stop go on; the command's one line says all there is."""
+    return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, Terminated)))
+
+
 class StopSignals:
     """The stop handlers of one command (see the module docstring); outside the main thread,
     where no handler can be set, it does nothing."""
@@ -47,7 +55,7 @@ class StopSignals:
         self.patience = patience  # how long a raised stop is watched
         self.lock = threading.Lock()  # the watchers' check and `__exit__` take turns
         self.over = False  # the command ended, or its stop reached `__exit__`
-        self.replaced: dict[int, Any] = {}  # the handlers to put back, SIGCHLD's once stopping
+        self.replaced: dict[int, Any] = {}  # the stop signals' handlers, put back at the end
         self.owner = os.getpid()
         self.main_thread = threading.main_thread().ident
 
@@ -72,7 +80,10 @@ class StopSignals:
                 raise KeyboardInterrupt  # as Python's own handler: torch's worker loop ends
             signal.signal(signum, signal.SIG_DFL)  # SIGTERM: die quietly
             os.kill(os.getpid(), signum)
-        self.replaced.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+        # not put back: the loader's workers are shut down while the stop travels on, after
+        # `__exit__` (its traceback holds their frames); so in this process a later loader
+        # finds a dead worker by its timeout instead
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise self._watched(signum)  # no local names it: swallowed, it is freed at once
 
     def _watched(self, signum: int) -> BaseException:
