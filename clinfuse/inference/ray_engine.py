@@ -135,7 +135,8 @@ def run_inference_ray(
     run: OpenRun = open_run(
         model_dir, manifest, run_dir, store_url, settings or InferenceSettings()
     )
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         caller = signal.getsignal(signal.SIGTERM)
         ray.init(
             address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
@@ -144,6 +145,17 @@ def run_inference_ray(
         # end by the signal) is put back
         if caller is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, caller)
+    try:
+        return _score_on_ray(run, model_dir)
+    finally:
+        if started_ray:  # also when stopped: a process ended by its signal runs no atexit,
+            ray.shutdown()  # and Ray's agents outlived it
+
+
+def _score_on_ray(run: OpenRun, model_dir: str | Path) -> InferenceSummary:
+    """Score what `run` has left on the Ray runtime this process is connected to."""
+    import ray
+
     ray.data.DataContext.get_current().enable_progress_bars = False  # clinfuse shows its own
     pending = (
         r
