@@ -280,6 +280,34 @@ def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_o
     assert events[-1]["labels_after"] == events[-1]["labels_before"]
 
 
+def test_a_verdict_survives_a_link_from_another_model_and_disagree_must_change_a_label(
+    review_run, monkeypatch
+):
+    at = new_app(monkeypatch, review_run).run()
+    study = str(table(at).study_id.iloc[0])
+    open_study(at, study)
+    # now the study's link as made for another model: its label and sort are not this run's
+    at.query_params.update({"label": "gout", "sort": "p_gout"})
+    assert at.run().title[0].value == f"Study {study}" and not at.exception
+    form = f"verdict-{study}"
+    at.radio(key=f"{form}-verdict").set_value("disagree")
+    at.button(key=f"{form}-save").click().run()  # every label still as the model called it
+    assert [e.value for e in at.error] == [
+        "Not saved: verdict 'disagree' with every label as the model called it: change the "
+        "labels you disagree with, or set them to unknown"
+    ]
+    with Store(review_run.url) as store:
+        before = len(store.reviews(review_run.run_id, study))
+    at.selectbox(key=f"{form}-copd").select("unknown")
+    at.button(key=f"{form}-save-next").click().run()
+    assert not at.exception
+    with Store(review_run.url) as store:
+        events = store.reviews(review_run.run_id, study)
+    assert len(events) == before + 1 and events[-1]["verdict"] == "disagree"
+    assert events[-1]["labels_after"]["copd"] is None
+    assert at.query_params["study"] != study  # moved on, in the whole run's worklist
+
+
 def test_no_patient_name_id_or_birth_date_on_any_page(review_run, monkeypatch):
     at = new_app(monkeypatch, review_run).run()
     pages = [page_text(at)]

@@ -233,7 +233,7 @@ def review_some(store: Store, made: dict) -> dict[str, list[tuple[str, str]]]:
     for study_id, reviewer, verdict in plan:
         facts = made["studies"].get(study_id)
         labels = {} if facts is None else {x: int(v) for x, v in facts["decisions"].items()}
-        if verdict == "corrected":
+        if verdict == "corrected" or (verdict == "disagree" and labels):
             labels["flu"] = 1 - labels["flu"]
         save_review(store, run_id, study_id, reviewer, verdict, labels, "")
         done.setdefault(study_id, []).append((reviewer, verdict))
@@ -397,6 +397,9 @@ def test_study_view_and_append_only_history(store, tmp_path):
         save_review(store, run_id, "S001", "dr.a", "agree", {"flu": 1 - before["flu"]}, "")
     with pytest.raises(ValueError, match="'corrected' needs at least one label changed"):
         save_review(store, run_id, "S001", "dr.a", "corrected", before, "")
+    # a 'disagree' that keeps every call would become training labels equal to the model's
+    with pytest.raises(ValueError, match="'disagree' with every label as the model called it"):
+        save_review(store, run_id, "S001", "dr.a", "disagree", before, "")
     with pytest.raises(ValueError, match="label 'flu': 2 is not 1, 0 or None"):
         save_review(store, run_id, "S001", "dr.a", "disagree", {"flu": 2}, "")
     with pytest.raises(ClinfuseError, match="no study"):

@@ -209,7 +209,7 @@ def save_review(
     labels_before = the model's decisions for the study. labels_after holds 1, 0 or None
     (unknown) per model label; a label left out is the model's decision when the verdict is
     'agree' and unknown otherwise. 'agree' with labels that differ from the model's is refused,
-    and so is 'corrected' with none that differ.
+    and so are 'corrected' and 'disagree' with none that differ (unknown differs).
     """
     reviewer, comment = str(reviewer).strip(), str(comment or "").strip()
     ReviewEvent(run_id, study_id, reviewer, verdict, comment=comment).check()  # before any query
@@ -240,6 +240,11 @@ def save_review(
         )
     if verdict == "corrected" and not changed:
         raise ValueError("verdict 'corrected' needs at least one label changed from the model's")
+    if verdict == "disagree" and before and not changed:  # it would train on what it rejects
+        raise ValueError(
+            "verdict 'disagree' with every label as the model called it: change the labels you "
+            "disagree with, or set them to unknown"
+        )
     event = ReviewEvent(
         run_id=run_id,
         study_id=study_id,

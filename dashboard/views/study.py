@@ -53,6 +53,20 @@ def neighbour(
     return None, page
 
 
+def next_study(
+    session: ReviewSession, params: dict[str, Any], study_id: str
+) -> tuple[str | None, int]:
+    """`neighbour` in the worklist the link describes; in the whole run when the link's filter
+    does not fit this run (a label or sort column of another model's link): looked up after
+    the verdict is saved, so a stale link can never cost the verdict."""
+    query, _ = query_from_params(session.run_id, params)
+    page, size = page_from_params(params)
+    try:
+        return neighbour(session, query, study_id, page, size)
+    except ValueError:
+        return neighbour(session, WorklistQuery(run_id=session.run_id), study_id, 0, size)
+
+
 def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | None:
     """The verdict form; (verdict, labels_after, comment) when submitted with a valid
     verdict, with "next" in session state when "Save and next" was pressed. No verdict is
@@ -149,9 +163,6 @@ def main() -> None:
     st.subheader("Your verdict")
     submitted = verdict_form(view, session)
     if submitted is not None:
-        query, _ = query_from_params(session.run_id, params)
-        page, size = page_from_params(params)
-        following, following_page = neighbour(session, query, view.study_id, page, size)
         verdict, labels_after, comment = submitted
         try:
             review_id = save_review(
@@ -169,6 +180,7 @@ def main() -> None:
         st.session_state["sv_saved"] = view.study_id
         saved = f"Saved review #{review_id} of {view.study_id}: {VERDICTS[verdict].lower()}."
         if st.session_state.pop("sv_go_next", False):
+            following, following_page = next_study(session, params, view.study_id)
             if following is None:
                 st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
             else:
