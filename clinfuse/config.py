@@ -214,6 +214,10 @@ class TrainConfig(Config):
     max_pos_weight: float = Field(10.0, ge=1)  # below 1 it would weigh positives down
     # targets 1 - e/2 and e/2 for every head (0: hard targets)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # with fusion.combine=naive_bayes, fit each label's weights of the image's evidence, the
+    # note's and the fused correction on validation before the temperature (see
+    # `fit_evidence_weights`), with this ridge on the correction's weight (null: keep ones)
+    evidence_ridge: float | None = Field(0.01, ge=0)
     threshold_rule: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, le=1)  # with threshold_rule=sensitivity
     augment: bool = True

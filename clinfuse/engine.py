@@ -115,6 +115,34 @@ def iter_predictions(
         yield batch, logits, image_used, note_used
 
 
+def evidence_terms(
+    model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """A naive-Bayes model's logit terms (N, 3, L) before their weights: the image's evidence
+    (image head - prior), the note's and the fused correction; and the labels (N, L). Over the
+    studies that used both sides, the ones those three terms answer."""
+    if not model.weighs_evidence:
+        raise ValueError("evidence terms need side heads and fusion.combine=naive_bayes")
+    terms, labels = [], []
+    model.eval()
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        with torch.inference_mode(), autocast(device, amp):
+            out = model.forward_intermediates(*batch.to(device).model_inputs())
+            prior = out.side_logits[:, 2]  # (B, L)
+            found = torch.stack(
+                [out.side_logits[:, 0] - prior, out.side_logits[:, 1] - prior, out.correction],
+                dim=1,
+            )  # (B, 3, L)
+            both = (out.image_used & out.note_used).cpu()  # (B,)
+        terms.append(found.float().cpu()[both].numpy())
+        labels.append(batch.labels[both].numpy())
+    if not terms:
+        return np.zeros((0, 3, len(model.labels))), np.zeros((0, len(model.labels)))
+    return np.concatenate(terms), np.concatenate(labels)
+
+
 def predict(
     model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
 ) -> Predictions:

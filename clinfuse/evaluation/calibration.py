@@ -1,5 +1,5 @@
 """Calibration fitted on validation data: a temperature, an offset and a decision threshold a
-label.
+label, and for naive-Bayes models first the weights of each label's evidence terms.
 
 All are fitted on known cells only (`y` is 1.0 / 0.0 / NaN, NaN = unknown) and saved with the
 model, which predicts `sigmoid(logit / temperature + offset) >= threshold` (see `FusionModel`).
@@ -16,6 +16,7 @@ from sklearn.metrics import roc_curve
 
 TEMPERATURE_BOUNDS = (1e-2, 1e2)  # searched over log T; a separable label ends at the low bound
 OFFSET_BOUND = 20.0  # |b| on the logit scale
+WEIGHT_BOUND = 4.0  # an evidence weight's upper end (a separable label would push it to inf)
 DEFAULT_THRESHOLD = 0.5  # for a label with no positives or no negatives to fit on
 THRESHOLD_RULES = ("youden", "sensitivity")
 
@@ -65,6 +66,36 @@ def fit_calibration(
         result = minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=bounds)
         temperatures[j], offsets[j] = float(np.exp(result.x[0])), float(result.x[1])
     return temperatures, offsets
+
+
+def fit_evidence_weights(terms: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """(L, 3) weights of each label's image evidence, note evidence and fused correction.
+
+    `terms` (N, 3, L) holds those three logit terms for studies with both sides, `y` (N, L)
+    their labels. Per label, on its known cells: the weights in [0, `WEIGHT_BOUND`] (and a
+    free intercept, dropped: the offset fitted next takes its place) of the logistic
+    regression of the label on the three terms, with `ridge` x weight^2 on the correction
+    alone. So the sides' naive-Bayes sum is the default and the correction keeps the weight the
+    validation data give it; a side whose evidence does not help a label gets weight ~0 (on
+    the sample data, the note's on the image-only findings). A label with fewer than two known
+    cells, or one class, keeps ones: the model as trained.
+    """
+    terms, y = np.asarray(terms, dtype=float), np.asarray(y, dtype=float)
+    weights = np.ones((y.shape[1], 3))
+    bounds = [(0.0, WEIGHT_BOUND)] * 3 + [(-OFFSET_BOUND, OFFSET_BOUND)]
+    for j in range(y.shape[1]):
+        known = ~np.isnan(y[:, j])
+        x, t = terms[known, :, j], y[known, j]  # (n, 3), (n,)
+        if t.size < 2 or t.min() == t.max():
+            continue
+
+        def loss(params: np.ndarray, x: np.ndarray = x, t: np.ndarray = t) -> float:
+            s = x @ params[:3] + params[3]
+            return float(np.mean(np.logaddexp(0.0, s) - t * s) + ridge * params[2] ** 2)
+
+        start = np.array([1.0, 1.0, 1.0, 0.0])
+        weights[j] = minimize(loss, start, method="L-BFGS-B", bounds=bounds).x[:3]
+    return weights
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

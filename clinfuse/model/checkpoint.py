@@ -43,6 +43,7 @@ def save_checkpoint(
         "model": model.cfg.model_dump(mode="json"),
         "text_model": model.text_encoder.saved_config() if model.text_encoder else None,
         "calibration": calibration_table(model),
+        **evidence_table(model),
         **(info or {}),
     }
     tmp = folder / "model.safetensors.tmp"
@@ -61,6 +62,20 @@ def calibration_table(model: nn.Module) -> dict[str, dict[str, float]]:
         for name, t, b, th in zip(
             model.labels, model.temperature, model.offset, model.thresholds, strict=True
         )
+    }
+
+
+def evidence_table(model: FusionModel) -> dict[str, dict[str, dict[str, float]]]:
+    """{"evidence_weights": {label: {"image", "note", "correction"}}} for a naive-Bayes model
+    (what config.json records), else {}."""
+    if not model.weighs_evidence:
+        return {}
+    names = ("image", "note", "correction")
+    return {
+        "evidence_weights": {
+            label: dict(zip(names, map(float, weights), strict=True))
+            for label, weights in zip(model.labels, model.evidence_weights, strict=True)
+        }
     }
 
 
@@ -142,7 +157,8 @@ def load_checkpoint(
             f"model.safetensors does not match config.json ({mismatch})",
             hint="the folder was edited or mixes two models; use the folder training wrote",
         ) from None
-    if unexpected or set(missing) - {"offset"}:  # folders from before the offset predict b = 0
+    # folders from before the offset predict b = 0, from before evidence weights weigh 1
+    if unexpected or set(missing) - {"offset", "evidence_weights"}:
         raise ModelFolderError(
             folder,
             f"model.safetensors does not match config.json (missing {sorted(missing)[:5]}, "
@@ -152,6 +168,27 @@ def load_checkpoint(
     if channels_last and model.image_encoder is not None:
         model.image_encoder.channels_last()
     return model.to(device).eval()
+
+
+def evidence_text(config: dict[str, Any]) -> str:
+    """The model card's table of evidence weights ("" for a model without them)."""
+    weights = config.get("evidence_weights")
+    if not weights:
+        return ""
+    rows = "\n".join(
+        f"| {name} | {w['image']:.2f} | {w['note']:.2f} | {w['correction']:.2f} |"
+        for name, w in weights.items()
+    )
+    return f"""A study with both sides is scored `prior + w_image * (image head - prior) + w_note *
+(note head - prior) + w_correction * fused correction`, one with a single side by that side's
+term alone; the weights were fitted on validation after training (a weight near 0: that side
+does not inform the label).
+
+| label | w_image | w_note | w_correction |
+|---|---|---|---|
+{rows}
+
+"""
 
 
 def model_card(model: FusionModel, config: dict[str, Any]) -> str:
@@ -192,7 +229,7 @@ threshold.
 |---|---|---|---|
 {rows}
 
-## Validation metrics
+{evidence_text(config)}## Validation metrics
 
 {metrics_text}
 

@@ -15,7 +15,10 @@ on that side's tokens before fusion; a study with one side only is answered by t
 head, so losing a side leaves the model as good as a single-side model, not worse; a study
 with neither side gets a learned prior (the base rate: the modality Shapley values' empty set).
 With `fusion.combine="naive_bayes"` a study with both sides gets image head + note head - prior
-(the sides' naive-Bayes log-odds) plus the fused head's correction.
+(the sides' naive-Bayes log-odds) plus the fused head's correction; after training, each
+label's weights of the image's evidence (image head - prior), the note's evidence and the
+correction are fitted on validation (`evidence_weights`), so a side that tells a label nothing
+drops out of its answer.
 
 Like torchxrayvision, the model knows its label names and carries its per-label temperature,
 offset and decision thresholds as buffers, so the checkpoint alone is enough to predict.
@@ -50,6 +53,8 @@ class Intermediates:
     attention: list[BlockAttention]  # one per fusion block when asked for, else empty
     # (B, 3, L) with side heads: the image and note heads on unfused tokens, and the prior
     side_logits: torch.Tensor | None = None
+    # (B, L) with combine="naive_bayes": the fused head's correction, before its weight
+    correction: torch.Tensor | None = None
 
 
 def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -143,6 +148,9 @@ class FusionModel(nn.Module):
         self.register_buffer("temperature", torch.ones(n))  # fitted after training
         self.register_buffer("offset", torch.zeros(n))  # fitted with the temperature
         self.register_buffer("thresholds", torch.full((n,), 0.5))  # on calibrated probabilities
+        # with combine="naive_bayes": per label, the weights of the image's evidence, the note's
+        # evidence and the fused correction (columns), fitted on validation after training
+        self.register_buffer("evidence_weights", torch.ones(n, 3))
 
     # -- the two towers -------------------------------------------------------------------
     def encode_image(
@@ -232,14 +240,19 @@ class FusionModel(nn.Module):
         image_used = image_present & self.uses_image
         note_used = note_present & self.uses_text
         logits = self.head(pooled)  # (B, L)
-        if side_logits is not None and self.cfg.fusion.combine == "naive_bayes":
-            # logit P(y | image, note) = logit P(y | image) + logit P(y | note) - logit P(y)
-            # when the two are independent given y; the head learns what that misses
-            logits = logits + side_logits[:, 0] + side_logits[:, 1] - side_logits[:, 2]
-        if side_logits is not None:  # one side only: its own head answers; none: the prior
-            logits = torch.where((image_used & ~note_used)[:, None], side_logits[:, 0], logits)
-            logits = torch.where((note_used & ~image_used)[:, None], side_logits[:, 1], logits)
-            logits = torch.where((~image_used & ~note_used)[:, None], side_logits[:, 2], logits)
+        correction = None
+        if side_logits is not None:
+            prior = side_logits[:, 2]  # (B, L)
+            image_alone, note_alone = self._evidence(side_logits, prior)  # (B, L) each
+            if self.cfg.fusion.combine == "naive_bayes":
+                # logit P(y | image, note) = logit P(y) + each side's evidence when the two are
+                # independent given y; the head learns what that misses (its correction)
+                correction = logits
+                logits = image_alone + note_alone - prior + self.evidence_weights[:, 2] * logits
+            # one side only: its own head answers; none: the prior
+            logits = torch.where((image_used & ~note_used)[:, None], image_alone, logits)
+            logits = torch.where((note_used & ~image_used)[:, None], note_alone, logits)
+            logits = torch.where((~image_used & ~note_used)[:, None], prior, logits)
         return Intermediates(
             text_tokens=text_tokens,
             image_tokens=image_tokens,
@@ -251,7 +264,23 @@ class FusionModel(nn.Module):
             logits=logits,
             attention=attention,
             side_logits=side_logits,
+            correction=correction,
         )
+
+    @property
+    def weighs_evidence(self) -> bool:
+        """Side heads and combine="naive_bayes": the answer has the three weighed terms."""
+        return self.side_heads is not None and self.cfg.fusion.combine == "naive_bayes"
+
+    def _evidence(
+        self, side_logits: torch.Tensor, prior: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image head's and the note head's answers (B, L) each, as the prior plus the
+        side's evidence (its logit - the prior) times the label's fitted weight."""
+        weights = self.evidence_weights  # (L, 3)
+        image = prior + weights[:, 0] * (side_logits[:, 0] - prior)
+        note = prior + weights[:, 1] * (side_logits[:, 1] - prior)
+        return image, note
 
     def _pool_side(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, D) masked mean, or (B, L, D): each label's query reads the side."""

@@ -36,9 +36,14 @@ from clinfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, as_
 from clinfuse.data.batch import Batch, Collator, StudyDataset, derived_seed
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
 from clinfuse.data.notes import read_note
-from clinfuse.engine import Predictions, autocast, predict, select_device
+from clinfuse.engine import Predictions, autocast, evidence_terms, predict, select_device
 from clinfuse.errors import ClinfuseError, ManifestError, unreadable_split
-from clinfuse.evaluation.calibration import apply_temperature, fit_calibration, fit_thresholds
+from clinfuse.evaluation.calibration import (
+    apply_temperature,
+    fit_calibration,
+    fit_evidence_weights,
+    fit_thresholds,
+)
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import read_checkpoint_config, save_checkpoint
 from clinfuse.model.model import FusionModel
@@ -496,8 +501,12 @@ def score_distribution(
 def calibrate(
     model: FusionModel, val_loader: DataLoader, device: torch.device, cfg: RunConfig
 ) -> dict[str, Any]:
-    """Fit per-label temperature, offset and thresholds on validation; return the validation
-    metrics."""
+    """Fit per-label evidence weights (naive-Bayes models), temperature, offset and thresholds
+    on validation; return the validation metrics."""
+    if cfg.train.evidence_ridge is not None and getattr(model, "weighs_evidence", False):
+        terms, labels = evidence_terms(model, val_loader, device, cfg.train.amp)
+        weights = fit_evidence_weights(terms, labels, cfg.train.evidence_ridge)
+        model.evidence_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
     val = predict(model, val_loader, device, cfg.train.amp).require_any("MANIFEST", "validation")
     raw = 1 / (1 + np.exp(-val.logits))
     temperature, offset = fit_calibration(val.logits, val.labels)
