@@ -240,16 +240,46 @@ def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export
         assert pseudonyms[studies.index].nunique() == 1
 
 
-def test_exports_validate_as_fhir_and_dicom_sr(tiny_model, small_export, tmp_path):
+def raw_data_set(source: Path, target: Path) -> Path:
+    """`source` written as a raw data set: no preamble, no "DICM", no file meta (older
+    systems write these; the reader accepts them)."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    with target.open("wb") as f:
+        out = DicomFileLike(f)
+        out.is_little_endian, out.is_implicit_VR = True, False
+        write_dataset(out, pydicom.dcmread(source))
+    return target
+
+
+def test_exports_validate_as_fhir_and_dicom_sr(tiny_model, small_export, tmp_path, capsys):
     fhir = pytest.importorskip("fhir.resources.R4B.diagnosticreport")
     pytest.importorskip("highdicom")
-    assert infer(tiny_model, small_export, tmp_path / "run", "--standards", "fhir,sr") == 0
+    rows = absolute_rows(small_export)
+    native = next(  # a raw data set has no transfer syntax to say the pixels are compressed
+        i
+        for i, image in enumerate(rows.image)
+        if image and not pydicom.dcmread(image).file_meta.TransferSyntaxUID.is_compressed
+    )
+    raw = raw_data_set(Path(rows.at[native, "image"]), tmp_path / "raw.dcm")
+    rows.at[native, "image"] = str(raw)  # scored like the others; its SR still names its image
+    rows.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(SystemExit):  # a mistyped format is a usage error before any work
+        infer(tiny_model, tmp_path / "manifest.csv", tmp_path / "run", "--standards", "fhir,pdf")
+    assert "pdf: not one of fhir, sr" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    standards = ("--standards", "FHIR, sr")
+    assert infer(tiny_model, tmp_path / "manifest.csv", tmp_path / "run", *standards) == 0
     reports = sorted((tmp_path / "run" / "fhir").glob("*.json"))
     assert len(reports) == 64
     report = fhir.DiagnosticReport.model_validate(json.loads(reports[0].read_text()))
     assert report.status == "preliminary"
     srs = sorted((tmp_path / "run" / "sr").glob("*.dcm"))
-    assert srs and pydicom.dcmread(srs[0]).Modality == "SR"
+    assert len(srs) == 64 and pydicom.dcmread(srs[0]).Modality == "SR"
+    study_id = rows.at[native, "study_id"]
+    sr = pydicom.dcmread(tmp_path / "run" / "sr" / f"{study_id}.dcm")
+    assert sr.StudyInstanceUID == pydicom.dcmread(raw, force=True).StudyInstanceUID
 
 
 def test_postgresql_store_gives_the_same_predictions(

@@ -18,3 +18,19 @@ def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def one_of_each(choices: frozenset[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of `choices` ("fhir,sr", spaces and case
+    forgiven), else a usage error naming what is not one, before any work starts."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(dict.fromkeys(v.strip().lower() for v in text.split(",") if v.strip()))
+        unknown = [v for v in values if v not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(unknown)}: not one of {', '.join(sorted(choices))}"
+            )
+        return values
+
+    return parse

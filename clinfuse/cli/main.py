@@ -19,9 +19,10 @@ from pathlib import Path
 from clinfuse import __version__
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
-from clinfuse.cli.args import at_least
+from clinfuse.cli.args import at_least, one_of_each
 from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
 from clinfuse.errors import ClinfuseError
+from clinfuse.exports.files import FORMATS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -110,7 +111,7 @@ def _infer(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads=args.threads,
         explain=args.explain,
-        standards=tuple(s for s in args.standards.split(",") if s),
+        standards=args.standards,
         device=args.device,
     )
     if args.engine == "ray":
@@ -250,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "positive", "all"],
         help="explanations for positive labels, all labels, or none",
     )
-    p.add_argument("--standards", default="", help="also write fhir,sr per study")
+    p.add_argument(
+        "--standards",
+        type=one_of_each(FORMATS),
+        default=(),
+        help="also write fhir,sr per study",
+    )
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
     p.add_argument("--batch-size", type=at_least(1), default=32)

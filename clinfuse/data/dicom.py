@@ -134,6 +134,31 @@ def _read_file(path: Path) -> tuple[DicomImage, Dataset]:
     return image, ds
 
 
+def read_header(path: str | Path) -> Dataset:
+    """A file's data set without its pixels, read as `read_dicom` reads it (a raw data set
+    without the 128-byte preamble too); `DicomError` "not_dicom" when it is not DICOM."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            has_prefix = f.read(132)[128:] == b"DICM"
+            f.seek(0)
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_prefix)
+    except OSError:
+        raise
+    except Exception as exc:
+        raise _error(path, "not_dicom", _describe(exc)) from exc
+    _check_raw(path, ds, has_prefix)
+    return ds
+
+
+def _check_raw(path: Path, ds: Dataset, has_prefix: bool) -> None:
+    """Without a preamble pydicom parses anything; accept it only if it reads as DICOM."""
+    sop_class = _text(ds, "SOPClassUID", uid=True)
+    known_sop = sop_class is not None and not sop_class[:1].isdigit()  # pydicom knows its name
+    if not (has_prefix or known_sop or all(k in ds for k in ("Rows", "Columns", "BitsAllocated"))):
+        raise _error(path, "not_dicom", "no DICOM preamble, and not readable as a raw data set")
+
+
 def _parse(path: Path) -> Dataset:
     """Read the data set, telling a truncated file from one that is not DICOM at all."""
     with path.open("rb") as f:
@@ -146,11 +171,7 @@ def _parse(path: Path) -> Dataset:
             reason = "truncated" if has_prefix and isinstance(exc, _EOF_ERRORS) else "not_dicom"
             raise _error(path, reason, _describe(exc)) from exc
         unread = size - f.tell()
-    # Without a preamble pydicom parses anything; accept it only if it reads as DICOM.
-    sop_class = _text(ds, "SOPClassUID", uid=True)
-    known_sop = sop_class is not None and not sop_class[:1].isdigit()  # pydicom knows its name
-    if not (has_prefix or known_sop or all(k in ds for k in ("Rows", "Columns", "BitsAllocated"))):
-        raise _error(path, "not_dicom", "no DICOM preamble, and not readable as a raw data set")
+    _check_raw(path, ds, has_prefix)
     # pydicom keeps what it could read of a short file; look for the evidence it left behind.
     last = _last_raw_element(ds)
     if unread >= 8 or len(ds) == 0 or (last and len(last.value or b"") < last.length):

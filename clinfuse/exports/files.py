@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 
+from clinfuse.data.dicom import read_header
 from clinfuse.data.study import file_stem
 from clinfuse.errors import ClinfuseError, DicomError
 from clinfuse.exports.fhir import diagnostic_report
@@ -129,8 +129,11 @@ def read_source(path: Path) -> list[Dataset]:
     headers = []
     for file in files:
         try:
-            headers.append(pydicom.dcmread(file, stop_before_pixels=True))
-        except (InvalidDicomError, OSError) as error:
+            headers.append(read_header(file))  # as scoring read it: a raw data set too
+        except DicomError:
+            if not path.is_dir():
+                raise
+        except OSError as error:
             if not path.is_dir():
                 raise DicomError(file, "not_dicom", str(error)) from error
     if not headers:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from clinfuse.data.manifest import file_sha256, iter_manifest
 from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
-from clinfuse.errors import ManifestError
+from clinfuse.errors import DicomError, ManifestError
 from clinfuse.exports.files import new_folder
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
@@ -527,16 +528,26 @@ def write_standards(
     formats: tuple[str, ...],
     issued: datetime,
 ) -> None:
-    """FHIR / DICOM SR files per study (the SR references the study's own image)."""
+    """FHIR / DICOM SR files per study (the SR references the study's own image). An image
+    whose header cannot be read again (replaced or removed since it was scored) leaves that
+    study's files without the reference, with a warning: it never stops the run, whose every
+    rerun would stop at the same study."""
     from clinfuse.exports import write_study_exports
 
     for prediction in predictions:
         source = image_paths.get(prediction.study_id) or None
-        write_study_exports(
-            run_dir,
-            prediction,
-            labels,
-            Path(source) if source else None,
-            set(formats),
-            issued=issued,
+        write = partial(
+            write_study_exports, run_dir, prediction, labels, formats=set(formats), issued=issued
         )
+        try:
+            write(Path(source) if source else None)
+        except DicomError as exc:
+            log.warning(
+                "study %s: its %s do not reference its image, whose header cannot be read "
+                "again (%s: %s)",
+                prediction.study_id,
+                " and ".join(formats),
+                exc.reason,
+                exc,
+            )
+            write(None)
