@@ -104,13 +104,19 @@ def test_every_row_ends_as_one_prediction_or_one_failure(
     assert "failed image:truncated: 1" in printed
 
 
-def test_rerunning_a_finished_run_skips_everything(tiny_model, small_export, tmp_path, capsys):
+def test_rerunning_a_finished_run_skips_everything(
+    tiny_model, small_export, tmp_path, capsys, monkeypatch
+):
     assert infer(tiny_model, small_export, tmp_path / "run") == 0
     before = pd.read_csv(tmp_path / "run" / "predictions.csv")
     capsys.readouterr()
     assert infer(tiny_model, small_export, tmp_path / "run") == 0
     assert "0 predicted, 0 failed, 64 skipped as already done" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "predictions.csv"), before)
+    # the same store named by a relative URL is the same run, not a new one scoring all again
+    monkeypatch.chdir(tmp_path)
+    assert infer(tiny_model, small_export, "run", "--store", "sqlite:///run/clinfuse.db") == 0
+    assert "0 predicted, 0 failed, 64 skipped as already done" in capsys.readouterr().out
 
 
 def long_run(tiny_model, small_export, tmp_path, workers: int) -> tuple[list[str], int]:

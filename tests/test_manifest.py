@@ -241,3 +241,20 @@ def test_rows_cut_short_are_read_with_a_warning_naming_them_once(tmp_path, caplo
         load_manifest(path)  # the file changed: its rows are named again
         load_manifest(path, warn_short_rows=False)
     assert len(caplog.records) == 1 and "2 rows (2, 4) with" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4096])
+def test_scoring_reads_no_label_or_split_cell_whatever_the_chunks(tmp_path, chunk_rows):
+    # a label cell that is not 1/0, a split nobody defined, and a patient across two splits:
+    # each stops training, none may stop (or, by where chunks fall, sometimes stop) scoring
+    rows = [
+        {**ROWS[0], "flu": "maybe", "split": "train"},
+        {**ROWS[1], "split": "test"},
+        {**ROWS[2], "split": "holdout"},
+    ]
+    path = write(tmp_path, rows)
+    with pytest.raises(ManifestError):
+        load_manifest(path)
+    scored = list(iter_manifest(path, ("flu", "copd"), chunk_rows=chunk_rows, read_labels=False))
+    assert [r.study_id for r in scored] == ["S1", "S2", "S3"]
+    assert all(np.isnan(r.labels).all() for r in scored)

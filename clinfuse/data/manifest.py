@@ -340,9 +340,10 @@ def iter_manifest(
     """Stream a manifest to score (constant memory): the same checks, chunk by chunk.
 
     Label columns are optional here (absent ones are unknown); with `read_labels=False` they
-    are not read at all (every label unknown), for scoring, which never uses them: a cell of a
-    label column cannot stop a run. A study id repeated anywhere in the file is an error naming
-    both rows.
+    and the split column are not read at all (every label unknown), for scoring, which never
+    uses them: a cell of a label or split column cannot stop a run (nor could a patient's
+    studies straddling splits, which a check per chunk would see in some files and not in
+    others). A study id repeated anywhere in the file is an error naming both rows.
     """
     path = Path(path)
     report_short_rows(path)
@@ -352,6 +353,8 @@ def iter_manifest(
         for name in labels:
             if name not in chunk.columns or not read_labels:
                 chunk[name] = ""
+        if not read_labels and "split" in chunk.columns:
+            chunk["split"] = ""
         manifest = check_table(path, chunk, labels, PatientSplit(), first_row=offset + 1)
         for row in manifest.rows():
             earlier = first_rows.setdefault(row.study_id, row.row)

@@ -205,6 +205,15 @@ class OpenRun:
     explained: int = 0
 
 
+def same_store(url: str, other: str) -> bool:
+    """Whether two store URLs name one database; SQLite files are compared by their resolved
+    path, so "sqlite:///run/clinfuse.db" is RUN_DIR's own store from any working folder."""
+    a, b = parse_url(url), parse_url(other)
+    if a.get_backend_name() == b.get_backend_name() == "sqlite" and a.database and b.database:
+        return Path(a.database).expanduser().resolve() == Path(b.database).expanduser().resolve()
+    return a == b
+
+
 def open_run(
     model_dir: str | Path,
     manifest: str | Path,
@@ -221,7 +230,7 @@ def open_run(
         version = model_version(model_dir)
         total = count_rows(manifest, model.labels, settings.chunk_rows)
         store_url = store_url or Store.default_url(run_dir)
-        own_store = parse_url(store_url) == parse_url(Store.default_url(run_dir))  # RUN_DIR's
+        own_store = same_store(store_url, Store.default_url(run_dir))  # RUN_DIR's
         store = Store(store_url)
     saved = read_checkpoint_config(model_dir)
     thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
