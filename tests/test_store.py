@@ -145,6 +145,24 @@ def test_a_failed_batch_leaves_nothing_behind(open_store):
     assert store.explanation(run_id, "S1") is None
 
 
+def test_a_full_disk_is_one_store_error_and_the_retried_batch_writes_once(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'clinfuse.db'}")
+    run_id = run_of(store)
+
+    def full(connection, _record):  # no page past the current size: what a full disk does
+        connection.execute("PRAGMA max_page_count = 1")  # SQLite keeps its size as the floor
+
+    sa.event.listen(store.engine, "connect", full)
+    store.engine.dispose()  # new connections meet the limit
+    batch = [pred(store, f"S{i}-{'x' * 200}") for i in range(200)]
+    with pytest.raises(StoreError, match=r"refused a write \(database or disk is full\).*again"):
+        store.write_batch(run_id, batch, [])
+    sa.event.remove(store.engine, "connect", full)
+    store.engine.dispose()
+    assert rows(store, "studies") == 0  # nothing of the refused write
+    assert store.write_batch(run_id, batch, []) == 200
+
+
 def test_malformed_records_are_refused_before_anything_is_written(open_store):
     store = open_store()
     run_id = run_of(store)

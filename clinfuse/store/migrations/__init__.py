@@ -123,11 +123,21 @@ def _wal_mode(cursor: Any, timeout: float = 60.0) -> None:
 
 @contextmanager
 def write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
-    """One write transaction: commits on success, rolls everything back on any exception."""
-    with engine.connect() as conn:
-        conn.execution_options(**{_WRITE: True})
-        with conn.begin():
-            yield conn
+    """One write transaction: commits on success, rolls everything back on any exception. The
+    database refusing it (disk full, server gone, file read-only) is a `StoreError` naming the
+    store; what the run wrote before stays, and the same command resumes once it is fixed."""
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(**{_WRITE: True})
+            with conn.begin():
+                yield conn
+    except sa.exc.OperationalError as exc:
+        shown = engine.url.render_as_string(hide_password=True)
+        reason = " ".join(str(exc.orig or exc).split())[:300]
+        raise StoreError(
+            f"the store {shown} refused a write ({reason}). Nothing of that write was kept; "
+            "free disk space or fix the database, then run the same command again"
+        ) from exc
 
 
 def _config(connection: sa.Connection | None = None) -> Config:
