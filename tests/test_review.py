@@ -727,3 +727,11 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
     assert clinfuse_main([*export, "agreement", "--run", str(first), "--out", str(folder)]) == 0
     assert pd.read_csv(folder / "agreement.csv").reviewed.tolist() == [1, 1]
     assert sorted(p.name for p in folder.iterdir()) == ["agreement.csv", "reviewed_manifest.csv"]
+    # a folder not made yet (a trailing separator, or no suffix) is made, not written as a file
+    for new in (f"{tmp_path / 'new'}/", str(tmp_path / "later")):
+        assert clinfuse_main([*export, "manifest", "--run", str(first), "--out", new]) == 0
+        assert (Path(new) / "reviewed_manifest.csv").is_file()
+    capsys.readouterr()
+    assert clinfuse_main([*export, "manifest", "--out", str(tmp_path / "m.txt")]) == 2
+    assert "write a .csv or .parquet file" in capsys.readouterr().err
+    assert not (tmp_path / "m.txt").exists()

@@ -7,6 +7,7 @@ cannot be trained on); 2 a user error (bad arguments, a structural manifest erro
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -323,6 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"error: {in_the_way}: a file is where this command makes a folder; choose "
                 "another path (or move the file)",
+                file=sys.stderr,
+            )
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(
+                f"error: the disk is full{where}. Free space there, then run the same command "
+                "again (a run resumes where it stopped)",
                 file=sys.stderr,
             )
         else:

@@ -110,15 +110,29 @@ def _dashboard(args: argparse.Namespace) -> int:
 EXPORT_NAMES = {"manifest": "reviewed_manifest.csv", "agreement": "agreement.csv"}
 
 
+def export_path(given: str, form: str) -> Path:
+    """Where `export --out` writes: a .csv or .parquet file; a folder (one that exists, or a
+    name ending in a separator or without a suffix, made here) gets the format's own file
+    name. Any other suffix is refused before anything is written."""
+    out = Path(given).expanduser()
+    if out.is_dir() or given.endswith(("/", os.sep)) or not out.suffix:
+        out.mkdir(parents=True, exist_ok=True)
+        return out / EXPORT_NAMES[form]
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ClinfuseError(
+            f"--out {given}: write a .csv or .parquet file, or name a folder for "
+            f"{EXPORT_NAMES[form]}"
+        )
+    return out
+
+
 def _export(args: argparse.Namespace) -> int:
     from clinfuse.data.manifest import read_table
     from clinfuse.review import export_reviewed_manifest, review_agreement
     from clinfuse.review.export import write_table
     from clinfuse.store import Store, StoreError
 
-    out = Path(args.out)
-    if out.is_dir():  # a folder, as --out is for the other commands: a file of its own in it
-        out = out / EXPORT_NAMES[args.format]
+    out = export_path(args.out, args.format)
     with Store(args.store, create=False) as store:
         runs = store.runs()
         if not runs:
@@ -267,7 +281,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         required=True,
-        type=Path,
         help="file to write: CSV, or Parquet for a .parquet name; in a folder, "
         "reviewed_manifest.csv or agreement.csv",
     )
