@@ -167,7 +167,14 @@ def modality_panel(record: dict | None) -> None:
 
 def note_panel(note: str | None, expl: Explanation | None, record: dict | None, label: str) -> None:
     """The note as written, words coloured by their attribution to `label`; a note longer than
-    the model read is shown up to where it stopped, the rest apart."""
+    the model read is shown up to where it stopped, the rest apart; a note changed since it was
+    scored is shown as the model read it (its saved explanation holds that text)."""
+    if expl is not None and expl.note and note != expl.note:
+        st.warning(
+            "This study's note has changed since it was scored: shown here as the model read "
+            "it, which is what the scores and the highlighted words are about."
+        )
+        note = expl.note
     if not note:
         st.info("This study has no note.")
         return

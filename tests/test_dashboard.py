@@ -392,3 +392,38 @@ def test_a_note_longer_than_the_model_read_says_where_it_stopped():
     assert "<mark" in at.get("html")[0].value  # the part read, its evidence marked
     assert at.expander[0].label == "The rest of the note (3,801 characters, not read)"
     assert at.expander[0].text[0].value == note[20:].strip()  # st.text strips the ends
+
+
+def test_a_note_changed_since_it_was_scored_is_shown_as_the_model_read_it():
+    def page(note: str, dashboard: str) -> None:
+        import sys
+
+        import numpy as np
+
+        sys.path.insert(0, dashboard)
+        from panels import note_panel
+
+        from clinfuse.explain.explanation import Explanation
+
+        read = "Known COPD. Chest clear."
+        expl = Explanation(
+            study_id="S1",
+            labels=("copd",),
+            probabilities=np.array([0.9], dtype=np.float32),
+            image=None,
+            gradcam=None,
+            note=read,
+            spans=np.array([[0, 5], [6, 10], [12, 17], [18, 23]], dtype=np.int32),
+            words=np.array([[0.0, 0.9, 0.0, 0.0]], dtype=np.float32),
+            modality=np.zeros((1, 3), dtype=np.float32),
+            attention=None,
+            delta=np.full((1, 2), np.nan, dtype=np.float32),
+            note_read=len(read),
+        )
+        note_panel(note, expl, None, "copd")
+
+    edited = "Addendum: seen again today. Known COPD. Chest clear."  # spans would miss by 28
+    at = AppTest.from_function(page, args=(edited, str(DASHBOARD))).run()
+    assert "changed since it was scored" in at.warning[0].value
+    html = at.get("html")[0].value
+    assert "Addendum" not in html and ">COPD</mark>" in html.replace("\n", "")
