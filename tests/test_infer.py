@@ -171,6 +171,27 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
         assert con.execute("select count(distinct study_id) from studies").fetchone()[0] == total
 
 
+def test_a_main_process_killed_with_sigkill_leaves_no_worker_behind(
+    tiny_model, small_export, tmp_path
+):
+    args, total = long_run(tiny_model, small_export, tmp_path, workers=2)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    try:
+        written = wait_for_studies(tmp_path / "run", 8)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(process.pid, signal.SIGKILL)  # the main process alone, as the OOM killer does
+        process.wait(timeout=60)
+        deadline = time.time() + 10
+        while group_alive(process.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        left = group_alive(process.pid)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if group_alive(process.pid) else None
+    assert 8 <= written < total and len(children) >= 2  # the two workers were running
+    assert not left  # they ended with it instead of blocking on a pipe nobody reads
+
+
 def test_a_schedulers_kill_of_the_whole_job_ends_it_quietly_and_leaves_no_worker(
     tiny_model, small_export, tmp_path
 ):

@@ -13,9 +13,13 @@ at the end, each atomically.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -381,6 +385,21 @@ def model_threads(settings: InferenceSettings, device: torch.device) -> int | No
     return None if device.type != "cpu" else max(1, available_cores() - settings.workers)
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent thread ends
+
+
+def die_with_parent(parent: int, _worker: int) -> None:
+    """A DataLoader worker's start: on Linux the kernel kills it when the process that started
+    it dies (kill -9, the OOM killer), where it would stay blocked on a pipe nobody reads,
+    holding its memory, and go on writing explanations for a run that is over."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
 def stream(run: OpenRun) -> float:
     """The loop: decode in workers, score, commit batch by batch; returns its seconds."""
     settings, model = run.settings, run.model
@@ -398,6 +417,7 @@ def stream(run: OpenRun) -> float:
         ),
         num_workers=settings.workers,
         prefetch_factor=4 if settings.workers else None,
+        worker_init_fn=partial(die_with_parent, os.getpid()),
     )
     batches = (
         ((b, *map(torch.from_numpy, arrays), explained) for b, *arrays, explained in loader)
