@@ -171,6 +171,23 @@ def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
         assert con.execute("select count(distinct study_id) from studies").fetchone()[0] == total
 
 
+def test_a_second_invocation_of_a_running_command_is_refused_not_run_twice(
+    tiny_model, small_export, tmp_path, capsys
+):
+    args, total = long_run(tiny_model, small_export, tmp_path, workers=0)
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_studies(tmp_path / "run", 4) >= 4
+        assert main(args[3:]) == 2  # the same command, as an overlapping cron job starts it
+        assert "another clinfuse infer is writing this run folder" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert main(args[3:]) == 0  # the folder is free once the first has ended, even by a kill
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert len(predictions) == total and predictions["study_id"].is_unique
+
+
 def test_a_main_process_killed_with_sigkill_leaves_no_worker_behind(
     tiny_model, small_export, tmp_path
 ):

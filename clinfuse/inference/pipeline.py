@@ -14,6 +14,7 @@ at the end, each atomically.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from clinfuse.data.manifest import file_sha256, iter_manifest
 from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
-from clinfuse.errors import DicomError, ManifestError
+from clinfuse.errors import ClinfuseError, DicomError, ManifestError
 from clinfuse.exports.files import new_folder
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
@@ -207,6 +208,29 @@ class OpenRun:
     predicted: int = 0  # studies this invocation committed, by outcome (see `commit`)
     failed: int = 0
     explained: int = 0
+    lock: int | None = None  # the run folder's descriptor, locked while this invocation runs
+
+    def release(self) -> None:
+        """Let another invocation take the run folder (the OS does it if the process dies)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def hold_run_folder(run_dir: Path) -> int:
+    """Lock `run_dir` for this invocation (flock on the folder itself, so no file is left):
+    two invocations of one command (an overlapping cron job) would score the same studies and
+    each call the run its own. Returns the descriptor; a ClinfuseError when it is held."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ClinfuseError(
+            f"{run_dir}: another clinfuse infer is writing this run folder; wait for it to "
+            "end (the same command then skips what it did), or choose another --out"
+        ) from None
+    return fd
 
 
 def same_store(url: str, other: str) -> bool:
@@ -225,17 +249,36 @@ def open_run(
     store_url: str | None,
     settings: InferenceSettings,
 ) -> OpenRun:
-    """Load the model, check the manifest, register model and run, find what is done."""
+    """Load the model, check the manifest, register model and run, find what is done; the run
+    folder is held (`hold_run_folder`) until `OpenRun.release`."""
     started = time.perf_counter()
-    model_dir, manifest = Path(model_dir), Path(manifest)
     run_dir = Path(run_dir).expanduser().resolve()  # the store records files by absolute path
     with new_folder(run_dir):  # removed again, while empty, if the model or manifest is refused
-        model = load_checkpoint(model_dir, select_device(settings.device))
-        version = model_version(model_dir)
-        total = count_rows(manifest, model.labels, settings.chunk_rows)
-        store_url = store_url or Store.default_url(run_dir)
-        own_store = same_store(store_url, Store.default_url(run_dir))  # RUN_DIR's
-        store = Store(store_url)
+        lock = hold_run_folder(run_dir)
+        try:
+            return _open_run(
+                Path(model_dir), Path(manifest), run_dir, store_url, settings, started, lock
+            )
+        except BaseException:
+            os.close(lock)
+            raise
+
+
+def _open_run(
+    model_dir: Path,
+    manifest: Path,
+    run_dir: Path,
+    store_url: str | None,
+    settings: InferenceSettings,
+    started: float,
+    lock: int,
+) -> OpenRun:
+    model = load_checkpoint(model_dir, select_device(settings.device))
+    version = model_version(model_dir)
+    total = count_rows(manifest, model.labels, settings.chunk_rows)
+    store_url = store_url or Store.default_url(run_dir)
+    own_store = same_store(store_url, Store.default_url(run_dir))  # RUN_DIR's
+    store = Store(store_url)
     saved = read_checkpoint_config(model_dir)
     thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
     store.register_model(
@@ -284,6 +327,7 @@ def open_run(
         settings,
         started,
         issued,
+        lock=lock,
     )
 
 
@@ -368,9 +412,12 @@ def run_inference(
     run = open_run(model_dir, manifest, run_dir, store_url, settings or InferenceSettings())
     settings, model = run.settings, run.model
     device = model.temperature.device
-    with cpu_threads(model_threads(settings, device)):
-        seconds = stream(run)
-    return finish_run(run, seconds)
+    try:
+        with cpu_threads(model_threads(settings, device)):
+            seconds = stream(run)
+        return finish_run(run, seconds)
+    finally:
+        run.release()
 
 
 def model_threads(settings: InferenceSettings, device: torch.device) -> int | None:

@@ -136,18 +136,22 @@ def run_inference_ray(
         model_dir, manifest, run_dir, store_url, settings or InferenceSettings()
     )
     started_ray = not ray.is_initialized()
-    if started_ray:
-        caller = signal.getsignal(signal.SIGTERM)
-        ray.init(
-            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
-        # Ray's own SIGTERM handler exits at once; the caller's (the CLI's: shut down, say so,
-        # end by the signal) is put back
-        if caller is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, caller)
     try:
+        if started_ray:
+            caller = signal.getsignal(signal.SIGTERM)
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            # Ray's own SIGTERM handler exits at once; the caller's (the CLI's: shut down, say
+            # so, end by the signal) is put back
+            if caller is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, caller)
         return _score_on_ray(run, model_dir)
     finally:
+        run.release()
         if started_ray:  # also when stopped: a process ended by its signal runs no atexit,
             ray.shutdown()  # and Ray's agents outlived it
 
