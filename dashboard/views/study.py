@@ -156,7 +156,10 @@ def main() -> None:
         modality_panel(record)
     with left:
         label = label_picker(labels, explained, explained[0] if explained else top)
-        image_panel(view.image_path, expl, record, label)
+        if view.image_path is None and view.source_error:  # not "no image": not found now
+            st.info("The image is not shown: its run's manifest cannot be read (above).")
+        else:
+            image_panel(view.image_path, expl, record, label)
     st.subheader("Note")
     note_panel(view.note or (expl.note if expl else None), expl, record, label)
 
