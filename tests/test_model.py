@@ -4,6 +4,7 @@ user relies on (missing sides, masks, residual path, baselines, checkpoint, conf
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import DenseNet
@@ -12,6 +13,8 @@ from transformers import BertConfig, BertModel
 
 from clinfuse.config import ModelConfig, apply_overrides, parse_config
 from clinfuse.errors import ConfigError, ModelFolderError
+from clinfuse.evaluation.calibration import fit_evidence_weights
+from clinfuse.explain.attribution import modality_shapley
 from clinfuse.model import (
     create_model,
     list_models,
@@ -333,14 +336,64 @@ def test_checkpoint_folder_restores_the_exact_model_without_unpickling(tmp_path,
     )
 
 
+def test_evidence_weights_act_on_every_path_and_a_weightless_side_gets_no_credit(tmp_path):
+    model = build(fusion={"combine": "naive_bayes", "pooling": "label_attention"}).eval()
+    both = (True, True, True)
+    image, ids, mask, present, note_present = inputs(model, notes=NOTES[:3], image_present=both)
+    weights = torch.tensor([[1.5, 0.0, 0.0], [0.0, 0.8, 0.3], [1.0, 1.0, 1.0]])
+    model.evidence_weights.copy_(weights)
+    out = model.forward_intermediates(image, ids, mask, present, note_present)
+    image_head, note_head, prior = out.side_logits.unbind(1)  # (B, L) each
+    expected = (
+        prior
+        + weights[:, 0] * (image_head - prior)
+        + weights[:, 1] * (note_head - prior)
+        + weights[:, 2] * out.correction
+    )
+    torch.testing.assert_close(out.logits, expected)
+    no_note = model.forward_intermediates(image, ids, mask, present, torch.zeros(3, dtype=bool))
+    torch.testing.assert_close(no_note.logits, prior + weights[:, 0] * (image_head - prior))
+    # the first label weighs the note at 0 and the correction at 0: its note gets no credit
+    _, shapley = modality_shapley(model, (image, ids, mask, present, note_present))
+    assert torch.all(shapley[:, 0, 1:] == 0)
+    torch.testing.assert_close(shapley[:, 0, 0], out.logits[:, 0] - prior[:, 0])
+    # the second weighs the image at 0: it gets only its half of the weighted correction
+    torch.testing.assert_close(shapley[:, 1, 0], 0.3 * out.correction[:, 1] / 2)
+    # saved and read back; recorded in config.json and on the model card
+    save_checkpoint(model, tmp_path / "m")
+    torch.testing.assert_close(load_checkpoint(tmp_path / "m").evidence_weights, weights)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["evidence_weights"]["pneumonia"] == {"image": 1.5, "note": 0.0, "correction": 0.0}
+    assert "| copd | 0.00 | 0.80 | 0.30 |" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
+
+
+def test_evidence_weights_drop_the_side_that_does_not_inform_a_label():
+    rng = np.random.default_rng(0)
+    n = 2000
+    y = rng.random((n, 2)) < 0.4  # (N, L)
+    terms = rng.normal(0, 1, (n, 3, 2))  # (N, 3, L): image, note, correction; noise
+    terms[:, 0, 0] += np.where(y[:, 0], 1.0, -1.0)  # label 0: the image tells it
+    terms[:, 1, 1] += np.where(y[:, 1], 1.0, -1.0)  # label 1: the note tells it
+    labels = y.astype(float)
+    labels[:5, 1] = np.nan  # unknown cells are left out
+    weights = fit_evidence_weights(terms, labels, ridge=0.01)
+    assert weights[0, 0] > 0.5 and weights[0, 1] < 0.1 and weights[0, 2] < 0.1
+    assert weights[1, 1] > 0.5 and weights[1, 0] < 0.1 and weights[1, 2] < 0.1
+    one_class = np.zeros((n, 2))
+    assert np.array_equal(fit_evidence_weights(terms, one_class, ridge=0.01), np.ones((2, 3)))
+
+
 def test_checkpoint_weights_must_match_the_config_except_a_missing_offset(tmp_path):
     model = build().eval()
     save_checkpoint(model, tmp_path / "m")
     weights = load_file(tmp_path / "m" / "model.safetensors")
+    older = ("offset", "evidence_weights")  # buffers folders written before them lack
     save_file(
-        {k: v for k, v in weights.items() if k != "offset"}, tmp_path / "m" / "model.safetensors"
+        {k: v for k, v in weights.items() if k not in older}, tmp_path / "m" / "model.safetensors"
     )
-    assert torch.equal(load_checkpoint(tmp_path / "m").offset, torch.zeros(len(LABELS)))  # older
+    loaded = load_checkpoint(tmp_path / "m")
+    assert torch.equal(loaded.offset, torch.zeros(len(LABELS)))  # predicts as it did
+    assert torch.equal(loaded.evidence_weights, torch.ones(len(LABELS), 3))
     save_file(
         {k: v for k, v in weights.items() if k != "head.weight"},
         tmp_path / "m" / "model.safetensors",

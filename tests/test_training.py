@@ -19,7 +19,13 @@ from clinfuse.model import load_checkpoint
 from clinfuse.synthetic import make_sample_data
 from clinfuse.training.trainer import Workers, balanced_pos_weight, epoch_order, masked_bce
 
-FAST = ["model.name=tiny", "train.epochs=2", "train.bootstrap=20", "train.batch_size=16"]
+FAST = [
+    "model.name=tiny",
+    "model.fusion.combine=naive_bayes",  # the default's combination: evidence weights fitted
+    "train.epochs=2",
+    "train.bootstrap=20",
+    "train.batch_size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +71,12 @@ def test_train_writes_a_calibrated_model_folder(trained, export):
     assert [c["threshold"] for c in config["calibration"].values()] == pytest.approx(
         model.thresholds.tolist()
     )
+    recorded = config["evidence_weights"]  # fitted on validation before the temperature
+    assert list(recorded) == list(model.labels)
+    saved = torch.tensor([list(w.values()) for w in recorded.values()])
+    torch.testing.assert_close(saved, model.evidence_weights)
+    assert not torch.equal(model.evidence_weights, torch.ones(len(model.labels), 3))
+    assert model.evidence_weights.ge(0).all() and model.evidence_weights.le(4).all()
 
 
 def test_rerunning_a_finished_training_does_nothing(trained, export, capsys, tmp_path):
