@@ -172,6 +172,7 @@ def _parse(path: Path) -> Dataset:
             raise _error(path, reason, _describe(exc)) from exc
         unread = size - f.tell()
     _check_raw(path, ds, has_prefix)
+    sop_class = _text(ds, "SOPClassUID", uid=True)
     # pydicom keeps what it could read of a short file; look for the evidence it left behind.
     last = _last_raw_element(ds)
     if unread >= 8 or len(ds) == 0 or (last and len(last.value or b"") < last.length):
