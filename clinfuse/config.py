@@ -123,13 +123,19 @@ def parse_config(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
         raise ConfigError(key, error["msg"]) from exc
 
 
+# Keys added with a default that changes the result, and the value meaning "as before".
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"TrainConfig": {"evidence_ridge": None}}
+
+
 def as_current(cls: type[Config], saved: dict[str, Any] | None) -> dict[str, Any] | None:
     """A config section saved by an earlier clinfuse, with today's defaults for the keys it
     predates (so it compares equal to the same settings given today); as saved when it no
-    longer validates (a key since removed or renamed). This holds only while every new
-    setting's default does what clinfuse did before the setting existed: keep it so."""
+    longer validates (a key since removed or renamed). A new setting whose default changes the
+    result is read as its old behaviour when absent (`LEGACY_DEFAULTS`)."""
     if saved is None:
         return None
+    # settings whose default changed what clinfuse does: absent, they meant the old behaviour
+    saved = {**LEGACY_DEFAULTS.get(cls.__name__, {}), **saved}
     try:
         return cls.model_validate(saved).model_dump(mode="json")
     except ValidationError:

@@ -342,6 +342,8 @@ def test_evidence_weights_act_on_every_path_and_a_weightless_side_gets_no_credit
     image, ids, mask, present, note_present = inputs(model, notes=NOTES[:3], image_present=both)
     weights = torch.tensor([[1.5, 0.0, 0.0], [0.0, 0.8, 0.3], [1.0, 1.0, 1.0]])
     model.evidence_weights.copy_(weights)
+    with torch.no_grad():
+        model.prior.copy_(torch.tensor([-1.2, 0.7, 2.0]))  # a base rate that is not 0.5
     out = model.forward_intermediates(image, ids, mask, present, note_present)
     image_head, note_head, prior = out.side_logits.unbind(1)  # (B, L) each
     expected = (
@@ -355,7 +357,7 @@ def test_evidence_weights_act_on_every_path_and_a_weightless_side_gets_no_credit
     torch.testing.assert_close(no_note.logits, prior + weights[:, 0] * (image_head - prior))
     # the first label weighs the note at 0 and the correction at 0: its note gets no credit
     _, shapley = modality_shapley(model, (image, ids, mask, present, note_present))
-    assert torch.all(shapley[:, 0, 1:] == 0)
+    torch.testing.assert_close(shapley[:, 0, 1:], torch.zeros(3, 2))
     torch.testing.assert_close(shapley[:, 0, 0], out.logits[:, 0] - prior[:, 0])
     # the second weighs the image at 0: it gets only its half of the weighted correction
     torch.testing.assert_close(shapley[:, 1, 0], 0.3 * out.correction[:, 1] / 2)
@@ -520,3 +522,12 @@ def test_calibrated_probabilities_and_decisions_use_saved_buffers():
     probs = model.probabilities(logits)
     torch.testing.assert_close(probs, torch.sigmoid(torch.tensor([[0.5, 1.0, 1.0]])))
     assert model.decisions(probs).tolist() == [[True, True, False]]
+
+
+def test_a_training_saved_before_evidence_weights_reads_as_trained_without_them():
+    from clinfuse.config import TrainConfig, as_current
+
+    # an older model folder's train section has no evidence_ridge: it was trained without
+    # weights, so it must not compare equal to today's default (0.01) and count as done
+    assert as_current(TrainConfig, {"epochs": 36})["evidence_ridge"] is None
+    assert as_current(TrainConfig, {"evidence_ridge": 0.01})["evidence_ridge"] == 0.01

@@ -217,10 +217,11 @@ class OpenRun:
             self.lock = None
 
 
-def hold_run_folder(run_dir: Path) -> int:
+def hold_run_folder(run_dir: Path) -> int | None:
     """Lock `run_dir` for this invocation (flock on the folder itself, so no file is left):
     two invocations of one command (an overlapping cron job) would score the same studies and
-    each call the run its own. Returns the descriptor; a ClinfuseError when it is held."""
+    each call the run its own. Returns the descriptor (None where the file system cannot lock
+    a folder); a ClinfuseError when it is held."""
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -230,6 +231,10 @@ def hold_run_folder(run_dir: Path) -> int:
             f"{run_dir}: another clinfuse infer is writing this run folder; wait for it to "
             "end (the same command then skips what it did), or choose another --out"
         ) from None
+    except OSError as exc:  # a file system without folder locks (NFS): run unguarded
+        os.close(fd)
+        log.warning("%s cannot be locked (%s): do not run two invocations on it", run_dir, exc)
+        return None
     return fd
 
 
@@ -260,7 +265,8 @@ def open_run(
                 Path(model_dir), Path(manifest), run_dir, store_url, settings, started, lock
             )
         except BaseException:
-            os.close(lock)
+            if lock is not None:
+                os.close(lock)
             raise
 
 
@@ -271,8 +277,9 @@ def _open_run(
     store_url: str | None,
     settings: InferenceSettings,
     started: float,
-    lock: int,
+    lock: int | None,
 ) -> OpenRun:
+    """`open_run`'s work, with the run folder already held."""
     model = load_checkpoint(model_dir, select_device(settings.device))
     version = model_version(model_dir)
     total = count_rows(manifest, model.labels, settings.chunk_rows)
@@ -435,10 +442,13 @@ def model_threads(settings: InferenceSettings, device: torch.device) -> int | No
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent thread ends
 
 
-def die_with_parent(parent: int, _worker: int) -> None:
-    """A DataLoader worker's start: on Linux the kernel kills it when the process that started
-    it dies (kill -9, the OOM killer), where it would stay blocked on a pipe nobody reads,
-    holding its memory, and go on writing explanations for a run that is over."""
+def start_worker(parent: int, lock: int | None, _worker: int) -> None:
+    """A DataLoader worker's start: it lets go of the run folder's lock (only the invocation
+    holds it) and, on Linux, the kernel kills it when the process that started it dies (kill
+    -9, the OOM killer), where it would stay blocked on a pipe nobody reads, holding its
+    memory, and go on writing explanations for a run that is over."""
+    if lock is not None:
+        os.close(lock)
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -464,7 +474,10 @@ def stream(run: OpenRun) -> float:
         ),
         num_workers=settings.workers,
         prefetch_factor=4 if settings.workers else None,
-        worker_init_fn=partial(die_with_parent, os.getpid()),
+        worker_init_fn=partial(start_worker, os.getpid(), run.lock),
+        # forked: the worker's parent is this process (forkserver, Python 3.14's default on
+        # Linux, would make it the server's)
+        multiprocessing_context="fork" if settings.workers and sys.platform == "linux" else None,
     )
     batches = (
         ((b, *map(torch.from_numpy, arrays), explained) for b, *arrays, explained in loader)
@@ -618,12 +631,11 @@ def write_standards(
         try:
             write(Path(source) if source else None)
         except DicomError as exc:
-            log.warning(
+            log.warning(  # the reason, not the message: a path may hold a patient's name
                 "study %s: its %s do not reference its image, whose header cannot be read "
-                "again (%s: %s)",
+                "again (%s)",
                 prediction.study_id,
                 " and ".join(formats),
                 exc.reason,
-                exc,
             )
             write(None)

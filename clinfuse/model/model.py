@@ -12,8 +12,9 @@ A study may lack its image or its note: a learned token stands in for the missin
 modality dropout in training (`fusion.modality_dropout`) teaches the model to use either side
 alone. With side heads (`fusion.side_loss` > 0), each encoder also has its own head, trained
 on that side's tokens before fusion; a study with one side only is answered by that side's
-head, so losing a side leaves the model as good as a single-side model, not worse; a study
-with neither side gets a learned prior (the base rate: the modality Shapley values' empty set).
+head (times its evidence weight, below), so losing a side leaves about a single-side model; a
+study with neither side gets a learned prior (the base rate: the modality Shapley values'
+empty set).
 With `fusion.combine="naive_bayes"` a study with both sides gets image head + note head - prior
 (the sides' naive-Bayes log-odds) plus the fused head's correction; after training, each
 label's weights of the image's evidence (image head - prior), the note's evidence and the

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from sklearn.metrics import roc_auc_score
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -498,6 +500,28 @@ def score_distribution(
     }
 
 
+def warn_dropped_sides(
+    terms: np.ndarray, labels: np.ndarray, weights: np.ndarray, names: Sequence[str]
+) -> None:
+    """Warn where a side that tells a label on its own (validation AUROC >= 0.7) was weighed
+    near 0 given the other side: a study without the other side gets about the base rate."""
+    for j, name in enumerate(names):
+        known = ~np.isnan(labels[:, j])
+        y = labels[known, j]
+        if y.size < 2 or y.min() == y.max():
+            continue
+        for k, side in enumerate(("image", "note")):
+            alone = roc_auc_score(y, terms[known, k, j])
+            if weights[j, k] < 0.1 and alone >= 0.7:
+                other = "note" if side == "image" else "image"
+                log.warning(
+                    "label %r: the %s alone tells it (validation AUROC %.2f) but weighs %.2f "
+                    "beside the %s, so a study without its %s gets about the base rate for "
+                    "it; train.evidence_ridge=null keeps each side's head as trained",
+                    name, side, alone, weights[j, k], other, other,
+                )  # fmt: skip
+
+
 def calibrate(
     model: FusionModel, val_loader: DataLoader, device: torch.device, cfg: RunConfig
 ) -> dict[str, Any]:
@@ -507,6 +531,7 @@ def calibrate(
         terms, labels = evidence_terms(model, val_loader, device, cfg.train.amp)
         weights = fit_evidence_weights(terms, labels, cfg.train.evidence_ridge)
         model.evidence_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
+        warn_dropped_sides(terms, labels, weights, model.labels)
     val = predict(model, val_loader, device, cfg.train.amp).require_any("MANIFEST", "validation")
     raw = 1 / (1 + np.exp(-val.logits))
     temperature, offset = fit_calibration(val.logits, val.labels)
