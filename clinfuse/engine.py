@@ -130,13 +130,8 @@ def evidence_terms(
             continue
         with torch.inference_mode(), autocast(device, amp):
             out = model.forward_intermediates(*batch.to(device).model_inputs())
-            prior = out.side_logits[:, 2]  # (B, L)
-            found = torch.stack(
-                [out.side_logits[:, 0] - prior, out.side_logits[:, 1] - prior, out.correction],
-                dim=1,
-            )  # (B, 3, L)
             both = (out.image_used & out.note_used).cpu()  # (B,)
-        terms.append(found.float().cpu()[both].numpy())
+        terms.append(out.evidence.float().cpu()[both].numpy())  # (n, 3, L)
         labels.append(batch.labels[both].numpy())
     if not terms:
         return np.zeros((0, 3, len(model.labels))), np.zeros((0, len(model.labels)))

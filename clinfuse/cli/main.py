@@ -23,7 +23,6 @@ from clinfuse.cli import explain_commands, review_commands
 from clinfuse.cli.args import at_least, one_of_each
 from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
 from clinfuse.errors import ClinfuseError
-from clinfuse.exports.files import FORMATS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -252,12 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "positive", "all"],
         help="explanations for positive labels, all labels, or none",
     )
-    p.add_argument(
-        "--standards",
-        type=one_of_each(FORMATS),
-        default=(),
-        help="also write fhir,sr per study",
-    )
+    p.add_argument("--standards", type=_standards, default=(), help="also write fhir,sr per study")
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
     p.add_argument("--batch-size", type=at_least(1), default=32)
@@ -338,6 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = _python_format
+
+
+def _standards(text: str) -> tuple[str, ...]:
+    """--standards as `one_of_each` export format; the exports (and pydicom) are imported only
+    when it is given, not by every command."""
+    from clinfuse.exports.files import FORMATS
+
+    return one_of_each(FORMATS)(text)
 
 
 def _file_in_the_way(exc: OSError) -> Path | None:

@@ -13,6 +13,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -140,8 +141,7 @@ def read_header(path: str | Path) -> Dataset:
     path = Path(path)
     try:
         with path.open("rb") as f:
-            has_prefix = f.read(132)[128:] == b"DICM"
-            f.seek(0)
+            has_prefix = _has_preamble(f)
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_prefix)
     except OSError:
         raise
@@ -149,6 +149,13 @@ def read_header(path: str | Path) -> Dataset:
         raise _error(path, "not_dicom", _describe(exc)) from exc
     _check_raw(path, ds, has_prefix)
     return ds
+
+
+def _has_preamble(f: BinaryIO) -> bool:
+    """Whether the open file starts with the 128-byte preamble and "DICM"; rewound after."""
+    found = f.read(132)[128:] == b"DICM"
+    f.seek(0)
+    return found
 
 
 def _check_raw(path: Path, ds: Dataset, has_prefix: bool) -> None:
@@ -163,8 +170,7 @@ def _parse(path: Path) -> Dataset:
     """Read the data set, telling a truncated file from one that is not DICOM at all."""
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
-        has_prefix = f.read(132)[128:] == b"DICM"
-        f.seek(0)
+        has_prefix = _has_preamble(f)
         try:
             ds = pydicom.dcmread(f, force=not has_prefix)
         except Exception as exc:

@@ -57,6 +57,15 @@ class Intermediates:
     # (B, L) with combine="naive_bayes": the fused head's correction, before its weight
     correction: torch.Tensor | None = None
 
+    @property
+    def evidence(self) -> torch.Tensor | None:
+        """(B, 3, L) the terms the evidence weights weigh: image head - prior, note head -
+        prior, the correction; None without combine="naive_bayes"."""
+        if self.correction is None or self.side_logits is None:
+            return None
+        prior = self.side_logits[:, 2:3]  # (B, 1, L)
+        return torch.cat([self.side_logits[:, :2] - prior, self.correction[:, None]], dim=1)
+
 
 def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, N, D), (B, N) -> (B, D) mean over the valid tokens."""
