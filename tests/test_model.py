@@ -385,6 +385,20 @@ def test_evidence_weights_drop_the_side_that_does_not_inform_a_label():
     assert np.array_equal(fit_evidence_weights(terms, one_class, ridge=0.01), np.ones((2, 3)))
 
 
+def test_evidence_weights_are_not_fitted_on_too_few_cases_or_overflowed_logits(caplog):
+    rng = np.random.default_rng(0)
+    terms = rng.normal(0, 1, (200, 3, 2))  # (N, 3, L)
+    labels = np.zeros((200, 2))
+    labels[:4, 0] = 1.0  # label "rare": 4 positives, a regression would fit noise
+    labels[:50, 1] = 1.0
+    terms[7, 1, 1] = np.inf  # label "flu": an overflowed logit
+    with caplog.at_level("WARNING"):
+        weights = fit_evidence_weights(terms, labels, ridge=0.01, names=["rare", "flu"])
+    assert np.array_equal(weights, np.ones((2, 3)))  # both keep the model as trained
+    said = caplog.text
+    assert "'rare': 4 positive and 196 negative" in said and "'flu': non-finite" in said
+
+
 def test_checkpoint_weights_must_match_the_config_except_a_missing_offset(tmp_path):
     model = build().eval()
     save_checkpoint(model, tmp_path / "m")

@@ -735,3 +735,10 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
     assert clinfuse_main([*export, "manifest", "--out", str(tmp_path / "m.txt")]) == 2
     assert "write a .csv or .parquet file" in capsys.readouterr().err
     assert not (tmp_path / "m.txt").exists()
+    # a refused export (an unknown run, a mistyped store) leaves no folder behind
+    never = tmp_path / "never"
+    assert clinfuse_main([*export, "manifest", "--run", "99", "--out", str(never)]) == 2
+    assert "no run with id 99" in capsys.readouterr().err
+    typo = ["export", "--store", Store.default_url(tmp_path / "rnu"), "--format", "agreement"]
+    assert clinfuse_main([*typo, "--out", f"{never}/"]) == 2
+    assert not never.exists()

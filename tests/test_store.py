@@ -6,6 +6,7 @@ English collation, so ordering bugs show) and dropped at the end.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -113,10 +114,10 @@ def test_overlapping_batches_never_duplicate_a_study(open_store):
     store = open_store()
     run_id = run_of(store)
     first = [pred(store, f"S{i}", flu=0.9) for i in range(4)]
-    assert store.write_batch(run_id, first, [fail(store, "F1")]) == 5
+    assert store.write_batch(run_id, first, [fail(store, "F1")]) == {"predicted": 4, "failed": 1}
     again = [pred(store, f"S{i}", flu=0.1) for i in range(2, 6)]  # S2, S3 already written
     written = store.write_batch(run_id, again, [fail(store, "F1"), fail(store, "F2")])
-    assert written == 3  # S4, S5, F2
+    assert written == {"predicted": 2, "failed": 1}  # S4, S5, F2
     assert rows(store, "studies") == 8  # S0-S5, F1, F2
     assert rows(store, "predictions") == 6 * len(LABELS)
     assert rows(store, "failures") == 2
@@ -136,7 +137,7 @@ def test_a_failed_batch_leaves_nothing_behind(open_store):
     assert store.done_study_ids(run_id) == set()
     # the retried batch (as after a crash) writes everything, once
     explanation = ExplanationRecord("S0", {"top_words": {"flu": [["fever", 0.4]]}}, "S0.npz")
-    assert store.write_batch(run_id, good, [fail(store, "F1")], [explanation]) == 4
+    assert store.write_batch(run_id, good, [fail(store, "F1")], [explanation]).total() == 4
     assert store.explanation(run_id, "S0") == {
         "study_id": "S0",
         "record": {"top_words": {"flu": [["fever", 0.4]]}},
@@ -160,7 +161,26 @@ def test_a_full_disk_is_one_store_error_and_the_retried_batch_writes_once(tmp_pa
     sa.event.remove(store.engine, "connect", full)
     store.engine.dispose()
     assert rows(store, "studies") == 0  # nothing of the refused write
-    assert store.write_batch(run_id, batch, []) == 200
+    assert store.write_batch(run_id, batch, []).total() == 200
+
+
+def test_a_store_locked_by_another_writer_says_so_and_the_retry_writes(tmp_path):
+    path = tmp_path / "clinfuse.db"
+    store = Store(f"sqlite:///{path}")
+    run_id = run_of(store)
+
+    def impatient(connection, _record):  # wait 50 ms for a lock, not the default minute
+        connection.execute("PRAGMA busy_timeout = 50")
+
+    sa.event.listen(store.engine, "connect", impatient)
+    store.engine.dispose()
+    other = sqlite3.connect(path, isolation_level=None)  # another process writing
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreError, match=r"database is locked.*another process held the store"):
+        store.write_batch(run_id, [pred(store, "S1")], [])
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.write_batch(run_id, [pred(store, "S1")], []) == {"predicted": 1}
 
 
 def test_malformed_records_are_refused_before_anything_is_written(open_store):

@@ -112,11 +112,10 @@ EXPORT_NAMES = {"manifest": "reviewed_manifest.csv", "agreement": "agreement.csv
 
 def export_path(given: str, form: str) -> Path:
     """Where `export --out` writes: a .csv or .parquet file; a folder (one that exists, or a
-    name ending in a separator or without a suffix, made here) gets the format's own file
-    name. Any other suffix is refused before anything is written."""
+    name ending in a separator or without a suffix, made when the export is written) gets the
+    format's own file name. Any other suffix is refused before anything is written."""
     out = Path(given).expanduser()
     if out.is_dir() or given.endswith(("/", os.sep)) or not out.suffix:
-        out.mkdir(parents=True, exist_ok=True)
         return out / EXPORT_NAMES[form]
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ClinfuseError(
@@ -138,6 +137,8 @@ def _export(args: argparse.Namespace) -> int:
         if not runs:
             raise StoreError("the store has no inference run")
         run_id = args.run_id if args.run_id is not None else runs[-1]["id"]
+        store.run(run_id)  # an unknown run is refused before any folder is made
+        out.parent.mkdir(parents=True, exist_ok=True)
         if args.format == "manifest":
             export_reviewed_manifest(store, run_id, out)
             print(f"reviewed manifest of run {run_id}: {out} ({len(read_table(out))} studies)")

@@ -7,6 +7,8 @@ model, which predicts `sigmoid(logit / temperature + offset) >= threshold` (see 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,9 @@ OFFSET_BOUND = 20.0  # |b| on the logit scale
 WEIGHT_BOUND = 4.0  # an evidence weight's upper end (a separable label would push it to inf)
 DEFAULT_THRESHOLD = 0.5  # for a label with no positives or no negatives to fit on
 THRESHOLD_RULES = ("youden", "sensitivity")
+MIN_CLASS_CELLS = 5  # positives and negatives a label needs before its evidence is weighed
+
+log = logging.getLogger(__name__)
 
 
 def apply_temperature(
@@ -68,7 +73,9 @@ def fit_calibration(
     return temperatures, offsets
 
 
-def fit_evidence_weights(terms: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+def fit_evidence_weights(
+    terms: np.ndarray, y: np.ndarray, ridge: float, names: Sequence[str] | None = None
+) -> np.ndarray:
     """(L, 3) weights of each label's image evidence, note evidence and fused correction.
 
     `terms` (N, 3, L) holds those three logit terms for studies with both sides, `y` (N, L)
@@ -77,16 +84,31 @@ def fit_evidence_weights(terms: np.ndarray, y: np.ndarray, ridge: float) -> np.n
     regression of the label on the three terms, with `ridge` x weight^2 on the correction
     alone. So the sides' naive-Bayes sum is the default and the correction keeps the weight the
     validation data give it; a side whose evidence does not help a label gets weight ~0 (on
-    the sample data, the note's on the image-only findings). A label with fewer than two known
-    cells, or one class, keeps ones: the model as trained.
+    the sample data, the note's on the image-only findings). A label with fewer than
+    `MIN_CLASS_CELLS` positives or negatives among its known cells, or a non-finite term, keeps
+    ones (the model as trained), with a warning naming it (`names`, else its column).
     """
     terms, y = np.asarray(terms, dtype=float), np.asarray(y, dtype=float)
     weights = np.ones((y.shape[1], 3))
     bounds = [(0.0, WEIGHT_BOUND)] * 3 + [(-OFFSET_BOUND, OFFSET_BOUND)]
     for j in range(y.shape[1]):
+        name = names[j] if names is not None else f"column {j}"
         known = ~np.isnan(y[:, j])
         x, t = terms[known, :, j], y[known, j]  # (n, 3), (n,)
-        if t.size < 2 or t.min() == t.max():
+        positives = int(t.sum())
+        if min(positives, t.size - positives) < MIN_CLASS_CELLS:
+            log.warning(
+                "label %r: %d positive and %d negative validation studies with both sides; "
+                "fewer than %d of either, so its evidence keeps the trained weights (1, 1, 1)",
+                name, positives, t.size - positives, MIN_CLASS_CELLS,
+            )  # fmt: skip
+            continue
+        if not np.isfinite(x).all():
+            log.warning(
+                "label %r: non-finite evidence on validation (the model's logits overflowed); "
+                "its evidence keeps the trained weights (1, 1, 1)",
+                name,
+            )
             continue
 
         def loss(params: np.ndarray, x: np.ndarray = x, t: np.ndarray = t) -> float:

@@ -396,14 +396,14 @@ def commit(
             run.issued,
         )
     written = run.store.write_batch(run.run_id, predictions, failures, explanations)
-    if written != len(predictions) + len(failures):
+    if written.total() != len(predictions) + len(failures):
         log.warning(
             "%d studies of a batch were already in the store; kept the first",
-            len(predictions) + len(failures) - written,
+            len(predictions) + len(failures) - written.total(),
         )
     bar.update(len(predictions) + len(failures))
-    run.predicted += len(predictions)
-    run.failed += len(failures)
+    run.predicted += written["predicted"]  # the summary counts what this run wrote
+    run.failed += written["failed"]
     run.explained += len(explanations)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -260,8 +261,9 @@ class Store:
         predictions: Sequence[PredictionRecord],
         failures: Sequence[FailureRecord],
         explanations: Sequence[ExplanationRecord] = (),
-    ) -> int:
-        """Write a batch in ONE transaction; returns the number of studies newly written.
+    ) -> Counter[str]:
+        """Write a batch in ONE transaction; returns how many studies it newly wrote, by status
+        ("predicted", "failed"; `.total()` for all).
 
         A study the run already has is skipped with its prediction or failure, never written
         twice; within a batch a study's first record wins (predictions before failures). An
@@ -309,7 +311,7 @@ class Store:
                     f"for: {sorted(unknown)[:5]}"
                 )
             self._insert_new(conn, Explanation, list(explained.values()), ["run_id", "study_id"])
-        return len(new)
+        return Counter(studies[s]["status"] for s in new)
 
     def _insert_new(
         self, conn: sa.Connection, table: type, rows: list[dict[str, Any]], key: list[str]

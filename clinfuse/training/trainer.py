@@ -529,7 +529,7 @@ def calibrate(
     on validation; return the validation metrics."""
     if cfg.train.evidence_ridge is not None and getattr(model, "weighs_evidence", False):
         terms, labels = evidence_terms(model, val_loader, device, cfg.train.amp)
-        weights = fit_evidence_weights(terms, labels, cfg.train.evidence_ridge)
+        weights = fit_evidence_weights(terms, labels, cfg.train.evidence_ridge, model.labels)
         model.evidence_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
         warn_dropped_sides(terms, labels, weights, model.labels)
     val = predict(model, val_loader, device, cfg.train.amp).require_any("MANIFEST", "validation")

@@ -121,11 +121,27 @@ def _wal_mode(cursor: Any, timeout: float = 60.0) -> None:
             time.sleep(0.02)
 
 
+def _remedy(reason: str) -> str:
+    """What to do about a write the database refused, from its message."""
+    said = reason.lower()
+    if "locked" in said or "busy" in said:
+        return (
+            "another process held the store past the wait (another run or a dashboard "
+            "writing to it); let it finish"
+        )
+    if "readonly" in said or "read-only" in said or "permission" in said:
+        return "make the store writable for this user"
+    if "full" in said or "space" in said:
+        return "free disk space"
+    return "fix the database or the connection to it"
+
+
 @contextmanager
 def write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
     """One write transaction: commits on success, rolls everything back on any exception. The
-    database refusing it (disk full, server gone, file read-only) is a `StoreError` naming the
-    store; what the run wrote before stays, and the same command resumes once it is fixed."""
+    database refusing it (disk full, locked by another writer, server gone, file read-only) is
+    a `StoreError` naming the store and what to do; what the run wrote before stays, and the
+    same command resumes once it is fixed."""
     try:
         with engine.connect() as conn:
             conn.execution_options(**{_WRITE: True})
@@ -136,7 +152,7 @@ def write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
         reason = " ".join(str(exc.orig or exc).split())[:300]
         raise StoreError(
             f"the store {shown} refused a write ({reason}). Nothing of that write was kept; "
-            "free disk space or fix the database, then run the same command again"
+            f"{_remedy(reason)}, then run the same command again"
         ) from exc
 
 
