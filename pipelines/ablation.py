@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import roc_auc_score
 
 from clinfuse.allocator import reuse_freed_memory
@@ -41,6 +39,7 @@ from clinfuse.data.manifest import reference_labels
 from clinfuse.evaluation.evaluate import evaluate_model, write_evaluation
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun
+from clinfuse.machine import describe_machine
 from clinfuse.model.checkpoint import read_checkpoint_config
 from clinfuse.training.trainer import train
 
@@ -50,8 +49,7 @@ MODES = ("cross_attention", "late", "image_only", "text_only")
 def run(args: argparse.Namespace) -> dict:
     results: dict = {
         "command": "python pipelines/ablation.py " + " ".join(args.argv),
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "labels_from": str(args.labels) if args.labels else "manifest",
         "modes": {},

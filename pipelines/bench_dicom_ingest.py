@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 import warnings
@@ -24,6 +23,7 @@ from pydicom.uid import UID
 
 from clinfuse.data.dicom import read_dicom
 from clinfuse.errors import DicomError
+from clinfuse.machine import describe_machine
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -85,7 +85,7 @@ def run(min_seconds: float) -> dict:
     return {
         "pydicom": pydicom.__version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "files": len(files),
         "decoded": len(files) - sum(reasons.values()) - len(others),
         "errors_by_reason": dict(sorted(reasons.items())),

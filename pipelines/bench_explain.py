@@ -37,6 +37,7 @@ from clinfuse.evaluation.evaluate import model_version
 from clinfuse.explain.attribution import explain
 from clinfuse.explain.quality import check_bars, evaluate_explanations, study_batch
 from clinfuse.explain.render import quality_markdown, select_labels
+from clinfuse.machine import describe_machine
 from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 from clinfuse.model.model import FusionModel
 from clinfuse.training.trainer import train
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation_seconds": round(eval_seconds, 1),
         "steps": args.steps,
         "python": platform.python_version(),
+        "machine": describe_machine(),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
@@ -170,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{cost['seconds_per_study_max']:.2f} s; {cost['cpu_seconds_per_study_median']:.2f} s of "
         f"process CPU), {cost['multiple_of_forward_median']:.0f}x one forward pass of the same "
         f"study ({1000 * cost['forward_seconds_median']:.1f} ms); median "
-        f"{cost['positive_labels_median']} positive labels per study. Shared "
-        f"{os.cpu_count()}-core machine, load average {cost['load_average'][0]} before and "
-        f"{cost['load_average'][1]} after: other jobs ran alongside, so wall times are upper "
-        "bounds.\n"
+        f"{cost['positive_labels_median']} positive labels per study. {summary['machine']}, "
+        f"shared: 1-min load average {cost['load_average'][0]} before and "
+        f"{cost['load_average'][1]} after; wall times are upper bounds.\n"
     )
     args.out.with_suffix(".md").write_text(quality_markdown(summary) + cost_md, encoding="utf-8")
     for bar in summary["bars"]:

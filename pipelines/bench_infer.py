@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -49,6 +48,7 @@ from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.dicom import read_dicom
 from clinfuse.data.manifest import load_manifest
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions
+from clinfuse.machine import describe_machine
 from clinfuse.model.checkpoint import load_checkpoint
 from clinfuse.synthetic import make_sample_data
 
@@ -194,8 +194,7 @@ def main() -> None:
         make_sample_data(export, n=args.n, seed=11, size=96)
     results: dict = {
         "command": "python pipelines/bench_infer.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}",
+        "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "load_average_1min": {"start": os.getloadavg()[0]},
         "workers": args.workers,

@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.machine import cpu_name
 from clinfuse.model import FusionModel, create_model, list_models, model_config
 
 NOTES = Path(__file__).resolve().parents[1] / "sample_data" / "notes"
@@ -214,14 +215,13 @@ def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
 
 def machine(device: str) -> dict[str, Any]:
     """CPU model (Linux /proc/cpuinfo), cores, GPU, torch and its threads, clinfuse commit."""
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     repo = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:  # read-only queries
         return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True).stdout
 
     return {
-        "cpu": next((ln.split(":", 1)[1].strip() for ln in cpuinfo if "model name" in ln), "?"),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,

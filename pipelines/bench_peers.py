@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,6 +57,7 @@ from clinfuse.engine import predict, select_device
 from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.evaluate import measured_labels
 from clinfuse.evaluation.metrics import evaluate_predictions
+from clinfuse.machine import describe_machine
 from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 from clinfuse.peers import TranschexConfig, count_parameters, train_transchex
 from clinfuse.training.trainer import balanced_pos_weight, masked_bce, training_differences
@@ -226,20 +226,11 @@ def speed(
 
 
 # -- the run ----------------------------------------------------------------------------------
-def machine() -> str:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.is_file() else []
-    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or platform.machine()
-    threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} CPUs, {threads} threads, torch {torch.__version__}"
-
-
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     results: dict = {
         "command": "python pipelines/bench_peers.py " + " ".join(args.argv),
-        "machine": machine(),
+        "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "labels_from": str(args.labels) if args.labels else "manifest",
         "load_average_1min": {"start": os.getloadavg()[0]},  # a shared machine distorts times

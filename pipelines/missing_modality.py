@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 from ablation import MODES
-from bench_peers import heldout_scores, machine, robustness_bar
+from bench_peers import heldout_scores, robustness_bar
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.machine import describe_machine
 from clinfuse.model.checkpoint import load_checkpoint
 
 FUSED = ("cross_attention", "late")
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict = {
         "command": "python pipelines/missing_modality.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": describe_machine(),
         "heldout": str(args.heldout),
         "runs": [],
     }
