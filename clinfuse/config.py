@@ -53,6 +53,10 @@ class TextConfig(Config):
 
     pretrained: str | None = None  # folder or hub name of a BERT-family encoder + tokenizer
     vocab_size: int = 2000  # for the WordPiece tokenizer trained on the training notes
+    # a whole word enters that vocabulary only when the notes of at least this many patients
+    # hold it, so a name, record number or rare age stays out of the saved tokenizer (it is
+    # still read, spelled in pieces); 1 = every word, as before
+    min_word_patients: int = Field(5, ge=1)
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -124,7 +128,10 @@ def parse_config(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
 
 
 # Keys added with a default that changes the result, and the value meaning "as before".
-LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"TrainConfig": {"evidence_ridge": None}}
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "TrainConfig": {"evidence_ridge": None},
+    "TextConfig": {"min_word_patients": 1},
+}
 
 
 def as_current(cls: type[Config], saved: dict[str, Any] | None) -> dict[str, Any] | None:

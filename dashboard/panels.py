@@ -21,7 +21,12 @@ from clinfuse.explain import Explanation
 from clinfuse.explain.explanation import decode_map
 from clinfuse.explain.render import note_html
 
-METHODS = {"integrated gradients": "image", "Grad-CAM": "gradcam"}
+# overlay name -> the Explanation attribute holding its (L, *spatial) maps; the first is shown
+METHODS = {
+    "localisation (Grad-CAM x smoothed IG)": "localisation",
+    "integrated gradients": "image",
+    "Grad-CAM": "gradcam",
+}
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)
@@ -69,8 +74,11 @@ def attribution(
 ) -> np.ndarray | None:
     """One label's image map: from the npz (full grid), else the store record's small map."""
     if expl is not None and label in expl.labels:
+        j = expl.labels.index(label)
+        if METHODS[method] == "localisation":
+            return expl.localisation(j)
         maps = getattr(expl, METHODS[method])
-        return None if maps is None else maps[expl.labels.index(label)]
+        return None if maps is None else maps[j]
     if record and record.get("image") and label in record.get("labels", []):
         return decode_map(record["image"])[record["labels"].index(label)]
     return None
@@ -104,7 +112,7 @@ def image_panel(
     if depth > 1:
         z = st.slider("Slice", 1, depth, value=depth // 2 + 1, key=f"sv_slice_{depth}") - 1
     grey = grey_slice(image, center, width, z)
-    method = st.session_state.get("sv_method", "integrated gradients")
+    method = st.session_state.get("sv_method", next(iter(METHODS)))
     values = attribution(expl, record, label, method)
     overlay = st.columns([2, 2, 3])
     shown = overlay[0].toggle("Overlay", value=True, key="sv_overlay")

@@ -44,6 +44,8 @@ def inputs(model, notes=(NOTES[0], None, NOTES[1]), image_present=(True, True, F
 
 
 def build(name="tiny", **overrides):
+    # the four NOTES stand for a large training set: every word of theirs in the vocabulary
+    overrides["text"] = {"min_word_patients": 1, **overrides.get("text", {})}
     return create_model(model_config(name, LABELS, **overrides), NOTES)
 
 
@@ -496,6 +498,20 @@ def test_pretrained_image_weights_load_from_a_local_safetensors_file(tmp_path):
     torch.save(monai_net.state_dict(), tmp_path / "densenet.pt")
     with pytest.raises(ConfigError, match="not a .safetensors file"):  # never unpickled
         build(image={"pretrained": str(tmp_path / "densenet.pt")})
+
+
+def test_a_word_only_one_patients_notes_hold_stays_out_of_the_saved_vocabulary(tmp_path):
+    signed = [("P1", "Crackles at the left base. Seen by Zebulon, MRN 8837261.")] * 3
+    shared = [(f"P{i}", "Crackles at the left base.") for i in range(2, 7)]  # five patients
+    tokenizer = train_tokenizer(signed + shared, 200, min_patients=5)
+    vocab = tokenizer.get_vocab()
+    assert {"crackles", "left", "base"} <= set(vocab)  # held by six patients
+    assert not {"zebulon", "mrn", "8837261"} & set(vocab)  # one patient, three notes
+    pieces = tokenizer.tokenize("Zebulon 8837261")
+    assert tokenizer.convert_tokens_to_string(pieces).replace(" ", "") == "zebulon8837261"
+    model = create_model(model_config("tiny", ["flu"], text={"min_word_patients": 5}), signed)
+    save_checkpoint(model, tmp_path / "m")  # what a model folder ships
+    assert "zebulon" not in (tmp_path / "m" / "tokenizer" / "tokenizer.json").read_text().lower()
 
 
 def test_pretrained_text_encoder_and_tokenizer_load_from_a_local_folder(tmp_path):

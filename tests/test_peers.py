@@ -50,7 +50,8 @@ def rows():
 @pytest.fixture()
 def model(rows, tmp_path) -> TranschexClassifier:
     torch.manual_seed(0)
-    cfg = resolve_run_config(None, ["model.name=tiny"])
+    # six notes stand for a training set: each of their words in the vocabulary
+    cfg = resolve_run_config(None, ["model.name=tiny", "model.text.min_word_patients=1"])
     labels = load_manifest(SAMPLE).labels
     return create_transchex(cfg.model, TINY, labels, training_notes(rows), tmp_path)
 

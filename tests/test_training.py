@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from clinfuse.cli import main
+from clinfuse.evaluation.calibration import MIN_CLASS_CELLS
 from clinfuse.model import load_checkpoint
 from clinfuse.synthetic import make_sample_data
 from clinfuse.training.trainer import Workers, balanced_pos_weight, epoch_order, masked_bce
@@ -75,8 +76,12 @@ def test_train_writes_a_calibrated_model_folder(trained, export):
     assert list(recorded) == list(model.labels)
     saved = torch.tensor([list(w.values()) for w in recorded.values()])
     torch.testing.assert_close(saved, model.evidence_weights)
-    assert not torch.equal(model.evidence_weights, torch.ones(len(model.labels), 3))
     assert model.evidence_weights.ge(0).all() and model.evidence_weights.le(4).all()
+    for name, weights in zip(model.labels, model.evidence_weights, strict=True):
+        found = validation["labels"][name]  # a label with too few cases keeps the model as is
+        cases = min(found["n_positive"], found["n_known"] - found["n_positive"])
+        if not torch.equal(weights, torch.ones(3)):
+            assert cases >= MIN_CLASS_CELLS
 
 
 def test_rerunning_a_finished_training_does_nothing(trained, export, capsys, tmp_path):

@@ -37,13 +37,10 @@ from torch import nn
 from clinfuse.data.batch import Batch
 from clinfuse.data.transforms import to_original_grid
 from clinfuse.errors import ConfigError
-from clinfuse.explain.explanation import Explanation
+from clinfuse.explain.explanation import CAM_FLOOR, Explanation
 from clinfuse.model.model import FusionModel
 
 METHODS = ("ig", "gradcam", "shapley", "attention")
-# A finer Grad-CAM weighs the coarse map by (its value / its peak) + CAM_FLOOR; 0.03 was chosen
-# on the sample data's validation split (README, Results: Explanations).
-CAM_FLOOR = 0.03
 WORD = re.compile(r"\w+|[^\w\s]")  # a word: a run of \w characters, or one punctuation mark
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

@@ -80,16 +80,23 @@ def overlay_png(
 
 
 def explanation_png(expl: Explanation, pixels: np.ndarray, path: str | Path) -> Path:
-    """One row per label: the image, integrated gradients overlaid, Grad-CAM overlaid."""
+    """One row per label: the image, then overlaid the localisation map (the default: Grad-CAM
+    weighed by smoothed integrated gradients), integrated gradients and Grad-CAM."""
     path = Path(path)
     figure, axes = plt.subplots(
-        len(expl.labels), 3, figsize=(9, 3.2 * len(expl.labels)), squeeze=False
+        len(expl.labels), 4, figsize=(12, 3.2 * len(expl.labels)), squeeze=False
     )
     for j, label in enumerate(expl.labels):
         ig = None if expl.image is None else expl.image[j]
         cam = None if expl.gradcam is None else expl.gradcam[j]
-        shown, (ig, cam), where = _slice(pixels, [ig, cam])
-        panels = (("image", None), ("integrated gradients", ig), ("Grad-CAM", cam))
+        where_map = expl.localisation(j)
+        shown, (where_map, ig, cam), where = _slice(pixels, [where_map, ig, cam])
+        panels = (
+            ("image", None),
+            ("localisation", where_map),
+            ("integrated gradients", ig),
+            ("Grad-CAM", cam),
+        )
         for axis, (title, values) in zip(axes[j], panels, strict=True):
             _overlay(axis, shown, values, opacity=0.6)
             axis.set_title(f"{label} {expl.probabilities[j]:.2f}: {title}{where}", fontsize=8)

@@ -58,12 +58,17 @@ def model_config(
     return parse_config(ModelConfig, {**data, "name": name, "labels": tuple(labels)}, "model")
 
 
-def create_model(cfg: ModelConfig, notes: Iterable[str | None] = ()) -> FusionModel:
-    """A new model: the tokenizer comes with `text.pretrained`, else is trained on `notes`."""
+def create_model(
+    cfg: ModelConfig, notes: Iterable[str | tuple[str, str] | None] = ()
+) -> FusionModel:
+    """A new model: the tokenizer comes with `text.pretrained`, else is trained on `notes`
+    (texts, or (patient id, text) pairs: see `train_tokenizer`)."""
     if cfg.text.pretrained:
         tokenizer = load_tokenizer(cfg.text.pretrained)
     else:
-        tokenizer = train_tokenizer((n for n in notes if n), cfg.text.vocab_size)
+        tokenizer = train_tokenizer(
+            (n for n in notes if n), cfg.text.vocab_size, cfg.text.min_word_patients
+        )
     return FusionModel(cfg, tokenizer)
 
 

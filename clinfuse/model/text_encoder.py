@@ -36,23 +36,33 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def train_tokenizer(notes: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    notes: Iterable[str | tuple[str, str]], vocab_size: int, min_patients: int = 1
+) -> PreTrainedTokenizerFast:
     """A lower-casing WordPiece tokenizer whose vocabulary comes from `notes` (offline default).
 
-    Deterministic (the `tokenizers` trainer breaks frequency ties in hash order, so two runs
-    could disagree): the special tokens, every character seen (alone and as a `##` piece, so any
-    word can be spelled), then whole words by frequency, ties alphabetical, up to `vocab_size`.
+    `notes` are texts or (patient id, text) pairs. Deterministic (the `tokenizers` trainer
+    breaks frequency ties in hash order, so two runs could disagree): the special tokens, every
+    character seen (alone and as a `##` piece, so any word can be spelled), then whole words
+    found in the notes of at least `min_patients` patients (a text without a patient counts as
+    its own), by frequency, ties alphabetical, up to `vocab_size`. The vocabulary is saved with
+    the model, so a word only one patient's notes hold (a name, a record number) must stay out.
     """
     normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
     counts: Counter[str] = Counter()
-    for note in notes:
+    holders: dict[str, set[Any]] = {}  # word -> the patients whose notes hold it
+    for i, item in enumerate(notes):
+        patient, note = item if isinstance(item, tuple) else (i, item)
         if note:
-            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(note))
-            counts.update(word for word, _ in words)
+            words = [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(note))]
+            counts.update(words)
+            for word in words:
+                holders.setdefault(word, set()).add(patient)
     alphabet = sorted({char for word in counts for char in word})
     vocab = [*SPECIAL_TOKENS, *alphabet, *(f"##{char}" for char in alphabet)]
     known = set(vocab)
-    by_frequency = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    shared = {w: n for w, n in counts.items() if len(holders[w]) >= min_patients}
+    by_frequency = sorted(shared.items(), key=lambda item: (-item[1], item[0]))
     vocab += [w for w, _ in by_frequency if w not in known][: max(0, vocab_size - len(vocab))]
     backend = Tokenizer(WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer

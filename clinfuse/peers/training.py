@@ -77,13 +77,15 @@ def create_transchex(
     model_cfg: ModelConfig,
     peer: TranschexConfig,
     labels: tuple[str, ...],
-    notes: list[str],
+    notes: list[tuple[str, str]],
     folder: str | Path,
 ) -> TranschexClassifier:
-    """A new Transchex: tokenizer trained on `notes`, offline BERT written to `folder/bert`."""
-    tokenizer = train_tokenizer(notes, model_cfg.text.vocab_size)
+    """A new Transchex: tokenizer trained on `notes` ((patient id, text) pairs, the same rule
+    as clinfuse's), offline BERT written to `folder/bert`."""
+    tokenizer = train_tokenizer(notes, model_cfg.text.vocab_size, model_cfg.text.min_word_patients)
     limit = min(model_cfg.text.max_length, peer.max_position_embeddings)
-    cfg = data_config(model_cfg, peer, labels, note_length(tokenizer, notes, limit))
+    texts = [text for _, text in notes]
+    cfg = data_config(model_cfg, peer, labels, note_length(tokenizer, texts, limit))
     bert_dir = write_offline_bert(Path(folder) / "bert", peer, tokenizer)
     net = build_transchex(peer, len(labels), len(tokenizer), bert_dir)
     return TranschexClassifier(net, cfg, tokenizer, peer)

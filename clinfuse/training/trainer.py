@@ -278,7 +278,7 @@ def train(
         if cfg.model.text.mlm_epochs > 0:  # each rank alike: same seed, same notes
             pretrain_note_encoder(
                 model.to(torch_device),
-                notes,
+                [text for _, text in notes],
                 cfg.model.text.mlm_epochs,
                 cfg.train.batch_size,
                 cfg.train.lr,
@@ -457,15 +457,16 @@ def train(
     )
 
 
-def training_notes(rows: list[StudyRow]) -> list[str]:
-    """The readable, non-empty notes of `rows`: what the tokenizer is trained on."""
+def training_notes(rows: list[StudyRow]) -> list[tuple[str, str]]:
+    """(patient id, note) of the readable, non-empty notes of `rows`: what the tokenizer is
+    trained on (the patient, so a word only one patient's notes hold stays out of it)."""
     notes = []
     for row in rows:
         try:
-            notes.append(read_note(row.note, row.note_path))
+            notes.append((row.patient_id, read_note(row.note, row.note_path)))
         except ClinfuseError:
             continue  # recorded as a failure when the study is loaded for training
-    return [n for n in notes if n]
+    return [(patient, note) for patient, note in notes if note]
 
 
 def validation_macro_auroc(predictions: Predictions, labels: tuple[str, ...]) -> float | None:
