@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from clinfuse.cli import main
+from clinfuse.data.manifest import PatientSplit, load_manifest
 from clinfuse.evaluation.calibration import MIN_CLASS_CELLS
 from clinfuse.model import load_checkpoint
 from clinfuse.synthetic import make_sample_data
@@ -41,6 +42,16 @@ def trained(export, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny"
     assert main(["train", "--manifest", str(export), "--out", str(out), *FAST]) == 0
     return out
+
+
+def with_unreadable_images(export: Path, folder: Path, study_ids: list[str]) -> Path:
+    """A copy of the export's manifest (absolute paths) whose `study_ids` point at no image."""
+    table = pd.read_csv(export, dtype=str)
+    for column in ("image", "note_path"):
+        table[column] = table[column].map(lambda p: p if pd.isna(p) else str(export.parent / p))
+    table.loc[table.study_id.isin(study_ids), "image"] = str(folder / "gone.dcm")
+    table.to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
 
 
 def clinfuse(*args, **kwargs):
@@ -173,6 +184,64 @@ def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
     assert [h["train_loss"] for h in whole_config["training"]["history"]] == losses
 
 
+def test_a_run_killed_after_early_stopping_ends_as_the_run_never_killed(
+    export, tmp_path, monkeypatch
+):
+    from clinfuse.config import resolve_run_config
+    from clinfuse.training import trainer
+
+    split = PatientSplit(0.15, 0.15, 0)
+    rows = {part: [r.study_id for r in load_manifest(export, split=split).rows(part)]
+            for part in ("train", "val")}  # fmt: skip
+    unread = [rows["train"][0], rows["val"][0]]  # one of each split cannot be read
+    manifest = with_unreadable_images(export, tmp_path, unread)
+    steps = -(-len(rows["train"]) // 16)  # an epoch's steps: the step snapshot at its end too
+    cfg = resolve_run_config(None, [
+        *FAST[:2], "train.epochs=8", "train.patience=1", "train.batch_size=16",
+        "train.bootstrap=0", "model.text.mlm_epochs=0", f"train.checkpoint_every={steps}",
+    ])  # fmt: skip
+    whole = trainer.train(manifest, tmp_path / "whole", cfg, device="cpu")
+    assert whole.epochs < 8  # early stopping ended it
+
+    def killed(*args, **kwargs):  # the process dies once training has stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "calibrate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(manifest, tmp_path / "killed", cfg, device="cpu")
+    monkeypatch.undo()
+    snapshots = sorted(p.parent.name for p in (tmp_path / "killed").glob(".train_state/*/COMPLETE"))
+    assert snapshots == [f"step-{whole.epochs * steps:08d}-end"]  # the epoch's end, kept apart
+    again = trainer.train(manifest, tmp_path / "killed", cfg, device="cpu")
+    assert again.resumed and again.epochs == whole.epochs  # not one epoch more
+    for name in ("model.safetensors", "failures.csv"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    failures = pd.read_csv(tmp_path / "killed" / "failures.csv")
+    assert sorted(failures.study_id) == sorted(unread)  # the validation study too
+
+
+def test_labels_come_from_the_manifest_and_old_folders_compare_on_what_they_used(
+    trained, export, tmp_path, capsys
+):
+    from clinfuse.config import resolve_run_config
+    from clinfuse.training.trainer import training_differences
+
+    args = ["train", "--manifest", str(export), "--out", str(tmp_path / "m"), *FAST]
+    assert main([*args, "model.labels=[copd]"]) == 2  # not silently trained on all six
+    assert "data.labels=[...]" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    done = json.loads((trained / "config.json").read_text())
+    head = [*FAST, "model.fusion.combine=head"]
+    done["model"]["fusion"]["combine"] = "head"
+    del done["train"]["evidence_ridge"]  # a folder from before the evidence weights
+    cfg = resolve_run_config(None, head)
+    # the ridge weighs nothing without the naive-Bayes combination: the same training
+    assert training_differences(done, export, cfg) == []
+    done["model"]["fusion"]["combine"] = "naive_bayes"
+    cfg = resolve_run_config(None, FAST)
+    assert training_differences(done, export, cfg) == ["train"]  # there it did
+
+
 def test_two_process_ddp_on_cpu(export, tmp_path):
     out = tmp_path / "ddp"
     done = subprocess.run(
@@ -232,6 +301,27 @@ def test_evaluate_writes_metrics_predictions_and_a_report(trained, export, tmp_p
     html = (out / "report.html").read_text()
     assert all(name in html for name in labels) and "<img" in html
     assert (out / "predictions.csv").read_text().startswith("study_id,modalities,p_")
+
+
+def test_evaluate_names_unread_studies_and_keeps_same_named_folders_apart(
+    trained, export, tmp_path, capsys
+):
+    split = PatientSplit(0.15, 0.15, 0)  # the trained model's split
+    test_ids = [r.study_id for r in load_manifest(export, split=split).rows("test")]
+    broken = with_unreadable_images(export, tmp_path, [test_ids[0]])
+    copies = [tmp_path / run / "seed0" / "tiny" for run in ("run1", "run2")]
+    for copy in copies:
+        shutil.copytree(trained, copy)
+    args = ["evaluate", "--manifest", str(broken), "--out", str(tmp_path / "ev")]
+    models = ["--model", str(copies[0]), "--model", str(copies[1])]
+    assert main([*args, *models, "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"n={len(test_ids) - 1} (1 not read: failures.csv)" in printed
+    failures = pd.read_csv(tmp_path / "ev" / "failures.csv")
+    assert failures.study_id.tolist() == [test_ids[0]] and failures.reason.notna().all()
+    compare = json.loads((tmp_path / "ev" / "compare.json").read_text())
+    assert set(compare) == {"run1-seed0-tiny", "run2-seed0-tiny"}  # neither dropped
+    assert "1 more could not be read" in (tmp_path / "ev" / "report.html").read_text()
 
 
 def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path, caplog):

@@ -92,10 +92,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         for name, folder in zip(unique_names(args.model), args.model, strict=True)
     }
     report = write_evaluation(args.out, runs)
-    for name, (run, _) in runs.items():
+    for i, (name, (run, _)) in enumerate(runs.items()):
         macro = run.metrics["macro"]
+        where = "failures.csv" if i == 0 else f"failures_{name}.csv"
+        unread = f" ({len(run.failures)} not read: {where})" if run.failures else ""
         print(
-            f"{name} ({run.model_version}) on {args.split}, n={run.metrics['n']}: "
+            f"{name} ({run.model_version}) on {args.split}, n={run.metrics['n']}{unread}: "
             f"macro AUROC {_fmt(macro['auroc'])}  AUPRC {_fmt(macro['auprc'])}  "
             f"ECE {_fmt(macro['ece'])}"
         )

@@ -93,6 +93,7 @@ def evaluate_model(
         probs=probs,
         labels=model.labels,
         model_version=version,
+        failures=sorted(predictions.failures),
     )
     return run, table
 
@@ -100,7 +101,8 @@ def evaluate_model(
 def write_evaluation(
     out_dir: str | Path, runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]
 ) -> Path:
-    """metrics.json (the first model), compare.json (all), predictions CSVs, report.html."""
+    """metrics.json (the first model), compare.json (all), predictions and failures CSVs (the
+    studies that could not be read, with why), report.html."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(runs)
@@ -109,15 +111,22 @@ def write_evaluation(
         json.dumps(first_run.metrics, indent=2, allow_nan=False), encoding="utf-8"
     )
     first_table.to_csv(out_dir / "predictions.csv", index=False)
+    failures_table(first_run).to_csv(out_dir / "failures.csv", index=False)
     if len(names) > 1:
         _warn_if_not_comparable(runs)
         compare = {name: run.metrics for name, (run, _) in runs.items()}
         (out_dir / "compare.json").write_text(
             json.dumps(compare, indent=2, allow_nan=False), encoding="utf-8"
         )
-        for name, (_, table) in runs.items():
+        for name, (run, table) in runs.items():
             table.to_csv(out_dir / f"predictions_{name}.csv", index=False)
+            failures_table(run).to_csv(out_dir / f"failures_{name}.csv", index=False)
     return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
+
+
+def failures_table(run: EvaluationRun) -> pd.DataFrame:
+    """The studies of the split that could not be read: study_id, reason."""
+    return pd.DataFrame(run.failures, columns=["study_id", "reason"])
 
 
 def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> None:
@@ -140,9 +149,29 @@ def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]])
 
 
 def unique_names(model_dirs: list[Path]) -> list[str]:
-    """Folder names, made unique with their parent's name where two collide."""
-    names = [Path(d).resolve().name for d in model_dirs]
-    return [
-        f"{Path(d).resolve().parent.name}-{n}" if names.count(n) > 1 else n
-        for d, n in zip(model_dirs, names, strict=True)
-    ]
+    """A name per model folder: its own name, with as many parent folders as it takes to tell
+    colliding ones apart ("run1-seed0-model"), numbered if even the full paths agree (one
+    folder given twice). Every folder keeps its own report column."""
+    paths = [Path(d).resolve() for d in model_dirs]
+    depths = [1] * len(paths)
+
+    def name(i: int) -> str:
+        return "-".join(part.strip("/") for part in paths[i].parts[-depths[i] :] if part != "/")
+
+    while True:
+        names = [name(i) for i in range(len(paths))]
+        deeper = [
+            i
+            for i, n in enumerate(names)
+            if names.count(n) > 1 and depths[i] < len(paths[i].parts)
+        ]
+        if not deeper:
+            break
+        for i in deeper:
+            depths[i] += 1
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if names.count(n) == 1 else f"{n}-{seen[n]}")
+    return unique

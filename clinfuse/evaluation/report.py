@@ -10,7 +10,7 @@ import base64
 import html
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class EvaluationRun:
     probs: np.ndarray  # (N, L) calibrated probabilities
     labels: tuple[str, ...]
     model_version: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (study_id, reason) unread
 
 
 def write_report(
@@ -93,7 +94,12 @@ def _runs_list(runs: dict[str, EvaluationRun]) -> str:
     for name, run in runs.items():
         version = f", model {_esc(run.model_version)}" if run.model_version else ""
         n = run.metrics.get("n", len(run.y))
-        items.append(f"<li><b>{_esc(name)}</b>{version}: {n} studies</li>")
+        unread = (
+            f" ({len(run.failures)} more could not be read and are not counted: failures.csv)"
+            if run.failures
+            else ""
+        )
+        items.append(f"<li><b>{_esc(name)}</b>{version}: {n} studies{unread}</li>")
     return "<h2>Runs</h2><ul>" + "".join(items) + "</ul>"
 
 

@@ -36,6 +36,8 @@ class Progress:
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)  # the epoch in progress, per step
+    stopped: bool = False  # early stopping decided: a resumed run goes straight to calibration
+    failures: dict[str, str] = field(default_factory=dict)  # study_id -> why it was not read
 
 
 def latest_snapshot(state_dir: Path) -> Path | None:
@@ -52,8 +54,11 @@ def save_snapshot(
     progress: Progress,
     scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write a complete snapshot, then delete the older ones."""
-    folder = state_dir / f"step-{progress.step:08d}"
+    """Write a complete snapshot, then delete the older ones. The snapshot at an epoch's end
+    is named apart from a step's snapshot at the same step (`-end` sorts after it), so writing
+    it never deletes the only complete snapshot."""
+    end = "-end" if progress.batch_in_epoch == 0 and progress.epoch > 0 else ""
+    folder = state_dir / f"step-{progress.step:08d}{end}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)

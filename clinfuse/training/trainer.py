@@ -39,7 +39,7 @@ from clinfuse.data.batch import Batch, Collator, StudyDataset, derived_seed
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
 from clinfuse.data.notes import read_note
 from clinfuse.engine import Predictions, autocast, evidence_terms, predict, select_device
-from clinfuse.errors import ClinfuseError, ManifestError, unreadable_split
+from clinfuse.errors import ClinfuseError, ConfigError, ManifestError, unreadable_split
 from clinfuse.evaluation.calibration import (
     apply_temperature,
     fit_calibration,
@@ -93,6 +93,14 @@ class Workers:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def merged(self, found: dict[str, str]) -> dict[str, str]:
+        """Every rank's `found` in one dict, on every rank (each rank reads its own rows)."""
+        if self.world == 1:
+            return found
+        boxes: list[Any] = [None] * self.world
+        dist.all_gather_object(boxes, found)
+        return {key: value for box in boxes for key, value in sorted(box.items())}
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when `flag` is True on any rank."""
@@ -191,6 +199,10 @@ def training_differences(done: dict, manifest_path: str | Path, cfg: RunConfig) 
         "data": as_current(DataConfig, done.get("data")),
         "train": as_current(TrainConfig, done.get("train")),
     }
+    if cfg.model.fusion.combine != "naive_bayes":  # evidence weights are fitted for it alone
+        for side in (asked, made):
+            if side["train"] is not None:
+                side["train"] = {**side["train"], "evidence_ridge": None}
     return [part for part in asked if asked[part] != made[part]]
 
 
@@ -245,6 +257,12 @@ def train(
         labels=cfg.data.labels,
         split=PatientSplit(cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed),
     )
+    if cfg.model.labels and tuple(cfg.model.labels) != manifest.labels:
+        raise ConfigError(
+            "model.labels",
+            f"a model's labels are the manifest's label columns ({', '.join(manifest.labels)})",
+            hint="choose which columns to train on with data.labels=[...]",
+        )
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"labels": manifest.labels})})
     manifest_sha = file_sha256(manifest_path)  # read once: the bytes this run trains on
     # what an unfinished run resumes only with: this configuration on this manifest's bytes
@@ -319,7 +337,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=torch_device.type == "cuda" and cfg.train.amp)
     if states is not None and states.get("scaler"):  # {} on CPU, where it is off
         scaler.load_state_dict(states["scaler"])
-    failures: dict[str, str] = {}
+    failures = progress.failures  # kept in the snapshots: a resumed run reports them all
 
     def snapshot_now() -> None:
         if workers.main:
@@ -327,7 +345,7 @@ def train(
         if workers.world > 1:
             dist.barrier()
 
-    while progress.epoch < cfg.train.epochs:
+    while not progress.stopped and progress.epoch < cfg.train.epochs:
         epoch_started, seen = time.perf_counter(), 0
         losses = progress.epoch_losses  # with those before a resume: the epoch's mean is exact
         order = epoch_order(len(train_rows), progress.epoch, cfg.train.seed, workers)
@@ -379,6 +397,15 @@ def train(
             raise unreadable_split(manifest_path, "training", len(train_rows), failures)
         val = predict(model, val_loader, torch_device, cfg.train.amp)
         val.require_any(manifest_path, "validation")  # not one study read: stop now, say why
+        unread = {k: v for k, v in val.failures if k not in failures}
+        if unread and workers.main:
+            log.warning(
+                "%d validation studies could not be read (failures.csv gives why); early "
+                "stopping, calibration and thresholds use the other %d",
+                len(unread),
+                len(val.study_ids),
+            )
+        failures.update(unread)
         auroc = validation_macro_auroc(val, manifest.labels)
         seconds = time.perf_counter() - epoch_started
         improved = auroc is not None and auroc > progress.best_auroc
@@ -413,6 +440,7 @@ def train(
         progress.batch_in_epoch = 0
         progress.epoch_losses = []
         stop = workers.agree(progress.epochs_without_improvement >= cfg.train.patience)
+        progress.stopped = stop  # saved: a run killed after this resumes stopped, not training
         snapshot_now()
         if stop:
             log.info(
@@ -421,7 +449,8 @@ def train(
             break
 
     final = best if best is not None else model
-    validation = calibrate(final.to(torch_device), val_loader, torch_device, cfg)
+    validation = calibrate(final.to(torch_device), val_loader, torch_device, cfg, manifest_path)
+    failures = workers.merged(failures)
     if workers.main:
         info = {
             "metrics": {"validation": validation},
@@ -524,7 +553,11 @@ def warn_dropped_sides(
 
 
 def calibrate(
-    model: FusionModel, val_loader: DataLoader, device: torch.device, cfg: RunConfig
+    model: FusionModel,
+    val_loader: DataLoader,
+    device: torch.device,
+    cfg: RunConfig,
+    manifest_path: str | Path = "the manifest",
 ) -> dict[str, Any]:
     """Fit per-label evidence weights (naive-Bayes models), temperature, offset and thresholds
     on validation; return the validation metrics."""
@@ -533,7 +566,7 @@ def calibrate(
         weights = fit_evidence_weights(terms, labels, cfg.train.evidence_ridge, model.labels)
         model.evidence_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
         warn_dropped_sides(terms, labels, weights, model.labels)
-    val = predict(model, val_loader, device, cfg.train.amp).require_any("MANIFEST", "validation")
+    val = predict(model, val_loader, device, cfg.train.amp).require_any(manifest_path, "validation")
     raw = 1 / (1 + np.exp(-val.logits))
     temperature, offset = fit_calibration(val.logits, val.labels)
     probs = apply_temperature(val.logits, temperature, offset)
