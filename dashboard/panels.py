@@ -19,7 +19,7 @@ from clinfuse.data.dicom import DicomImage, read_dicom
 from clinfuse.errors import DicomError
 from clinfuse.explain import Explanation
 from clinfuse.explain.explanation import decode_map
-from clinfuse.explain.render import note_html
+from clinfuse.explain.render import note_html, read_part, unread_notice
 
 # overlay name -> the Explanation attribute holding its (L, *spatial) maps; the first is shown
 METHODS = {
@@ -194,18 +194,13 @@ def note_panel(note: str | None, expl: Explanation | None, record: dict | None, 
         spans = np.array([[s, e] for s, e, _ in top], dtype=np.int32).reshape(-1, 2)
         words = np.array([[score for _, _, score in top]], dtype=np.float32)
     read = (expl.note_read if expl is not None else None) or (record or {}).get("note_read")
-    unread = note[read:] if read and note[read:].strip() else ""
+    note, unread = read_part(note, read)
     if unread:
-        st.warning(
-            f"The model read the first {read:,} of {len(note):,} characters of this note (its "
-            "token limit); the rest, below the note, did not count."
-        )
-        note = note[:read]
+        st.warning(unread_notice(len(note), len(note) + len(unread)))
     if spans is None:
         st.text(note)
     else:
-        shown = spans[:, 1] <= len(note)  # the words the model read
-        st.html(note_html(note, spans[shown], words[:, shown], [label]))
+        st.html(note_html(note, spans, words, [label]))
         st.caption("Red words raise the label's score, blue words lower it.")
     if unread:
         with st.expander(f"The rest of the note ({len(unread):,} characters, not read)"):

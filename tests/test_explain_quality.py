@@ -415,3 +415,80 @@ def test_damaged_ground_truth_is_one_error_naming_file_and_line(trained, export,
         evaluate_explanations(
             model, export / "manifest.csv", other, split="all", steps=2, sanity=False
         )
+
+
+def test_ground_truth_of_another_export_or_split_is_refused_not_scored(trained, export, tmp_path):
+    from clinfuse.errors import ManifestError
+    from clinfuse.explain.quality import evaluate_explanations
+
+    model = load_checkpoint(trained)
+    manifest = export / "manifest.csv"
+
+    def changed(name: str, edit) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(export / "ground_truth", folder)
+        edit(folder)
+        return folder
+
+    def shifted(folder: Path) -> None:  # another export's rationales: the same ids, other notes
+        lines = (folder / "rationales.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        records[0]["spans"] = [[s + 3, e + 3] for s, e in records[0]["spans"]]
+        (folder / "rationales.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def renamed(folder: Path) -> None:  # ids that name none of the manifest's studies
+        truth = pd.read_csv(folder / "truth.csv", dtype=str)
+        truth["study_id"] = "X" + truth["study_id"]
+        truth.to_csv(folder / "truth.csv", index=False)
+        with np.load(folder / "masks.npz") as data:
+            np.savez_compressed(folder / "masks.npz", **{f"X{k}": data[k] for k in data.files})
+        lines = (folder / "rationales.jsonl").read_text().splitlines()
+        records = [{**json.loads(line), "study_id": "X" + json.loads(line)["study_id"]}
+                   for line in lines]  # fmt: skip
+        (folder / "rationales.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def nothing_present(folder: Path) -> None:  # no label truly present anywhere
+        truth = pd.read_csv(folder / "truth.csv", dtype=str)
+        for label in model.labels:
+            truth[label] = "0"
+        truth.to_csv(folder / "truth.csv", index=False)
+
+    cases = {
+        "shifted": (shifted, r"the rationale of \S+ does not match the study's note: its span"),
+        "renamed": (renamed, "speaks of none of the .* studies of the 'all' split"),
+        "nothing": (nothing_present, r"no study of the 'all' split .* nothing to explain"),
+    }
+    for name, (edit, message) in cases.items():
+        with pytest.raises(ManifestError, match=message):
+            evaluate_explanations(
+                model, manifest, changed(name, edit), split="all", steps=2, sanity=False
+            )
+
+
+def test_explain_eval_measures_a_text_only_model(export, tmp_path):
+    model = tmp_path / "text_only"
+    data = ["--manifest", str(export / "manifest.csv")]
+    assert clinfuse("train", *data, "--out", str(model), *FAST, "model.fusion.mode=text_only") == 0
+    out = tmp_path / "eval"
+    args = ["--model", str(model), *data, "--truth", str(export / "ground_truth")]
+    code = clinfuse(
+        "explain-eval", *args, "--out", str(out), "--split", "all", "--max-studies", "4",
+        "--steps", "2", "--no-sanity",
+    )  # fmt: skip
+    summary = json.loads((out / "explain_eval.json").read_text())
+    assert code in (0, 1) and summary["explained"] >= 1  # the image bars are n/a, not a crash
+    assert summary["default_method"] is None and summary["image_methods"] == {}
+
+
+def test_a_note_the_model_read_in_part_says_so_on_its_page():
+    note = "Denies fever. " + "Long history. " * 20 + "FINAL: emphysema."
+    spans = note_words(note)
+    words = np.linspace(1, 0, len(spans))[None]  # (1, N): every word scored
+    read = 30  # the model's token limit cut the note here
+    page = note_html(note, spans, words, ["copd"], read=read)
+    shown, rest = page.split('<p class="notice">')
+    assert "Denies" in shown and "emphysema" not in shown  # no unread word is scored
+    assert f"read the first {read} of {len(note)} characters" in rest
+    assert "FINAL: emphysema." in rest and "<mark" not in rest
+    whole = note_html(note, spans, words, ["copd"])
+    assert "notice" not in whole and whole.count("<mark") > page.count("<mark")

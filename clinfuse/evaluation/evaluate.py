@@ -161,9 +161,7 @@ def unique_names(model_dirs: list[Path]) -> list[str]:
     while True:
         names = [name(i) for i in range(len(paths))]
         deeper = [
-            i
-            for i, n in enumerate(names)
-            if names.count(n) > 1 and depths[i] < len(paths[i].parts)
+            i for i, n in enumerate(names) if names.count(n) > 1 and depths[i] < len(paths[i].parts)
         ]
         if not deeper:
             break

@@ -26,7 +26,7 @@ import json
 import logging
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ class GroundTruth:
     rationales: dict[tuple[str, str], list[tuple[int, int]]]
     labels: dict[str, dict[str, float]]  # study_id -> label -> 1.0 / 0.0 (truth.csv)
     folder: Path | None = None  # where it was read from
+    # (study_id, label) -> the text of each rationale span, where rationales.jsonl gives it
+    rationale_texts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def mask(self, study_id: str, label: str) -> np.ndarray | None:
         return self.masks.get(f"{study_id}/{label}")
@@ -90,6 +92,28 @@ class GroundTruth:
 
     def rationale(self, study_id: str, label: str) -> list[tuple[int, int]]:
         return self.rationales.get((study_id, label), [])
+
+    def rationale_in(self, study_id: str, label: str, note: str | None) -> list[tuple[int, int]]:
+        """The rationale's spans, checked to hold their recorded text in the study's `note`."""
+        spans = self.rationale(study_id, label)
+        texts = self.rationale_texts.get((study_id, label))
+        if note is None or texts is None:
+            return spans
+        read = [note[s:e] for s, e in spans]
+        if read != texts:
+            found, wanted = next((r, t) for r, t in zip(read, texts, strict=True) if r != t)
+            raise ManifestError(
+                (self.folder or Path(".")) / "rationales.jsonl",
+                f"the rationale of {study_id}/{label} does not match the study's note: its "
+                f"span reads {found!r} where the ground truth has {wanted!r}",
+                hint="pass the ground truth of the export the manifest comes from",
+            )
+        return spans
+
+    def study_ids(self) -> set[str]:
+        """The studies any mask, rationale or truth.csv row speaks of."""
+        found = {key.rsplit("/", 1)[0] for key in self.masks}
+        return found | {study for study, _ in self.rationales} | set(self.labels)
 
     def known_labels(self) -> set[str]:
         """The labels any mask, rationale or truth.csv column speaks of."""
@@ -119,6 +143,7 @@ def load_ground_truth(folder: str | Path, labels: Sequence[str] = ()) -> GroundT
             folder / "masks.npz", f"not a NumPy .npz of lesion masks ({exc})", hint=hint
         ) from None
     rationales: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    texts: dict[tuple[str, str], list[str]] = {}
     lines = (folder / "rationales.jsonl").read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
         if line.strip():
@@ -126,6 +151,8 @@ def load_ground_truth(folder: str | Path, labels: Sequence[str] = ()) -> GroundT
                 item = json.loads(line)
                 key = (str(item["study_id"]), str(item["label"]))
                 rationales[key] = [(int(s), int(e)) for s, e in item["spans"]]
+                if isinstance(item.get("text"), list) and len(item["text"]) == len(item["spans"]):
+                    texts[key] = [str(t) for t in item["text"]]
             except (ValueError, KeyError, TypeError) as exc:
                 raise ManifestError(
                     folder / "rationales.jsonl",
@@ -135,7 +162,7 @@ def load_ground_truth(folder: str | Path, labels: Sequence[str] = ()) -> GroundT
     truth: dict[str, dict[str, float]] = {}
     if (folder / "truth.csv").is_file():
         truth = _truth_labels(folder / "truth.csv", labels)
-    return GroundTruth(masks, rationales, truth, folder)
+    return GroundTruth(masks, rationales, truth, folder, texts)
 
 
 def _truth_labels(path: Path, labels: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -307,7 +334,7 @@ def localisation(
                 "mask_auroc": mask_auroc(values, mask),
             }
             rows += _rows(expl, j, stage, method, metrics)
-    rationale = truth.rationale(expl.study_id, expl.labels[j])
+    rationale = truth.rationale_in(expl.study_id, expl.labels[j], expl.note)
     if rationale and expl.words is not None and expl.spans is not None:
         inside = rationale_words(expl.spans, rationale)
         metrics = {
@@ -344,8 +371,10 @@ def faithfulness(
     spec, original = model.cfg.preprocess, batch.original_shapes[0]
     k = model.labels.index(expl.labels[j])
     rows: list[Record] = []
+    maps = {}
     if truth.mask(expl.study_id, expl.labels[j]) is not None and original is not None:
-        maps = image_maps(expl, j, spec, tuple(original))
+        maps = image_maps(expl, j, spec, tuple(original))  # {} for a model that reads no image
+    if maps:
         own = model_grid_order(next(iter(maps.values())), original, spec)
         random = [
             pixel_deletion(model, batch, k, rng.permutation(own), steps) for _ in range(orders)
@@ -444,8 +473,30 @@ def evaluate_explanations(
     rows = {r.study_id: r for r in manifest.rows(None if split == "all" else split)}
     if not rows:
         raise ManifestError(manifest_path, f"no rows in the {split!r} split")
+    named = truth.study_ids() & set(rows)
+    if not named:
+        raise ManifestError(
+            truth_dir,
+            f"speaks of none of the {len(rows)} studies of the {split!r} split",
+            hint="pass the ground truth of the export the manifest comes from",
+        )
+    if len(named) < len(rows):
+        log.warning(
+            "%s speaks of %d of the %d studies of the %r split: the others are scored "
+            "against the manifest's labels and have no masks or rationales",
+            truth_dir, len(named), len(rows), split,
+        )  # fmt: skip
     positives, present = true_positives(model, list(rows.values()), truth)
     studies = [s for s in rows if s in positives][:max_studies]
+    if not studies:
+        truly = ", ".join(f"{k} {v}" for k, v in present.items() if v) or "none"
+        raise ManifestError(
+            manifest_path,
+            f"no study of the {split!r} split ({len(rows)} studies) has a label that is truly "
+            f"present and that the model calls positive (truly present: {truly}): nothing to "
+            "explain",
+            hint="measure on another split (--split val or all)",
+        )
     rng = np.random.default_rng(seed)
     records: list[Record] = []
     explained: dict[str, tuple[Batch, Explanation]] = {}

@@ -118,9 +118,40 @@ def _mark(text: str, score: float, scale: float) -> str:
     )
 
 
-def note_html(note: str, spans: np.ndarray, words: np.ndarray, labels: Sequence[str]) -> str:
+def read_part(note: str, read: int | None) -> tuple[str, str]:
+    """(what the model read, the rest it did not) of a note cut at `read` characters (its
+    token limit; None: all of it). The rest is "" when it holds only white space."""
+    unread = note[read:] if read and note[read:].strip() else ""
+    return (note[:read] if unread else note), unread
+
+
+def unread_notice(read: int, length: int) -> str:
+    """What to tell a reader of a note the model read only `read` characters of."""
+    return (
+        f"The model read the first {read:,} of {length:,} characters of this note (its token "
+        "limit); the rest, below the note, did not count."
+    )
+
+
+def note_html(
+    note: str,
+    spans: np.ndarray,
+    words: np.ndarray,
+    labels: Sequence[str],
+    read: int | None = None,
+) -> str:
     """The note as written, once per label, each word's background coloured by its score
-    (red for the label, blue against it, stronger = larger); HTML-escaped."""
+    (red for the label, blue against it, stronger = larger); HTML-escaped. A note the model
+    read only `read` characters of says so, and shows the rest apart, unscored."""
+    note, unread = read_part(note, read)
+    shown = spans[:, 1] <= len(note)  # (N,) the words the model read
+    spans, words = spans[shown], words[:, shown]
+    rest = (
+        f'<p class="notice">{html.escape(unread_notice(len(note), len(note) + len(unread)))}</p>'
+        f'<p class="unread">{html.escape(unread)}</p>'
+        if unread
+        else ""
+    )
     blocks = []
     for j, label in enumerate(labels):
         scale = float(np.max(np.abs(words[j]))) if len(spans) else 0.0
@@ -130,7 +161,7 @@ def note_html(note: str, spans: np.ndarray, words: np.ndarray, labels: Sequence[
             last = end
         parts.append(html.escape(note[last:]))
         blocks.append(
-            f'<div class="note"><h3>{html.escape(label)}</h3><p>{"".join(parts)}</p></div>'
+            f'<div class="note"><h3>{html.escape(label)}</h3><p>{"".join(parts)}</p>{rest}</div>'
         )
     return "\n".join(blocks)
 
@@ -152,7 +183,7 @@ STYLE = """body { font-family: sans-serif; max-width: 60em; margin: 1em auto; }
 .bar { display: inline-flex; width: 12em; height: .9em; margin-right: .5em; }
 .bar span { display: block; } table { border-collapse: collapse; }
 td, th { padding: .2em .6em; border-bottom: 1px solid #ddd; text-align: left; }
-.note p { line-height: 1.6; } img { max-width: 100%; }"""
+.note p { line-height: 1.6; } img { max-width: 100%; } .unread { color: #777; }"""
 
 
 def explanation_html(expl: Explanation, image_file: str | None = None) -> str:
@@ -163,7 +194,7 @@ def explanation_html(expl: Explanation, image_file: str | None = None) -> str:
         for j, label in enumerate(expl.labels)
     )
     if expl.note is not None and expl.words is not None and expl.spans is not None:
-        note = note_html(expl.note, expl.spans, expl.words, expl.labels)
+        note = note_html(expl.note, expl.spans, expl.words, expl.labels, expl.note_read)
     elif expl.note is not None:
         note = f'<div class="note"><p>{html.escape(expl.note)}</p></div>'
     else:
