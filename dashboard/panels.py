@@ -121,7 +121,12 @@ def image_panel(
     if values is None:
         shown = False
         st.caption(f"No image attribution for {label}: explanations cover the positive labels.")
-    else:
+    elif (expl is None or label not in expl.labels) and METHODS[method] != "image":
+        st.caption(
+            "The explanation file is not there: the overlay is the store's small "
+            "integrated-gradients map, whatever the method."
+        )
+    if values is not None:
         values = map_slice(values, grey.shape, z, depth)
     rgb = overlay_rgb(grey, values if shown else None, opacity)
     where = f" · slice {z + 1}/{depth}" if depth > 1 else ""
