@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cost['seconds_per_study_max']:.2f} s; {cost['cpu_seconds_per_study_median']:.2f} s of "
         f"process CPU), {cost['multiple_of_forward_median']:.0f}x one forward pass of the same "
         f"study ({1000 * cost['forward_seconds_median']:.1f} ms); median "
-        f"{cost['positive_labels_median']} positive labels per study. {summary['machine']}, "
+        f"{cost['positive_labels_median']} positive labels per study. {summary['run']['machine']}, "
         f"shared: 1-min load average {cost['load_average'][0]} before and "
         f"{cost['load_average'][1]} after; wall times are upper bounds.\n"
     )
