@@ -134,6 +134,19 @@ LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _with_legacy_defaults(cls: type[Config], saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with the `LEGACY_DEFAULTS` of `cls` and of every config section nested in it
+    (`ModelConfig` holds `TextConfig` as "text") filled in where absent: settings whose default
+    changed what clinfuse does meant the old behaviour when a folder predates them."""
+    found = {**LEGACY_DEFAULTS.get(cls.__name__, {}), **saved}
+    for name, spec in cls.model_fields.items():
+        section = spec.annotation
+        if isinstance(section, type) and issubclass(section, Config):
+            if isinstance(found.get(name), dict):
+                found[name] = _with_legacy_defaults(section, found[name])
+    return found
+
+
 def as_current(cls: type[Config], saved: dict[str, Any] | None) -> dict[str, Any] | None:
     """A config section saved by an earlier clinfuse, with today's defaults for the keys it
     predates (so it compares equal to the same settings given today); as saved when it no
@@ -141,8 +154,7 @@ def as_current(cls: type[Config], saved: dict[str, Any] | None) -> dict[str, Any
     result is read as its old behaviour when absent (`LEGACY_DEFAULTS`)."""
     if saved is None:
         return None
-    # settings whose default changed what clinfuse does: absent, they meant the old behaviour
-    saved = {**LEGACY_DEFAULTS.get(cls.__name__, {}), **saved}
+    saved = _with_legacy_defaults(cls, saved)
     try:
         return cls.model_validate(saved).model_dump(mode="json")
     except ValidationError:

@@ -18,7 +18,7 @@ def cpu_name() -> str:
 
 
 def describe_machine() -> str:
-    """ "<CPU>, N CPUs, T threads, torch V" (and the GPU when one is used)."""
+    """The machine in one line: CPU, CPU count, torch threads, the GPU if any, torch."""
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
         f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads{gpu}, "

@@ -454,7 +454,7 @@ def test_ground_truth_of_another_export_or_split_is_refused_not_scored(trained, 
         truth.to_csv(folder / "truth.csv", index=False)
 
     cases = {
-        "shifted": (shifted, r"the rationale of \S+ does not match the study's note: its span"),
+        "shifted": (shifted, r"the rationale of \S+ does not match the study's note: its char"),
         "renamed": (renamed, "speaks of none of the .* studies of the 'all' split"),
         "nothing": (nothing_present, r"no study of the 'all' split .* nothing to explain"),
     }
@@ -465,7 +465,7 @@ def test_ground_truth_of_another_export_or_split_is_refused_not_scored(trained, 
             )
 
 
-def test_explain_eval_measures_a_text_only_model(export, tmp_path):
+def test_explain_eval_measures_a_text_only_model(export, tmp_path, capsys):
     model = tmp_path / "text_only"
     data = ["--manifest", str(export / "manifest.csv")]
     assert clinfuse("train", *data, "--out", str(model), *FAST, "model.fusion.mode=text_only") == 0
@@ -478,6 +478,7 @@ def test_explain_eval_measures_a_text_only_model(export, tmp_path):
     summary = json.loads((out / "explain_eval.json").read_text())
     assert code in (0, 1) and summary["explained"] >= 1  # the image bars are n/a, not a crash
     assert summary["default_method"] is None and summary["image_methods"] == {}
+    assert "default image method: n/a (no image map to measure" in capsys.readouterr().out
 
 
 def test_a_note_the_model_read_in_part_says_so_on_its_page():

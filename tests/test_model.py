@@ -24,6 +24,7 @@ from clinfuse.model import (
 )
 from clinfuse.model.image_encoder import ImageEncoder
 from clinfuse.model.text_encoder import train_tokenizer
+from clinfuse.training.trainer import warn_dropped_sides
 
 LABELS = ("pneumonia", "copd", "effusion")
 NOTES = [
@@ -399,6 +400,8 @@ def test_evidence_weights_are_not_fitted_on_too_few_cases_or_overflowed_logits(c
     assert np.array_equal(weights, np.ones((2, 3)))  # both keep the model as trained
     said = caplog.text
     assert "'rare': 4 positive and 196 negative" in said and "'flu': non-finite" in said
+    weights[1, 1] = 0.0  # a side weighed out where its evidence overflowed: no crash either
+    warn_dropped_sides(terms, labels, weights, ["rare", "flu"])
 
 
 def test_checkpoint_weights_must_match_the_config_except_a_missing_offset(tmp_path):

@@ -741,4 +741,8 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
     assert "no run with id 99" in capsys.readouterr().err
     typo = ["export", "--store", Store.default_url(tmp_path / "rnu"), "--format", "agreement"]
     assert clinfuse_main([*typo, "--out", f"{never}/"]) == 2
+    with Store(url) as store:
+        unreviewed = make_run(store, tmp_path / "data3", n=2, seed=2)["run_id"]
+    args = [*export, "manifest", "--run", str(unreviewed), "--out", f"{never}/"]
+    assert clinfuse_main(args) == 2  # nothing reviewed in that run: nothing to write
     assert not never.exists()

@@ -88,11 +88,24 @@ def test_train_writes_a_calibrated_model_folder(trained, export):
     saved = torch.tensor([list(w.values()) for w in recorded.values()])
     torch.testing.assert_close(saved, model.evidence_weights)
     assert model.evidence_weights.ge(0).all() and model.evidence_weights.le(4).all()
-    for name, weights in zip(model.labels, model.evidence_weights, strict=True):
-        found = validation["labels"][name]  # a label with too few cases keeps the model as is
-        cases = min(found["n_positive"], found["n_known"] - found["n_positive"])
-        if not torch.equal(weights, torch.ones(3)):
-            assert cases >= MIN_CLASS_CELLS
+
+
+def test_evidence_weights_are_fitted_where_validation_has_the_cases(export, tmp_path):
+    out = tmp_path / "half"  # half the patients in validation: enough cases for most labels
+    args = ["train", "--manifest", str(export), "--out", str(out), *FAST]
+    assert main([*args, "data.val_fraction=0.5", "train.epochs=1"]) == 0
+    model = load_checkpoint(out)
+    split = PatientSplit(0.5, 0.15, 0)
+    rows = [r for r in load_manifest(export, split=split).rows("val") if r.image and r.note_path]
+    labels = np.stack([r.labels for r in rows])  # (N, L) the studies with both sides
+    fitted = 0
+    for j, weights in enumerate(model.evidence_weights):
+        known = labels[~np.isnan(labels[:, j]), j]
+        cases = min(int(known.sum()), int(len(known) - known.sum()))
+        as_trained = torch.equal(weights, torch.ones(3))
+        assert as_trained == (cases < MIN_CLASS_CELLS), model.labels[j]  # too few: kept as is
+        fitted += not as_trained
+    assert fitted >= 3  # the weights were fitted, not skipped
 
 
 def test_rerunning_a_finished_training_does_nothing(trained, export, capsys, tmp_path):
@@ -240,6 +253,10 @@ def test_labels_come_from_the_manifest_and_old_folders_compare_on_what_they_used
     done["model"]["fusion"]["combine"] = "naive_bayes"
     cfg = resolve_run_config(None, FAST)
     assert training_differences(done, export, cfg) == ["train"]  # there it did
+    # a folder from before the vocabulary rule took every word: not today's command's model
+    before = json.loads((trained / "config.json").read_text())
+    del before["model"]["text"]["min_word_patients"]
+    assert training_differences(before, export, cfg) == ["model"]
 
 
 def test_two_process_ddp_on_cpu(export, tmp_path):
@@ -316,12 +333,18 @@ def test_evaluate_names_unread_studies_and_keeps_same_named_folders_apart(
     models = ["--model", str(copies[0]), "--model", str(copies[1])]
     assert main([*args, *models, "--bootstrap", "0"]) == 0
     printed = capsys.readouterr().out
-    assert f"n={len(test_ids) - 1} (1 not read: failures.csv)" in printed
-    failures = pd.read_csv(tmp_path / "ev" / "failures.csv")
-    assert failures.study_id.tolist() == [test_ids[0]] and failures.reason.notna().all()
+    for run in ("run1", "run2"):
+        assert f"n={len(test_ids) - 1} (1 not read: failures_{run}-seed0-tiny.csv)" in printed
+        failures = pd.read_csv(tmp_path / "ev" / f"failures_{run}-seed0-tiny.csv")
+        assert failures.study_id.tolist() == [test_ids[0]] and failures.reason.notna().all()
+    first = (tmp_path / "ev" / "failures_run1-seed0-tiny.csv").read_text()
+    assert (tmp_path / "ev" / "failures.csv").read_text() == first  # as metrics.json: the first
     compare = json.loads((tmp_path / "ev" / "compare.json").read_text())
     assert set(compare) == {"run1-seed0-tiny", "run2-seed0-tiny"}  # neither dropped
-    assert "1 more could not be read" in (tmp_path / "ev" / "report.html").read_text()
+    assert (
+        "1 more could not be read and are not counted: failures_run2-seed0-tiny.csv"
+        in (tmp_path / "ev" / "report.html").read_text()
+    )
 
 
 def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path, caplog):

@@ -69,7 +69,8 @@ def _explain_eval(args: argparse.Namespace) -> int:
         summary["model_version"] = model_version(args.model)
         (out / "explain_eval.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         (out / "explain_eval.md").write_text(quality_markdown(summary), encoding="utf-8")
-    print(f"default image method: {summary['default_method']}")
+    default = summary["default_method"] or "n/a (no image map to measure: the model reads no image)"
+    print(f"default image method: {default}")
     for bar in summary["bars"]:
         value = "n/a" if bar["value"] is None else f"{bar['value']:.3f}"
         sign = ">=" if bar["direction"] == "min" else "<="

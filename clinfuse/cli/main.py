@@ -79,6 +79,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from clinfuse.evaluation.evaluate import evaluate_model, unique_names, write_evaluation
+    from clinfuse.evaluation.report import failures_file
 
     runs = {
         name: evaluate_model(
@@ -92,9 +93,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         for name, folder in zip(unique_names(args.model), args.model, strict=True)
     }
     report = write_evaluation(args.out, runs)
-    for i, (name, (run, _)) in enumerate(runs.items()):
+    for name, (run, _) in runs.items():
         macro = run.metrics["macro"]
-        where = "failures.csv" if i == 0 else f"failures_{name}.csv"
+        where = failures_file(list(runs), name)
         unread = f" ({len(run.failures)} not read: {where})" if run.failures else ""
         print(
             f"{name} ({run.model_version}) on {args.split}, n={run.metrics['n']}{unread}: "

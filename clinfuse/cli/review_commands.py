@@ -137,8 +137,7 @@ def _export(args: argparse.Namespace) -> int:
         if not runs:
             raise StoreError("the store has no inference run")
         run_id = args.run_id if args.run_id is not None else runs[-1]["id"]
-        store.run(run_id)  # an unknown run is refused before any folder is made
-        out.parent.mkdir(parents=True, exist_ok=True)
+        store.run(run_id)  # an unknown run is refused before anything is made
         if args.format == "manifest":
             export_reviewed_manifest(store, run_id, out)
             print(f"reviewed manifest of run {run_id}: {out} ({len(read_table(out))} studies)")

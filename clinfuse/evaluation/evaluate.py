@@ -21,7 +21,7 @@ from clinfuse.engine import Predictions, predict, select_device
 from clinfuse.errors import ManifestError
 from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.metrics import evaluate_predictions
-from clinfuse.evaluation.report import EvaluationRun, write_report
+from clinfuse.evaluation.report import EvaluationRun, failures_file, write_report
 from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def write_evaluation(
         json.dumps(first_run.metrics, indent=2, allow_nan=False), encoding="utf-8"
     )
     first_table.to_csv(out_dir / "predictions.csv", index=False)
-    failures_table(first_run).to_csv(out_dir / "failures.csv", index=False)
+    failures_table(first_run).to_csv(out_dir / "failures.csv", index=False)  # as metrics.json
     if len(names) > 1:
         _warn_if_not_comparable(runs)
         compare = {name: run.metrics for name, (run, _) in runs.items()}
@@ -120,7 +120,7 @@ def write_evaluation(
         )
         for name, (run, table) in runs.items():
             table.to_csv(out_dir / f"predictions_{name}.csv", index=False)
-            failures_table(run).to_csv(out_dir / f"failures_{name}.csv", index=False)
+            failures_table(run).to_csv(out_dir / failures_file(names, name), index=False)
     return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
 
 

@@ -89,13 +89,21 @@ def write_report(
     return path
 
 
+def failures_file(names: list[str], name: str) -> str:
+    """The file listing model `name`'s unread studies among the compared `names`:
+    failures.csv for a model alone, failures_<name>.csv for each of several (failures.csv then
+    holds the first model's, as metrics.json does)."""
+    return "failures.csv" if len(names) == 1 else f"failures_{name}.csv"
+
+
 def _runs_list(runs: dict[str, EvaluationRun]) -> str:
     items = []
     for name, run in runs.items():
         version = f", model {_esc(run.model_version)}" if run.model_version else ""
         n = run.metrics.get("n", len(run.y))
+        listed = failures_file(list(runs), name)
         unread = (
-            f" ({len(run.failures)} more could not be read and are not counted: failures.csv)"
+            f" ({len(run.failures)} more could not be read and are not counted: {listed})"
             if run.failures
             else ""
         )

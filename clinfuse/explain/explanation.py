@@ -40,9 +40,9 @@ def localisation_map(gradcam: np.ndarray, ig: np.ndarray) -> np.ndarray:
     `gradcam`, `ig`: (*spatial) on the same grid; returns the same shape.
     """
     sigma = SMOOTH_FRACTION * max(ig.shape)
-    smooth = np.clip(gaussian_filter(np.nan_to_num(ig).astype(np.float64), sigma), 0, None)
+    smooth = np.clip(gaussian_filter(np.nan_to_num(ig).astype(np.float32), sigma), 0, None)
     weight = smooth / max(float(smooth.max()), 1e-12) + CAM_FLOOR
-    return (np.nan_to_num(gradcam).astype(np.float64) ** 2 * weight).astype(np.float32)
+    return np.square(np.nan_to_num(gradcam).astype(np.float32)) * weight
 
 
 @dataclass
@@ -64,7 +64,9 @@ class Explanation:
     # the model read note[:note_read]; less than the note's length when the note was cut to
     # the model's token limit (the words after it have no attribution); None without a note
     note_read: int | None = None
-    _localised: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    _localised: dict[int, np.ndarray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self.labels = tuple(self.labels)

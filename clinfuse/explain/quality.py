@@ -82,11 +82,10 @@ class GroundTruth:
         """The mask, checked to lie on the study's DICOM grid `shape`."""
         mask = self.mask(study_id, label)
         if mask is not None and tuple(mask.shape) != tuple(shape):
-            raise ManifestError(
-                (self.folder or Path(".")) / "masks.npz",
+            raise self._other_export(
+                "masks.npz",
                 f"the mask of {study_id}/{label} is {'x'.join(map(str, mask.shape))} pixels "
                 f"but the study's image is {'x'.join(map(str, shape))}",
-                hint="pass the ground truth of the export the manifest comes from",
             )
         return mask
 
@@ -100,15 +99,24 @@ class GroundTruth:
         if note is None or texts is None:
             return spans
         read = [note[s:e] for s, e in spans]
-        if read != texts:
-            found, wanted = next((r, t) for r, t in zip(read, texts, strict=True) if r != t)
-            raise ManifestError(
-                (self.folder or Path(".")) / "rationales.jsonl",
+        if read != texts:  # the message gives offsets, not the note's words (they may name)
+            (start, end), wanted = next(
+                (span, t) for span, r, t in zip(spans, read, texts, strict=True) if r != t
+            )
+            raise self._other_export(
+                "rationales.jsonl",
                 f"the rationale of {study_id}/{label} does not match the study's note: its "
-                f"span reads {found!r} where the ground truth has {wanted!r}",
-                hint="pass the ground truth of the export the manifest comes from",
+                f"characters {start}-{end} do not hold the {len(wanted)} recorded",
             )
         return spans
+
+    def _other_export(self, name: str, message: str) -> ManifestError:
+        """The error for ground truth that does not fit the studies (another export's)."""
+        return ManifestError(
+            (self.folder or Path(".")) / name,
+            message,
+            hint="pass the ground truth of the export the manifest comes from",
+        )
 
     def study_ids(self) -> set[str]:
         """The studies any mask, rationale or truth.csv row speaks of."""

@@ -84,6 +84,8 @@ class Workers:
         world = int(os.environ.get("WORLD_SIZE", 1))
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if world > 1 and dist.get_rank() != 0:  # rank 0 says it once; the others only fail
+            logging.getLogger("clinfuse").setLevel(logging.ERROR)
         return cls(dist.get_rank(), world) if world > 1 else cls()
 
     def agree(self, value: Any) -> Any:
@@ -340,6 +342,7 @@ def train(
     failures = progress.failures  # kept in the snapshots: a resumed run reports them all
 
     def snapshot_now() -> None:
+        failures.update(workers.merged(failures))  # each rank reads its own rows: keep them all
         if workers.main:
             save_snapshot(state_dir, model, best, optimizer, scheduler, progress, scaler)
         if workers.world > 1:
@@ -541,8 +544,11 @@ def warn_dropped_sides(
         if y.size < 2 or y.min() == y.max():
             continue
         for k, side in enumerate(("image", "note")):
-            alone = roc_auc_score(y, terms[known, k, j])
-            if weights[j, k] < 0.1 and alone >= 0.7:
+            evidence = terms[known, k, j]
+            if weights[j, k] >= 0.1 or not np.isfinite(evidence).all():
+                continue  # weighed in, or an overflowed logit (`fit_evidence_weights` said so)
+            alone = roc_auc_score(y, evidence)
+            if alone >= 0.7:
                 other = "note" if side == "image" else "image"
                 log.warning(
                     "label %r: the %s alone tells it (validation AUROC %.2f) but weighs %.2f "

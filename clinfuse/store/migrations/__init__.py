@@ -124,7 +124,7 @@ def _wal_mode(cursor: Any, timeout: float = 60.0) -> None:
 def _remedy(reason: str) -> str:
     """What to do about a write the database refused, from its message."""
     said = reason.lower()
-    if "locked" in said or "busy" in said:
+    if "lock" in said or "busy" in said:
         return (
             "another process held the store past the wait (another run or a dashboard "
             "writing to it); let it finish"
