@@ -106,7 +106,8 @@ class GroundTruth:
             raise self._other_export(
                 "rationales.jsonl",
                 f"the rationale of {study_id}/{label} does not match the study's note: its "
-                f"characters {start}-{end} do not hold the {len(wanted)} recorded",
+                f"characters {start}-{end} do not hold the recorded text ({len(wanted)} "
+                "characters)",
             )
         return spans
 
