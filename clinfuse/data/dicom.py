@@ -158,12 +158,14 @@ def _has_preamble(f: BinaryIO) -> bool:
     return found
 
 
-def _check_raw(path: Path, ds: Dataset, has_prefix: bool) -> None:
-    """Without a preamble pydicom parses anything; accept it only if it reads as DICOM."""
+def _check_raw(path: Path, ds: Dataset, has_prefix: bool) -> str | None:
+    """Without a preamble pydicom parses anything; accept it only if it reads as DICOM.
+    Returns the data set's SOP class (its name where pydicom knows it), or None."""
     sop_class = _text(ds, "SOPClassUID", uid=True)
     known_sop = sop_class is not None and not sop_class[:1].isdigit()  # pydicom knows its name
     if not (has_prefix or known_sop or all(k in ds for k in ("Rows", "Columns", "BitsAllocated"))):
         raise _error(path, "not_dicom", "no DICOM preamble, and not readable as a raw data set")
+    return sop_class
 
 
 def _parse(path: Path) -> Dataset:
@@ -177,8 +179,7 @@ def _parse(path: Path) -> Dataset:
             reason = "truncated" if has_prefix and isinstance(exc, _EOF_ERRORS) else "not_dicom"
             raise _error(path, reason, _describe(exc)) from exc
         unread = size - f.tell()
-    _check_raw(path, ds, has_prefix)
-    sop_class = _text(ds, "SOPClassUID", uid=True)
+    sop_class = _check_raw(path, ds, has_prefix)
     # pydicom keeps what it could read of a short file; look for the evidence it left behind.
     last = _last_raw_element(ds)
     if unread >= 8 or len(ds) == 0 or (last and len(last.value or b"") < last.length):

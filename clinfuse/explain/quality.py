@@ -42,7 +42,7 @@ from clinfuse.data.transforms import fit_geometry, to_original_grid
 from clinfuse.engine import predict
 from clinfuse.errors import ManifestError
 from clinfuse.explain.attribution import explain
-from clinfuse.explain.explanation import Explanation, localisation_map
+from clinfuse.explain.explanation import Explanation
 from clinfuse.explain.metrics import (
     MIN_DROP,
     POINTING_TOLERANCE,
@@ -224,7 +224,7 @@ def image_maps(
         maps["gradcam"] = expl.gradcam[j]
         if expl.image is not None:
             maps["gradcam_x_ig"] = expl.gradcam[j] * np.clip(expl.image[j], 0, None)
-            maps["localisation"] = localisation_map(expl.gradcam[j], expl.image[j])  # not kept
+            maps["localisation"] = expl.localisation(j)  # kept: deletion asks for it again
     if expl.attention is not None and len(expl.attention):
         maps["attention"] = attention_on_grid(expl.attention.mean(0), spec, original)
     return maps
