@@ -242,7 +242,7 @@ class TrainConfig(Config):
     # with fusion.combine=naive_bayes, fit each label's weights of the image's evidence, the
     # note's and the fused correction on validation before the temperature (see
     # `fit_evidence_weights`), with this ridge on the correction's weight (null: keep ones)
-    evidence_ridge: float | None = Field(0.01, ge=0)
+    evidence_ridge: float | None = Field(0.05, ge=0)
     threshold_rule: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, le=1)  # with threshold_rule=sensitivity
     augment: bool = True
