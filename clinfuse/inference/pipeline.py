@@ -212,9 +212,8 @@ class OpenRun:
 
     def release(self) -> None:
         """Let another invocation take the run folder (the OS does it if the process dies)."""
-        if self.lock is not None:
-            os.close(self.lock)
-            self.lock = None
+        release_run_folder(self.lock)
+        self.lock = None
 
 
 def hold_run_folder(run_dir: Path) -> int | None:
@@ -236,6 +235,12 @@ def hold_run_folder(run_dir: Path) -> int | None:
         log.warning("%s cannot be locked (%s): do not run two invocations on it", run_dir, exc)
         return None
     return fd
+
+
+def release_run_folder(lock: int | None) -> None:
+    """Undo `hold_run_folder` (closing the descriptor drops its lock)."""
+    if lock is not None:
+        os.close(lock)
 
 
 def same_store(url: str, other: str) -> bool:
@@ -265,8 +270,7 @@ def open_run(
                 Path(model_dir), Path(manifest), run_dir, store_url, settings, started, lock
             )
         except BaseException:
-            if lock is not None:
-                os.close(lock)
+            release_run_folder(lock)
             raise
 
 
@@ -396,15 +400,16 @@ def commit(
             run.issued,
         )
     written = run.store.write_batch(run.run_id, predictions, failures, explanations)
-    if written.total() != len(predictions) + len(failures):
+    new_studies = written["predicted"] + written["failed"]
+    if new_studies != len(predictions) + len(failures):
         log.warning(
             "%d studies of a batch were already in the store; kept the first",
-            len(predictions) + len(failures) - written.total(),
+            len(predictions) + len(failures) - new_studies,
         )
     bar.update(len(predictions) + len(failures))
     run.predicted += written["predicted"]  # the summary counts what this run wrote
     run.failed += written["failed"]
-    run.explained += len(explanations)
+    run.explained += written["explained"]
 
 
 def run_inference(
