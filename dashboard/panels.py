@@ -104,7 +104,9 @@ def image_panel(
     center, width = presets.get(preset, next(iter(presets.values())))
     if preset == "custom":
         center = controls[1].number_input("Center (level)", value=float(center), key="sv_center")
-        width = controls[2].number_input("Width", value=float(width), min_value=1.0, key="sv_width")
+        width = controls[2].number_input(  # > 0: a width below 1 is LINEAR_EXACT's (apply_window)
+            "Width", value=float(width), min_value=1e-6, format="%g", key="sv_width"
+        )
     else:
         controls[1].metric("Center", f"{center:g}")
         controls[2].metric("Width", f"{width:g}")

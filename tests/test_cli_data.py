@@ -135,6 +135,14 @@ def test_sample_data_then_validate_is_trainable(export, capsys):
     assert list(verdicts.columns[:6]) == ["row", "study_id", "split", "status", "reason", "warning"]
     assert set(verdicts["status"]) <= {"ok", "image_only", "note_only"}
     assert len(verdicts) == 40
+    # labels named as people type them, spaces after the commas, as train's data.labels
+    out = str(export / "v2.csv")
+    assert (
+        main(["validate", str(export / "manifest.csv"), "--labels", "copd, mass", "--out", out])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "\ncopd " in printed and "\nmass " in printed and "pneumonia" not in printed
 
 
 def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, capsys):

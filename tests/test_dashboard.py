@@ -280,6 +280,36 @@ def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_o
     assert events[-1]["labels_after"] == events[-1]["labels_before"]
 
 
+def test_save_and_next_opens_the_study_after_this_one_as_the_worklist_was_before_the_save(
+    review_run, monkeypatch
+):
+    """On a "not reviewed yet" worklist the saved study leaves the list: "Save and next" still
+    opens the study after it, on the page it is on now; a link whose filter no longer holds the
+    study (reviewed meanwhile) walks the whole run's worklist."""
+    from clinfuse.review import WorklistQuery, ordered_ids
+
+    unreviewed = WorklistQuery(run_id=review_run.run_id, status="unreviewed")
+    with Store(review_run.url) as store:
+        before = ordered_ids(store, unreviewed)
+        whole = ordered_ids(store, WorklistQuery(run_id=review_run.run_id))
+    study = [s for s in before[:-1] if whole.index(s) < len(whole) - 1][-1]
+    link = {"status": "unreviewed", "size": "10", "page": str(before.index(study) // 10 + 1)}
+    at = open_study(new_app(monkeypatch, review_run, **link).run(), study)
+    at.radio(key=f"verdict-{study}-verdict").set_value("agree")
+    at.button(key=f"verdict-{study}-save-next").click().run()
+    following = before[before.index(study) + 1]
+    with Store(review_run.url) as store:
+        after = ordered_ids(store, unreviewed)
+    assert study not in after and at.query_params["study"] == following
+    assert at.query_params["page"] == str(after.index(following) // 10 + 1)
+    assert "last study" not in page_text(at)
+
+    at.query_params.update({**link, "study": study})  # the same link, again: now stale
+    at.run().radio(key=f"verdict-{study}-verdict").set_value("agree")
+    at.button(key=f"verdict-{study}-save-next").click().run()
+    assert at.query_params["study"] == whole[whole.index(study) + 1]
+
+
 def test_a_verdict_survives_a_link_from_another_model_and_disagree_must_change_a_label(
     review_run, monkeypatch
 ):

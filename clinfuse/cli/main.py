@@ -45,7 +45,7 @@ def _validate(args: argparse.Namespace) -> int:
         check_writable_file(out)  # before the rows are read, not after
     report = validate_manifest(
         args.manifest,
-        labels=args.labels.split(",") if args.labels else None,
+        labels=[n.strip() for n in (args.labels or "").split(",") if n.strip()] or None,
         split=PatientSplit(val=args.val, test=args.test, seed=args.seed),
         workers=args.workers,
     )

@@ -17,7 +17,13 @@ from clinfuse.review.study import (
     save_review,
     study_view,
 )
-from clinfuse.review.worklist import WorklistQuery, page_columns, page_statement, worklist
+from clinfuse.review.worklist import (
+    WorklistQuery,
+    ordered_ids,
+    page_columns,
+    page_statement,
+    worklist,
+)
 
 __all__ = [
     "ManifestEntry",
@@ -26,6 +32,7 @@ __all__ = [
     "export_reviewed_manifest",
     "latest_reviews",
     "manifest_index",
+    "ordered_ids",
     "page_columns",
     "page_statement",
     "review_agreement",
