@@ -284,6 +284,34 @@ def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export
         assert pseudonyms[studies.index].nunique() == 1
 
 
+def test_a_path_naming_the_patient_stays_out_of_failures_the_store_and_the_log(
+    tiny_model, small_export, tmp_path, capfd, recwarn
+):
+    """Exports are often laid out by patient: a failure or a repaired note names its manifest
+    row, never its path."""
+    folder = tmp_path / "P0023_DOE^JANE_19610304"
+    folder.mkdir()
+    rows = absolute_rows(small_export).head(3).copy()
+    good = Path(rows["image"].iloc[0]).read_bytes()
+    (folder / "cut.dcm").write_bytes(good[: len(good) // 2])
+    (folder / "note.txt").write_bytes("fièvre 38,9 °C".encode("cp1252"))
+    rows.loc[rows.index[0], "image"] = str(folder / "cut.dcm")
+    rows.loc[rows.index[1], "note_path"] = str(folder / "note.txt")
+    manifest = tmp_path / "m.csv"
+    rows.to_csv(manifest, index=False)
+    assert infer(tiny_model, manifest, tmp_path / "run", "--workers", "0") == 0
+    said = capfd.readouterr()
+    failures = pd.read_csv(tmp_path / "run" / "failures.csv")
+    assert failures["reason"].tolist() == ["image:truncated"]
+    assert failures["detail"].iloc[0].startswith("image:truncated: manifest row 1's image: ")
+    warned = [str(w.message) for w in recwarn]  # the CLI prints each as a warning line
+    assert any(w.startswith("manifest row 2's note: not UTF-8") for w in warned)
+    outputs = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    texts = [said.out, said.err, *warned, *(p.read_bytes().decode("latin-1") for p in outputs)]
+    for text in texts:
+        assert "DOE^JANE" not in text and "19610304" not in text
+
+
 def raw_data_set(source: Path, target: Path) -> Path:
     """`source` written as a raw data set: no preamble, no "DICM", no file meta (older
     systems write these; the reader accepts them)."""

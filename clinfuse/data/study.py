@@ -13,7 +13,7 @@ from clinfuse.data.dicom import DicomImage, read_dicom, read_header
 from clinfuse.data.identifiers import Identifiers, header_identifiers, redact
 from clinfuse.data.manifest import StudyRow
 from clinfuse.data.notes import read_note
-from clinfuse.errors import DicomError
+from clinfuse.errors import ClinfuseError, DicomError, without_path
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -54,8 +54,18 @@ def load_study(row: StudyRow) -> Sample:
     """Read a row's image and note, the note with the study's own identifiers masked
     (`study_identifiers`); raises `DicomError` or `NoteError` naming the file."""
     image = read_dicom(row.image) if row.image is not None else None
-    note = redact(read_note(row.note, row.note_path), study_identifiers(image, row.patient_id))
+    note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
+    note = redact(note, study_identifiers(image, row.patient_id))
     return Sample(study_id=row.study_id, image=image, note=note, labels=row.labels, split=row.split)
+
+
+def failure_text(row: StudyRow, exc: ClinfuseError) -> str:
+    """Why a row cannot be read, as `<side>:<reason>: manifest row N's <side>: <detail>`, never
+    its file's path (`without_path`; the row leads to the file): what validate, train,
+    evaluate and infer record."""
+    side = "image" if isinstance(exc, DicomError) else "note"
+    what = f"manifest row {row.row}'s {side}"
+    return f"{side}:{without_path(exc, what)}"
 
 
 def study_identifiers(

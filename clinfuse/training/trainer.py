@@ -497,7 +497,7 @@ def training_notes(rows: list[StudyRow]) -> list[tuple[str, str]]:
     notes = []
     for row in rows:
         try:
-            note = read_note(row.note, row.note_path)
+            note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
             if note:
                 note = redact(note, study_identifiers(row.image, row.patient_id))
             notes.append((row.patient_id, note))
