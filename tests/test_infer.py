@@ -312,6 +312,55 @@ def test_a_path_naming_the_patient_stays_out_of_failures_the_store_and_the_log(
         assert "DOE^JANE" not in text and "19610304" not in text
 
 
+def test_an_image_a_report_cannot_reference_never_stops_a_standards_run(
+    tiny_model, small_export, tmp_path, caplog
+):
+    """highdicom refuses a vendor's private SOP class: the study's SR then stands without the
+    reference, with a warning; before, every rerun stopped at that study."""
+    pytest.importorskip("highdicom")
+    rows = absolute_rows(small_export).head(2).copy()
+    ds = pydicom.dcmread(rows["image"].iloc[0])
+    ds.SOPClassUID = "1.2.840.113619.4.1234"  # private: no IOD highdicom knows
+    ds.save_as(tmp_path / "private.dcm")
+    rows.loc[rows.index[0], "image"] = str(tmp_path / "private.dcm")
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    assert infer(tiny_model, tmp_path / "m.csv", tmp_path / "run", "--standards", "sr") == 0
+    assert len(list((tmp_path / "run" / "sr").glob("*.dcm"))) == 2
+    study = rows["study_id"].iloc[0]
+    assert f"study {study}: its sr do not reference its image" in caplog.text
+
+
+def test_a_full_disk_while_explaining_stops_the_run_and_the_same_command_explains_again(
+    tiny_model, small_export, tmp_path, monkeypatch, capsys
+):
+    """Not: the predictions committed and their explanations lost for good (a rerun skips
+    the studies it has)."""
+    import errno
+
+    import numpy as np
+
+    from clinfuse.store import Store
+
+    few = tmp_path / "few.csv"
+    absolute_rows(small_export).head(4).to_csv(few, index=False)
+    real = np.savez_compressed
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    args = (tiny_model, few, tmp_path / "run", "--explain", "all", "--workers", "0")
+    assert infer(*args) == 2
+    assert "error: the disk is full" in capsys.readouterr().err
+    monkeypatch.setattr(np, "savez_compressed", real)
+    assert infer(*args) == 0
+    assert "4 explained" in capsys.readouterr().out
+    assert len(list((tmp_path / "run" / "explanations").glob("*"))) == 4  # no temporary left
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        (run,) = store.runs()
+        assert all(store.explanation(run["id"], s) for s in store.done_study_ids(run["id"]))
+
+
 def raw_data_set(source: Path, target: Path) -> Path:
     """`source` written as a raw data set: no preamble, no "DICM", no file meta (older
     systems write these; the reader accepts them)."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import UID
 
 from clinfuse.data.dicom import read_header
 from clinfuse.data.study import file_stem
@@ -106,18 +107,27 @@ def write_atomic(path: Path, data: bytes) -> None:
 def referable(sources: Sequence[Dataset], study_id: str) -> list[Dataset]:
     """The source headers a report can reference (all of `EVIDENCE_ATTRIBUTES`); a warning names
     the study when some cannot be, and without any the exports stand in a study of their own."""
-    kept = [s for s in sources if all(k in s for k in EVIDENCE_ATTRIBUTES)]
+    kept = [s for s in sources if all(_valid_uid(s, k) for k in EVIDENCE_ATTRIBUTES)]
     if len(kept) < len(sources):
         log.warning(
-            "study %s: %d of its %d source DICOM file(s) lack one of %s, so its exports do not "
+            "study %s: %d of its %d source DICOM file(s) lack a valid %s, so its exports do not "
             "reference %s",
             study_id,
             len(sources) - len(kept),
             len(sources),
-            ", ".join(EVIDENCE_ATTRIBUTES),
+            " or ".join(EVIDENCE_ATTRIBUTES),
             "them" if kept else "the image (they stand in a study of their own)",
         )
     return kept
+
+
+def _valid_uid(ds: Dataset, keyword: str) -> bool:
+    """Whether the header holds `keyword` as a valid UID (non-empty, at most 64 characters of
+    digits and dots): a report must not copy an empty or malformed one into its evidence."""
+    try:
+        return UID(str(ds.get(keyword) or "")).is_valid
+    except Exception:
+        return False
 
 
 def read_source(path: Path) -> list[Dataset]:

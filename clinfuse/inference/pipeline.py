@@ -594,15 +594,9 @@ def explain_and_save(
         labels = [n for n, d in zip(model.labels, positive, strict=True) if d or mode == "all"]
         if not labels:
             continue
-        path = run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
-        tmp = path.with_name(path.name + ".tmp.npz")
         try:
             (explanation,) = explain(model, batch.select([i]).to(device), labels)
-            explanation.model_version = version
-            explanation.save_npz(tmp)
-            tmp.replace(path)  # atomic: a crash never leaves half a file
         except Exception as exc:  # one study's explanation never stops a night's run
-            tmp.unlink(missing_ok=True)
             log.warning(
                 "study %s: not explained (%s: %s); its prediction is kept",
                 batch.study_ids[i],
@@ -610,6 +604,12 @@ def explain_and_save(
                 " ".join(str(exc).split())[:200],
             )
             continue
+        explanation.model_version = version
+        # A full disk stops the run before the batch is committed, so the same command
+        # explains these studies again (not: their predictions kept, their explanations lost).
+        path = explanation.save_npz(
+            run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
+        )
         records.append(ExplanationRecord(explanation.study_id, explanation.to_record(), str(path)))
     return records
 
@@ -623,7 +623,8 @@ def write_standards(
     issued: datetime,
 ) -> None:
     """FHIR / DICOM SR files per study (the SR references the study's own image). An image
-    whose header cannot be read again (replaced or removed since it was scored) leaves that
+    whose header cannot be read again (replaced or removed since it was scored), or that the
+    report cannot reference (highdicom refuses a vendor's private SOP class), leaves that
     study's files without the reference, with a warning: it never stops the run, whose every
     rerun would stop at the same study."""
     from clinfuse.exports import write_study_exports
@@ -635,12 +636,15 @@ def write_standards(
         )
         try:
             write(Path(source) if source else None)
-        except DicomError as exc:
+        except OSError:
+            raise  # a full disk or a read-only folder: stop, so the batch is not committed
+        except Exception as exc:
+            why = exc.reason if isinstance(exc, DicomError) else type(exc).__name__
             log.warning(  # the reason, not the message: a path may hold a patient's name
                 "study %s: its %s do not reference its image, whose header cannot be read "
-                "again (%s)",
+                "again or referenced (%s)",
                 prediction.study_id,
                 " and ".join(formats),
-                exc.reason,
+                why,
             )
             write(None)
