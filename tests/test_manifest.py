@@ -268,6 +268,15 @@ def test_a_column_without_a_name_is_dropped_while_empty_and_refused_with_values(
         load_manifest(path)
 
 
+@pytest.mark.parametrize("column", ["study_id", "patient_id", "note_path"])
+def test_a_control_character_in_an_id_or_a_path_is_refused_naming_the_cell(tmp_path, column):
+    rows = [dict(r) for r in ROWS]
+    rows[1][column] = "S\x002" if column != "note_path" else "notes/a\x00.txt"
+    path = write(tmp_path, rows, "m.jsonl")  # JSON keeps a NUL a CSV writer might drop
+    with pytest.raises(ManifestError, match=f"row 2 column '{column}': a control character"):
+        list(iter_manifest(path, ("flu", "copd")))
+
+
 def test_a_column_named_row_is_refused_by_name(tmp_path):
     path = write(tmp_path, [dict(r, row=str(i)) for i, r in enumerate(ROWS, 1)])
     with pytest.raises(ManifestError, match="column 'row': a column named 'row' is reserved"):

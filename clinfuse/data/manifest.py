@@ -517,6 +517,16 @@ def _check_required_values(path: Path, table: pd.DataFrame) -> None:
                 column=column,
                 hint="every study needs a study_id and a patient_id",
             )
+    for column in ("study_id", "patient_id", "image", "note_path"):  # ids go to the store
+        control = table.index[table[column].str.contains(r"[\x00-\x1f\x7f]", regex=True)]
+        if len(control):  # a NUL or a line break: no database or file system takes it as meant
+            raise ManifestError(
+                path,
+                "a control character (NUL, tab, line break, ...) in an id or a path",
+                row=int(table.at[control[0], "row"]),
+                column=column,
+                hint="remove it: the export that wrote the manifest may have damaged the cell",
+            )
 
 
 def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
