@@ -20,6 +20,7 @@ from clinfuse.explain.render import explain_studies
 from clinfuse.store import ExplanationRecord, Store
 
 pytest.importorskip("streamlit")
+from streamlit import config as streamlit_config  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from streamlit.testing.v1.element_tree import Dataframe  # noqa: E402
 
@@ -97,6 +98,15 @@ def review_run(small_export, tiny_model, tmp_path_factory) -> ReviewRun:
     return build_review_run(small_export, tiny_model, tmp_path_factory.getbasetemp())
 
 
+@pytest.fixture(autouse=True)
+def served_here():
+    """Streamlit's server.address as `clinfuse dashboard` sets it: this machine only."""
+    before = streamlit_config.get_option("server.address")
+    streamlit_config.set_option("server.address", "127.0.0.1")
+    yield
+    streamlit_config.set_option("server.address", before)
+
+
 def new_app(monkeypatch, run: ReviewRun, reviewer: str | None = "Dr Test", **params) -> AppTest:
     """The dashboard on `run`'s store, a local reviewer already named (unless None)."""
     monkeypatch.setenv("CLINFUSE_STORE", run.url)
@@ -146,6 +156,18 @@ def test_local_mode_asks_for_a_reviewer_name_before_showing_anything(review_run,
     at.button[0].click().run()
     assert at.title[0].value == "Worklist"
     assert "Dr Test" in page_text(at)
+
+
+def test_without_login_a_server_listening_beyond_this_machine_shows_nothing(
+    review_run, monkeypatch
+):
+    """`streamlit run` by hand listens on every address: with no OIDC login configured,
+    anyone who reached it could review, so the app refuses (`clinfuse dashboard` binds to
+    127.0.0.1)."""
+    streamlit_config.set_option("server.address", None)
+    at = new_app(monkeypatch, review_run).run()
+    assert "listens on every network address" in at.error[0].value
+    assert not at.main.dataframe and review_run.study_ids[0] not in page_text(at)
 
 
 def test_oidc_visitor_not_logged_in_sees_only_the_login_button(review_run, monkeypatch):

@@ -25,7 +25,11 @@ from clinfuse.review.worklist import (
     worklist,
 )
 
+# Where the dashboard may listen without OIDC login (local single-user mode): this machine.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 __all__ = [
+    "LOCAL_HOSTS",
     "ManifestEntry",
     "StudyView",
     "WorklistQuery",
