@@ -361,6 +361,33 @@ def test_a_full_disk_while_explaining_stops_the_run_and_the_same_command_explain
         assert all(store.explanation(run["id"], s) for s in store.done_study_ids(run["id"]))
 
 
+def test_a_manifest_reached_through_a_link_is_shown_and_exported_from_the_links_folder(
+    tiny_model, small_export, tmp_path
+):
+    """Its rows' paths are relative to the folder of the path given, as `infer` read them; the
+    dashboard and `export` looked in the link target's folder instead."""
+    from clinfuse.review import export_reviewed_manifest, save_review, study_view
+    from clinfuse.store import Store
+
+    shutil.copytree(small_export.parent, tmp_path / "x")  # images and notes live here
+    (tmp_path / "y").mkdir()
+    rows = pd.read_csv(small_export, dtype=str, keep_default_na=False).head(3)
+    rows.to_csv(tmp_path / "y" / "manifest.csv", index=False)
+    (tmp_path / "x" / "manifest.csv").unlink()
+    (tmp_path / "x" / "manifest.csv").symlink_to(tmp_path / "y" / "manifest.csv")
+    assert infer(tiny_model, tmp_path / "x" / "manifest.csv", tmp_path / "run") == 0
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        (run,) = store.runs()
+        study = rows["study_id"].iloc[0]
+        view = study_view(store, run["id"], study)
+        assert view.source_error is None and view.note
+        assert view.image_path == tmp_path / "x" / rows["image"].iloc[0]
+        save_review(store, run["id"], study, "dr.a", "agree", {}, "")
+        export_reviewed_manifest(store, run["id"], tmp_path / "reviewed.csv")
+    reviewed = pd.read_csv(tmp_path / "reviewed.csv", dtype=str, keep_default_na=False)
+    assert Path(reviewed["image"].iloc[0]).is_file()
+
+
 def raw_data_set(source: Path, target: Path) -> Path:
     """`source` written as a raw data set: no preamble, no "DICM", no file meta (older
     systems write these; the reader accepts them)."""

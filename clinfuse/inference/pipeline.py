@@ -304,7 +304,7 @@ def _open_run(
     run_id, resumed = store.start_run(
         run_key(version, manifest, sha, settings, None if own_store else run_dir),
         version,
-        str(manifest.resolve()),
+        str(manifest.absolute()),  # not resolved: its rows' paths are relative to this folder
         sha,
         {k: v for k, v in asdict(settings).items() if k != "device"},
     )

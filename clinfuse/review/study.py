@@ -91,7 +91,9 @@ def run_manifest_index(run: Mapping[str, Any]) -> Mapping[str, ManifestEntry]:
 
 
 def _indexed(manifest_path: str | Path) -> tuple[Mapping[str, ManifestEntry], str]:
-    path = Path(manifest_path).expanduser().resolve()
+    # absolute, not resolved: a manifest reached through a link reads its rows' paths from
+    # the link's folder, as `clinfuse infer` read them (`Manifest.root`)
+    path = Path(manifest_path).expanduser().absolute()
     stat = path.stat()
     return _index(str(path), stat.st_mtime_ns, stat.st_size)
 
