@@ -756,7 +756,7 @@ def test_a_manifest_with_no_study_rows_is_an_error_not_an_empty_success(
 
 
 def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
-    tiny_model, small_export, tmp_path, caplog
+    tiny_model, small_export, tmp_path, caplog, capsys
 ):
     few = tmp_path / "few.csv"
     absolute_rows(small_export).head(3).to_csv(few, index=False)
@@ -767,3 +767,11 @@ def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
     assert "replaced by run 2's; the store keeps every run" in caplog.text
     assert infer(tiny_model, few, tmp_path / "run", "--explain", "all") == 0  # a third
     assert "replaced by run 3's while fhir/ may still hold the earlier run's files" in caplog.text
+    # a fourth would write FHIR files over run 2's, which the store still points at: refused
+    before = sorted(p.read_bytes() for p in (tmp_path / "run" / "fhir").iterdir())
+    assert infer(tiny_model, few, tmp_path / "run", "--standards", "fhir", "--explain", "all") == 2
+    err = capsys.readouterr().err
+    assert "the files in explanations/ and fhir/ belong to run 1, 2, 3" in err
+    assert "Use a new --out folder" in err
+    assert sorted(p.read_bytes() for p in (tmp_path / "run" / "fhir").iterdir()) == before
+    assert infer(tiny_model, few, tmp_path / "run", "--explain", "all") == 0  # run 3 resumes

@@ -243,6 +243,38 @@ def release_run_folder(lock: int | None) -> None:
         os.close(lock)
 
 
+PER_STUDY_FOLDERS = ("explanations", "fhir", "sr")  # RUN_DIR's folders of files named by study
+
+
+def refuse_replacing_files(
+    run_dir: Path, store: Store, key: str, settings: InferenceSettings
+) -> None:
+    """A new run (another model, manifest or --explain/--standards) into a folder whose
+    per-study files belong to an earlier run: they are named by study, so this run's would
+    replace them while the store still points the earlier run at them. A `ClinfuseError`
+    naming the folders; the same command (a resume) and a run writing other folders pass."""
+    runs = store.runs()
+    earlier = [r["id"] for r in runs if r["run_key"] != key]
+    if not earlier or len(earlier) < len(runs):  # the first run, or this run resumed
+        return
+    wanted = {
+        "explanations": settings.explain != "none",
+        "fhir": "fhir" in settings.standards,
+        "sr": "sr" in settings.standards,
+    }
+    taken = [
+        f"{name}/"
+        for name in PER_STUDY_FOLDERS
+        if wanted[name] and (run_dir / name).is_dir() and any((run_dir / name).iterdir())
+    ]
+    if taken:
+        raise ClinfuseError(
+            f"{run_dir}: the files in {' and '.join(taken)} belong to run "
+            f"{', '.join(map(str, earlier))}; this run's would replace them (they are named by "
+            "study) while the store still points at them. Use a new --out folder for this run"
+        )
+
+
 def same_store(url: str, other: str) -> bool:
     """Whether two store URLs name one database; SQLite files are compared by their resolved
     path, so "sqlite:///run/clinfuse.db" is RUN_DIR's own store from any working folder."""
@@ -301,8 +333,15 @@ def _open_run(
         saved.get("metrics", {}).get("validation", {}),
     )
     sha = file_sha256(manifest)
+    key = run_key(version, manifest, sha, settings, None if own_store else run_dir)
+    if own_store:
+        try:
+            refuse_replacing_files(run_dir, store, key, settings)
+        except ClinfuseError:
+            store.close()
+            raise
     run_id, resumed = store.start_run(
-        run_key(version, manifest, sha, settings, None if own_store else run_dir),
+        key,
         version,
         str(manifest.absolute()),  # not resolved: its rows' paths are relative to this folder
         sha,
@@ -313,7 +352,7 @@ def _open_run(
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
     earlier = [r["id"] for r in store.runs() if r["id"] != run_id]
     if not resumed and earlier and own_store:
-        kept = [f"{d}/" for d in ("explanations", "fhir", "sr") if (run_dir / d).is_dir()]
+        kept = [f"{d}/" for d in PER_STUDY_FOLDERS if (run_dir / d).is_dir()]
         log.warning(
             "%s already holds run %s (another model, manifest or --explain/--standards): its "
             "predictions.csv, .parquet and failures.csv are replaced by run %d's%s; the store "
