@@ -249,3 +249,17 @@ def test_committed_sample_data_is_what_the_documented_command_writes(tmp_path):
     assert written == shipped
     for name in sorted(written):
         assert (tmp_path / "s" / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_an_unexpected_error_has_its_own_exit_status_and_its_traceback(export, monkeypatch, capsys):
+    """A bug must not read as infer's "every study failed" (1) or a usage error (2)."""
+    import clinfuse.data.validate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something clinfuse did not expect")
+
+    monkeypatch.setattr(clinfuse.data.validate, "validate_manifest", broken)
+    assert main(["validate", str(export / "manifest.csv"), "--out", str(export / "v3.csv")]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: something clinfuse did not expect" in err
+    assert "error: unexpected RuntimeError (above): a clinfuse bug" in err
