@@ -332,7 +332,7 @@ _LABEL_WORDS = {  # what a spreadsheet holds where a label was meant: safe to qu
 def _shown(value: str) -> str:
     """A cell for an error message: a short number or word as written; other text only by its
     length (a column taken for a label may hold a patient's name or birth date)."""
-    if re.fullmatch(r"[-+.0-9eE]{1,8}", value) or value.lower() in _LABEL_WORDS:
+    if re.fullmatch(r"[-+.0-9eE]{1,5}", value) or value.lower() in _LABEL_WORDS:  # not a date
         return repr(value)
     return f"(a text of {len(value)} characters, not shown: it may identify a patient)"
 
