@@ -8,7 +8,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 
-from clinfuse.data.identifiers import MASK, Identifiers, header_identifiers, redact
+from clinfuse.data.identifiers import MASK, Identifiers, header_identifiers, name_parts, redact
 from clinfuse.data.manifest import load_manifest
 from clinfuse.synthetic import make_sample_data
 from clinfuse.training.trainer import training_notes
@@ -42,6 +42,11 @@ def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is
     assert redact(note, PATIENT) == expected
     assert len(redact(note, PATIENT)) == len(note)  # offsets into the note stay valid
     assert redact("No identifiers here.", PATIENT) == "No identifiers here."
+    comma = Identifiers(names=frozenset(name_parts("SMITH, JOHN")))  # one part, a comma in it
+    assert (
+        redact("Mr Smith, seen with John.", comma)
+        == f"Mr {masked('Smith')}, seen with {masked('John')}."
+    )
     assert redact(None, PATIENT) is None
     # an id too short to be told from a number is left: "12" would mask "12 mm" too
     assert Identifiers.of_ids("12", "P0273", None) == Identifiers(ids=frozenset({"P0273"}))

@@ -263,6 +263,8 @@ def test_a_column_without_a_name_is_dropped_while_empty_and_refused_with_values(
     path = tmp_path / "m.csv"
     path.write_text("study_id,patient_id,note,flu,\nS1,P1,ok,1,\nS2,P2,ok,0,\n", encoding="utf-8")
     assert load_manifest(path).labels == ("flu",)  # a trailing separator: no phantom label
+    path.write_text("study_id,patient_id,note,flu, ,  \nS1,P1,ok,1,,\n", encoding="utf-8")
+    assert load_manifest(path).labels == ("flu",)  # two blank names
     path.write_text("study_id,patient_id,note,flu,\nS1,P1,ok,1,\nS2,P2,ok,0,7\n", encoding="utf-8")
     with pytest.raises(ManifestError, match="column 5 has no name in the header but holds"):
         load_manifest(path)

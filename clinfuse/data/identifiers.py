@@ -89,13 +89,13 @@ def header_identifiers(ds: Dataset) -> Identifiers:
 
 def name_parts(value: str) -> set[str]:
     """A PN value's family, given and middle names (each of its alphabetic, ideographic and
-    phonetic groups), whole and split at spaces and hyphens; prefixes and suffixes ("Dr",
+    phonetic groups), whole and split at spaces, commas and hyphens; prefixes and suffixes ("Dr",
     "Jr") and initials are left."""
     parts: set[str] = set()
     for group in value.split("="):
         for part in group.split("^")[:3]:
             part = part.strip()
-            pieces = [part, *re.split(r"[\s\-]+", part)]
+            pieces = [part, *re.split(r"[\s,\-]+", part)]  # "SMITH, JOHN" written in one part
             parts |= {p for p in pieces if sum(c.isalpha() for c in p) >= MIN_NAME}
     return parts
 

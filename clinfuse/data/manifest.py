@@ -123,16 +123,15 @@ def _text_table(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     and refused when it holds values (taken for a label, its values would be trained on)."""
     table.columns = _unique_columns(path, table.columns)
     text = table.map(_as_text) if len(table) else table.astype(str)
-    unnamed = [c for c in text.columns if not c or re.fullmatch(r"Unnamed: \d+", c)]
-    for column in unnamed:
-        if (text[column] != "").any():
+    unnamed = [i for i, c in enumerate(text.columns) if not c or re.fullmatch(r"Unnamed: \d+", c)]
+    for i in unnamed:  # by position: two blank names are one name
+        if (text.iloc[:, i] != "").any():
             raise ManifestError(
                 path,
-                f"column {text.columns.get_loc(column) + 1} has no name in the header but holds "
-                "values",
+                f"column {i + 1} has no name in the header but holds values",
                 hint="name it in the header, or remove the column",
             )
-    return text.drop(columns=unnamed)
+    return text.iloc[:, [i for i in range(text.shape[1]) if i not in unnamed]]
 
 
 def _unique_columns(path: Path, names: Iterable[object]) -> list[str]:

@@ -73,8 +73,8 @@ def study_identifiers(
 ) -> Identifiers:
     """What a study's note must not show (`clinfuse.data.identifiers`): the patient id of its
     manifest row and the names, ids and birth date of its image's header (read from the header
-    alone when `image` is a path: the first file of a series folder that reads; none when it
-    cannot be read, which reading the image reports)."""
+    alone when `image` is a path: every file of a series folder, as `read_dicom` gathers them;
+    none from a file that cannot be read, which reading the image reports)."""
     found = Identifiers.of_ids(patient_id)
     if isinstance(image, DicomImage):
         return found | image.identifiers
@@ -85,7 +85,7 @@ def study_identifiers(
             files = []
         for file in files:
             try:
-                return found | header_identifiers(read_header(file))
+                found |= header_identifiers(read_header(file))
             except (DicomError, OSError):
                 continue
     return found

@@ -84,9 +84,10 @@ class Explanation:
         return self._localised[j]
 
     # -- files ------------------------------------------------------------------------------
-    def save_npz(self, path: str | Path) -> Path:
+    def save_npz(self, path: str | Path, sweep: bool = True) -> Path:
         """Write a compressed `.npz` of plain arrays (no pickled objects), atomically (a crash or
-        a full disk leaves the old file or none, never half of one); returns the path."""
+        a full disk leaves the old file or none, never half of one); returns the path. `sweep`:
+        see `write_atomic` (a run of many studies sweeps its folder once)."""
         path = Path(path)
         arrays: dict[str, np.ndarray] = {
             "study_id": np.asarray(self.study_id, dtype=np.str_),
@@ -112,7 +113,7 @@ class Explanation:
             arrays["note_read"] = np.asarray(self.note_read, dtype=np.int64)
         buffer = io.BytesIO()  # a file object: numpy would otherwise append ".npz"
         np.savez_compressed(buffer, **arrays)
-        write_atomic(path, buffer.getvalue())
+        write_atomic(path, buffer.getvalue(), sweep=sweep)
         return path
 
     @classmethod

@@ -87,11 +87,13 @@ def check_writable_file(path: Path) -> None:
     check_writable(path.parent)  # it exists, so nothing is created
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` in one rename; on any error the old file stays as it was."""
+def write_atomic(path: Path, data: bytes, sweep: bool = True) -> None:
+    """Replace `path` with `data` in one rename; on any error the old file stays as it was.
+    `sweep` removes this file's temporaries a killed earlier writer left (a listing of the
+    folder: a writer of one file per study calls `sweep_temporaries` once instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier run
-        stale.unlink(missing_ok=True)
+    if sweep:
+        sweep_temporaries(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -102,6 +104,12 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sweep_temporaries(folder: Path, name: str = "*") -> None:
+    """Remove the temporaries of `write_atomic` (of file `name`, or all) a killed writer left."""
+    for stale in folder.glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def referable(sources: Sequence[Dataset], study_id: str) -> list[Dataset]:
@@ -203,10 +211,11 @@ def write_study_exports(
     if "fhir" in formats:
         report = diagnostic_report(pred, labels, issued, study_uid)
         path = out_dir / "fhir" / f"{name}.json"
-        write_atomic(path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        report_bytes = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
+        write_atomic(path, report_bytes, sweep=False)  # swept once a run (`sweep_temporaries`)
         written.append(path)
     if "sr" in formats:
         path = out_dir / "sr" / f"{name}.dcm"
-        write_atomic(path, _sr_bytes(pred, labels, sources, issued))
+        write_atomic(path, _sr_bytes(pred, labels, sources, issued), sweep=False)
         written.append(path)
     return written

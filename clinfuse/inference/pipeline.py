@@ -40,7 +40,7 @@ from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
-from clinfuse.exports.files import new_folder
+from clinfuse.exports.files import new_folder, sweep_temporaries
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
@@ -362,6 +362,8 @@ def _open_run(
             run_id,
             f" while {', '.join(kept)} may still hold the earlier run's files" if kept else "",
         )
+    for name in PER_STUDY_FOLDERS:  # what a killed earlier invocation was writing
+        sweep_temporaries(run_dir / name)
     issued = store.run(run_id)["started_at"]
     shown_url = parse_url(store_url).render_as_string(hide_password=True)
     return OpenRun(
@@ -646,9 +648,8 @@ def explain_and_save(
         explanation.model_version = version
         # A full disk stops the run before the batch is committed, so the same command
         # explains these studies again (not: their predictions kept, their explanations lost).
-        path = explanation.save_npz(
-            run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
-        )
+        path = run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
+        explanation.save_npz(path, sweep=False)  # swept once a run, by `open_run`
         records.append(ExplanationRecord(explanation.study_id, explanation.to_record(), str(path)))
     return records
 

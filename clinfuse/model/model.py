@@ -63,13 +63,8 @@ class Intermediates:
         prior, the correction; None without combine="naive_bayes"."""
         if self.correction is None or self.side_logits is None:
             return None
-        return torch.cat([side_evidence(self.side_logits), self.correction[:, None]], dim=1)
-
-
-def side_evidence(side_logits: torch.Tensor) -> torch.Tensor:
-    """(B, 3, L) image head, note head, prior -> (B, 2, L) each side's evidence: its head's
-    logit minus the prior."""
-    return side_logits[:, :2] - side_logits[:, 2:3]
+        prior = self.side_logits[:, 2:3]  # (B, 1, L)
+        return torch.cat([self.side_logits[:, :2] - prior, self.correction[:, None]], dim=1)
 
 
 def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -292,8 +287,10 @@ class FusionModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The image head's and the note head's answers (B, L) each, as the prior plus the
         side's evidence (its logit - the prior) times the label's fitted weight."""
-        weighed = self.evidence_weights[:, :2].T * side_evidence(side_logits)  # (B, 2, L)
-        return prior + weighed[:, 0], prior + weighed[:, 1]
+        weights = self.evidence_weights  # (L, 3)
+        image = prior + weights[:, 0] * (side_logits[:, 0] - prior)
+        note = prior + weights[:, 1] * (side_logits[:, 1] - prior)
+        return image, note
 
     def _pool_side(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, D) masked mean, or (B, L, D): each label's query reads the side."""
