@@ -97,10 +97,20 @@ class NoteError(ClinfuseError):
         self.path = str(path)
         self.reason = "note_unreadable"
         self.detail = detail
-        super().__init__(
-            f"{self.path}: note_unreadable: {detail}. "
-            "Fix the note_path, or leave it empty for a study without a note"
-        )
+        self.hint = "Fix the note_path, or leave it empty for a study without a note"
+        super().__init__(f"{self.path}: note_unreadable: {detail}. {self.hint}")
+
+
+def without_path(exc: ClinfuseError, what: str) -> str:
+    """A `DicomError` or `NoteError` as `<reason>: <what>: <detail>. <hint>`, its file's path
+    replaced by `what` ("manifest row 4's image"): an export laid out by patient puts names
+    and record numbers in its folder names, which must not reach the store, logs or pages."""
+    path, detail = getattr(exc, "path", ""), getattr(exc, "detail", "") or str(exc)
+    if path:
+        detail = detail.replace(path, f"the file of {what}")
+    hint = getattr(exc, "hint", "")
+    text = f"{getattr(exc, 'reason', 'error')}: {what}: {detail}"
+    return f"{text}. {hint}" if hint else text
 
 
 class NoteWarning(UserWarning):

@@ -1,5 +1,5 @@
-"""clinfuse review dashboard: `streamlit run dashboard/app.py -- --store URL`, or
-`clinfuse dashboard --store URL`.
+"""clinfuse review dashboard: `clinfuse dashboard --store URL`, or
+`streamlit run dashboard/app.py --server.address 127.0.0.1 -- --store URL`.
 
 The entry point identifies the reviewer, opens the store, picks the run and routes to the
 pages in `views/` (worklist, study, monitoring). Until the reviewer is identified every page's
@@ -22,6 +22,7 @@ from identity import auth_section, current_reviewer, sign_in_page, sign_out  # n
 from session import SESSION_KEY, ReviewSession, choose_run, open_store, store_url  # noqa: E402
 
 from clinfuse.model.checkpoint import NOTICE  # noqa: E402
+from clinfuse.review import LOCAL_HOSTS  # noqa: E402
 from clinfuse.store import StoreError  # noqa: E402
 
 st.set_page_config(page_title="clinfuse review", page_icon=":material/fact_check:", layout="wide")
@@ -35,6 +36,15 @@ PAGES = {  # url path (views/<path>.py) -> (title, icon); the first is the defau
 
 def main() -> None:
     """Identify, open the store, pick the run, then run the chosen page."""
+    address = st.get_option("server.address")
+    if auth_section() is None and address not in LOCAL_HOSTS:  # `streamlit run` by hand
+        st.error(
+            f"No login is configured, so this dashboard serves this machine only, but it "
+            f"listens on {address or 'every network address'}: start it with `clinfuse "
+            "dashboard`, or add `--server.address 127.0.0.1` after `streamlit run`, or "
+            "configure OIDC login ([auth] in .streamlit/secrets.toml)."
+        )
+        return
     reviewer = current_reviewer()
     if reviewer is None:
         sign_in = [

@@ -16,7 +16,7 @@ import streamlit as st
 from imaging import grey_slice, map_slice, n_slices, overlay_rgb, window_presets
 
 from clinfuse.data.dicom import DicomImage, read_dicom
-from clinfuse.errors import DicomError
+from clinfuse.errors import DicomError, without_path
 from clinfuse.explain import Explanation
 from clinfuse.explain.explanation import decode_map
 from clinfuse.explain.render import note_html, read_part, unread_notice
@@ -93,8 +93,12 @@ def image_panel(
         return
     try:
         image = load_image(str(image_path), Path(image_path).stat().st_mtime)
-    except (DicomError, OSError) as exc:
-        st.error(f"The image cannot be shown: {exc}")
+    except DicomError as exc:  # never the path: it may hold a patient's name
+        shown = without_path(exc, "this study's image")
+        st.error(f"The image cannot be shown: {shown}")
+        return
+    except OSError as exc:
+        st.error(f"The image cannot be shown: {exc.strerror or type(exc).__name__}")
         return
     presets = window_presets(image)
     names = [*presets, "custom"]
@@ -104,7 +108,9 @@ def image_panel(
     center, width = presets.get(preset, next(iter(presets.values())))
     if preset == "custom":
         center = controls[1].number_input("Center (level)", value=float(center), key="sv_center")
-        width = controls[2].number_input("Width", value=float(width), min_value=1.0, key="sv_width")
+        width = controls[2].number_input(  # > 0: a width below 1 is LINEAR_EXACT's (apply_window)
+            "Width", value=float(width), min_value=1e-6, format="%g", key="sv_width"
+        )
     else:
         controls[1].metric("Center", f"{center:g}")
         controls[2].metric("Width", f"{width:g}")

@@ -32,10 +32,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.data.manifest import load_manifest
 from clinfuse.machine import cpu_name
 from clinfuse.model import FusionModel, create_model, list_models, model_config
+from clinfuse.training.trainer import training_notes
 
-NOTES = Path(__file__).resolve().parents[1] / "sample_data" / "notes"
+MANIFEST = Path(__file__).resolve().parents[1] / "sample_data" / "manifest.csv"
 LABELS = ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass")
 FUSION_MODES = ("cross_attention", "late", "image_only", "text_only")
 TOWERS = ("image", "text")  # parameters named <tower>_encoder.* or missing_<tower>
@@ -142,9 +144,10 @@ def measure(
         reuse_freed_memory()  # as every clinfuse command does
     after_imports = rss_mb()
     torch.manual_seed(0)
-    notes = [p.read_text(encoding="utf-8") for p in sorted(NOTES.glob("*.txt"))]
+    pairs = training_notes(list(load_manifest(MANIFEST, labels=LABELS)))  # (patient, note)
+    notes = [note for _, note in pairs]
     cfg = model_config(name, labels=LABELS, fusion={"mode": mode})
-    model = create_model(cfg, notes=notes).eval()
+    model = create_model(cfg, notes=pairs).eval()  # the tokenizer as `clinfuse train` makes it
     if model.image_encoder is not None and not plain:
         model.image_encoder.channels_last()  # the layout `load_checkpoint` gives for inference
     texts = realistic_notes(model, notes, batch)

@@ -135,6 +135,14 @@ def test_sample_data_then_validate_is_trainable(export, capsys):
     assert list(verdicts.columns[:6]) == ["row", "study_id", "split", "status", "reason", "warning"]
     assert set(verdicts["status"]) <= {"ok", "image_only", "note_only"}
     assert len(verdicts) == 40
+    # labels named as people type them, spaces after the commas, as train's data.labels
+    out = str(export / "v2.csv")
+    assert (
+        main(["validate", str(export / "manifest.csv"), "--labels", "copd, mass", "--out", out])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "\ncopd " in printed and "\nmass " in printed and "pneumonia" not in printed
 
 
 def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, capsys):
@@ -163,12 +171,14 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     verdicts = verdicts.set_index(verdicts["row"].astype(int))
     assert len(verdicts) == 40  # every row accounted for
     reasons = verdicts["reason"]
-    assert reasons[1].startswith("image:not_dicom") and "text.dcm" in reasons[1]
-    assert reasons[2].startswith("image:truncated") and "short.dcm" in reasons[2]
+    assert reasons[1].startswith("image:not_dicom: manifest row 1's image: ")
+    assert reasons[2].startswith("image:truncated: manifest row 2's image: ")
     assert reasons[3].startswith("image:no_pixel_data")
     assert reasons[4].startswith("image:missing")
     assert reasons[5].startswith("no_input")
-    assert reasons[7].startswith("note:note_unreadable") and "absent.txt" in reasons[7]
+    assert reasons[7].startswith("note:note_unreadable: manifest row 7's note: ")
+    # never the file's path: an export laid out by patient has names in its folder names
+    assert not any("bad/" in reason for reason in reasons)
     assert (verdicts.loc[[1, 2, 3, 4, 5, 7], "status"] == "failed").all()
     assert verdicts.at[6, "status"] != "failed" and "Windows-1252" in verdicts.at[6, "warning"]
     assert (verdicts.loc[8:, "status"] != "failed").all()
@@ -239,3 +249,17 @@ def test_committed_sample_data_is_what_the_documented_command_writes(tmp_path):
     assert written == shipped
     for name in sorted(written):
         assert (tmp_path / "s" / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_an_unexpected_error_has_its_own_exit_status_and_its_traceback(export, monkeypatch, capsys):
+    """A bug must not read as infer's "every study failed" (1) or a usage error (2)."""
+    import clinfuse.data.validate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something clinfuse did not expect")
+
+    monkeypatch.setattr(clinfuse.data.validate, "validate_manifest", broken)
+    assert main(["validate", str(export / "manifest.csv"), "--out", str(export / "v3.csv")]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: something clinfuse did not expect" in err
+    assert "error: unexpected RuntimeError (above): a clinfuse bug" in err

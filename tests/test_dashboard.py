@@ -20,6 +20,7 @@ from clinfuse.explain.render import explain_studies
 from clinfuse.store import ExplanationRecord, Store
 
 pytest.importorskip("streamlit")
+from streamlit import config as streamlit_config  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 from streamlit.testing.v1.element_tree import Dataframe  # noqa: E402
 
@@ -97,6 +98,15 @@ def review_run(small_export, tiny_model, tmp_path_factory) -> ReviewRun:
     return build_review_run(small_export, tiny_model, tmp_path_factory.getbasetemp())
 
 
+@pytest.fixture(autouse=True)
+def served_here():
+    """Streamlit's server.address as `clinfuse dashboard` sets it: this machine only."""
+    before = streamlit_config.get_option("server.address")
+    streamlit_config.set_option("server.address", "127.0.0.1")
+    yield
+    streamlit_config.set_option("server.address", before)
+
+
 def new_app(monkeypatch, run: ReviewRun, reviewer: str | None = "Dr Test", **params) -> AppTest:
     """The dashboard on `run`'s store, a local reviewer already named (unless None)."""
     monkeypatch.setenv("CLINFUSE_STORE", run.url)
@@ -146,6 +156,18 @@ def test_local_mode_asks_for_a_reviewer_name_before_showing_anything(review_run,
     at.button[0].click().run()
     assert at.title[0].value == "Worklist"
     assert "Dr Test" in page_text(at)
+
+
+def test_without_login_a_server_listening_beyond_this_machine_shows_nothing(
+    review_run, monkeypatch
+):
+    """`streamlit run` by hand listens on every address: with no OIDC login configured,
+    anyone who reached it could review, so the app refuses (`clinfuse dashboard` binds to
+    127.0.0.1)."""
+    streamlit_config.set_option("server.address", None)
+    at = new_app(monkeypatch, review_run).run()
+    assert "listens on every network address" in at.error[0].value
+    assert not at.main.dataframe and review_run.study_ids[0] not in page_text(at)
 
 
 def test_oidc_visitor_not_logged_in_sees_only_the_login_button(review_run, monkeypatch):
@@ -278,6 +300,36 @@ def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_o
     assert len(events) == 2 and events[0] == event  # appended; the first is untouched
     assert events[-1]["verdict"] == "agree"
     assert events[-1]["labels_after"] == events[-1]["labels_before"]
+
+
+def test_save_and_next_opens_the_study_after_this_one_as_the_worklist_was_before_the_save(
+    review_run, monkeypatch
+):
+    """On a "not reviewed yet" worklist the saved study leaves the list: "Save and next" still
+    opens the study after it, on the page it is on now; a link whose filter no longer holds the
+    study (reviewed meanwhile) walks the whole run's worklist."""
+    from clinfuse.review import WorklistQuery, ordered_ids
+
+    unreviewed = WorklistQuery(run_id=review_run.run_id, status="unreviewed")
+    with Store(review_run.url) as store:
+        before = ordered_ids(store, unreviewed)
+        whole = ordered_ids(store, WorklistQuery(run_id=review_run.run_id))
+    study = [s for s in before[:-1] if whole.index(s) < len(whole) - 1][-1]
+    link = {"status": "unreviewed", "size": "10", "page": str(before.index(study) // 10 + 1)}
+    at = open_study(new_app(monkeypatch, review_run, **link).run(), study)
+    at.radio(key=f"verdict-{study}-verdict").set_value("agree")
+    at.button(key=f"verdict-{study}-save-next").click().run()
+    following = before[before.index(study) + 1]
+    with Store(review_run.url) as store:
+        after = ordered_ids(store, unreviewed)
+    assert study not in after and at.query_params["study"] == following
+    assert at.query_params["page"] == str(after.index(following) // 10 + 1)
+    assert "last study" not in page_text(at)
+
+    at.query_params.update({**link, "study": study})  # the same link, again: now stale
+    at.run().radio(key=f"verdict-{study}-verdict").set_value("agree")
+    at.button(key=f"verdict-{study}-save-next").click().run()
+    assert at.query_params["study"] == whole[whole.index(study) + 1]
 
 
 def test_a_verdict_survives_a_link_from_another_model_and_disagree_must_change_a_label(

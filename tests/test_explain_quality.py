@@ -293,6 +293,62 @@ def test_explain_writes_npz_png_html_without_identifiers(trained, export, tmp_pa
         assert value not in page and value not in strings and value.encode() not in png
 
 
+def test_a_note_repeating_the_patients_identifiers_is_masked_in_every_output(
+    trained, export, tmp_path
+):
+    """A note that names the patient, the record number and the birth date (as real notes do)
+    shows none of them in explain's files, infer's explanation files and the store, or the
+    dashboard's study view; the clinical text stays, and offsets into the note stay valid."""
+    from datetime import datetime
+
+    from clinfuse.data.identifiers import MASK
+    from clinfuse.review import study_view
+    from clinfuse.store import Store
+
+    table = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    row = table[(table.image != "") & (table.note_path != "")].iloc[0]
+    header = pydicom.dcmread(export / row.image, stop_before_pixels=True)
+    family, given = str(header.PatientName).split("^")[:2]
+    born = datetime.strptime(header.PatientBirthDate, "%Y%m%d")
+    clinical = (export / row.note_path).read_text(encoding="utf-8")
+    secrets = [
+        f"{given} {family.upper()}",
+        header.PatientID,
+        row.patient_id,
+        f"{born:%d/%m/%Y}",
+        f"{born:%B} {born.day}, {born.year}",
+    ]
+    said = (
+        f"{secrets[0]} (MRN {secrets[1]}; {secrets[2]}), born {secrets[3]}. {clinical} "
+        f"Date of birth {secrets[4]}; Mr {family}son is not the patient."
+    )
+    manifest = tmp_path / "manifest.csv"
+    one = row.to_dict() | {"image": str(export / row.image), "note_path": "", "note": said}
+    pd.DataFrame([one]).to_csv(manifest, index=False)
+    base = ["--model", str(trained), "--manifest", str(manifest)]
+    assert clinfuse("explain", *base, "--study-id", row.study_id, "--out", str(tmp_path / "x"),
+                    "--labels", "all", "--steps", "8") == 0  # fmt: skip
+    assert clinfuse("infer", *base, "--out", str(tmp_path / "run"), "--explain", "all") == 0
+
+    files = [tmp_path / "x" / f"{row.study_id}.npz", tmp_path / "run" / "explanations" /
+             f"{row.study_id}.npz"]  # fmt: skip
+    for path in files:
+        with np.load(path, allow_pickle=False) as data:
+            shown, spans = str(data["note"]), data["spans"]
+        assert len(shown) == len(said) and clinical in shown and f"Mr {family}son" in shown
+        assert shown.count(MASK) == sum(map(len, secrets)) - 1  # the space in the name stays
+        words = {shown[a:b] for a, b in spans}
+        assert "crackles" in words or "afebrile" in {w.lower() for w in words}
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        (run,) = store.runs()
+        view = study_view(store, run["id"], row.study_id)
+    page = (tmp_path / "x" / f"{row.study_id}.html").read_text(encoding="utf-8")
+    stored = json.dumps(view.explanation)
+    for secret in [*secrets, given, family.upper()]:  # "Mr Jacksonson" is someone else
+        assert secret not in page and secret not in view.note and secret not in stored, secret
+    assert view.note == shown
+
+
 def test_explain_positive_labels_and_user_errors(trained, export, tmp_path, capsys):
     manifest = str(export / "manifest.csv")
     base = ["--model", str(trained), "--manifest", manifest, "--out", str(tmp_path / "x")]

@@ -144,11 +144,19 @@ def test_sr_without_image_gets_a_study_of_its_own(tmp_path):
     assert pydicom.dcmread(again).StudyInstanceUID == ds.StudyInstanceUID
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda ds: delattr(ds, "StudyInstanceUID"),  # as some exports and hand-made files are
+        lambda ds: setattr(ds, "SeriesInstanceUID", ""),  # Type 1 in the SR's evidence
+        lambda ds: setattr(ds, "StudyInstanceUID", "1." + "2" * 70),  # longer than 64
+    ],
+)
 def test_a_source_without_its_uids_still_gets_both_exports_in_a_study_of_their_own(
-    tmp_path, caplog
+    tmp_path, caplog, damage
 ):
     source = pydicom.dcmread(IMAGES / "S00001.dcm")
-    del source.StudyInstanceUID  # as some exports and hand-made files are
+    damage(source)
     source.save_as(tmp_path / "no_study_uid.dcm")
     fhir, sr = write_study_exports(
         tmp_path / "out", record(), LABELS, tmp_path / "no_study_uid.dcm", {"fhir", "sr"}
@@ -158,7 +166,7 @@ def test_a_source_without_its_uids_still_gets_both_exports_in_a_study_of_their_o
     assert "CurrentRequestedProcedureEvidenceSequence" not in ds
     (alone,) = write_study_exports(tmp_path / "alone", record(), LABELS, None, {"sr"})
     assert ds.StudyInstanceUID == pydicom.dcmread(alone).StudyInstanceUID  # as with no image
-    assert "study S00001: 1 of its 1 source DICOM file(s) lack one of" in caplog.text
+    assert "study S00001: 1 of its 1 source DICOM file(s) lack a valid" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["S00001.dcm", "S00002.dcm", "S00003.dcm"])

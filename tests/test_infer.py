@@ -284,6 +284,110 @@ def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export
         assert pseudonyms[studies.index].nunique() == 1
 
 
+def test_a_path_naming_the_patient_stays_out_of_failures_the_store_and_the_log(
+    tiny_model, small_export, tmp_path, capfd, recwarn
+):
+    """Exports are often laid out by patient: a failure or a repaired note names its manifest
+    row, never its path."""
+    folder = tmp_path / "P0023_DOE^JANE_19610304"
+    folder.mkdir()
+    rows = absolute_rows(small_export).head(3).copy()
+    good = Path(rows["image"].iloc[0]).read_bytes()
+    (folder / "cut.dcm").write_bytes(good[: len(good) // 2])
+    (folder / "note.txt").write_bytes("fièvre 38,9 °C".encode("cp1252"))
+    rows.loc[rows.index[0], "image"] = str(folder / "cut.dcm")
+    rows.loc[rows.index[1], "note_path"] = str(folder / "note.txt")
+    manifest = tmp_path / "m.csv"
+    rows.to_csv(manifest, index=False)
+    assert infer(tiny_model, manifest, tmp_path / "run", "--workers", "0") == 0
+    said = capfd.readouterr()
+    failures = pd.read_csv(tmp_path / "run" / "failures.csv")
+    assert failures["reason"].tolist() == ["image:truncated"]
+    assert failures["detail"].iloc[0].startswith("image:truncated: manifest row 1's image: ")
+    warned = [str(w.message) for w in recwarn]  # the CLI prints each as a warning line
+    assert any(w.startswith("manifest row 2's note: not UTF-8") for w in warned)
+    outputs = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    texts = [said.out, said.err, *warned, *(p.read_bytes().decode("latin-1") for p in outputs)]
+    for text in texts:
+        assert "DOE^JANE" not in text and "19610304" not in text
+
+
+def test_an_image_a_report_cannot_reference_never_stops_a_standards_run(
+    tiny_model, small_export, tmp_path, caplog
+):
+    """highdicom refuses a vendor's private SOP class: the study's SR then stands without the
+    reference, with a warning; before, every rerun stopped at that study."""
+    pytest.importorskip("highdicom")
+    rows = absolute_rows(small_export).head(2).copy()
+    ds = pydicom.dcmread(rows["image"].iloc[0])
+    ds.SOPClassUID = "1.2.840.113619.4.1234"  # private: no IOD highdicom knows
+    ds.save_as(tmp_path / "private.dcm")
+    rows.loc[rows.index[0], "image"] = str(tmp_path / "private.dcm")
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    assert infer(tiny_model, tmp_path / "m.csv", tmp_path / "run", "--standards", "sr") == 0
+    assert len(list((tmp_path / "run" / "sr").glob("*.dcm"))) == 2
+    study = rows["study_id"].iloc[0]
+    assert f"study {study}: its sr do not reference its image" in caplog.text
+
+
+def test_a_full_disk_while_explaining_stops_the_run_and_the_same_command_explains_again(
+    tiny_model, small_export, tmp_path, monkeypatch, capsys
+):
+    """Not: the predictions committed and their explanations lost for good (a rerun skips
+    the studies it has)."""
+    import errno
+
+    import numpy as np
+
+    from clinfuse.store import Store
+
+    few = tmp_path / "few.csv"
+    absolute_rows(small_export).head(4).to_csv(few, index=False)
+    real = np.savez_compressed
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    args = (tiny_model, few, tmp_path / "run", "--explain", "all", "--workers", "0")
+    assert infer(*args) == 2
+    assert "error: the disk is full" in capsys.readouterr().err
+    monkeypatch.setattr(np, "savez_compressed", real)
+    assert infer(*args) == 0
+    assert "4 explained" in capsys.readouterr().out
+    assert len(list((tmp_path / "run" / "explanations").glob("*"))) == 4  # no temporary left
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        (run,) = store.runs()
+        assert all(store.explanation(run["id"], s) for s in store.done_study_ids(run["id"]))
+
+
+def test_a_manifest_reached_through_a_link_is_shown_and_exported_from_the_links_folder(
+    tiny_model, small_export, tmp_path
+):
+    """Its rows' paths are relative to the folder of the path given, as `infer` read them; the
+    dashboard and `export` looked in the link target's folder instead."""
+    from clinfuse.review import export_reviewed_manifest, save_review, study_view
+    from clinfuse.store import Store
+
+    shutil.copytree(small_export.parent, tmp_path / "x")  # images and notes live here
+    (tmp_path / "y").mkdir()
+    rows = pd.read_csv(small_export, dtype=str, keep_default_na=False).head(3)
+    rows.to_csv(tmp_path / "y" / "manifest.csv", index=False)
+    (tmp_path / "x" / "manifest.csv").unlink()
+    (tmp_path / "x" / "manifest.csv").symlink_to(tmp_path / "y" / "manifest.csv")
+    assert infer(tiny_model, tmp_path / "x" / "manifest.csv", tmp_path / "run") == 0
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        (run,) = store.runs()
+        study = rows["study_id"].iloc[0]
+        view = study_view(store, run["id"], study)
+        assert view.source_error is None and view.note
+        assert view.image_path == tmp_path / "x" / rows["image"].iloc[0]
+        save_review(store, run["id"], study, "dr.a", "agree", {}, "")
+        export_reviewed_manifest(store, run["id"], tmp_path / "reviewed.csv")
+    reviewed = pd.read_csv(tmp_path / "reviewed.csv", dtype=str, keep_default_na=False)
+    assert Path(reviewed["image"].iloc[0]).is_file()
+
+
 def raw_data_set(source: Path, target: Path) -> Path:
     """`source` written as a raw data set: no preamble, no "DICM", no file meta (older
     systems write these; the reader accepts them)."""
@@ -652,7 +756,7 @@ def test_a_manifest_with_no_study_rows_is_an_error_not_an_empty_success(
 
 
 def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
-    tiny_model, small_export, tmp_path, caplog
+    tiny_model, small_export, tmp_path, caplog, capsys
 ):
     few = tmp_path / "few.csv"
     absolute_rows(small_export).head(3).to_csv(few, index=False)
@@ -663,3 +767,11 @@ def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
     assert "replaced by run 2's; the store keeps every run" in caplog.text
     assert infer(tiny_model, few, tmp_path / "run", "--explain", "all") == 0  # a third
     assert "replaced by run 3's while fhir/ may still hold the earlier run's files" in caplog.text
+    # a fourth would write FHIR files over run 2's, which the store still points at: refused
+    before = sorted(p.read_bytes() for p in (tmp_path / "run" / "fhir").iterdir())
+    assert infer(tiny_model, few, tmp_path / "run", "--standards", "fhir", "--explain", "all") == 2
+    err = capsys.readouterr().err
+    assert "the files in explanations/ and fhir/ belong to run 1, 2, 3" in err
+    assert "Use a new --out folder" in err
+    assert sorted(p.read_bytes() for p in (tmp_path / "run" / "fhir").iterdir()) == before
+    assert infer(tiny_model, few, tmp_path / "run", "--explain", "all") == 0  # run 3 resumes

@@ -147,7 +147,8 @@ def test_a_label_named_twice_is_an_error(tmp_path):
         (lambda rows: [rows[0], dict(rows[1], flu="2"), rows[2]], "row 2 column 'flu'"),
         (  # a column of the export that is not a label: say how to name the labels
             lambda rows: [dict(r, ward="ICU") for r in rows],
-            r"column 'ward': label value 'ICU' .* if 'ward' is not a label .* data.labels=\[a,b\]",
+            r"column 'ward': label value \(a text of 3 characters, not shown: it may identify a "
+            r"patient\) .* if 'ward' is not a label .* data.labels=\[a,b\]",
         ),
         (
             lambda rows: [dict(rows[0], split="train"), dict(rows[1], split="test"), rows[2]],
@@ -241,6 +242,66 @@ def test_rows_cut_short_are_read_with_a_warning_naming_them_once(tmp_path, caplo
         load_manifest(path)  # the file changed: its rows are named again
         load_manifest(path, warn_short_rows=False)
     assert len(caplog.records) == 1 and "2 rows (2, 4) with" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [  # an unquoted comma in a note: in the first row pandas would shift every column
+        ("S1,P1,,Fever, cough,1\nS2,P2,,ok,0\n", "row 1: has 6 cells where the header has 5"),
+        ("S1,P1,,ok,1\nS2,P2,,Fever, cough,0\n", "line 3 has 6 cells where the header has 5"),
+    ],
+)
+def test_a_row_with_more_cells_than_the_header_is_refused_not_shifted(tmp_path, body, match):
+    path = tmp_path / "m.csv"
+    path.write_text("study_id,patient_id,image,note,flu\n" + body, encoding="utf-8")
+    with pytest.raises(ManifestError, match=match) as caught:
+        load_manifest(path)
+    assert "must be quoted" in str(caught.value)
+
+
+def test_a_column_without_a_name_is_dropped_while_empty_and_refused_with_values(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("study_id,patient_id,note,flu,\nS1,P1,ok,1,\nS2,P2,ok,0,\n", encoding="utf-8")
+    assert load_manifest(path).labels == ("flu",)  # a trailing separator: no phantom label
+    path.write_text("study_id,patient_id,note,flu, ,  \nS1,P1,ok,1,,\n", encoding="utf-8")
+    assert load_manifest(path).labels == ("flu",)  # two blank names
+    path.write_text("study_id,patient_id,note,flu,\nS1,P1,ok,1,\nS2,P2,ok,0,7\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="column 5 has no name in the header but holds"):
+        load_manifest(path)
+
+
+@pytest.mark.parametrize("column", ["study_id", "patient_id", "note_path"])
+def test_a_control_character_in_an_id_or_a_path_is_refused_naming_the_cell(tmp_path, column):
+    rows = [dict(r) for r in ROWS]
+    rows[1][column] = "S\x002" if column != "note_path" else "notes/a\x00.txt"
+    path = write(tmp_path, rows, "m.jsonl")  # JSON keeps a NUL a CSV writer might drop
+    with pytest.raises(ManifestError, match=f"row 2 column '{column}': a control character"):
+        list(iter_manifest(path, ("flu", "copd")))
+
+
+def test_a_column_named_row_is_refused_by_name(tmp_path):
+    path = write(tmp_path, [dict(r, row=str(i)) for i, r in enumerate(ROWS, 1)])
+    with pytest.raises(ManifestError, match="column 'row': a column named 'row' is reserved"):
+        load_manifest(path)
+
+
+def test_nulls_of_nullable_parquet_columns_are_empty_cells(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "study_id": ["S1", "S2"],
+            "patient_id": ["P1", "P2"],
+            "note": pd.array(["fever", None], dtype="string"),
+            "note_path": pd.array([None, "n.txt"], dtype="string"),
+            "flu": pd.array([1, None], dtype="Int64"),
+            "copd": pd.array([None, False], dtype="boolean"),
+        }
+    )
+    frame.to_parquet(tmp_path / "m.parquet")
+    rows = list(load_manifest(tmp_path / "m.parquet").rows())
+    assert rows[0].note == "fever" and rows[0].note_path is None
+    assert rows[1].note is None and rows[1].note_path == tmp_path / "n.txt"
+    np.testing.assert_array_equal(rows[0].labels, [1.0, np.nan])
+    np.testing.assert_array_equal(rows[1].labels, [np.nan, 0.0])
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 4096])

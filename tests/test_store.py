@@ -137,7 +137,10 @@ def test_a_failed_batch_leaves_nothing_behind(open_store):
     assert store.done_study_ids(run_id) == set()
     # the retried batch (as after a crash) writes everything, once
     explanation = ExplanationRecord("S0", {"top_words": {"flu": [["fever", 0.4]]}}, "S0.npz")
-    assert store.write_batch(run_id, good, [fail(store, "F1")], [explanation]).total() == 4
+    written = store.write_batch(run_id, good, [fail(store, "F1")], [explanation])
+    assert written == {"predicted": 3, "failed": 1, "explained": 1}
+    # the same batch again (a resume that re-reads it) writes nothing and counts nothing
+    assert store.write_batch(run_id, good, [fail(store, "F1")], [explanation]) == {}
     assert store.explanation(run_id, "S0") == {
         "study_id": "S0",
         "record": {"top_words": {"flu": [["fever", 0.4]]}},

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ def _validate(args: argparse.Namespace) -> int:
         check_writable_file(out)  # before the rows are read, not after
     report = validate_manifest(
         args.manifest,
-        labels=args.labels.split(",") if args.labels else None,
+        labels=[n.strip() for n in (args.labels or "").split(",") if n.strip()] or None,
         split=PatientSplit(val=args.val, test=args.test, seed=args.seed),
         workers=args.workers,
     )
@@ -333,6 +334,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"error: {exc}. Check the path and its permissions", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug: its own status, apart from infer's "every study failed" (1)
+        traceback.print_exc()
+        print(
+            f"error: unexpected {type(exc).__name__} (above): a clinfuse bug, please report it; "
+            "train and infer continue where they stopped when run again",
+            file=sys.stderr,
+        )
+        return 3
     finally:
         warnings.formatwarning = _python_format
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from clinfuse.cli.args import at_least
 from clinfuse.errors import ClinfuseError
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 QUICK_STUDIES, QUICK_SCORED = 64, 4  # --quick: a 64-study export, 4 held-out studies scored
 
 
@@ -68,6 +67,7 @@ def dashboard_command(store_url: str, host: str, port: int) -> tuple[list[str], 
     only when it holds no password, so `ps` never shows one. Refuses an address other than
     localhost unless OIDC login is configured.
     """
+    from clinfuse.review import LOCAL_HOSTS
     from clinfuse.store import parse_url
 
     if host not in LOCAL_HOSTS and not oidc_configured():

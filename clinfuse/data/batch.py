@@ -17,9 +17,9 @@ from torch.utils.data import Dataset
 
 from clinfuse.config import ModelConfig
 from clinfuse.data.manifest import StudyRow
-from clinfuse.data.study import load_study
+from clinfuse.data.study import failure_text, load_study
 from clinfuse.data.transforms import Preprocess, build_transforms
-from clinfuse.errors import ClinfuseError, DicomError
+from clinfuse.errors import ClinfuseError
 from clinfuse.model.text_encoder import NoteTokenizer
 
 
@@ -164,8 +164,7 @@ def load_item(row: StudyRow, transforms: Preprocess, finish: bool = True) -> dic
         if sample.image is None and sample.note is None:
             item["failure"] = "no_input: the row has neither an image nor a note"
     except ClinfuseError as exc:
-        side = "image" if isinstance(exc, DicomError) else "note"
-        item["failure"] = f"{side}:{getattr(exc, 'reason', 'error')}: {exc}"
+        item["failure"] = failure_text(row, exc)
     return finish_item(item, transforms) if finish else item
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
+from clinfuse.data.identifiers import Identifiers, header_identifiers
 from clinfuse.errors import DicomError
 
 __all__ = ["DicomImage", "apply_window", "default_window", "read_dicom"]
@@ -63,6 +64,9 @@ class DicomImage:
     spacing: tuple[float, ...]  # mm per pixel: (row, col) or (slice, row, col); 1.0 when unknown
     window: tuple[float, float] | None  # (center, width) in the units of `pixels`
     meta: dict[str, object]  # non-identifying metadata only (see `_meta`)
+    # the header's patient names, ids and birth date, kept only to mask them in the study's
+    # note (`clinfuse.data.identifiers`); never written, logged or shown
+    identifiers: Identifiers = field(default=Identifiers(), repr=False, compare=False)
 
     @property
     def spatial_dims(self) -> int:
@@ -252,7 +256,8 @@ def _to_image(path: Path, ds: Dataset) -> DicomImage:
         pixels = pixels[:, 0]  # (C, H, W)
     else:
         spacing = (_frame_spacing(ds), *spacing)
-    return DicomImage(pixels, spacing, window, _meta(ds, photometric, frames))
+    meta = _meta(ds, photometric, frames)
+    return DicomImage(pixels, spacing, window, meta, header_identifiers(ds))
 
 
 def _decode(path: Path, ds: Dataset) -> tuple[np.ndarray, str]:
@@ -403,7 +408,10 @@ def _read_series(folder: Path) -> DicomImage:
     first = slices[order[0]][0]
     pixels = np.stack([slices[i][0].pixels for i in order], axis=1)  # (C, D, H, W)
     meta = dict(first.meta, n_frames=len(slices))
-    return DicomImage(pixels, (slice_spacing, *first.spacing), first.window, meta)
+    identifiers = Identifiers()
+    for image, _ in slices:
+        identifiers |= image.identifiers
+    return DicomImage(pixels, (slice_spacing, *first.spacing), first.window, meta, identifiers)
 
 
 def _check_one_series(folder: Path, slices: list[tuple[DicomImage, Dataset]]) -> None:

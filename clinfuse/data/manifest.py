@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +119,31 @@ def _kind(path: Path) -> str:
 
 
 def _text_table(path: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as text; a column with no name is dropped while empty (a trailing separator)
+    and refused when it holds values (taken for a label, its values would be trained on)."""
     table.columns = _unique_columns(path, table.columns)
-    return table.map(_as_text) if len(table) else table.astype(str)
+    text = table.map(_as_text) if len(table) else table.astype(str)
+    unnamed = [i for i, c in enumerate(text.columns) if not c or re.fullmatch(r"Unnamed: \d+", c)]
+    for i in unnamed:  # by position: two blank names are one name
+        if (text.iloc[:, i] != "").any():
+            raise ManifestError(
+                path,
+                f"column {i + 1} has no name in the header but holds values",
+                hint="name it in the header, or remove the column",
+            )
+    return text.iloc[:, [i for i in range(text.shape[1]) if i not in unnamed]]
 
 
 def _unique_columns(path: Path, names: Iterable[object]) -> list[str]:
     """Column names stripped; one named twice is an error (it would hide one column's values)."""
     stripped = [str(name).strip() for name in names]
+    if "row" in stripped:  # the manifest's own row numbers take that name
+        raise ManifestError(
+            path,
+            "a column named 'row' is reserved for the row numbers clinfuse reports",
+            column="row",
+            hint="rename it (for example source_row)",
+        )
     seen: set[str] = set()
     for name in stripped:
         if name in seen and name:  # empty names (a trailing separator) are pandas' "Unnamed"
@@ -155,6 +174,8 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
     try:
         sep = _csv_header(path)[0] if kind == "csv" else ","
         if kind == "csv":
+            _check_first_row(path, sep)  # pandas would take a longer first row's extra cell
+            # for an index column and shift every column; later long rows it refuses
             chunks = pd.read_csv(
                 path,
                 sep=sep,
@@ -162,6 +183,7 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
                 keep_default_na=False,
                 encoding="utf-8-sig",
                 chunksize=chunk_rows,
+                index_col=False,
             )
         elif kind == "parquet":
             batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows or 1 << 30)
@@ -192,7 +214,29 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
         if bad is not None:  # pandas names a character position; a person needs the line
             number, problem = bad
             raise ManifestError(path, f"line {number} is not a JSON object ({problem})") from exc
+        long = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if long:
+            width, line, cells = long.groups()
+            raise ManifestError(
+                path,
+                f"line {line} has {cells} cells where the header has {width}",
+                hint=_QUOTE_HINT,
+            ) from exc
         raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
+
+
+_QUOTE_HINT = 'a cell that holds the separator must be quoted ("Fever, cough"), as CSV writers do'
+
+
+def _check_first_row(path: Path, sep: str) -> None:
+    """Refuse a first data row with more cells than the header (see `read_chunks`)."""
+    records = _csv_records(path, sep)
+    width, first = len(next(records, [])), next(records, [])
+    records.close()
+    if len(first) > width:
+        raise ManifestError(
+            path, f"has {len(first)} cells where the header has {width}", row=1, hint=_QUOTE_HINT
+        )
 
 
 def _bad_json_line(path: Path) -> tuple[int, str] | None:
@@ -229,12 +273,16 @@ def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     path = Path(path)
     if _kind(path) != "csv":
         return {}
-    sep = _csv_header(path)[0]
+    records = _csv_records(path, _csv_header(path)[0])
+    width = len(next(records, []))
+    return {n: (len(r), width) for n, r in enumerate(records, 1) if len(r) < width}
+
+
+def _csv_records(path: Path, sep: str) -> Iterator[list[str]]:
+    """A CSV's non-blank records, the header first, as Python's csv module splits them."""
     csv.field_size_limit(2**31 - 1)  # a long inline note is one cell, as pandas reads it
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
-        records = (r for r in csv.reader(file, delimiter=sep) if any(c.strip() for c in r))
-        width = len(next(records, []))
-        return {n: (len(r), width) for n, r in enumerate(records, 1) if len(r) < width}
+        yield from (r for r in csv.reader(file, delimiter=sep) if any(c.strip() for c in r))
 
 
 def listed_rows(rows: Iterable[int], limit: int = 10) -> str:
@@ -274,14 +322,32 @@ def report_short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     return short
 
 
+_LABEL_WORDS = {  # what a spreadsheet holds where a label was meant: safe to quote
+    "yes", "no", "y", "n", "pos", "neg", "positive", "negative", "present", "absent", "t", "f",
+    "na", "n/a", "nan", "null", "none", "unknown", "?", "x", "-",
+}  # fmt: skip
+
+
+def _shown(value: str) -> str:
+    """A cell for an error message: a short number or word as written; other text only by its
+    length (a column taken for a label may hold a patient's name or birth date)."""
+    if re.fullmatch(r"[-+.0-9eE]{1,5}", value) or value.lower() in _LABEL_WORDS:  # not a date
+        return repr(value)
+    return f"(a text of {len(value)} characters, not shown: it may identify a patient)"
+
+
 def _as_text(value: object) -> str:
-    """A cell as text: None/NaN -> "", 1.0 -> "1", strings stripped."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A cell as text: None/NaN/<NA> (Parquet's nulls in nullable columns) -> "", 1.0 -> "1",
+    strings stripped."""
+    if value is None or value is pd.NA or value is pd.NaT:
         return ""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "1" if value else "0"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return ""
+        if float(value).is_integer():
+            return str(int(value))
     return str(value).strip()
 
 
@@ -450,6 +516,16 @@ def _check_required_values(path: Path, table: pd.DataFrame) -> None:
                 column=column,
                 hint="every study needs a study_id and a patient_id",
             )
+    for column in ("study_id", "patient_id", "image", "note_path"):  # ids go to the store
+        control = table.index[table[column].str.contains(r"[\x00-\x1f\x7f]", regex=True)]
+        if len(control):  # a NUL or a line break: no database or file system takes it as meant
+            raise ManifestError(
+                path,
+                "a control character (NUL, tab, line break, ...) in an id or a path",
+                row=int(table.at[control[0], "row"]),
+                column=column,
+                hint="remove it: the export that wrote the manifest may have damaged the cell",
+            )
 
 
 def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
@@ -479,7 +555,7 @@ def _parse_labels(
             first = bad.idxmax()
             raise ManifestError(
                 path,
-                f"label value {table.at[first, name]!r} is not 1, 0 or empty",
+                f"label value {_shown(table.at[first, name])} is not 1, 0 or empty",
                 row=int(table.at[first, "row"]),
                 column=name,
                 hint="use 1 (present), 0 (absent) or leave empty (unknown)"

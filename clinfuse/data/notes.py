@@ -89,23 +89,31 @@ def _warn(message: str) -> None:
     warnings.warn(message, NoteWarning, stacklevel=4)
 
 
-def read_note_file(path: str | Path) -> str | None:
-    """Read a note file (see `decode_note` for its encodings); a typed error if unreadable."""
+def read_note_file(path: str | Path, source: str | None = None) -> str | None:
+    """Read a note file (see `decode_note` for its encodings); a typed error if unreadable.
+    Warnings name `source` (default: the path)."""
     path = Path(path)
+    source = source or str(path)
     try:
+        if path.exists() and not path.is_file():  # a folder; a FIFO or device would block
+            raise NoteError(path, "not a regular file (a folder, a device or a pipe)")
         raw = path.read_bytes()
-    except OSError as exc:
-        raise NoteError(path, exc.strerror or str(exc)) from exc
-    return clean_note(decode_note(raw, str(path)), source=str(path))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise NoteError(path, getattr(exc, "strerror", None) or str(exc)) from exc
+    return clean_note(decode_note(raw, source), source=source)
 
 
-def read_note(text: str | None = None, path: str | Path | None = None) -> str | None:
+def read_note(
+    text: str | None = None, path: str | Path | None = None, source: str | None = None
+) -> str | None:
     """The note of one study from inline `text` or a file `path`; None when there is none.
 
-    Inline text wins when both are given and non-empty.
+    Inline text wins when both are given and non-empty. Repair warnings name `source`
+    (default: the file, or "note"): a study's loaders give its manifest row, since a folder
+    name may hold a patient's name or record number.
     """
     if text is not None and str(text).strip():
-        return clean_note(str(text))
+        return clean_note(str(text), source=source or "note")
     if path is not None and str(path).strip():
-        return read_note_file(path)
+        return read_note_file(path, source)
     return None

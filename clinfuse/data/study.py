@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from clinfuse.data.dicom import DicomImage, read_dicom
+from clinfuse.data.dicom import DicomImage, read_dicom, read_header
+from clinfuse.data.identifiers import Identifiers, header_identifiers, redact
 from clinfuse.data.manifest import StudyRow
 from clinfuse.data.notes import read_note
+from clinfuse.errors import ClinfuseError, DicomError, without_path
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -48,7 +51,41 @@ class Sample:
 
 
 def load_study(row: StudyRow) -> Sample:
-    """Read a row's image and note; raises `DicomError` or `NoteError` naming the file."""
+    """Read a row's image and note, the note with the study's own identifiers masked
+    (`study_identifiers`); raises `DicomError` or `NoteError` naming the file."""
     image = read_dicom(row.image) if row.image is not None else None
-    note = read_note(row.note, row.note_path)
+    note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
+    note = redact(note, study_identifiers(image, row.patient_id))
     return Sample(study_id=row.study_id, image=image, note=note, labels=row.labels, split=row.split)
+
+
+def failure_text(row: StudyRow, exc: ClinfuseError) -> str:
+    """Why a row cannot be read, as `<side>:<reason>: manifest row N's <side>: <detail>`, never
+    its file's path (`without_path`; the row leads to the file): what validate, train,
+    evaluate and infer record."""
+    side = "image" if isinstance(exc, DicomError) else "note"
+    what = f"manifest row {row.row}'s {side}"
+    return f"{side}:{without_path(exc, what)}"
+
+
+def study_identifiers(
+    image: DicomImage | Path | None, patient_id: str | None = None
+) -> Identifiers:
+    """What a study's note must not show (`clinfuse.data.identifiers`): the patient id of its
+    manifest row and the names, ids and birth date of its image's header (read from the header
+    alone when `image` is a path: every file of a series folder, as `read_dicom` gathers them;
+    none from a file that cannot be read, which reading the image reports)."""
+    found = Identifiers.of_ids(patient_id)
+    if isinstance(image, DicomImage):
+        return found | image.identifiers
+    if image is not None:
+        try:
+            files = sorted(image.iterdir()) if image.is_dir() else [image]
+        except OSError:
+            files = []
+        for file in files:
+            try:
+                found |= header_identifiers(read_header(file))
+            except (DicomError, OSError):
+                continue
+    return found

@@ -25,8 +25,8 @@ from clinfuse.data.manifest import (
     load_manifest,
     short_rows,
 )
-from clinfuse.data.study import load_study
-from clinfuse.errors import ClinfuseError, DicomError
+from clinfuse.data.study import failure_text, load_study
+from clinfuse.errors import ClinfuseError
 
 STATUSES = ("ok", "image_only", "note_only", "failed")
 VERDICT_COLUMNS = ("row", "study_id", "split", "status", "reason", "warning", "image_dims")
@@ -40,11 +40,10 @@ def check_row(row: StudyRow) -> dict[str, object]:
         try:
             sample = load_study(row)
         except ClinfuseError as exc:
-            side = "image" if isinstance(exc, DicomError) else "note"
             return {
                 **verdict,
                 "status": "failed",
-                "reason": f"{side}:{exc.reason}: {exc}",
+                "reason": failure_text(row, exc),
                 "warning": _joined(caught),
             }
     if sample.image is None and sample.note is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,7 @@ def write_evaluation(
         json.dumps(first_run.metrics, indent=2, allow_nan=False), encoding="utf-8"
     )
     first_table.to_csv(out_dir / "predictions.csv", index=False)
-    failures_table(first_run).to_csv(out_dir / "failures.csv", index=False)  # as metrics.json
+    write_failures(out_dir / "failures.csv", first_run.failures)  # the model of metrics.json
     if len(names) > 1:
         _warn_if_not_comparable(runs)
         compare = {name: run.metrics for name, (run, _) in runs.items()}
@@ -120,13 +120,14 @@ def write_evaluation(
         )
         for name, (run, table) in runs.items():
             table.to_csv(out_dir / f"predictions_{name}.csv", index=False)
-            failures_table(run).to_csv(out_dir / failures_file(names, name), index=False)
+            write_failures(out_dir / failures_file(names, name), run.failures)
     return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
 
 
-def failures_table(run: EvaluationRun) -> pd.DataFrame:
-    """The studies of the split that could not be read: study_id, reason."""
-    return pd.DataFrame(run.failures, columns=["study_id", "reason"])
+def write_failures(path: Path, failures: Iterable[tuple[str, str]]) -> None:
+    """failures.csv: the studies that could not be read, with why (study_id, reason), sorted;
+    `clinfuse train` and `clinfuse evaluate` both write it."""
+    pd.DataFrame(sorted(failures), columns=["study_id", "reason"]).to_csv(path, index=False)
 
 
 def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> None:

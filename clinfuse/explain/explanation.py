@@ -10,6 +10,7 @@ summarises to a JSON-able record for a database.
 from __future__ import annotations
 
 import base64
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
+
+from clinfuse.exports.files import write_atomic
 
 TOP_WORDS = 10  # words kept per label in `to_record`
 RECORD_MAX_SIDE = {2: 64, 3: 32}  # the record's image map: at most 64x64, or 32x32x32
@@ -81,8 +84,10 @@ class Explanation:
         return self._localised[j]
 
     # -- files ------------------------------------------------------------------------------
-    def save_npz(self, path: str | Path) -> Path:
-        """Write a compressed `.npz` of plain arrays (no pickled objects); returns the path."""
+    def save_npz(self, path: str | Path, sweep: bool = True) -> Path:
+        """Write a compressed `.npz` of plain arrays (no pickled objects), atomically (a crash or
+        a full disk leaves the old file or none, never half of one); returns the path. `sweep`:
+        see `write_atomic` (a run of many studies sweeps its folder once)."""
         path = Path(path)
         arrays: dict[str, np.ndarray] = {
             "study_id": np.asarray(self.study_id, dtype=np.str_),
@@ -106,9 +111,9 @@ class Explanation:
             arrays["note"] = np.asarray(self.note, dtype=np.str_)
         if self.note_read is not None:
             arrays["note_read"] = np.asarray(self.note_read, dtype=np.int64)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as file:  # a file object: numpy would otherwise append ".npz"
-            np.savez_compressed(file, **arrays)
+        buffer = io.BytesIO()  # a file object: numpy would otherwise append ".npz"
+        np.savez_compressed(buffer, **arrays)
+        write_atomic(path, buffer.getvalue(), sweep=sweep)
         return path
 
     @classmethod

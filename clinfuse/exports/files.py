@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import UID
 
 from clinfuse.data.dicom import read_header
 from clinfuse.data.study import file_stem
@@ -86,11 +87,13 @@ def check_writable_file(path: Path) -> None:
     check_writable(path.parent)  # it exists, so nothing is created
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` in one rename; on any error the old file stays as it was."""
+def write_atomic(path: Path, data: bytes, sweep: bool = True) -> None:
+    """Replace `path` with `data` in one rename; on any error the old file stays as it was.
+    `sweep` removes this file's temporaries a killed earlier writer left (a listing of the
+    folder: a writer of one file per study calls `sweep_temporaries` once instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed earlier run
-        stale.unlink(missing_ok=True)
+    if sweep:
+        sweep_temporaries(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -103,21 +106,36 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def sweep_temporaries(folder: Path, name: str = "*") -> None:
+    """Remove the temporaries of `write_atomic` (of file `name`, or all) a killed writer left."""
+    for stale in folder.glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def referable(sources: Sequence[Dataset], study_id: str) -> list[Dataset]:
     """The source headers a report can reference (all of `EVIDENCE_ATTRIBUTES`); a warning names
     the study when some cannot be, and without any the exports stand in a study of their own."""
-    kept = [s for s in sources if all(k in s for k in EVIDENCE_ATTRIBUTES)]
+    kept = [s for s in sources if all(_valid_uid(s, k) for k in EVIDENCE_ATTRIBUTES)]
     if len(kept) < len(sources):
         log.warning(
-            "study %s: %d of its %d source DICOM file(s) lack one of %s, so its exports do not "
+            "study %s: %d of its %d source DICOM file(s) lack a valid %s, so its exports do not "
             "reference %s",
             study_id,
             len(sources) - len(kept),
             len(sources),
-            ", ".join(EVIDENCE_ATTRIBUTES),
+            " or ".join(EVIDENCE_ATTRIBUTES),
             "them" if kept else "the image (they stand in a study of their own)",
         )
     return kept
+
+
+def _valid_uid(ds: Dataset, keyword: str) -> bool:
+    """Whether the header holds `keyword` as a valid UID (non-empty, at most 64 characters of
+    digits and dots): a report must not copy an empty or malformed one into its evidence."""
+    try:
+        return UID(str(ds.get(keyword) or "")).is_valid
+    except Exception:
+        return False
 
 
 def read_source(path: Path) -> list[Dataset]:
@@ -193,10 +211,11 @@ def write_study_exports(
     if "fhir" in formats:
         report = diagnostic_report(pred, labels, issued, study_uid)
         path = out_dir / "fhir" / f"{name}.json"
-        write_atomic(path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        report_bytes = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
+        write_atomic(path, report_bytes, sweep=False)  # swept once a run (`sweep_temporaries`)
         written.append(path)
     if "sr" in formats:
         path = out_dir / "sr" / f"{name}.dcm"
-        write_atomic(path, _sr_bytes(pred, labels, sources, issued))
+        write_atomic(path, _sr_bytes(pred, labels, sources, issued), sweep=False)
         written.append(path)
     return written

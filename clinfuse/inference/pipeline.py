@@ -40,7 +40,7 @@ from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
-from clinfuse.exports.files import new_folder
+from clinfuse.exports.files import new_folder, sweep_temporaries
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
@@ -212,9 +212,8 @@ class OpenRun:
 
     def release(self) -> None:
         """Let another invocation take the run folder (the OS does it if the process dies)."""
-        if self.lock is not None:
-            os.close(self.lock)
-            self.lock = None
+        release_run_folder(self.lock)
+        self.lock = None
 
 
 def hold_run_folder(run_dir: Path) -> int | None:
@@ -236,6 +235,44 @@ def hold_run_folder(run_dir: Path) -> int | None:
         log.warning("%s cannot be locked (%s): do not run two invocations on it", run_dir, exc)
         return None
     return fd
+
+
+def release_run_folder(lock: int | None) -> None:
+    """Undo `hold_run_folder` (closing the descriptor drops its lock)."""
+    if lock is not None:
+        os.close(lock)
+
+
+PER_STUDY_FOLDERS = ("explanations", "fhir", "sr")  # RUN_DIR's folders of files named by study
+
+
+def refuse_replacing_files(
+    run_dir: Path, store: Store, key: str, settings: InferenceSettings
+) -> None:
+    """A new run (another model, manifest or --explain/--standards) into a folder whose
+    per-study files belong to an earlier run: they are named by study, so this run's would
+    replace them while the store still points the earlier run at them. A `ClinfuseError`
+    naming the folders; the same command (a resume) and a run writing other folders pass."""
+    runs = store.runs()
+    earlier = [r["id"] for r in runs if r["run_key"] != key]
+    if not earlier or len(earlier) < len(runs):  # the first run, or this run resumed
+        return
+    wanted = {
+        "explanations": settings.explain != "none",
+        "fhir": "fhir" in settings.standards,
+        "sr": "sr" in settings.standards,
+    }
+    taken = [
+        f"{name}/"
+        for name in PER_STUDY_FOLDERS
+        if wanted[name] and (run_dir / name).is_dir() and any((run_dir / name).iterdir())
+    ]
+    if taken:
+        raise ClinfuseError(
+            f"{run_dir}: the files in {' and '.join(taken)} belong to run "
+            f"{', '.join(map(str, earlier))}; this run's would replace them (they are named by "
+            "study) while the store still points at them. Use a new --out folder for this run"
+        )
 
 
 def same_store(url: str, other: str) -> bool:
@@ -265,8 +302,7 @@ def open_run(
                 Path(model_dir), Path(manifest), run_dir, store_url, settings, started, lock
             )
         except BaseException:
-            if lock is not None:
-                os.close(lock)
+            release_run_folder(lock)
             raise
 
 
@@ -297,10 +333,17 @@ def _open_run(
         saved.get("metrics", {}).get("validation", {}),
     )
     sha = file_sha256(manifest)
+    key = run_key(version, manifest, sha, settings, None if own_store else run_dir)
+    if own_store:
+        try:
+            refuse_replacing_files(run_dir, store, key, settings)
+        except ClinfuseError:
+            store.close()
+            raise
     run_id, resumed = store.start_run(
-        run_key(version, manifest, sha, settings, None if own_store else run_dir),
+        key,
         version,
-        str(manifest.resolve()),
+        str(manifest.absolute()),  # not resolved: its rows' paths are relative to this folder
         sha,
         {k: v for k, v in asdict(settings).items() if k != "device"},
     )
@@ -309,7 +352,7 @@ def _open_run(
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
     earlier = [r["id"] for r in store.runs() if r["id"] != run_id]
     if not resumed and earlier and own_store:
-        kept = [f"{d}/" for d in ("explanations", "fhir", "sr") if (run_dir / d).is_dir()]
+        kept = [f"{d}/" for d in PER_STUDY_FOLDERS if (run_dir / d).is_dir()]
         log.warning(
             "%s already holds run %s (another model, manifest or --explain/--standards): its "
             "predictions.csv, .parquet and failures.csv are replaced by run %d's%s; the store "
@@ -319,6 +362,8 @@ def _open_run(
             run_id,
             f" while {', '.join(kept)} may still hold the earlier run's files" if kept else "",
         )
+    for name in PER_STUDY_FOLDERS:  # what a killed earlier invocation was writing
+        sweep_temporaries(run_dir / name)
     issued = store.run(run_id)["started_at"]
     shown_url = parse_url(store_url).render_as_string(hide_password=True)
     return OpenRun(
@@ -396,15 +441,16 @@ def commit(
             run.issued,
         )
     written = run.store.write_batch(run.run_id, predictions, failures, explanations)
-    if written.total() != len(predictions) + len(failures):
+    new_studies = written["predicted"] + written["failed"]
+    if new_studies != len(predictions) + len(failures):
         log.warning(
             "%d studies of a batch were already in the store; kept the first",
-            len(predictions) + len(failures) - written.total(),
+            len(predictions) + len(failures) - new_studies,
         )
     bar.update(len(predictions) + len(failures))
     run.predicted += written["predicted"]  # the summary counts what this run wrote
     run.failed += written["failed"]
-    run.explained += len(explanations)
+    run.explained += written["explained"]
 
 
 def run_inference(
@@ -589,15 +635,9 @@ def explain_and_save(
         labels = [n for n, d in zip(model.labels, positive, strict=True) if d or mode == "all"]
         if not labels:
             continue
-        path = run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
-        tmp = path.with_name(path.name + ".tmp.npz")
         try:
             (explanation,) = explain(model, batch.select([i]).to(device), labels)
-            explanation.model_version = version
-            explanation.save_npz(tmp)
-            tmp.replace(path)  # atomic: a crash never leaves half a file
         except Exception as exc:  # one study's explanation never stops a night's run
-            tmp.unlink(missing_ok=True)
             log.warning(
                 "study %s: not explained (%s: %s); its prediction is kept",
                 batch.study_ids[i],
@@ -605,6 +645,11 @@ def explain_and_save(
                 " ".join(str(exc).split())[:200],
             )
             continue
+        explanation.model_version = version
+        # A full disk stops the run before the batch is committed, so the same command
+        # explains these studies again (not: their predictions kept, their explanations lost).
+        path = run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
+        explanation.save_npz(path, sweep=False)  # swept once a run, by `open_run`
         records.append(ExplanationRecord(explanation.study_id, explanation.to_record(), str(path)))
     return records
 
@@ -618,7 +663,8 @@ def write_standards(
     issued: datetime,
 ) -> None:
     """FHIR / DICOM SR files per study (the SR references the study's own image). An image
-    whose header cannot be read again (replaced or removed since it was scored) leaves that
+    whose header cannot be read again (replaced or removed since it was scored), or that the
+    report cannot reference (highdicom refuses a vendor's private SOP class), leaves that
     study's files without the reference, with a warning: it never stops the run, whose every
     rerun would stop at the same study."""
     from clinfuse.exports import write_study_exports
@@ -630,12 +676,15 @@ def write_standards(
         )
         try:
             write(Path(source) if source else None)
-        except DicomError as exc:
+        except OSError:
+            raise  # a full disk or a read-only folder: stop, so the batch is not committed
+        except Exception as exc:
+            why = exc.reason if isinstance(exc, DicomError) else type(exc).__name__
             log.warning(  # the reason, not the message: a path may hold a patient's name
                 "study %s: its %s do not reference its image, whose header cannot be read "
-                "again (%s)",
+                "again or referenced (%s)",
                 prediction.study_id,
                 " and ".join(formats),
-                exc.reason,
+                why,
             )
             write(None)

@@ -17,15 +17,26 @@ from clinfuse.review.study import (
     save_review,
     study_view,
 )
-from clinfuse.review.worklist import WorklistQuery, page_columns, page_statement, worklist
+from clinfuse.review.worklist import (
+    WorklistQuery,
+    ordered_ids,
+    page_columns,
+    page_statement,
+    worklist,
+)
+
+# Where the dashboard may listen without OIDC login (local single-user mode): this machine.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 __all__ = [
+    "LOCAL_HOSTS",
     "ManifestEntry",
     "StudyView",
     "WorklistQuery",
     "export_reviewed_manifest",
     "latest_reviews",
     "manifest_index",
+    "ordered_ids",
     "page_columns",
     "page_statement",
     "review_agreement",

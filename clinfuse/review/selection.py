@@ -24,34 +24,40 @@ TOP_FIRST_DEPTH = 2000  # pages reaching deeper into the default order group the
 
 
 def select_page(
-    query: WorklistQuery, thresholds: dict[str, float], page: int, page_size: int
+    query: WorklistQuery, thresholds: dict[str, float], page: int, page_size: int | None
 ) -> tuple[sa.Select, sa.Select]:
-    """(the page's study ids, ordered and cut; every matching study id, to count).
+    """(the page's study ids, ordered and cut; every matching study id, to count); with
+    `page_size` None, every matching id in order.
 
     `thresholds` are the run model's, one per label. The sort is assumed valid.
     """
+    depth = None if page_size is None else (page + 1) * page_size
     if query.failures:
         statement, key, sort = _failure_keys(query)
         matches = statement
     else:
-        statement, matches, key, sort = _study_keys(query, thresholds, (page + 1) * page_size)
+        statement, matches, key, sort = _study_keys(query, thresholds, depth)
     order = [sort.desc() if query.descending else sort.asc()]
     if sort is not key:  # studies without a value last; ties by study id
         order = [order[0].nulls_last(), key.asc()]
-    return statement.order_by(*order).limit(page_size).offset(page * page_size), matches
+    statement = statement.order_by(*order)
+    if page_size is None:
+        return statement, matches
+    return statement.limit(page_size).offset(page * page_size), matches
 
 
 def _study_keys(
-    query: WorklistQuery, thresholds: dict[str, float], depth: int
+    query: WorklistQuery, thresholds: dict[str, float], depth: int | None
 ) -> tuple[sa.Select, sa.Select, sa.ColumnElement, sa.ColumnElement]:
     """(ids to page, ids to count, the id column paged, the sort expression) of the run's
-    predicted studies; `depth` = how many of the order the page reaches into."""
+    predicted studies; `depth` = how many of the order the page reaches into (None: all)."""
     run_id = query.run_id
     matches = sa.select(Study.study_id).where(Study.run_id == run_id, Study.status == "predicted")
     matches = matches.where(*_filters(query, Study.study_id, thresholds))
     top_range = query.label is None and (query.p_min > 0.0 or query.p_max < 1.0)
     narrowed = query.uncertain is not None or query.disagreement or _label_range(query)
-    if query.sort == "top_probability" and query.descending and depth <= TOP_FIRST_DEPTH:
+    shallow = depth is not None and depth <= TOP_FIRST_DEPTH
+    if query.sort == "top_probability" and query.descending and shallow:
         if not (top_range or narrowed):  # the default view: read the top of each label's index
             statement, key, sort = _top_first(query, thresholds, depth)
             return statement, matches, key, sort

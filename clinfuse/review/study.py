@@ -21,22 +21,26 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from clinfuse.data.identifiers import Identifiers, redact
 from clinfuse.data.manifest import file_sha256, read_chunks
 from clinfuse.data.notes import read_note
-from clinfuse.errors import ClinfuseError, ManifestError
+from clinfuse.data.study import study_identifiers
+from clinfuse.errors import ClinfuseError, ManifestError, without_path
 from clinfuse.store import ReviewEvent, Store, StoreError
 from clinfuse.store.schema import Failure, Prediction, Study
 
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    """Where a study's inputs are: absolute paths and any inline note (no patient id)."""
+    """Where a study's inputs are: absolute paths and any inline note (the patient id only
+    among the identifiers its note is masked with)."""
 
     row: int  # 1-based data row of the manifest
     study_id: str
     image: Path | None
     note: str | None  # inline note text
     note_path: Path | None
+    identifiers: Identifiers = field(default=Identifiers(), repr=False, compare=False)
 
 
 @dataclass
@@ -87,7 +91,9 @@ def run_manifest_index(run: Mapping[str, Any]) -> Mapping[str, ManifestEntry]:
 
 
 def _indexed(manifest_path: str | Path) -> tuple[Mapping[str, ManifestEntry], str]:
-    path = Path(manifest_path).expanduser().resolve()
+    # absolute, not resolved: a manifest reached through a link reads its rows' paths from
+    # the link's folder, as `clinfuse infer` read them (`Manifest.root`)
+    path = Path(manifest_path).expanduser().absolute()
     stat = path.stat()
     return _index(str(path), stat.st_mtime_ns, stat.st_size)
 
@@ -109,6 +115,7 @@ def _index(path: str, mtime_ns: int, size: int) -> tuple[Mapping[str, ManifestEn
                 image=root / image if image else None,
                 note=cell.get("note") or None,
                 note_path=root / note_path if note_path else None,
+                identifiers=Identifiers.of_ids(cell.get("patient_id")),
             )
     return MappingProxyType(entries), file_sha256(Path(path))
 
@@ -190,8 +197,10 @@ def _inputs(run: Mapping[str, Any], study_id: str) -> tuple[Path | None, str | N
         with warnings.catch_warnings():  # a repaired note is still shown
             warnings.simplefilter("ignore")
             note = read_note(entry.note, entry.note_path)
-    except ClinfuseError as exc:
-        return entry.image, None, str(exc)
+    except ClinfuseError as exc:  # never the note's path: it may hold a patient's name
+        return entry.image, None, without_path(exc, f"manifest row {entry.row}'s note")
+    if note:  # masked as the model read it (`load_study`)
+        note = redact(note, study_identifiers(entry.image) | entry.identifiers)
     return entry.image, note, None
 
 

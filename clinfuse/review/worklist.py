@@ -137,11 +137,19 @@ def page_statement(
     return statement, labels
 
 
+def ordered_ids(store: Store, query: WorklistQuery) -> list[str]:
+    """Every study id matching `query`, in the worklist's order (what "next" walks)."""
+    statement, _, _ = _plan(store, query, 0, None)
+    with store.engine.connect() as conn:
+        return [str(x) for x in conn.scalars(statement)]
+
+
 def _plan(
-    store: Store, query: WorklistQuery, page: int, page_size: int
+    store: Store, query: WorklistQuery, page: int, page_size: int | None
 ) -> tuple[sa.Select, sa.Select, list[str]]:
-    """(the page's ids, ordered and cut; all matching ids, to count; the run's labels)."""
-    if page < 0 or not 1 <= page_size <= MAX_PAGE_SIZE:
+    """(the page's ids, ordered and cut, or all with `page_size` None; all matching ids, to
+    count; the run's labels)."""
+    if page < 0 or not (page_size is None or 1 <= page_size <= MAX_PAGE_SIZE):
         raise ValueError(f"need page >= 0 and 1 <= page_size <= {MAX_PAGE_SIZE}")
     run = store.run(query.run_id)
     labels = list(run["labels"])

@@ -263,7 +263,7 @@ class Store:
         explanations: Sequence[ExplanationRecord] = (),
     ) -> Counter[str]:
         """Write a batch in ONE transaction; returns how many studies it newly wrote, by status
-        ("predicted", "failed"; `.total()` for all).
+        ("predicted", "failed"), and how many explanations ("explained", when any).
 
         A study the run already has is skipped with its prediction or failure, never written
         twice; within a batch a study's first record wins (predictions before failures). An
@@ -310,15 +310,23 @@ class Store:
                     f"run {run_id}: explanations for studies it has no prediction or failure "
                     f"for: {sorted(unknown)[:5]}"
                 )
-            self._insert_new(conn, Explanation, list(explained.values()), ["run_id", "study_id"])
-        return Counter(studies[s]["status"] for s in new)
+            n_explained = self._insert_new(
+                conn, Explanation, list(explained.values()), ["run_id", "study_id"]
+            )
+        written = Counter(studies[s]["status"] for s in new)
+        if n_explained:
+            written["explained"] = n_explained
+        return written
 
     def _insert_new(
         self, conn: sa.Connection, table: type, rows: list[dict[str, Any]], key: list[str]
-    ) -> None:
-        """INSERT .. ON CONFLICT (key) DO NOTHING: rows already stored stay as they are."""
-        if rows:
-            conn.execute(self._insert(table).on_conflict_do_nothing(index_elements=key), rows)
+    ) -> int:
+        """INSERT .. ON CONFLICT (key) DO NOTHING: rows already stored stay as they are.
+        Returns how many rows were new."""
+        if not rows:
+            return 0
+        insert = self._insert(table).on_conflict_do_nothing(index_elements=key)
+        return len(conn.execute(insert.returning(getattr(table, key[0])), rows).all())
 
     def _run_model(self, run_id: int) -> tuple[str, frozenset[str]]:
         """(model version, labels) of a run, remembered: a run's model never changes."""

@@ -36,8 +36,10 @@ from tqdm import tqdm
 from clinfuse import __version__
 from clinfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, as_current
 from clinfuse.data.batch import Batch, Collator, StudyDataset, derived_seed
+from clinfuse.data.identifiers import redact
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
 from clinfuse.data.notes import read_note
+from clinfuse.data.study import study_identifiers
 from clinfuse.engine import Predictions, autocast, evidence_terms, predict, select_device
 from clinfuse.errors import ClinfuseError, ConfigError, ManifestError, unreadable_split
 from clinfuse.evaluation.calibration import (
@@ -46,6 +48,7 @@ from clinfuse.evaluation.calibration import (
     fit_evidence_weights,
     fit_thresholds,
 )
+from clinfuse.evaluation.evaluate import write_failures
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.model.checkpoint import read_checkpoint_config, save_checkpoint
 from clinfuse.model.model import FusionModel
@@ -473,9 +476,7 @@ def train(
         }
         save_checkpoint(final, out_dir, info)
         pd.DataFrame(progress.history).to_csv(out_dir / "history.csv", index=False)
-        pd.DataFrame(sorted(failures.items()), columns=["study_id", "reason"]).to_csv(
-            out_dir / "failures.csv", index=False
-        )
+        write_failures(out_dir / "failures.csv", failures.items())
         shutil.rmtree(state_dir, ignore_errors=True)
     if workers.world > 1:
         dist.barrier()
@@ -490,12 +491,16 @@ def train(
 
 
 def training_notes(rows: list[StudyRow]) -> list[tuple[str, str]]:
-    """(patient id, note) of the readable, non-empty notes of `rows`: what the tokenizer is
-    trained on (the patient, so a word only one patient's notes hold stays out of it)."""
+    """(patient id, note) of the readable, non-empty notes of `rows`, masked as `load_study`
+    masks them: what the tokenizer is trained on (the patient, so a word only one patient's
+    notes hold stays out of it)."""
     notes = []
     for row in rows:
         try:
-            notes.append((row.patient_id, read_note(row.note, row.note_path)))
+            note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
+            if note:
+                note = redact(note, study_identifiers(row.image, row.patient_id))
+            notes.append((row.patient_id, note))
         except ClinfuseError:
             continue  # recorded as a failure when the study is loaded for training
     return [(patient, note) for patient, note in notes if note]

@@ -22,7 +22,7 @@ from panels import (
 from session import ReviewSession, current, page_from_params, query_from_params
 
 from clinfuse.model.checkpoint import NOTICE
-from clinfuse.review import WorklistQuery, save_review, study_view, worklist
+from clinfuse.review import WorklistQuery, ordered_ids, save_review, study_view
 from clinfuse.store import StoreError
 
 WORKLIST_PAGE = Path(__file__).resolve().parent / "worklist.py"
@@ -34,37 +34,24 @@ VERDICTS = {
 CALLS = {"positive": 1, "negative": 0, "unknown": None}
 
 
-def neighbour(
-    session: ReviewSession, query: WorklistQuery, study_id: str, page: int, size: int
-) -> tuple[str | None, int]:
-    """(the study after `study_id` in the worklist's order, its 0-based page), or None."""
-    for number in dict.fromkeys([page, page - 1, page + 1]):
-        if number < 0:
-            continue
-        ids = [
-            str(x) for x in worklist(session.store, query, page=number, page_size=size)[0].study_id
-        ]
-        if study_id in ids:
-            at = ids.index(study_id)
-            if at + 1 < len(ids):
-                return ids[at + 1], number
-            after = worklist(session.store, query, page=number + 1, page_size=size)[0]
-            return (str(after.study_id.iloc[0]), number + 1) if len(after) else (None, number)
-    return None, page
-
-
-def next_study(
-    session: ReviewSession, params: dict[str, Any], study_id: str
-) -> tuple[str | None, int]:
-    """`neighbour` in the worklist the link describes; in the whole run when the link's filter
-    does not fit this run (a label or sort column of another model's link): looked up after
-    the verdict is saved, so a stale link can never cost the verdict."""
+def worklist_order(session: ReviewSession, params: dict[str, Any], study_id: str) -> list[str]:
+    """The study ids of the worklist the link describes, in its order; the whole run's when
+    the link's filter does not fit this run (a label or sort column of another model's link)
+    or no longer holds `study_id` (reviewed meanwhile, on a "not reviewed yet" link)."""
     query, _ = query_from_params(session.run_id, params)
-    page, size = page_from_params(params)
     try:
-        return neighbour(session, query, study_id, page, size)
+        order = ordered_ids(session.store, query)
     except ValueError:
-        return neighbour(session, WorklistQuery(run_id=session.run_id), study_id, 0, size)
+        order = []
+    if study_id in order:
+        return order
+    return ordered_ids(session.store, WorklistQuery(run_id=session.run_id))
+
+
+def study_after(order: list[str], study_id: str) -> str | None:
+    """The study after `study_id` in `order`; None after the last (or when it is not there)."""
+    at = order.index(study_id) if study_id in order else len(order)
+    return order[at + 1] if at + 1 < len(order) else None
 
 
 def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | None:
@@ -167,6 +154,12 @@ def main() -> None:
     submitted = verdict_form(view, session)
     if submitted is not None:
         verdict, labels_after, comment = submitted
+        # the next study is found before the save: a verdict can take this one off a filtered
+        # worklist ("not reviewed yet") or move it in a sorted one ("reviews", "last_*")
+        go_next = st.session_state.pop("sv_go_next", False)
+        following = None
+        if go_next:
+            following = study_after(worklist_order(session, params, view.study_id), view.study_id)
         try:
             review_id = save_review(
                 session.store,
@@ -182,16 +175,15 @@ def main() -> None:
             st.stop()
         st.session_state["sv_saved"] = view.study_id
         saved = f"Saved review #{review_id} of {view.study_id}: {VERDICTS[verdict].lower()}."
-        if st.session_state.pop("sv_go_next", False):
-            following, following_page = next_study(session, params, view.study_id)
-            if following is None:
-                st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
-            else:
-                st.session_state["sv_flash"] = saved
-                st.query_params["study"] = following
-                st.query_params["page"] = str(following_page + 1)
+        if go_next and following is None:
+            st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
         else:
             st.session_state["sv_flash"] = saved
+        if following is not None:  # its page in the worklist as the save left it
+            order = worklist_order(session, params, following)
+            size = page_from_params(params)[1]
+            st.query_params["study"] = following
+            st.query_params["page"] = str(order.index(following) // size + 1)
         st.rerun()
     st.subheader("Review history")
     history_panel(view.history)

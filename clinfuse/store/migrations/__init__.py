@@ -133,6 +133,8 @@ def _remedy(reason: str) -> str:
         return "make the store writable for this user"
     if "full" in said or "space" in said:
         return "free disk space"
+    if "nul" in said or "0x00" in said or "invalid byte sequence" in said:
+        return "remove the NUL or invalid characters from the manifest's cells"
     return "fix the database or the connection to it"
 
 
@@ -147,7 +149,7 @@ def write_transaction(engine: sa.Engine) -> Iterator[sa.Connection]:
             conn.execution_options(**{_WRITE: True})
             with conn.begin():
                 yield conn
-    except sa.exc.OperationalError as exc:
+    except (sa.exc.OperationalError, sa.exc.DataError) as exc:
         shown = engine.url.render_as_string(hide_password=True)
         reason = " ".join(str(exc.orig or exc).split())[:300]
         raise StoreError(

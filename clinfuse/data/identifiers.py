@@ -1,0 +1,167 @@
+"""A study's own identifiers, masked in its note before anything reads or shows it.
+
+A clinical note often repeats what the DICOM header and the manifest already say about the
+patient: the name ("Mrs Smith"), the record number, the date of birth. clinfuse never writes
+those from the header (see `clinfuse.data.dicom`), so the note must not carry them into the
+model, the explanation files, the store or the dashboard either. `redact` replaces every
+occurrence of the study's identifiers in its note (whole words, any case; dates in the usual
+spellings) by as many `MASK` characters, so character offsets into the note stay valid.
+
+This masks what the study's own records name. It is not a free-text de-identifier: other
+people's names, addresses or telephone numbers written only in the note are not found; run a
+dedicated de-identification tool over the notes before they leave the hospital.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import ConstrainedList  # MultiValue and Sequence
+
+__all__ = ["MASK", "Identifiers", "header_identifiers", "redact"]
+
+MASK = "█"  # one word to the tokenizer, a character no note vocabulary holds: [UNK]
+MIN_NAME = 2  # letters: a name part shorter than this (an initial) is left
+MIN_ID = 4  # characters: shorter ids ("12") would mask clinical numbers too
+
+# PS3.15 basic-profile attributes a note may repeat, by how their values are spelled.
+NAME_KEYWORDS = (
+    "PatientName",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+)
+ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber")
+DATE_KEYWORDS = ("PatientBirthDate",)
+MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Identifiers:
+    """Strings a study's note must not show: name parts, ids, dates (of birth)."""
+
+    names: frozenset[str] = frozenset()
+    ids: frozenset[str] = frozenset()
+    dates: frozenset[date] = frozenset()
+
+    def __or__(self, other: Identifiers) -> Identifiers:
+        return Identifiers(self.names | other.names, self.ids | other.ids, self.dates | other.dates)
+
+    @classmethod
+    def of_ids(cls, *ids: str | None) -> Identifiers:
+        """Identifiers from ids alone (a manifest's patient_id)."""
+        return cls(ids=frozenset(i.strip() for i in ids if i and len(i.strip()) >= MIN_ID))
+
+    def spellings(self, text: str = "") -> set[str]:
+        """Every string to mask (lower case); with `text`, dates only if it holds their year."""
+        found = {n.lower() for n in self.names} | {i.lower() for i in self.ids}
+        for day in self.dates:
+            if not text or f"{day.year % 100:02d}" in text:
+                found |= date_spellings(day)
+        return found
+
+
+def header_identifiers(ds: Dataset) -> Identifiers:
+    """The identifiers a DICOM header gives (`NAME_KEYWORDS`, `ID_KEYWORDS`,
+    `DATE_KEYWORDS`, and the ids of OtherPatientIDsSequence); unreadable values are skipped."""
+    names: set[str] = set()
+    for keyword in NAME_KEYWORDS:
+        for value in _values(ds, keyword):
+            names |= name_parts(value)
+    ids = [v for k in ID_KEYWORDS for v in _values(ds, k)]
+    for item in _values(ds, "OtherPatientIDsSequence"):
+        ids += _values(item, "PatientID")
+    dates = {d for k in DATE_KEYWORDS for v in _values(ds, k) if (d := _da(v))}
+    return Identifiers(frozenset(names), Identifiers.of_ids(*ids).ids, frozenset(dates))
+
+
+def name_parts(value: str) -> set[str]:
+    """A PN value's family, given and middle names (each of its alphabetic, ideographic and
+    phonetic groups), whole and split at spaces, commas and hyphens; prefixes and suffixes ("Dr",
+    "Jr") and initials are left."""
+    parts: set[str] = set()
+    for group in value.split("="):
+        for part in group.split("^")[:3]:
+            part = part.strip()
+            pieces = [part, *re.split(r"[\s,\-]+", part)]  # "SMITH, JOHN" written in one part
+            parts |= {p for p in pieces if sum(c.isalpha() for c in p) >= MIN_NAME}
+    return parts
+
+
+def date_spellings(day: date) -> set[str]:
+    """How a note may write a date (lower case): 19480312, 1948-03-12, 12/03/1948, 3/12/48,
+    12.3.1948, 12 March 1948, 12-Mar-1948, March 12, 1948, Mar. 12 1948, ..."""
+    y, yy = str(day.year), f"{day.year % 100:02d}"
+    days, months = {f"{day.day:02d}", str(day.day)}, {f"{day.month:02d}", str(day.month)}
+    found = {f"{y}{day.month:02d}{day.day:02d}"}
+    for sep in "/-.":
+        for d in days:
+            for m in months:
+                found |= {f"{y}{sep}{m}{sep}{d}"}
+                for year in (y, yy):
+                    found |= {f"{d}{sep}{m}{sep}{year}", f"{m}{sep}{d}{sep}{year}"}
+    full = MONTHS[day.month - 1]
+    for month in {full, full[:3], f"{full[:3]}."}:
+        for d in days:
+            found |= {
+                f"{d} {month} {y}",
+                f"{d}-{month}-{y}",
+                f"{month} {d}, {y}",
+                f"{month} {d} {y}",
+            }
+    return {s.lower() for s in found}
+
+
+def redact(note: str | None, identifiers: Identifiers) -> str | None:
+    """`note` with each whole-word occurrence of `identifiers` (any case) replaced by as many
+    `MASK` characters; the same length, so offsets into it stay valid."""
+    if not note:
+        return note
+    lowered = note.lower()
+    present = [s for s in identifiers.spellings(lowered) if s in lowered]  # the cheap test
+    if not present:
+        return note
+    present.sort(key=len, reverse=True)  # "12 March 1948" before "1948"-like parts
+    alternatives = "|".join(re.escape(s) for s in present)
+    pattern = re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])", re.IGNORECASE)
+    return pattern.sub(lambda m: MASK * len(m.group()), note)
+
+
+def _values(ds: Dataset, keyword: str) -> list:
+    """A header attribute's values (a list for multi-valued ones); [] if absent or unreadable.
+    An element pydicom has not converted yet is read from its ASCII bytes (converting a few
+    elements of every study would cost as much as the rest of reading its header)."""
+    try:
+        raw = ds.get_item(tag_for_keyword(keyword))
+        if raw is None:
+            return []
+        text = raw.value if isinstance(raw, RawDataElement) else None  # bytes, unconverted
+        if isinstance(text, bytes) and text.isascii() and not keyword.endswith("Sequence"):
+            items: list = text.decode("ascii").split("\\")
+        else:
+            value = ds[keyword].value
+            items = list(value) if isinstance(value, (ConstrainedList, list, tuple)) else [value]
+    except Exception:
+        return []
+    items = [v if isinstance(v, Dataset) else str(v).strip(" \x00") for v in items]
+    return [v for v in items if isinstance(v, Dataset) or v]
+
+
+def _da(value: str) -> date | None:
+    """A DA value (YYYYMMDD) as a date; None when it is not one."""
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:8])) if len(value) == 8 else None
+    except ValueError:
+        return None

@@ -1,0 +1,89 @@
+"""A study's own identifiers are masked in its note: whole words, any case, dates as people
+write them, offsets kept; and read from real DICOM headers."""
+
+from datetime import date
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+
+from clinfuse.data.identifiers import MASK, Identifiers, header_identifiers, name_parts, redact
+from clinfuse.data.manifest import load_manifest
+from clinfuse.synthetic import make_sample_data
+from clinfuse.training.trainer import training_notes
+
+BORN = date(1947, 6, 21)
+PATIENT = Identifiers(
+    names=frozenset({"Anderson", "Helen"}), ids=frozenset({"62234087"}), dates=frozenset({BORN})
+)
+
+
+def masked(text: str) -> str:
+    return MASK * len(text)
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["21/06/1947", "06/21/1947", "1947-06-21", "21.6.1947", "6/21/47", "19470621",
+     "21 June 1947", "June 21, 1947", "Jun 21 1947", "21-Jun-1947", "21 JUNE 1947"],
+)  # fmt: skip
+def test_a_birth_date_is_masked_however_the_note_writes_it(written):
+    note = f"DOB {written}; seen 12/03/2024."
+    assert redact(note, PATIENT) == f"DOB {masked(written)}; seen 12/03/2024."
+
+
+def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is():
+    note = "HELEN anderson (MRN 62234087) told Dr Andersons; Helena's x62234087 and 162234087."
+    expected = (
+        f"{masked('HELEN')} {masked('anderson')} (MRN {masked('62234087')}) told Dr Andersons; "
+        "Helena's x62234087 and 162234087."
+    )
+    assert redact(note, PATIENT) == expected
+    assert len(redact(note, PATIENT)) == len(note)  # offsets into the note stay valid
+    assert redact("No identifiers here.", PATIENT) == "No identifiers here."
+    comma = Identifiers(names=frozenset(name_parts("SMITH, JOHN")))  # one part, a comma in it
+    assert (
+        redact("Mr Smith, seen with John.", comma)
+        == f"Mr {masked('Smith')}, seen with {masked('John')}."
+    )
+    assert redact(None, PATIENT) is None
+    # an id too short to be told from a number is left: "12" would mask "12 mm" too
+    assert Identifiers.of_ids("12", "P0273", None) == Identifiers(ids=frozenset({"P0273"}))
+    assert redact("12 mm nodule", Identifiers.of_ids("12")) == "12 mm nodule"
+
+
+def test_a_real_headers_names_ids_and_other_ids_are_read_without_prefixes_or_suffixes():
+    plan = pydicom.dcmread(get_testdata_file("rtplan.dcm", download=False))
+    found = header_identifiers(plan)  # PatientName "Last^First^mid^pre", PatientID "id00001"
+    assert {"Last", "First", "mid"} <= found.names and "pre" not in found.names
+    assert "id00001" in found.ids
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    others = {item.PatientID for item in ct.OtherPatientIDsSequence if len(item.PatientID) >= 4}
+    assert {"1CT1", *others} <= header_identifiers(ct).ids
+    assert "CompressedSamples" in header_identifiers(ct).names
+
+
+def test_a_non_ascii_name_is_read_in_the_files_character_set(tmp_path):
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller-Lüdenscheidt^Jürgen"
+    ds.PatientBirthDate = "19470621"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "x.dcm")
+    found = header_identifiers(pydicom.dcmread(tmp_path / "x.dcm", force=True))
+    assert {"Müller-Lüdenscheidt", "Müller", "Lüdenscheidt", "Jürgen"} <= found.names
+    note = "Herr Lüdenscheidt, geboren 21.06.1947."
+    assert redact(note, found) == f"Herr {masked('Lüdenscheidt')}, geboren {masked('21.06.1947')}."
+
+
+def test_the_tokenizer_is_trained_on_masked_notes(tmp_path):
+    make_sample_data(tmp_path, n=6, seed=3, size=32)
+    rows = list(load_manifest(tmp_path / "manifest.csv"))
+    row = next(r for r in rows if r.image is not None and r.note_path is not None)
+    family = str(pydicom.dcmread(row.image, stop_before_pixels=True).PatientName).split("^")[0]
+    clinical = row.note_path.read_text(encoding="utf-8")
+    row.note_path.write_text(f"{family} {row.patient_id}: {clinical}", encoding="utf-8")
+    notes = dict(training_notes([row]))
+    assert notes[row.patient_id] == f"{masked(family)} {masked(row.patient_id)}: {clinical}"
