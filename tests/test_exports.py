@@ -213,12 +213,23 @@ def test_interrupted_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeyp
     assert os.listdir(path.parent) == [path.name]
 
 
-def test_stale_temporary_from_a_killed_run_is_cleared(tmp_path):
-    stale = tmp_path / "fhir" / ".S00001.json.999.1.tmp"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b'{"resourceType": "Diagn')
+def test_stale_temporaries_from_a_killed_run_are_cleared_when_the_run_is_opened_again(
+    tmp_path, tiny_model, small_export
+):
+    """Once an invocation (a listing of each folder of per-study files), not at every file's
+    write, which made a run of n studies list its folders n times."""
+    from clinfuse.inference.pipeline import InferenceSettings, open_run
+
+    stale = [tmp_path / "fhir" / ".S00001.json.999.1.tmp", tmp_path / "sr" / ".S2.dcm.9.9.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b'{"resourceType": "Diagn')
     write_study_exports(tmp_path, record(), LABELS, None, {"fhir"}, issued=ISSUED)
-    assert sorted(os.listdir(stale.parent)) == ["S00001.json"]
+    run = open_run(tiny_model, small_export, tmp_path, None, InferenceSettings(standards=("fhir",)))
+    run.release()
+    run.store.close()
+    assert sorted(os.listdir(tmp_path / "fhir")) == ["S00001.json"]
+    assert os.listdir(tmp_path / "sr") == []
 
 
 def test_study_ids_that_are_not_file_names_stay_inside_the_folder(tmp_path):
