@@ -440,6 +440,18 @@ def test_postgresql_store_gives_the_same_predictions(
     pd.testing.assert_frame_equal(ours, theirs)
 
 
+def test_ray_actors_take_one_gpu_each_where_the_cluster_has_gpus():
+    """The same command on a GPU cluster scores on its GPUs; on CPU, --workers actors."""
+    from clinfuse.inference.pipeline import InferenceSettings
+    from clinfuse.inference.ray_engine import actor_pool
+
+    assert actor_pool(InferenceSettings(workers=2), cluster_gpus=0) == (2, 0.0)
+    assert actor_pool(InferenceSettings(workers=0), cluster_gpus=0) == (1, 0.0)
+    assert actor_pool(InferenceSettings(workers=8), cluster_gpus=4) == (4, 1.0)  # one GPU each
+    assert actor_pool(InferenceSettings(workers=2), cluster_gpus=4) == (2, 1.0)
+    assert actor_pool(InferenceSettings(workers=2, device="cpu"), cluster_gpus=4) == (2, 0.0)
+
+
 def test_ray_engine_gives_the_same_predictions_as_local(tiny_model, mixed_manifest, tmp_path):
     pytest.importorskip("ray")
     assert infer(tiny_model, mixed_manifest, tmp_path / "local") == 0

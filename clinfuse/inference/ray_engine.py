@@ -28,7 +28,7 @@ from clinfuse.allocator import reuse_freed_memory
 from clinfuse.data.batch import Collator, load_item
 from clinfuse.data.manifest import StudyRow, iter_manifest
 from clinfuse.data.transforms import build_transforms
-from clinfuse.engine import iter_predictions
+from clinfuse.engine import iter_predictions, select_device
 from clinfuse.inference.pipeline import (
     InferenceSettings,
     InferenceSummary,
@@ -75,7 +75,8 @@ class Scorer:
     def __init__(self, model_dir: str, run_dir: str, settings: dict[str, Any]) -> None:
         reuse_freed_memory()  # an actor is a process of its own
         self.settings = InferenceSettings(**settings)
-        self.model = load_checkpoint(model_dir, self.settings.device or "cpu")
+        # its GPU when Ray gave it one (`actor_pool`), else the CPU
+        self.model = load_checkpoint(model_dir, select_device(self.settings.device))
         self.version = model_version(model_dir)
         self.run_dir = Path(run_dir)
         self.transforms = build_transforms(
@@ -156,6 +157,15 @@ def run_inference_ray(
             ray.shutdown()  # and Ray's agents outlived it
 
 
+def actor_pool(settings: InferenceSettings, cluster_gpus: float) -> tuple[int, float]:
+    """(actors, GPUs per actor): on a cluster with GPUs (and no CPU `--device`), one GPU per
+    actor and as many actors as GPUs, at most `--workers`; else `--workers` CPU actors."""
+    wants_gpu = settings.device is None or settings.device.startswith("cuda")
+    if wants_gpu and cluster_gpus >= 1:
+        return max(1, min(settings.workers or 1, int(cluster_gpus))), 1.0
+    return max(1, settings.workers), 0.0
+
+
 def _score_on_ray(run: OpenRun, model_dir: str | Path) -> InferenceSummary:
     """Score what `run` has left on the Ray runtime this process is connected to."""
     import ray
@@ -169,6 +179,8 @@ def _score_on_ray(run: OpenRun, model_dir: str | Path) -> InferenceSummary:
         if r.study_id not in run.done
     )
     actor_settings = {k: v for k, v in dataclasses.asdict(run.settings).items()}
+    actors, gpus = actor_pool(run.settings, ray.cluster_resources().get("GPU", 0))
+    resources = {"num_gpus": gpus} if gpus else {}
     started = time.perf_counter()
     bar = tqdm(total=run.total, initial=len(run.done), unit="study", desc="infer (ray)")
     while chunk := list(itertools.islice(pending, run.settings.chunk_rows)):
@@ -182,7 +194,8 @@ def _score_on_ray(run: OpenRun, model_dir: str | Path) -> InferenceSummary:
             },
             batch_size=run.settings.batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=max(1, run.settings.workers)),
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **resources,
         )
         for frame in scored.iter_batches(batch_format="pandas", batch_size=None):
             predictions, failures, explanations = records(frame)
