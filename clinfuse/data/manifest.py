@@ -505,27 +505,28 @@ def _label_columns(
     return names
 
 
+_VALUE_CHECKS = (  # (columns, the cells that are wrong, the problem, what to do)
+    (
+        ("study_id", "patient_id"),
+        lambda cells: cells == "",
+        "empty value in a required column",
+        "every study needs a study_id and a patient_id",
+    ),
+    (  # ids go to the store, paths to the file system: neither takes a NUL or a line break
+        ("study_id", "patient_id", "image", "note_path"),
+        lambda cells: cells.str.contains(r"[\x00-\x1f\x7f]", regex=True),
+        "a control character (NUL, tab, line break, ...) in an id or a path",
+        "remove it: the export that wrote the manifest may have damaged the cell",
+    ),
+)
+
+
 def _check_required_values(path: Path, table: pd.DataFrame) -> None:
-    for column in ("study_id", "patient_id"):
-        empty = table.index[table[column] == ""]
-        if len(empty):
-            raise ManifestError(
-                path,
-                "empty value in a required column",
-                row=int(table.at[empty[0], "row"]),
-                column=column,
-                hint="every study needs a study_id and a patient_id",
-            )
-    for column in ("study_id", "patient_id", "image", "note_path"):  # ids go to the store
-        control = table.index[table[column].str.contains(r"[\x00-\x1f\x7f]", regex=True)]
-        if len(control):  # a NUL or a line break: no database or file system takes it as meant
-            raise ManifestError(
-                path,
-                "a control character (NUL, tab, line break, ...) in an id or a path",
-                row=int(table.at[control[0], "row"]),
-                column=column,
-                hint="remove it: the export that wrote the manifest may have damaged the cell",
-            )
+    for columns, wrong, problem, hint in _VALUE_CHECKS:
+        for column in columns:
+            rows = table.loc[wrong(table[column]), "row"]
+            if len(rows):
+                raise ManifestError(path, problem, row=int(rows.iloc[0]), column=column, hint=hint)
 
 
 def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
