@@ -388,6 +388,31 @@ def test_a_manifest_reached_through_a_link_is_shown_and_exported_from_the_links_
     assert Path(reviewed["image"].iloc[0]).is_file()
 
 
+def test_retry_failed_scores_again_what_failed_when_the_file_was_missing(
+    tiny_model, small_export, tmp_path, capsys
+):
+    """Storage that was not mounted: the rerun skips the failed study unless asked to retry
+    it; then it ends predicted, once, and the run's failures are gone."""
+    rows = absolute_rows(small_export).head(3).copy()
+    late = Path(rows["image"].iloc[1])
+    rows.loc[rows.index[1], "image"] = str(tmp_path / "mounted" / late.name)
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    assert infer(tiny_model, tmp_path / "m.csv", tmp_path / "run") == 0
+    assert len(pd.read_csv(tmp_path / "run" / "failures.csv")) == 1
+    (tmp_path / "mounted").mkdir()
+    shutil.copy(late, tmp_path / "mounted" / late.name)  # the storage is back
+    assert infer(tiny_model, tmp_path / "m.csv", tmp_path / "run") == 0
+    assert "0 predicted, 0 failed, 3 skipped" in capsys.readouterr().out  # failures are final
+    assert infer(tiny_model, tmp_path / "m.csv", tmp_path / "run", "--retry-failed") == 0
+    out = capsys.readouterr().out
+    assert "1 predicted, 0 failed, 2 skipped" in out and "1 retried after failing" in out
+    assert "whole run: 3 predicted, 0 failed" in out
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert sorted(predictions["study_id"]) == sorted(rows["study_id"])  # each once
+    assert (predictions["status"] == "predicted").all()
+    assert pd.read_csv(tmp_path / "run" / "failures.csv").empty
+
+
 def raw_data_set(source: Path, target: Path) -> Path:
     """`source` written as a raw data set: no preamble, no "DICM", no file meta (older
     systems write these; the reader accepts them)."""

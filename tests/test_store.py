@@ -125,6 +125,24 @@ def test_overlapping_batches_never_duplicate_a_study(open_store):
     assert wide.set_index("study_id").loc["S3", "p_flu"] == pytest.approx(0.9)  # first write kept
 
 
+def test_forgetting_a_runs_failures_lets_it_score_them_again_and_keeps_their_reviews(
+    open_store,
+):
+    store = open_store()
+    run_id = run_of(store)
+    store.write_batch(run_id, [pred(store, "S1")], [fail(store, "F1"), fail(store, "F2")])
+    store.write_batch(run_id, [], [fail(store, "F3")])
+    store.add_review(ReviewEvent(run_id, "F3", "dr.a", "agree"))  # a verdict on a failure
+    assert store.forget_failures(run_id) == 2
+    assert store.done_study_ids(run_id) == {"S1", "F3"}  # F3's reviews still refer to it
+    assert list(store.failures(run_id)["study_id"]) == ["F3"]
+    assert store.write_batch(run_id, [pred(store, "F1")], [fail(store, "F2")]) == {
+        "predicted": 1,
+        "failed": 1,
+    }
+    assert [r["study_id"] for r in store.reviews(run_id)] == ["F3"]  # the audit trail stays
+
+
 def test_a_failed_batch_leaves_nothing_behind(open_store):
     store = open_store()
     run_id = run_of(store)

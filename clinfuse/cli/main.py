@@ -117,6 +117,7 @@ def _infer(args: argparse.Namespace) -> int:
         explain=args.explain,
         standards=args.standards,
         device=args.device,
+        retry_failed=args.retry_failed,
     )
     if args.engine == "ray":
         from clinfuse.inference.ray_engine import run_inference_ray
@@ -256,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="explanations for positive labels, all labels, or none",
     )
     p.add_argument("--standards", type=_standards, default=(), help="also write fhir,sr per study")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="score again the studies earlier invocations of this run recorded as failed (a "
+        "file that was missing or unreadable then)",
+    )
     p.add_argument("--engine", default="local", choices=["local", "ray"])
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
     p.add_argument("--batch-size", type=at_least(1), default=32)

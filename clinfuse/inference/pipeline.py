@@ -62,6 +62,7 @@ class InferenceSettings:
     standards: tuple[str, ...] = ()  # "fhir", "sr"
     device: str | None = None
     chunk_rows: int = 4096  # manifest rows read at a time
+    retry_failed: bool = False  # score again what earlier invocations of the run recorded failed
 
 
 @dataclass
@@ -74,6 +75,7 @@ class InferenceSummary:
     failed: int  # written by this invocation
     skipped: int  # already done by an earlier invocation of the same run
     explained: int = 0  # studies whose explanation this invocation wrote (--explain)
+    retried: int = 0  # failed studies of earlier invocations scored again (--retry-failed)
     failed_by_reason: dict[str, int] = field(default_factory=dict)  # whole run
     total_predicted: int = 0
     total_failed: int = 0
@@ -87,7 +89,9 @@ class InferenceSummary:
         lines = [
             f"run {self.run_id} ({self.model_version}) in {self.run_dir}",
             f"this invocation: {self.predicted} predicted, {self.failed} failed, {self.skipped} "
-            f"skipped as already done, {self.explained} explained; "
+            f"skipped as already done, {self.explained} explained"
+            + (f", {self.retried} retried after failing before" if self.retried else "")
+            + "; "
             f"{self.streaming_studies_per_s:.1f} studies/s while "
             f"streaming, {self.studies_per_s:.1f} studies/s with model loading",
             f"whole run: {self.total_predicted} predicted, {self.total_failed} failed",
@@ -208,6 +212,7 @@ class OpenRun:
     predicted: int = 0  # studies this invocation committed, by outcome (see `commit`)
     failed: int = 0
     explained: int = 0
+    retried: int = 0  # failed studies of earlier invocations forgotten, to be scored again
     lock: int | None = None  # the run folder's descriptor, locked while this invocation runs
 
     def release(self) -> None:
@@ -347,6 +352,9 @@ def _open_run(
         sha,
         {k: v for k, v in asdict(settings).items() if k != "device"},
     )
+    retried = store.forget_failures(run_id) if resumed and settings.retry_failed else 0
+    if retried:
+        log.info("run %d: scoring again the %d studies earlier invocations failed", run_id, retried)
     done = store.done_study_ids(run_id)
     if resumed:
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
@@ -379,6 +387,7 @@ def _open_run(
         settings,
         started,
         issued,
+        retried=retried,
         lock=lock,
     )
 
@@ -397,6 +406,7 @@ def finish_run(run: OpenRun, streaming_seconds: float) -> InferenceSummary:
         failed=run.failed,
         skipped=len(run.done),
         explained=run.explained,
+        retried=run.retried,
         failed_by_reason=dict(counts["by_reason"]),
         total_predicted=counts["predicted"],
         total_failed=counts["failed"],

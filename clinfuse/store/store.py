@@ -250,6 +250,22 @@ class Store:
             return [dict(row) for row in conn.execute(query).mappings()]
 
     # -- results ------------------------------------------------------------------------------
+    def forget_failures(self, run_id: int) -> int:
+        """Drop the run's failed studies (their failure and study rows, in one transaction), so
+        the same run scores them again; returns how many. One a reviewer already gave a verdict
+        on keeps its failure: its review events, which are never changed, refer to it."""
+        reviewed = sa.select(Review.study_id).where(Review.run_id == run_id)
+        with _write(self._engine) as conn:
+            conn.execute(
+                sa.delete(Failure).where(
+                    Failure.run_id == run_id, Failure.study_id.not_in(reviewed)
+                )
+            )
+            failed = sa.delete(Study).where(
+                Study.run_id == run_id, Study.status == "failed", Study.study_id.not_in(reviewed)
+            )
+            return int(conn.execute(failed).rowcount or 0)
+
     def done_study_ids(self, run_id: int) -> set[str]:
         """Study ids this run has already predicted or recorded as failed."""
         with self._engine.connect() as conn:
