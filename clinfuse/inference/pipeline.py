@@ -327,6 +327,45 @@ def _open_run(
     store_url = store_url or Store.default_url(run_dir)
     own_store = same_store(store_url, Store.default_url(run_dir))  # RUN_DIR's
     store = Store(store_url)
+    try:
+        run_id, done, retried, issued = _start_run(
+            store, model, model_dir, version, manifest, run_dir, settings, own_store, total
+        )
+    except BaseException:  # a refused run, a database error: the store closes with it
+        store.close()
+        raise
+    shown_url = parse_url(store_url).render_as_string(hide_password=True)
+    return OpenRun(
+        model,
+        version,
+        store,
+        shown_url,
+        run_id,
+        done,
+        total,
+        manifest,
+        run_dir,
+        settings,
+        started,
+        issued,
+        retried=retried,
+        lock=lock,
+    )
+
+
+def _start_run(
+    store: Store,
+    model: FusionModel,
+    model_dir: Path,
+    version: str,
+    manifest: Path,
+    run_dir: Path,
+    settings: InferenceSettings,
+    own_store: bool,
+    total: int,
+) -> tuple[int, set[str], int, datetime]:
+    """Register the model and the run in `store`: (run id, the studies done, the failures
+    forgotten for --retry-failed, when the run first started)."""
     saved = read_checkpoint_config(model_dir)
     thresholds = dict(zip(model.labels, model.thresholds.tolist(), strict=True))
     store.register_model(
@@ -340,11 +379,7 @@ def _open_run(
     sha = file_sha256(manifest)
     key = run_key(version, manifest, sha, settings, None if own_store else run_dir)
     if own_store:
-        try:
-            refuse_replacing_files(run_dir, store, key, settings)
-        except ClinfuseError:
-            store.close()
-            raise
+        refuse_replacing_files(run_dir, store, key, settings)
     run_id, resumed = store.start_run(
         key,
         version,
@@ -373,23 +408,7 @@ def _open_run(
     for name in PER_STUDY_FOLDERS:  # what a killed earlier invocation was writing
         sweep_temporaries(run_dir / name)
     issued = store.run(run_id)["started_at"]
-    shown_url = parse_url(store_url).render_as_string(hide_password=True)
-    return OpenRun(
-        model,
-        version,
-        store,
-        shown_url,
-        run_id,
-        done,
-        total,
-        manifest,
-        run_dir,
-        settings,
-        started,
-        issued,
-        retried=retried,
-        lock=lock,
-    )
+    return run_id, done, retried, issued
 
 
 def finish_run(run: OpenRun, streaming_seconds: float) -> InferenceSummary:
