@@ -73,14 +73,17 @@ def study_identifiers(
 ) -> Identifiers:
     """What a study's note must not show (`clinfuse.data.identifiers`): the patient id of its
     manifest row and the names, ids and birth date of its image's header (read from the header
-    alone when `image` is a path: every file of a series folder, as `read_dicom` gathers them;
-    none from a file that cannot be read, which reading the image reports)."""
+    alone when `image` is a path: every file of a series folder but hidden ones, as
+    `read_dicom` reads them; none from a file that cannot be read, which reading the image
+    reports)."""
     found = Identifiers.of_ids(patient_id)
     if isinstance(image, DicomImage):
         return found | image.identifiers
     if image is not None:
         try:
-            files = sorted(image.iterdir()) if image.is_dir() else [image]
+            files = [image]
+            if image.is_dir():
+                files = sorted(f for f in image.iterdir() if not f.name.startswith("."))
         except OSError:
             files = []
         for file in files:

@@ -75,8 +75,12 @@ class Scorer:
     def __init__(self, model_dir: str, run_dir: str, settings: dict[str, Any]) -> None:
         reuse_freed_memory()  # an actor is a process of its own
         self.settings = InferenceSettings(**settings)
-        # its GPU when Ray gave it one (`actor_pool`), else the CPU
-        self.model = load_checkpoint(model_dir, select_device(self.settings.device))
+        import ray
+
+        # the GPU Ray gave it (`actor_pool`; the only one it sees, whatever index --device
+        # named), else the device asked for, else the CPU
+        device = "cuda" if ray.get_gpu_ids() else self.settings.device
+        self.model = load_checkpoint(model_dir, select_device(device))
         self.version = model_version(model_dir)
         self.run_dir = Path(run_dir)
         self.transforms = build_transforms(
