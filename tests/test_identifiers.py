@@ -87,3 +87,16 @@ def test_the_tokenizer_is_trained_on_masked_notes(tmp_path):
     row.note_path.write_text(f"{family} {row.patient_id}: {clinical}", encoding="utf-8")
     notes = dict(training_notes([row]))
     assert notes[row.patient_id] == f"{masked(family)} {masked(row.patient_id)}: {clinical}"
+
+
+def test_a_japanese_name_in_iso_2022_is_read_as_written_and_masked():
+    """ISO 2022 escapes keep the kanji in 7-bit bytes: read as plain ASCII they would be
+    nonsense and the name would go unmasked."""
+    from pydicom.data import get_charset_files
+
+    found = header_identifiers(pydicom.dcmread(get_charset_files("chrH31.dcm")[0]))
+    assert {"Yamada", "Tarou", "山田", "太郎", "やまだ", "たろう"} <= found.names
+    assert (
+        redact("山田 太郎さん、発熱あり。", found)
+        == f"{masked('山田')} {masked('太郎')}さん、発熱あり。"
+    )

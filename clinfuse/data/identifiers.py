@@ -42,6 +42,9 @@ NAME_KEYWORDS = (
 )
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber")
 DATE_KEYWORDS = ("PatientBirthDate",)
+# A letter or digit of a script that spaces its words: Japanese, Chinese and Korean write a
+# name against the next word ("山田さん"), so their characters never join it to one.
+_WORD = r"[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]"
 MONTHS = (
     "January", "February", "March", "April", "May", "June",
     "July", "August", "September", "October", "November", "December",
@@ -135,7 +138,8 @@ def redact(note: str | None, identifiers: Identifiers) -> str | None:
         return note
     present.sort(key=len, reverse=True)  # "12 March 1948" before "1948"-like parts
     alternatives = "|".join(re.escape(s) for s in present)
-    pattern = re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])", re.IGNORECASE)
+    word = _WORD  # a letter or digit next to the match makes it part of another word
+    pattern = re.compile(rf"(?<!{word})(?:{alternatives})(?!{word})", re.IGNORECASE)
     return pattern.sub(lambda m: MASK * len(m.group()), note)
 
 
@@ -148,7 +152,8 @@ def _values(ds: Dataset, keyword: str) -> list:
         if raw is None:
             return []
         text = raw.value if isinstance(raw, RawDataElement) else None  # bytes, unconverted
-        if isinstance(text, bytes) and text.isascii() and not keyword.endswith("Sequence"):
+        plain = isinstance(text, bytes) and text.isascii() and b"\x1b" not in text  # ISO 2022
+        if plain and not keyword.endswith("Sequence"):  # escapes: pydicom decodes those
             items: list = text.decode("ascii").split("\\")
         else:
             value = ds[keyword].value
