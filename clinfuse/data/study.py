@@ -54,9 +54,18 @@ def load_study(row: StudyRow) -> Sample:
     """Read a row's image and note, the note with the study's own identifiers masked
     (`study_identifiers`); raises `DicomError` or `NoteError` naming the file."""
     image = read_dicom(row.image) if row.image is not None else None
-    note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
-    note = redact(note, study_identifiers(image, row.patient_id))
+    note = study_note(row, image)
     return Sample(study_id=row.study_id, image=image, note=note, labels=row.labels, split=row.split)
+
+
+def study_note(row: StudyRow, image: DicomImage | None = None) -> str | None:
+    """The row's note (`read_note`; a repair names the manifest row, not the file), with the
+    study's own identifiers masked (`study_identifiers`: of `image` once read, else of the
+    header of the row's image file). What the tokenizer, the model and explanations read."""
+    note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
+    if not note:
+        return note
+    return redact(note, study_identifiers(image or row.image, row.patient_id))
 
 
 def failure_text(row: StudyRow, exc: ClinfuseError) -> str:

@@ -252,13 +252,13 @@ PER_STUDY_FOLDERS = ("explanations", "fhir", "sr")  # RUN_DIR's folders of files
 
 
 def refuse_replacing_files(
-    run_dir: Path, store: Store, key: str, settings: InferenceSettings
+    run_dir: Path, runs: list[dict[str, Any]], key: str, settings: InferenceSettings
 ) -> None:
     """A new run (another model, manifest or --explain/--standards) into a folder whose
     per-study files belong to an earlier run: they are named by study, so this run's would
     replace them while the store still points the earlier run at them. A `ClinfuseError`
-    naming the folders; the same command (a resume) and a run writing other folders pass."""
-    runs = store.runs()
+    naming the folders; the same command (a resume) and a run writing other folders pass.
+    `runs`: the store's runs (`Store.runs`)."""
     earlier = [r["id"] for r in runs if r["run_key"] != key]
     if not earlier or len(earlier) < len(runs):  # the first run, or this run resumed
         return
@@ -378,8 +378,9 @@ def _start_run(
     )
     sha = file_sha256(manifest)
     key = run_key(version, manifest, sha, settings, None if own_store else run_dir)
+    runs = store.runs()
     if own_store:
-        refuse_replacing_files(run_dir, store, key, settings)
+        refuse_replacing_files(run_dir, runs, key, settings)
     run_id, resumed = store.start_run(
         key,
         version,
@@ -393,7 +394,7 @@ def _start_run(
     done = store.done_study_ids(run_id)
     if resumed:
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
-    earlier = [r["id"] for r in store.runs() if r["id"] != run_id]
+    earlier = [r["id"] for r in runs if r["id"] != run_id]  # the runs before this one
     if not resumed and earlier and own_store:
         kept = [f"{d}/" for d in PER_STUDY_FOLDERS if (run_dir / d).is_dir()]
         log.warning(

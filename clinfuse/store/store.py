@@ -327,7 +327,7 @@ class Store:
                     f"for: {sorted(unknown)[:5]}"
                 )
             n_explained = self._insert_new(
-                conn, Explanation, list(explained.values()), ["run_id", "study_id"]
+                conn, Explanation, list(explained.values()), ["run_id", "study_id"], count=True
             )
         written = Counter(studies[s]["status"] for s in new)
         if n_explained:
@@ -335,13 +335,22 @@ class Store:
         return written
 
     def _insert_new(
-        self, conn: sa.Connection, table: type, rows: list[dict[str, Any]], key: list[str]
+        self,
+        conn: sa.Connection,
+        table: type,
+        rows: list[dict[str, Any]],
+        key: list[str],
+        count: bool = False,
     ) -> int:
-        """INSERT .. ON CONFLICT (key) DO NOTHING: rows already stored stay as they are.
-        Returns how many rows were new."""
+        """INSERT .. ON CONFLICT (key) DO NOTHING: rows already stored stay as they are. With
+        `count`, returns how many rows were new (a RETURNING the prediction rows, six a study,
+        do without), else 0."""
         if not rows:
             return 0
         insert = self._insert(table).on_conflict_do_nothing(index_elements=key)
+        if not count:
+            conn.execute(insert, rows)
+            return 0
         return len(conn.execute(insert.returning(getattr(table, key[0])), rows).all())
 
     def _run_model(self, run_id: int) -> tuple[str, frozenset[str]]:

@@ -36,10 +36,8 @@ from tqdm import tqdm
 from clinfuse import __version__
 from clinfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, as_current
 from clinfuse.data.batch import Batch, Collator, StudyDataset, derived_seed
-from clinfuse.data.identifiers import redact
 from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
-from clinfuse.data.notes import read_note
-from clinfuse.data.study import study_identifiers
+from clinfuse.data.study import study_note
 from clinfuse.engine import Predictions, autocast, evidence_terms, predict, select_device
 from clinfuse.errors import ClinfuseError, ConfigError, ManifestError, unreadable_split
 from clinfuse.evaluation.calibration import (
@@ -497,10 +495,7 @@ def training_notes(rows: list[StudyRow]) -> list[tuple[str, str]]:
     notes = []
     for row in rows:
         try:
-            note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
-            if note:
-                note = redact(note, study_identifiers(row.image, row.patient_id))
-            notes.append((row.patient_id, note))
+            notes.append((row.patient_id, study_note(row)))
         except ClinfuseError:
             continue  # recorded as a failure when the study is loaded for training
     return [(patient, note) for patient, note in notes if note]
