@@ -6,6 +6,7 @@ leaves a corrupt file behind; the store stays the source of truth and a rerun re
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +29,14 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _commit(tmp: Path, path: Path) -> None:
+    """Flush `tmp` to disk, then rename it over `path`: after a crash or a power cut the reader
+    finds the old file or the whole new one, never a renamed file whose data was not written."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
 def write_exports(store: Store, run_id: int, run_dir: Path) -> list[Path]:
     """Write the run's tables into `run_dir`; returns the paths written."""
     parquet, csv = run_dir / "predictions.parquet", run_dir / "predictions.csv"
@@ -47,9 +56,9 @@ def write_exports(store: Store, run_id: int, run_dir: Path) -> list[Path]:
     if writer is None:  # an empty run still gets (empty) files
         pd.DataFrame(columns=["study_id", "status"]).to_parquet(parquet_tmp)
         pd.DataFrame(columns=["study_id", "status"]).to_csv(csv_tmp, index=False)
-    parquet_tmp.replace(parquet)
-    csv_tmp.replace(csv)
+    _commit(parquet_tmp, parquet)
+    _commit(csv_tmp, csv)
     failures, failures_tmp = run_dir / "failures.csv", run_dir / ".failures.csv.tmp"
     store.failures(run_id).to_csv(failures_tmp, index=False)
-    failures_tmp.replace(failures)
+    _commit(failures_tmp, failures)
     return [parquet, csv, failures]
