@@ -2,6 +2,7 @@
 the note as written, maps land on the DICOM's own grid, Shapley values add up, a model that
 cannot see a side gives it no credit, and the saved file loads without unpickling."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -121,6 +122,28 @@ def test_image_attributions_sum_to_the_logit_change_from_a_black_image(model, ba
     assert np.isnan(explained[1].delta[:, 0]).all()
 
 
+def test_the_map_on_the_dicoms_own_grid_keeps_the_attributions_sum(
+    model, batch, explained, tmp_path
+):
+    # study 0 is 100x80 rows x columns, seen by the model as 64x51 (+ padding): its map on the
+    # DICOM's grid still adds up to f(x) - f(black), also after the float16 npz round trip
+    inputs = tuple(t[:1] for t in batch.model_inputs())
+    attr, _ = image_integrated_gradients(model, inputs, range(len(LABELS)), steps=STEPS)
+    expl = explained[0]
+    assert expl.image.shape == (len(LABELS), 100, 80)
+    np.testing.assert_allclose(expl.image.sum((1, 2)), attr[0].sum((1, 2)), rtol=1e-3, atol=1e-5)
+    loaded = Explanation.load_npz(expl.save_npz(tmp_path / "s.npz"))
+    np.testing.assert_allclose(loaded.image.sum((1, 2)), expl.image.sum((1, 2)), rtol=1e-3)
+    # a large radiograph: ~1e-7 a pixel, below float16's smallest number, survives the file
+    big = dataclasses.replace(expl, image=expl.image.repeat(15, 1).repeat(15, 2) / 225)
+    big.image[0] = 0  # a label with no image attribution stays all zero
+    with np.load(big.save_npz(tmp_path / "big.npz")) as raw:
+        assert raw["image"].dtype == np.float16 and np.abs(raw["image"]).max() <= 1
+    loaded = Explanation.load_npz(tmp_path / "big.npz")
+    np.testing.assert_allclose(loaded.image.sum((1, 2)), big.image.sum((1, 2)), rtol=1e-3)
+    assert (loaded.image[0] == 0).all()
+
+
 def test_padding_added_by_preprocessing_gets_no_image_attribution(model, batch):
     attr, _ = image_integrated_gradients(model, batch.model_inputs(), [0, 1], steps=STEPS)
     geometry = fit_geometry((100, 80), model.cfg.preprocess)  # 100x80 -> 64x51, padded to 64
@@ -195,6 +218,25 @@ def test_words_cut_by_truncation_are_listed_with_score_zero(tmp_path):
     assert expl.note_read == last_char < len(note)
     assert Explanation.load_npz(expl.save_npz(tmp_path / "cut.npz")).note_read == last_char
     assert expl.to_record()["note_read"] == last_char
+
+
+def test_a_word_the_token_limit_cuts_in_two_counts_as_read():
+    model = build(text={"max_length": 16})
+    note = "fever " * 10 + "supercalifragilistic cough"
+    enc = model.note_tokenizer([note])
+    last_char = int(enc.offsets[0, :, 1].max())
+    long_word = note.index("super"), note.index(" cough")
+    assert long_word[0] < last_char < long_word[1]  # the model read only its first pieces
+    [expl] = explain(model, make_batch(model, [(None, note)]), methods=("ig",), steps=STEPS)
+    assert expl.note_read == long_word[1]  # the page shows it whole, with its score
+    j = [tuple(span) for span in expl.spans].index(long_word)
+    assert np.abs(expl.words[:, j]).sum() > 0 and (expl.words[:, j + 1] == 0).all()
+
+
+def test_an_accent_written_as_its_own_character_stays_in_its_word():
+    note = "Fie\u0300vre re\u0301solue, toux se\u0300che."  # Unicode NFD
+    words = [note[s:e] for s, e in note_words(note)]
+    assert words == ["Fie\u0300vre", "re\u0301solue", ",", "toux", "se\u0300che", "."]
 
 
 MODES = ["cross_attention", "late", "image_only", "text_only"]
@@ -352,6 +394,19 @@ def test_labels_pick_and_order_the_explained_labels(model, batch, explained):
     np.testing.assert_allclose(first.image, explained[0].image[[2, 0]], atol=1e-5)
     with pytest.raises(ConfigError, match="no label 'asthma'"):
         explain(model, batch, labels=["asthma"])
+    for wrong in ("copd", []):  # a bare name is not read letter by letter; none is no request
+        with pytest.raises(ConfigError, match="need a list of label names"):
+            explain(model, batch, labels=wrong)
+
+
+def test_explain_works_inside_a_scoring_loops_inference_mode(model, explained):
+    # a caller scoring under inference_mode (as the pipeline does) explains the same way,
+    # also a batch whose tensors were made in that mode
+    with torch.inference_mode():
+        again = make_batch(model, [(pixels((100, 80)), NOTES[0])])
+        [inside] = explain(model, again, steps=STEPS)
+    np.testing.assert_allclose(inside.image, explained[0].image, atol=1e-5)
+    np.testing.assert_allclose(inside.words, explained[0].words, atol=1e-5)
 
 
 def test_npz_round_trip_without_pickle(explained, tmp_path):

@@ -4,8 +4,11 @@ Metrics are checked on hand-made maps, masks and curves whose answer is known; t
 end to end on a tiny model trained on a small synthetic export.
 """
 
+import errno
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ from clinfuse.explain.quality import (
     word_occlusion,
 )
 from clinfuse.explain.randomization import cascading_randomization
-from clinfuse.explain.render import note_html, overlay_png
+from clinfuse.explain.render import DISPLAY_SIDE, _for_display, note_html, overlay_png
 from clinfuse.model import create_model, load_checkpoint, model_config
 from clinfuse.synthetic import make_sample_data
 
@@ -160,6 +163,48 @@ def test_overlay_png_writes_2d_and_3d(tmp_path):
     pixels = np.random.default_rng(0).random((6, 20, 20)).astype(np.float32)
     assert overlay_png(pixels[0], pixels[1], tmp_path / "a.png").stat().st_size > 0
     assert overlay_png(pixels, pixels, tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    # a large radiograph is drawn at the figure's size, its map averaged over the same pixels
+    big = np.zeros((3000, 2400), np.float32)
+    big[:1500] = 1.0  # the top half bright, and the map there
+    shown, (values,) = _for_display(big, [big])
+    assert shown.shape == (DISPLAY_SIDE, round(DISPLAY_SIDE / 1.25))  # the aspect kept
+    assert values[: shown.shape[0] // 2].min() == 1 and values[shown.shape[0] // 2 :].max() == 0
+
+
+# A page written under a file-size limit (a full disk): the write fails, and the page written
+# before it must still be whole.
+TORN_PAGE = """
+import resource, signal, sys
+import numpy as np
+from clinfuse.explain.attribution import note_words
+from clinfuse.explain.explanation import Explanation
+from clinfuse.explain.render import render_explanation
+
+def page(note):
+    spans = note_words(note)
+    return Explanation("S1", ("copd",), np.array([0.7], np.float32), None, None, note, spans,
+                       np.ones((1, len(spans)), np.float32), np.zeros((1, 3), np.float32), None,
+                       np.zeros((1, 2), np.float32))
+
+render_explanation(page("COPD."), None, sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    render_explanation(page("History of COPD. " * 500), None, sys.argv[1])
+except OSError as exc:
+    print("failed:", exc.errno)
+"""
+
+
+def test_a_page_that_cannot_be_written_whole_leaves_the_one_before(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", TORN_PAGE, str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"failed: {errno.EFBIG}"
+    page = (tmp_path / "S1.html").read_text(encoding="utf-8")
+    assert page.rstrip().endswith("</html>") and "History" not in page
+    assert [p.name for p in tmp_path.iterdir()] == ["S1.html"]  # no temporary left behind
 
 
 # -- a tiny model on a small export ------------------------------------------------------------
@@ -420,6 +465,25 @@ def test_explain_eval_writes_results_and_judges_the_bar(trained, export, tmp_pat
     assert {"phi_image", "phi_note", "interaction", "note_share"} <= set(modality)
     assert "| label | depends on | phi_image | phi_note | interaction | note share |" in table
     assert ("FAIL" in capsys.readouterr().out) == (code == 1)
+
+
+def test_studies_lacking_a_side_do_not_count_in_the_notes_share(trained, export, tmp_path):
+    # the same studies with their notes removed: each gives the image all the credit by
+    # construction, so none of them may vote on the note-share bars
+    manifest = pd.read_csv(export / "manifest.csv", dtype=str)
+    manifest["note_path"] = ""
+    manifest.to_csv(tmp_path / "images_only.csv", index=False)
+    shutil.copytree(export / "images", tmp_path / "images")
+    out = tmp_path / "eval"
+    args = ["--model", str(trained), "--manifest", str(tmp_path / "images_only.csv")]
+    args += ["--truth", str(export / "ground_truth"), "--out", str(out), "--no-sanity"]
+    clinfuse("explain-eval", *args, "--split", "all", "--max-studies", "4", "--steps", "4")
+    summary = json.loads((out / "explain_eval.json").read_text())
+    assert summary["explained"] == summary["one_sided"] == 4
+    assert not any("modality" in entry for entry in summary["labels"].values())
+    shares = [b for b in summary["bars"] if b["bar"].startswith("note_share")]
+    assert len(shares) == 2 and all(b["value"] is None and not b["passed"] for b in shares)
+    assert "4 explained studies left out" in (out / "explain_eval.md").read_text()
 
 
 def test_ground_truth_that_knows_none_of_the_models_labels_is_refused(trained, export, tmp_path):

@@ -37,7 +37,7 @@ def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is
     note = "HELEN anderson (MRN 62234087) told Dr Andersons; Helena's x62234087 and 162234087."
     expected = (
         f"{masked('HELEN')} {masked('anderson')} (MRN {masked('62234087')}) told Dr Andersons; "
-        "Helena's x62234087 and 162234087."
+        f"Helena's x{masked('62234087')} and 162234087."  # a prefix is not another number
     )
     assert redact(note, PATIENT) == expected
     assert len(redact(note, PATIENT)) == len(note)  # offsets into the note stay valid
@@ -48,6 +48,13 @@ def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is
         == f"Mr {masked('Smith')}, seen with {masked('John')}."
     )
     assert redact(None, PATIENT) is None
+    # a number id as people write it: glued to its label, grouped, with leading zeros
+    spelled = [("MRN", "62234087"), ("MRN: ", "62-234-087"), ("id ", "062234087")]
+    spelled += [("", "6223 4087"), ("#", "0-62234087")]
+    for label, digits in spelled:
+        assert redact(f"See {label}{digits}.", PATIENT) == f"See {label}{masked(digits)}."
+    # leading zeros only where what is left is still an id: "0038" is not "38" in "38.9 °C"
+    assert redact("Id 0038, 38.9 °C", Identifiers.of_ids("0038")) == f"Id {masked('0038')}, 38.9 °C"
     # an id too short to be told from a number is left: "12" would mask "12 mm" too
     assert Identifiers.of_ids("12", "P0273", None) == Identifiers(ids=frozenset({"P0273"}))
     assert redact("12 mm nodule", Identifiers.of_ids("12")) == "12 mm nodule"

@@ -44,7 +44,7 @@ def _explain_eval(args: argparse.Namespace) -> int:
     from clinfuse.evaluation.evaluate import model_version
     from clinfuse.explain.quality import evaluate_explanations
     from clinfuse.explain.render import quality_markdown
-    from clinfuse.exports.files import new_folder
+    from clinfuse.exports.files import new_folder, write_atomic
     from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 
     out = Path(args.out)
@@ -67,8 +67,8 @@ def _explain_eval(args: argparse.Namespace) -> int:
             progress=print,
         )
         summary["model_version"] = model_version(args.model)
-        (out / "explain_eval.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        (out / "explain_eval.md").write_text(quality_markdown(summary), encoding="utf-8")
+        write_atomic(out / "explain_eval.json", json.dumps(summary, indent=2).encode("utf-8"))
+        write_atomic(out / "explain_eval.md", quality_markdown(summary).encode("utf-8"))
     default = summary["default_method"] or "n/a (no image map to measure: the model reads no image)"
     print(f"default image method: {default}")
     for bar in summary["bars"]:

@@ -28,6 +28,7 @@ __all__ = ["MASK", "Identifiers", "header_identifiers", "redact"]
 MASK = "█"  # one word to the tokenizer, a character no note vocabulary holds: [UNK]
 MIN_NAME = 2  # letters: a name part shorter than this (an initial) is left
 MIN_ID = 4  # characters: shorter ids ("12") would mask clinical numbers too
+ID_SEPARATORS = r"\s\-./:"  # what a note may write between an id's characters
 
 # PS3.15 basic-profile attributes a note may repeat, by how their values are spelled.
 NAME_KEYWORDS = (
@@ -132,6 +133,7 @@ def redact(note: str | None, identifiers: Identifiers) -> str | None:
     `MASK` characters; the same length, so offsets into it stay valid."""
     if not note:
         return note
+    note = _mask_ids(note, identifiers.ids)
     lowered = note.lower()
     present = [s for s in identifiers.spellings(lowered) if s in lowered]  # the cheap test
     if not present:
@@ -141,6 +143,36 @@ def redact(note: str | None, identifiers: Identifiers) -> str | None:
     word = _WORD  # a letter or digit next to the match makes it part of another word
     pattern = re.compile(rf"(?<!{word})(?:{alternatives})(?!{word})", re.IGNORECASE)
     return pattern.sub(lambda m: MASK * len(m.group()), note)
+
+
+def _mask_ids(note: str, ids: frozenset[str]) -> str:
+    """`note` with its ids masked also as people write them (`id_pattern`)."""
+    squeezed = re.sub(rf"[{ID_SEPARATORS}]", "", note.lower())  # the cheap test
+    for value in ids:
+        core = re.sub(rf"[{ID_SEPARATORS}]", "", value.lower()).lstrip("0") or "0"
+        if core in squeezed:
+            pattern = re.compile(id_pattern(value), re.IGNORECASE)
+            note = pattern.sub(lambda m: MASK * len(m.group()), note)
+    return note
+
+
+def id_pattern(value: str) -> str:
+    """A regular expression of an id as a note may write it: a space, hyphen, dot, slash or
+    colon between any of its characters ("75-483-485"), leading zeros added or dropped where
+    what is left keeps `MIN_ID` characters ("075483485"), and a letter before or after an id
+    that starts or ends with a digit ("MRN75483485")."""
+    plain = re.sub(rf"[{ID_SEPARATORS}]", "", value)
+    core = plain.lstrip("0")
+    zeros = plain[0] == "0" or plain[0].isdigit()
+    if len(core) < MIN_ID or not zeros:
+        core, zeros = plain, False
+    between = rf"[{ID_SEPARATORS}]?"
+    body = between.join(re.escape(c) for c in core)
+    if zeros:
+        body = rf"(?:0{between})*{body}"
+    before = r"(?<!\d)" if plain[0].isdigit() else rf"(?<!{_WORD})"
+    after = r"(?!\d)" if plain[-1].isdigit() else rf"(?!{_WORD})"
+    return f"{before}{body}{after}"
 
 
 def _values(ds: Dataset, keyword: str) -> list:

@@ -10,6 +10,7 @@ No flips in augmentation: laterality carries meaning (a finding's side is in the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +49,18 @@ def fit_geometry(original: tuple[int, ...], spec: PreprocessConfig) -> Geometry:
 
 
 def to_original_grid(
-    values: torch.Tensor, original: tuple[int, ...], spec: PreprocessConfig
+    values: torch.Tensor,
+    original: tuple[int, ...],
+    spec: PreprocessConfig,
+    conserve_sum: bool = False,
 ) -> torch.Tensor:
-    """(..., *spatial_size) on the model grid -> (..., *original): un-pad, then resize back."""
+    """(..., *spatial_size) on the model grid -> (..., *original): un-pad, then resize back.
+
+    Resizing keeps a map's values (its mean); with `conserve_sum` (attributions, which add up
+    to a change of the output) they are scaled by resized / original area, so a 96x96 map back
+    on a 3000x2500 radiograph spreads each value over ~800 pixels, and what interpolation still
+    moves of the sum (a few % of a signed map's) is given back to the pixels in proportion to
+    their magnitude: the map adds up to the same total exactly, its zeros stay zero."""
     geometry = fit_geometry(original, spec)
     n = len(original)
     lead = values.shape[:-n]
@@ -60,6 +70,13 @@ def to_original_grid(
     cropped = values[tuple(index)].reshape(-1, 1, *geometry.resized).float()  # (M, 1, *resized)
     mode = "bilinear" if n == 2 else "trilinear"
     back = torch.nn.functional.interpolate(cropped, size=original, mode=mode, align_corners=False)
+    if conserve_sum:
+        back = back * (math.prod(geometry.resized) / math.prod(original))
+        axes = tuple(range(2, back.dim()))
+        total = cropped.sum(axes, keepdim=True, dtype=torch.float64)  # (M, 1, 1...)
+        missing = total - back.sum(axes, keepdim=True, dtype=torch.float64)
+        magnitude = back.abs().sum(axes, keepdim=True, dtype=torch.float64).clamp(min=1e-30)
+        back += back.abs() * (missing / magnitude).float()  # (M, 1, *original)
     return back.reshape(*lead, *original)
 
 

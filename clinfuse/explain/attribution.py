@@ -12,9 +12,10 @@ Four explanations, each computed for a whole batch of studies at once:
   the model's missing-modality path, plus their interaction;
 - attention: what each word read in the image, from the fusion blocks' cross-attention.
 
-Integrated gradients are complete: a label's image attributions sum (on the model grid) to
-f(x) - f(black image), its word attributions to f(x) - f(reference note), up to the
-convergence delta kept in `Explanation.delta`. All values are in logit units.
+Integrated gradients are complete: a label's image attributions sum (on the model grid, and on
+the DICOM's grid they are mapped back to) to f(x) - f(black image), its word attributions to
+f(x) - f(reference note), up to the convergence delta kept in `Explanation.delta`. All values
+are in logit units.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ from clinfuse.explain.explanation import CAM_FLOOR, Explanation
 from clinfuse.model.model import FusionModel
 
 METHODS = ("ig", "gradcam", "shapley", "attention")
-WORD = re.compile(r"\w+|[^\w\s]")  # a word: a run of \w characters, or one punctuation mark
+# a word: a run of \w characters with the combining marks among them (an accent written as its
+# own character, Unicode NFD: "re\u0301sume\u0301"), or one punctuation mark
+MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+WORD = re.compile(rf"\w[\w{MARKS}]*|[^\w\s]")
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -79,8 +83,12 @@ def explain(
     batch = batch.to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
+    # the methods need gradients, also when the caller scores under no_grad or inference_mode
     try:
-        found = attribute_batch(model, batch, targets, steps, internal_batch_size, methods)
+        with torch.inference_mode(False), torch.enable_grad():
+            if any(isinstance(v, torch.Tensor) and v.is_inference() for v in vars(batch).values()):
+                batch = batch.select(range(len(batch)))  # copies autograd may record
+            found = attribute_batch(model, batch, targets, steps, internal_batch_size, methods)
     finally:
         model.train(was_training)
     names = tuple(model.labels[t] for t in targets)
@@ -152,11 +160,15 @@ def _study_explanation(
         offsets, mask = batch.offsets[b].cpu(), batch.attention_mask[b].cpu()
         weights = token_word_weights(offsets, mask, spans)
         note_read = int(offsets[mask.bool(), 1].max()) if mask.any() else 0
+        # a word the token limit cut in two counts as read (it is scored by the pieces read)
+        cut = (spans[:, 0] < note_read) & (spans[:, 1] > note_read)
+        note_read = int(spans[cut, 1].max()) if cut.any() else note_read
 
-    def on_original_grid(maps: torch.Tensor | None) -> np.ndarray | None:
+    def on_original_grid(maps: torch.Tensor | None, conserve_sum: bool) -> np.ndarray | None:
         if maps is None or not has_image:
             return None
-        return to_original_grid(maps[b], original, model.cfg.preprocess).numpy()  # (L, *orig)
+        spec = model.cfg.preprocess
+        return to_original_grid(maps[b], original, spec, conserve_sum).numpy()  # (L, *orig)
 
     words = attention = None
     if weights is not None and found.tokens is not None:
@@ -167,8 +179,8 @@ def _study_explanation(
         study_id=batch.study_ids[b],
         labels=labels,
         probabilities=found.probabilities[b].numpy().astype(np.float32),
-        image=on_original_grid(found.image),
-        gradcam=on_original_grid(found.gradcam),
+        image=on_original_grid(found.image, conserve_sum=True),  # still sums to the change
+        gradcam=on_original_grid(found.gradcam, conserve_sum=False),
         note=note,
         spans=spans,
         words=words,
@@ -184,6 +196,12 @@ def label_indices(model: FusionModel, labels: Sequence[str] | None) -> list[int]
     """Positions of `labels` among the model's labels (all of them for None)."""
     if labels is None:
         return list(range(len(model.labels)))
+    if isinstance(labels, str) or not labels:
+        raise ConfigError(
+            "labels",
+            f"need a list of label names, not {labels!r}",
+            hint=f"e.g. [{model.labels[0]!r}], or None for all: {', '.join(model.labels)}",
+        )
     missing = [name for name in labels if name not in model.labels]
     if missing:
         raise ConfigError(
@@ -368,7 +386,8 @@ def _fixed_output(module: nn.Module | None, inputs: torch.Tensor) -> Iterator[No
 
 
 def note_words(note: str) -> np.ndarray:
-    """(N, 2) int32 [start, end) of each word: a run of \\w characters, or one punctuation mark."""
+    """(N, 2) int32 [start, end) of each word (`WORD`): a run of \\w characters and combining
+    marks, or one punctuation mark."""
     spans = [m.span() for m in WORD.finditer(note)]
     return np.asarray(spans, dtype=np.int32).reshape(len(spans), 2)
 

@@ -55,7 +55,9 @@ class Explanation:
     study_id: str
     labels: tuple[str, ...]  # (L,) the labels explained, in this order
     probabilities: np.ndarray  # (L,) float32 calibrated probabilities
-    image: np.ndarray | None  # (L, H, W) or (L, D, H, W) float32 integrated gradients, DICOM grid
+    # (L, H, W) or (L, D, H, W) float32 integrated gradients on the DICOM grid, summing per label
+    # to f(x) - f(black image) there too
+    image: np.ndarray | None
     gradcam: np.ndarray | None  # same shape: Grad-CAM (ReLU'd), upsampled to the DICOM grid
     note: str | None  # the note text that `spans` index
     spans: np.ndarray | None  # (N, 2) int32 [start, end) character offsets of the note's words
@@ -97,8 +99,11 @@ class Explanation:
             "modality": np.asarray(self.modality, dtype=np.float32),
             "delta": np.asarray(self.delta, dtype=np.float32),
         }
+        image = None
+        if self.image is not None:  # float16 of the map over its peak: see `peak_scaled`
+            image, arrays["image_scale"] = peak_scaled(self.image)
         optional = {
-            "image": (self.image, np.float16),
+            "image": (image, np.float16),
             "gradcam": (self.gradcam, np.float16),
             "spans": (self.spans, np.int32),
             "words": (self.words, np.float16),
@@ -129,11 +134,15 @@ class Explanation:
 
             labels = tuple(str(x) for x in data["labels"])
             note = get("note")
+            image = get("image", np.float32)
+            scale = get("image_scale", np.float32)
+            if image is not None and scale is not None:
+                image *= scale.reshape(-1, *[1] * (image.ndim - 1))
             return cls(
                 study_id=str(data["study_id"]),
                 labels=labels,
                 probabilities=data["probabilities"].astype(np.float32),
-                image=get("image", np.float32),
+                image=image,
                 gradcam=get("gradcam", np.float32),
                 note=None if note is None else str(note),
                 spans=get("spans", np.int32),
@@ -180,9 +189,21 @@ class Explanation:
         }
 
 
+def peak_scaled(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L, *spatial) -> (values / each label's peak |value|, the peaks (L,) float32; 1 for an
+    all-zero map). Attributions that add up to a logit change are tiny per pixel of a large
+    DICOM (~1e-7 on 3000x2500): float16 would round them to zero, but not their share of the
+    peak. A saved map is the first times the second, label by label."""
+    flat = np.abs(np.asarray(values, dtype=np.float32)).reshape(len(values), -1)
+    peak = flat.max(1) if flat.size else np.ones(len(values), np.float32)
+    peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0).astype(np.float32)
+    return values / peak.reshape(-1, *[1] * (values.ndim - 1)), peak
+
+
 def encode_map(values: np.ndarray) -> dict[str, Any]:
-    """(L, *spatial) -> {"shape", "original_shape", "dtype", "base64"}: area-downsampled, aspect
-    kept, so no axis exceeds 64 (2D) or 32 (3D); little-endian float16 bytes in base64."""
+    """(L, *spatial) -> {"shape", "original_shape", "dtype", "base64", "scale"}: area-downsampled,
+    aspect kept, so no axis exceeds 64 (2D) or 32 (3D); little-endian float16 bytes in base64 of
+    the map over each label's peak (`peak_scaled`), the peaks in "scale"."""
     spatial = values.shape[1:]
     scale = min(1.0, RECORD_MAX_SIDE.get(len(spatial), 64) / max(spatial))  # keep the aspect
     size = tuple(max(1, round(s * scale)) for s in spatial)
@@ -194,19 +215,24 @@ def encode_map(values: np.ndarray) -> dict[str, Any]:
             else torch.nn.functional.adaptive_avg_pool3d
         )
         small = pool(small.unsqueeze(1), size).squeeze(1)  # (L, *size)
-    data = small.numpy().astype("<f2")
+    unit, peak = peak_scaled(small.numpy())
+    data = unit.astype("<f2")
     return {
         "shape": list(data.shape),
         "original_shape": list(spatial),
         "dtype": "float16",
         "base64": base64.b64encode(data.tobytes()).decode("ascii"),
+        "scale": [float(p) for p in peak],
     }
 
 
 def decode_map(encoded: dict[str, Any]) -> np.ndarray:
-    """The inverse of `encode_map`: a float32 array of `encoded["shape"]`."""
+    """The inverse of `encode_map`: a float32 array of `encoded["shape"]` (records from before
+    "scale" hold the values themselves)."""
     raw = base64.b64decode(encoded["base64"])
-    return np.frombuffer(raw, dtype="<f2").reshape(encoded["shape"]).astype(np.float32)
+    values = np.frombuffer(raw, dtype="<f2").reshape(encoded["shape"]).astype(np.float32)
+    scale = np.asarray(encoded.get("scale", [1.0] * len(values)), dtype=np.float32)
+    return values * scale.reshape(-1, *[1] * (values.ndim - 1))
 
 
 def _finite(value: float) -> float | None:

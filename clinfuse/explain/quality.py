@@ -509,22 +509,28 @@ def evaluate_explanations(
     rng = np.random.default_rng(seed)
     records: list[Record] = []
     explained: dict[str, tuple[Batch, Explanation]] = {}
+    one_sided = 0  # explained studies lacking their image or note: no note share
     for n, study_id in enumerate(studies, 1):
         batch = study_batch(model, [rows[study_id]])
         if not len(batch):
             continue
         expl = explain(model, batch, positives[study_id], steps=steps)[0]
         explained[study_id] = (batch, expl)
+        both_sides = bool(batch.image_present[0]) and bool(batch.note_present[0])
         spec, original = model.cfg.preprocess, batch.original_shapes[0]
         for j in range(len(expl.labels)):
             records += localisation(expl, j, truth, spec, original)
             records += faithfulness(
                 model, batch, expl, j, truth, deletion_steps, random_orders, rng
             )
-            phi_image, phi_note, interaction = expl.modality[j]
-            modality = {"note_share": note_share(expl.modality[j]), "phi_image": phi_image}
-            modality |= {"phi_note": phi_note, "interaction": interaction}
-            records += _rows(expl, j, "trained", "modality", modality)
+            # a study with one side gives that side all the credit, whatever the model: the
+            # note's share is measured where the model had both to choose from
+            if both_sides:
+                phi_image, phi_note, interaction = expl.modality[j]
+                modality = {"note_share": note_share(expl.modality[j]), "phi_image": phi_image}
+                modality |= {"phi_note": phi_note, "interaction": interaction}
+                records += _rows(expl, j, "trained", "modality", modality)
+        one_sided += not both_sides
         if progress and (n % 10 == 0 or n == len(studies)):
             progress(f"explained {n}/{len(studies)} studies")
     if sanity:
@@ -534,7 +540,12 @@ def evaluate_explanations(
     return quality_summary(
         records,
         model.labels,
-        counts={"studies": len(rows), "explained": len(explained), "truly_present": present},
+        counts={
+            "studies": len(rows),
+            "explained": len(explained),
+            "one_sided": one_sided,
+            "truly_present": present,
+        },
         split=split,
     )
 

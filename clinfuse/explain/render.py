@@ -8,9 +8,11 @@ date reaches an output. Every page carries the notice that this is decision supp
 from __future__ import annotations
 
 import html
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -28,10 +30,12 @@ from clinfuse.explain.attribution import explain  # noqa: E402
 from clinfuse.explain.explanation import Explanation  # noqa: E402
 from clinfuse.explain.metrics import POINTING_TOLERANCE  # noqa: E402
 from clinfuse.explain.quality import study_batch  # noqa: E402
+from clinfuse.exports.files import write_atomic  # noqa: E402
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint  # noqa: E402
 from clinfuse.model.model import FusionModel  # noqa: E402
 
 POSITIVE, NEGATIVE = (214, 39, 40), (31, 119, 180)  # red: for the label, blue: against it
+DISPLAY_SIDE = 384  # pixels of a figure panel's longer side at most (it shows ~300)
 
 
 # -- pixels and maps ------------------------------------------------------------------------
@@ -50,6 +54,35 @@ def _slice(pixels: np.ndarray, maps: Sequence[np.ndarray | None]) -> tuple[np.nd
     return pixels[z], [None if m is None else m[z] for m in maps], f" (slice {z})"
 
 
+def _for_display(
+    pixels: np.ndarray, maps: Sequence[np.ndarray | None]
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """A 2D image and its maps area-averaged so the longer side is at most `DISPLAY_SIDE`: a
+    figure panel shows ~300 pixels, and drawing a 5-megapixel radiograph's colours per panel
+    and label would take gigabytes."""
+    scale = DISPLAY_SIDE / max(pixels.shape)
+    if scale >= 1:
+        return pixels, list(maps)
+    size = tuple(max(1, round(n * scale)) for n in pixels.shape)
+
+    def shrink(values: np.ndarray) -> np.ndarray:
+        grid = torch.from_numpy(np.ascontiguousarray(np.nan_to_num(values), dtype=np.float32))
+        return torch.nn.functional.adaptive_avg_pool2d(grid[None, None], size)[0, 0].numpy()
+
+    return shrink(pixels), [None if m is None else shrink(m) for m in maps]
+
+
+def _save_figure(figure: plt.Figure, path: Path, **options: Any) -> Path:
+    """Render `figure` to PNG bytes, close it, and write them atomically (`write_atomic`)."""
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None}, **options)
+    finally:
+        plt.close(figure)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
 def _overlay(axis: plt.Axes, pixels: np.ndarray, values: np.ndarray | None, opacity: float):
     """Grey image, then the positive attribution as a heat map whose opacity grows with it."""
     axis.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -60,8 +93,8 @@ def _overlay(axis: plt.Axes, pixels: np.ndarray, values: np.ndarray | None, opac
     top = np.percentile(positive, 99.5)
     if top <= 0:
         return
-    scaled = np.clip(positive / top, 0, 1)
-    colours = plt.get_cmap("inferno")(scaled)  # (H, W, 4)
+    scaled = np.clip(positive / top, 0, 1).astype(np.float32)
+    colours = plt.get_cmap("inferno")(scaled).astype(np.float32)  # (H, W, 4)
     colours[..., 3] = opacity * scaled
     axis.imshow(colours, interpolation="nearest")
 
@@ -70,19 +103,16 @@ def overlay_png(
     pixels: np.ndarray, attribution: np.ndarray, path: str | Path, opacity: float = 0.6
 ) -> Path:
     """One image with `attribution` (same shape as `pixels`) overlaid, written as a PNG."""
-    path = Path(path)
     pixels, (values,), _ = _slice(pixels, [attribution])
+    pixels, (values,) = _for_display(pixels, [values])
     figure, axis = plt.subplots(figsize=(4, 4 * pixels.shape[0] / pixels.shape[1]))
     _overlay(axis, pixels, values, opacity)
-    figure.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
-    plt.close(figure)
-    return path
+    return _save_figure(figure, Path(path), bbox_inches="tight")
 
 
 def explanation_png(expl: Explanation, pixels: np.ndarray, path: str | Path) -> Path:
     """One row per label: the image, then overlaid the localisation map (the default: Grad-CAM
     weighed by smoothed integrated gradients), integrated gradients and Grad-CAM."""
-    path = Path(path)
     figure, axes = plt.subplots(
         len(expl.labels), 4, figsize=(12, 3.2 * len(expl.labels)), squeeze=False
     )
@@ -90,7 +120,8 @@ def explanation_png(expl: Explanation, pixels: np.ndarray, path: str | Path) -> 
         ig = None if expl.image is None else expl.image[j]
         cam = None if expl.gradcam is None else expl.gradcam[j]
         where_map = expl.localisation(j)
-        shown, (where_map, ig, cam), where = _slice(pixels, [where_map, ig, cam])
+        shown, maps, where = _slice(pixels, [where_map, ig, cam])
+        shown, (where_map, ig, cam) = _for_display(shown, maps)
         panels = (
             ("image", None),
             ("localisation", where_map),
@@ -101,9 +132,7 @@ def explanation_png(expl: Explanation, pixels: np.ndarray, path: str | Path) -> 
             _overlay(axis, shown, values, opacity=0.6)
             axis.set_title(f"{label} {expl.probabilities[j]:.2f}: {title}{where}", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(figure)
-    return path
+    return _save_figure(figure, Path(path))
 
 
 # -- the note ---------------------------------------------------------------------------------
@@ -237,7 +266,7 @@ def render_explanation(
         )
         image_file = written[-1].name
     page = out_dir / f"{file_stem(expl.study_id)}.html"
-    page.write_text(explanation_html(expl, image_file), encoding="utf-8")
+    write_atomic(page, explanation_html(expl, image_file).encode("utf-8"))
     return [*written, page]
 
 
@@ -411,7 +440,10 @@ def quality_markdown(summary: dict) -> str:
     parts = [
         f"# Explanation quality ({summary.get('model_version', 'model')}, {summary['split']})",
         f"{summary['explained']} studies with a true positive explained, of {summary['studies']}"
-        f" in the split. Pointing game: the map's peak within {POINTING_TOLERANCE * 224:.0f}/224"
+        f" in the split ({summary.get('one_sided', 0)} explained studies left out of the "
+        "note's Shapley share: they lack their image or note, so their one side gets all the "
+        "credit whatever the model). Pointing game: the map's peak within "
+        f"{POINTING_TOLERANCE * 224:.0f}/224"
         " of the image's longer side from the lesion mask (the standard 15-pixel tolerance at "
         f"224 pixels); strict: inside the mask. Default image method: **{default}** (most image "
         "bars passed, then "
@@ -442,7 +474,8 @@ def quality_markdown(summary: dict) -> str:
         parts += [
             "## Modality Shapley values (mean over the true positives, logits)",
             "The note's share is |phi_note| / (|phi_image| + |phi_note|) per study; each phi "
-            "holds half the interaction (both - image alone - note alone + neither).",
+            "holds half the interaction (both - image alone - note alone + neither); studies "
+            "with both an image and a note only.",
             _table(
                 ["label", "depends on", "phi_image", "phi_note", "interaction", "note share"],
                 modality,
