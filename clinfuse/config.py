@@ -24,7 +24,15 @@ C = TypeVar("C", bound="Config")
 class Config(BaseModel):
     """Base of every config: unknown keys are errors, fields are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+
+def _check_heads(width_key: str, width: int, heads_key: str, heads: int) -> None:
+    """Attention splits a width evenly over its heads."""
+    if width % heads:
+        raise ValueError(f"{width_key} ({width}) must be a multiple of {heads_key} ({heads})")
 
 
 class ImageConfig(Config):
@@ -32,20 +40,25 @@ class ImageConfig(Config):
 
     backbone: Literal["densenet", "resnet", "vit"] = "densenet"
     spatial_dims: Literal[2, 3] = 2
-    in_channels: int = 1
+    in_channels: int = Field(1, ge=1)
     # densenet: init_features, growth_rate, block_config (DenseNet121 = 64, 32, (6, 12, 24, 16))
-    init_features: int = 16
-    growth_rate: int = 16
+    init_features: int = Field(16, ge=1)
+    growth_rate: int = Field(16, ge=1)
     block_config: tuple[int, ...] = (2, 2, 2)
     # resnet: layers and block_inplanes (ResNet18 = (2, 2, 2, 2), (64, 128, 256, 512))
     layers: tuple[int, ...] = (1, 1, 1, 1)
     block_inplanes: tuple[int, ...] = (16, 32, 64, 128)
     # vit: patch size, width, depth, heads
-    patch_size: int = 16
-    vit_hidden: int = 128
-    vit_layers: int = 2
-    vit_heads: int = 4
-    pretrained: str | None = None  # a local .safetensors (or state-dict .pt) file of the backbone
+    patch_size: int = Field(16, ge=1)
+    vit_hidden: int = Field(128, ge=1)
+    vit_layers: int = Field(2, ge=1)
+    vit_heads: int = Field(4, ge=1)
+    pretrained: str | None = None  # a local .safetensors file of the backbone's weights
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ImageConfig:
+        _check_heads("vit_hidden", self.vit_hidden, "vit_heads", self.vit_heads)
+        return self
 
 
 class TextConfig(Config):
@@ -57,42 +70,53 @@ class TextConfig(Config):
     # hold it, so a name, record number or rare age stays out of the saved tokenizer (it is
     # still read, spelled in pieces); 1 = every word, as before
     min_word_patients: int = Field(5, ge=1)
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    intermediate: int = 128
-    max_length: int = 128  # tokens, including [CLS] and [SEP]
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate: int = Field(128, ge=1)
+    max_length: int = Field(128, ge=8)  # tokens, including [CLS] and [SEP]
     long_notes: Literal["truncate", "chunk"] = "truncate"
-    max_chunks: int = 4  # with long_notes=chunk: at most this many windows of max_length
+    max_chunks: int = Field(4, ge=1)  # with long_notes=chunk: at most this many windows
     # training only: this share of each note's word pieces is replaced by [MASK] (or [UNK]),
     # so the encoder cannot memorise whole notes; 0 = off
-    token_dropout: float = 0.1
+    token_dropout: float = Field(0.1, ge=0, lt=1)
     # before the supervised run, passes of masked-language-model pretraining of the note
     # encoder on the training notes (offline; 0 = none; BERT encoders only)
-    mlm_epochs: int = 0
+    mlm_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TextConfig:
+        _check_heads("hidden", self.hidden, "heads", self.heads)
+        return self
 
 
 class FusionConfig(Config):
     """How the two sides meet: the mode and the cross-attention stack's shape."""
 
     mode: FusionMode = "cross_attention"
-    width: int = 64
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 2.0
-    dropout: float = 0.1
-    modality_dropout: float = 0.15  # per study, training only: drop one side with this chance
+    width: int = Field(64, ge=1)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(2.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # per study, training only: drop one side with this chance
+    modality_dropout: float = Field(0.15, ge=0, le=1)
     # how each side's tokens become the head's input: their mean, or per label a learned query
     # attending over them (each label picks out its own evidence)
     pooling: Literal["mean", "label_attention"] = "mean"
     # weight of the per-side auxiliary loss (training only): a head on each encoder's own
     # tokens learns every label from that side alone, so neither encoder is left idle while the
     # other fits the easy labels (cross_attention and late only; 0 = no side heads)
-    side_loss: float = 1.0
+    side_loss: float = Field(1.0, ge=0)
     # with side heads, what the fused head answers: the logit itself ("head"), or a correction
     # to the naive-Bayes sum of the side heads, image + note - prior ("naive_bayes"): the sides
     # carry what each knows alone, the fused tokens only what they know together
     combine: Literal["head", "naive_bayes"] = "head"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> FusionConfig:
+        _check_heads("width", self.width, "heads", self.heads)
+        return self
 
 
 class PreprocessConfig(Config):
@@ -102,6 +126,14 @@ class PreprocessConfig(Config):
     fit: Literal["pad", "stretch"] = "pad"  # keep aspect ratio and pad, or resize every axis
     window: Literal["file", "percentile"] = "file"  # the file's VOI window, else percentiles
     normalize: tuple[float, float] = (0.5, 0.25)  # (mean, std) after windowing to [0, 1]
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PreprocessConfig:
+        if len(self.spatial_size) not in (2, 3) or min(self.spatial_size) < 8:
+            raise ValueError("spatial_size is (H, W) or (D, H, W), each at least 8 pixels")
+        if self.normalize[1] <= 0:
+            raise ValueError("normalize is (mean, std) with std > 0")
+        return self
 
 
 class ModelConfig(Config):
@@ -279,8 +311,8 @@ def resolve_run_config(path: str | Path | None = None, overrides: Iterable[str] 
     overrides = list(overrides)
     for item in overrides:  # the architecture must be known before its defaults apply
         key, _, value = item.partition("=")
-        if key == "model.name":
-            data.setdefault("model", {})["name"] = value
+        if key == "model.name":  # read as every override value is (model.name='tiny')
+            data.setdefault("model", {})["name"] = str(yaml.safe_load(value) if value else value)
     model = data.get("model", {})
     name = model.get("name", DEFAULT_MODEL)
     data["model"] = merge({**architecture(name), "name": name}, model)

@@ -67,10 +67,14 @@ def markdown(table: dict, folders: list[Path], labels: list[str], heldout: bool 
             if len(values) != len(folders):
                 cells.append("—")
                 continue
-            each = " / ".join(f"{v:.3f}" for v in values)
-            cells.append(
-                f"{each}; **{statistics.mean(values):.3f}** [{min(values):.3f}, {max(values):.3f}]"
-            )
+            each = " / ".join("—" if v is None else f"{v:.3f}" for v in values)
+            known = [v for v in values if v is not None]  # None: no positives in a run's split
+            if not known:
+                cells.append(each)
+                continue
+            mean, low, high = statistics.mean(known), min(known), max(known)
+            over = "" if len(known) == len(values) else f" of {len(known)} runs"
+            cells.append(f"{each}; **{mean:.3f}**{over} [{low:.3f}, {high:.3f}]")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -320,6 +320,17 @@ def test_evaluate_writes_metrics_predictions_and_a_report(trained, export, tmp_p
     assert (out / "predictions.csv").read_text().startswith("study_id,modalities,p_")
 
 
+def test_evaluate_never_writes_its_report_into_a_model_folder(trained, export, capsys):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    args = ["evaluate", "--model", str(trained), "--manifest", str(export), "--out", str(trained)]
+    assert main(args) == 2
+    assert "is a model folder; its failures.csv is the training run's" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+    with pytest.raises(SystemExit) as usage:  # argparse, before anything runs
+        main([*args[:-1], str(trained.parent / "r"), "--bootstrap", "-5"])
+    assert usage.value.code == 2 and "--bootstrap: -5: give 0 or more" in capsys.readouterr().err
+
+
 def test_evaluate_names_unread_studies_and_keeps_same_named_folders_apart(
     trained, export, tmp_path, capsys
 ):
@@ -394,6 +405,12 @@ def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path,
     assert main([*evaluate, "--model", str(trained), "--model", str(pair), "--out", str(out)]) == 0
     assert "pair and tiny were scored on different labels (copd, mass against" in caplog.text
     assert "and studies (" in caplog.text and "another split): their macro figures" in caplog.text
+
+
+def test_a_wrong_manifest_path_says_so_also_into_a_finished_model_folder(trained, capsys):
+    missing = trained.parent / "no-such-manifest.csv"
+    assert main(["train", "--manifest", str(missing), "--out", str(trained), *FAST]) == 2
+    assert "no-such-manifest.csv: manifest file not found" in capsys.readouterr().err
 
 
 def test_an_unknown_override_key_is_an_error_naming_it(export, tmp_path, capsys):
@@ -475,6 +492,14 @@ def test_ranks_see_disjoint_equal_shards_of_a_seeded_order():
         ("train.max_pos_weight=0", "'train.max_pos_weight': Input should be greater"),
         ("train.seed=-1", "'train.seed': Input should be greater than or equal to 0"),
         ("data.val_fraction=0.9", "'data': Value error, val_fraction + test_fraction must leave"),
+        ("train.lr=.inf", "'train.lr': Input should be a finite number"),
+        ("model.fusion.heads=3", "'model.fusion': Value error, width (64) must be a multiple"),
+        ("model.text.heads=5", "'model.text': Value error, hidden (64) must be a multiple"),
+        ("model.fusion.dropout=1.5", "'model.fusion.dropout': Input should be less than 1"),
+        ("model.fusion.modality_dropout=2", "'model.fusion.modality_dropout': Input should be"),
+        ("model.text.max_length=1", "'model.text.max_length': Input should be greater than or"),
+        ("model.preprocess.normalize=[0.5,0]", "'model.preprocess': Value error, normalize is"),
+        ("model.preprocess.spatial_size=[4,4]", "'model.preprocess': Value error, spatial_size"),
     ],
 )
 def test_a_value_out_of_range_is_an_error_before_any_data_is_read(tmp_path, capsys, override, says):
@@ -482,6 +507,53 @@ def test_a_value_out_of_range_is_an_error_before_any_data_is_read(tmp_path, caps
     assert main(["train", "--manifest", str(missing), "--out", str(tmp_path / "m"), override]) == 2
     assert f"error: config key {says}" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_an_image_size_too_small_for_the_backbone_is_an_error_naming_the_setting(
+    export, tmp_path, capsys
+):
+    args = ["--manifest", str(export), "--out", str(tmp_path / "m"), *FAST]
+    small = ["model.image.backbone=resnet", "model.preprocess.spatial_size=[32,32]"]
+    assert main(["train", *args, *small]) == 2  # a 1x1 last feature map: batch norm on one value
+    err = capsys.readouterr().err
+    assert "'model.preprocess.spatial_size': (32, 32) is too small for this resnet" in err
+    assert main(["train", *args[:4], "model.name='nope'"]) == 2
+    assert "unknown architecture 'nope'" in capsys.readouterr().err  # quoted as YAML reads it
+
+
+def test_a_diverging_run_stops_with_an_error_saying_what_to_do(export, tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["--manifest", str(export), "--out", str(out), *FAST, "train.lr=1e6"]
+    assert main(["train", *args, "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged at epoch 1" in err and "lower learning rate (train.lr=1e+06" in err
+    assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("blank", "says", "validate_says"),
+    [
+        ("all", "no known label in the train split", "no usable row with a known label"),
+        ("val", *["no label of the val split has both a positive and a negative"] * 2),
+    ],
+)
+def test_labels_that_cannot_train_a_model_are_refused_by_train_and_validate(
+    export, tmp_path, capsys, blank, says, validate_says
+):
+    rows = pd.read_csv(export, dtype=str, keep_default_na=False)
+    rows["image"] = [str(export.parent / p) for p in rows["image"]]
+    rows["note_path"] = [str(export.parent / p) if p else "" for p in rows["note_path"]]
+    rows["split"] = np.where(rows.patient_id.str[-1].isin(list("01")), "val", "train")
+    labels = ["cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"]
+    rows.loc[rows.split.eq("val") | (blank == "all"), labels] = ""
+    manifest = tmp_path / "unlabelled.csv"
+    rows.to_csv(manifest, index=False)
+    out = tmp_path / "m"
+    assert main(["train", "--manifest", str(manifest), "--out", str(out), *FAST]) == 2
+    assert f"unlabelled.csv: {says}" in capsys.readouterr().err and not out.exists()
+    verdicts = str(tmp_path / "v.csv")
+    assert main(["validate", str(manifest), "--out", verdicts, "--workers", "0"]) == 1
+    assert validate_says in capsys.readouterr().out
 
 
 def test_example_configs_in_pipelines_load():

@@ -20,6 +20,14 @@ def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def share(text: str) -> float:
+    """An argparse type: a share of patients, at least 0 and below 1, else a usage error."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a share from 0 up to (not including) 1")
+    return value
+
+
 def one_of_each(choices: frozenset[str]) -> Callable[[str], tuple[str, ...]]:
     """An argparse type: a comma-separated list of `choices` ("fhir,sr", spaces and case
     forgiven), else a usage error naming what is not one, before any work starts."""

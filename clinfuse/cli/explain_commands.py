@@ -39,12 +39,13 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _explain_eval(args: argparse.Namespace) -> int:
+    from clinfuse.atomic import write_atomic
     from clinfuse.data.manifest import PatientSplit
     from clinfuse.engine import select_device
     from clinfuse.evaluation.evaluate import model_version
     from clinfuse.explain.quality import evaluate_explanations
     from clinfuse.explain.render import quality_markdown
-    from clinfuse.exports.files import new_folder, write_atomic
+    from clinfuse.exports.files import new_folder
     from clinfuse.model.checkpoint import load_checkpoint, read_checkpoint_config
 
     out = Path(args.out)

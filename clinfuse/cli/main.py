@@ -21,7 +21,7 @@ from pathlib import Path
 from clinfuse import __version__
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
-from clinfuse.cli.args import at_least, one_of_each
+from clinfuse.cli.args import at_least, one_of_each, share
 from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
 from clinfuse.errors import ClinfuseError
 
@@ -64,6 +64,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = resolve_run_config(args.config, args.overrides)
     result = train(args.manifest, args.out, cfg, device=args.device)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 saved the model; it reports
+        return 0
     macro = result.validation["macro"]
     if result.already_done:
         print(f"{result.model_dir} is already trained (rerun with a new --out to train again)")
@@ -79,9 +81,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from clinfuse.evaluation.evaluate import evaluate_model, unique_names, write_evaluation
+    from clinfuse.evaluation.evaluate import (
+        check_report_folder,
+        evaluate_model,
+        unique_names,
+        write_evaluation,
+    )
     from clinfuse.evaluation.report import failures_file
 
+    check_report_folder(args.out)  # before the models are run, not after
     runs = {
         name: evaluate_model(
             folder,
@@ -185,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL manifest")
     p.add_argument("--out", type=Path, help="verdicts CSV (default MANIFEST.verdicts.csv)")
     p.add_argument("--labels", help="comma-separated label columns (default: all non-reserved)")
-    p.add_argument("--val", type=float, default=0.15, help="validation share of patients")
-    p.add_argument("--test", type=float, default=0.15, help="test share of patients")
+    p.add_argument("--val", type=share, default=0.15, help="validation share of patients")
+    p.add_argument("--test", type=share, default=0.15, help="test share of patients")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--workers", type=at_least(0), default=1, help="processes reading files")
     p.add_argument("--json", action="store_true", help="also print the summary as JSON")
@@ -227,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% CIs")
+    p.add_argument(
+        "--bootstrap", type=at_least(0), default=1000, help="resamples for 95%% CIs (0: none)"
+    )
     p.add_argument(
         "--labels",
         type=Path,

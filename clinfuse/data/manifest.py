@@ -107,7 +107,25 @@ class Manifest:
         return table[list(self.labels)].to_numpy(dtype=np.float32)
 
 
-def _kind(path: Path) -> str:
+def label_problem(labels: np.ndarray, splits: np.ndarray, names: Sequence[str]) -> str:
+    """Why these rows' labels cannot train a model ("" when they can): the train split needs a
+    known label cell, and the val split a label with a positive and a negative (early stopping,
+    calibration and the thresholds are fitted there). `labels` (N, L) float, NaN = unknown;
+    `splits` (N,) each row's split; `names` the L label names."""
+    train, val = labels[splits == "train"], labels[splits == "val"]
+    if not (~np.isnan(train)).any():
+        return "no known label in the train split (every label cell of its rows is empty)"
+    both = [n for j, n in enumerate(names) if {0.0, 1.0} <= set(val[:, j][~np.isnan(val[:, j])])]
+    if not both:
+        return (
+            "no label of the val split has both a positive and a negative, so early stopping, "
+            "calibration and the decision thresholds could not be fitted"
+        )
+    return ""
+
+
+def manifest_kind(path: Path) -> str:
+    """ "csv", "parquet" or "jsonl" of a manifest file that exists; else a `ManifestError`."""
     kind = _SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ManifestError(
@@ -170,7 +188,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
 def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.DataFrame]:
     """The manifest as text tables of at most `chunk_rows` rows (None: one table)."""
     path = Path(path)
-    kind = _kind(path)
+    kind = manifest_kind(path)
     try:
         sep = _csv_header(path)[0] if kind == "csv" else ","
         if kind == "csv":
@@ -271,7 +289,7 @@ def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     """A CSV manifest's rows with fewer cells than its header: {row: (cells, header cells)}.
     The reader reads their missing cells as empty (labels unknown); `validate` says so."""
     path = Path(path)
-    if _kind(path) != "csv":
+    if manifest_kind(path) != "csv":
         return {}
     records = _csv_records(path, _csv_header(path)[0])
     width = len(next(records, []))
@@ -299,7 +317,7 @@ def report_short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     reads its manifest more than once): a row cut short by a broken export would otherwise be
     read, without a word, as a study with no note or with unknown labels."""
     path = Path(path)
-    if _kind(path) != "csv":
+    if manifest_kind(path) != "csv":
         return {}
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)

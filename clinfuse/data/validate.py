@@ -21,6 +21,7 @@ from clinfuse.data.manifest import (
     Manifest,
     PatientSplit,
     StudyRow,
+    label_problem,
     listed_rows,
     load_manifest,
     short_rows,
@@ -97,7 +98,8 @@ class ValidationReport:
                 f"no usable row in the {' or '.join(map(repr, empty))} split; training needs "
                 "both (fix the split column, or leave it empty for a seeded patient-level split)"
             )
-        return ""
+        labels = self.manifest.label_matrix()[usable]
+        return label_problem(labels, splits[usable], self.manifest.labels)
 
     @property
     def trainable(self) -> bool:

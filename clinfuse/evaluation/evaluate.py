@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
+from clinfuse.atomic import write_atomic
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, load_manifest, reference_labels
 from clinfuse.engine import Predictions, predict, select_device
-from clinfuse.errors import ManifestError
+from clinfuse.errors import ClinfuseError, ManifestError
 from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, failures_file, write_report
@@ -98,6 +99,17 @@ def evaluate_model(
     return run, table
 
 
+def check_report_folder(out_dir: str | Path) -> None:
+    """A report folder is not a model folder: its metrics, predictions and failures.csv would
+    replace the training run's. A `ClinfuseError` naming it, before anything is scored."""
+    config = Path(out_dir) / "config.json"
+    if config.is_file() and (Path(out_dir) / "model.safetensors").is_file():
+        raise ClinfuseError(
+            f"{out_dir}: is a model folder; its failures.csv is the training run's. Give "
+            "--out a folder of its own for the report (e.g. a reports/ folder beside it)"
+        )
+
+
 def write_evaluation(
     out_dir: str | Path, runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]
 ) -> Path:
@@ -107,19 +119,23 @@ def write_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(runs)
     first_run, first_table = runs[names[0]]
-    (out_dir / "metrics.json").write_text(
-        json.dumps(first_run.metrics, indent=2, allow_nan=False), encoding="utf-8"
+    check_report_folder(out_dir)
+    write_atomic(
+        out_dir / "metrics.json",
+        json.dumps(first_run.metrics, indent=2, allow_nan=False).encode("utf-8"),
     )
-    first_table.to_csv(out_dir / "predictions.csv", index=False)
+    write_atomic(out_dir / "predictions.csv", first_table.to_csv(index=False).encode("utf-8"))
     write_failures(out_dir / "failures.csv", first_run.failures)  # the model of metrics.json
     if len(names) > 1:
         _warn_if_not_comparable(runs)
         compare = {name: run.metrics for name, (run, _) in runs.items()}
-        (out_dir / "compare.json").write_text(
-            json.dumps(compare, indent=2, allow_nan=False), encoding="utf-8"
+        write_atomic(
+            out_dir / "compare.json",
+            json.dumps(compare, indent=2, allow_nan=False).encode("utf-8"),
         )
         for name, (run, table) in runs.items():
-            table.to_csv(out_dir / f"predictions_{name}.csv", index=False)
+            csv = table.to_csv(index=False).encode("utf-8")
+            write_atomic(out_dir / f"predictions_{name}.csv", csv)
             write_failures(out_dir / failures_file(names, name), run.failures)
     return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
 
@@ -127,7 +143,8 @@ def write_evaluation(
 def write_failures(path: Path, failures: Iterable[tuple[str, str]]) -> None:
     """failures.csv: the studies that could not be read, with why (study_id, reason), sorted;
     `clinfuse train` and `clinfuse evaluate` both write it."""
-    pd.DataFrame(sorted(failures), columns=["study_id", "reason"]).to_csv(path, index=False)
+    table = pd.DataFrame(sorted(failures), columns=["study_id", "reason"])
+    write_atomic(path, table.to_csv(index=False).encode("utf-8"))
 
 
 def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> None:

@@ -21,6 +21,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from clinfuse import __version__
+from clinfuse.atomic import write_atomic
 
 NOTICE = "Decision support, not a diagnosis: every score here is for review by a clinician."
 TABLE_COLUMNS = (  # (metric key, header, CI key or None)
@@ -85,7 +86,7 @@ def write_report(
         + "\n</body></html>\n"
     )
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_atomic(path, page.encode("utf-8"))
     return path
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from clinfuse.exports.files import write_atomic
+from clinfuse.atomic import write_atomic
 
 TOP_WORDS = 10  # words kept per label in `to_record`
 RECORD_MAX_SIDE = {2: 64, 3: 32}  # the record's image map: at most 64x64, or 32x32x32

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from clinfuse.atomic import write_atomic  # noqa: E402
 from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_dicom  # noqa: E402
 from clinfuse.data.manifest import iter_manifest  # noqa: E402
 from clinfuse.data.study import file_stem  # noqa: E402
@@ -30,7 +31,6 @@ from clinfuse.explain.attribution import explain  # noqa: E402
 from clinfuse.explain.explanation import Explanation  # noqa: E402
 from clinfuse.explain.metrics import POINTING_TOLERANCE  # noqa: E402
 from clinfuse.explain.quality import study_batch  # noqa: E402
-from clinfuse.exports.files import write_atomic  # noqa: E402
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint  # noqa: E402
 from clinfuse.model.model import FusionModel  # noqa: E402
 

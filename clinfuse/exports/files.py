@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import UID
 
+from clinfuse.atomic import write_atomic
 from clinfuse.data.dicom import read_header
 from clinfuse.data.study import file_stem
 from clinfuse.errors import ClinfuseError, DicomError
@@ -85,31 +85,6 @@ def check_writable_file(path: Path) -> None:
     if not path.parent.exists():
         raise ClinfuseError(f"{path.parent}: no such folder; create it, or choose another path")
     check_writable(path.parent)  # it exists, so nothing is created
-
-
-def write_atomic(path: Path, data: bytes, sweep: bool = True) -> None:
-    """Replace `path` with `data` in one rename; on any error the old file stays as it was.
-    `sweep` removes this file's temporaries a killed earlier writer left (a listing of the
-    folder: a writer of one file per study calls `sweep_temporaries` once instead)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if sweep:
-        sweep_temporaries(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def sweep_temporaries(folder: Path, name: str = "*") -> None:
-    """Remove the temporaries of `write_atomic` (of file `name`, or all) a killed writer left."""
-    for stale in folder.glob(f".{name}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def referable(sources: Sequence[Dataset], study_id: str) -> list[Dataset]:

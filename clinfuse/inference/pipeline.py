@@ -34,13 +34,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.atomic import sweep_temporaries
 from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import file_sha256, iter_manifest
 from clinfuse.data.study import file_stem, modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
-from clinfuse.exports.files import new_folder, sweep_temporaries
+from clinfuse.exports.files import new_folder
 from clinfuse.inference.outputs import write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel

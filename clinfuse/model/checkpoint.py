@@ -21,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from clinfuse import __version__
+from clinfuse.atomic import write_atomic
 from clinfuse.config import ModelConfig, parse_config
 from clinfuse.errors import ModelFolderError
 from clinfuse.model.model import FusionModel
@@ -50,8 +51,9 @@ def save_checkpoint(
     save_model(model, str(tmp), force_contiguous=True)  # a loaded (channels-last) model too
     tmp.replace(folder / "model.safetensors")  # atomic: a crash never leaves half a file
     model.note_tokenizer.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (folder / "MODEL_CARD.md").write_text(model_card(model, config), encoding="utf-8")
+    write_atomic(folder / "MODEL_CARD.md", model_card(model, config).encode("utf-8"))
+    # last: a folder with its config.json is complete (training's "done" marker)
+    write_atomic(folder / "config.json", json.dumps(config, indent=2).encode("utf-8"))
     return folder
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
-from clinfuse.exports.files import write_atomic
+from clinfuse.atomic import write_atomic
 from clinfuse.review.study import run_manifest_index
 from clinfuse.store import Store, StoreError
 from clinfuse.store.schema import Review, Study

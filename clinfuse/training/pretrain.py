@@ -66,6 +66,8 @@ def pretrain_note_encoder(
         for start in range(0, len(order), batch_size):
             batch = collate([{"input_ids": encoded[i]} for i in order[start : start + batch_size]])
             batch = {k: v.to(device) for k, v in batch.items()}
+            if not bool((batch["labels"] != -100).any()):  # no piece masked: nothing to learn
+                continue  # (a step on a NaN loss would still move AdamW's moments)
             hidden = encoder(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state  # (B, T, H)
@@ -78,7 +80,7 @@ def pretrain_note_encoder(
             nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             total, count = total + loss.item() * len(batch["labels"]), count + len(batch["labels"])
-        losses.append(total / count)
+        losses.append(total / count if count else float("nan"))
         log.info(
             "note encoder pretraining: epoch %d/%d MLM loss %.3f", epoch + 1, epochs, losses[-1]
         )

@@ -34,9 +34,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clinfuse import __version__
+from clinfuse.atomic import write_atomic
 from clinfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, as_current
 from clinfuse.data.batch import Batch, Collator, StudyDataset, derived_seed
-from clinfuse.data.manifest import Manifest, PatientSplit, StudyRow, file_sha256, load_manifest
+from clinfuse.data.manifest import (
+    Manifest,
+    PatientSplit,
+    StudyRow,
+    file_sha256,
+    label_problem,
+    load_manifest,
+    manifest_kind,
+)
 from clinfuse.data.study import study_note
 from clinfuse.engine import Predictions, autocast, evidence_terms, predict, select_device
 from clinfuse.errors import ClinfuseError, ConfigError, ManifestError, unreadable_split
@@ -222,6 +231,15 @@ def _check_same_training(
         )
 
 
+def diverged(progress: Progress, lr: float) -> ClinfuseError:
+    """The error of a run whose loss stopped being a number (NaN or infinite weights)."""
+    return ClinfuseError(
+        f"training diverged at epoch {progress.epoch + 1}, step {progress.step + 1}: the loss "
+        f"is not a number. Train again with a lower learning rate (train.lr={lr:g} now), "
+        "and a new --out"
+    )
+
+
 def split_rows(manifest: Manifest, split: str) -> list[StudyRow]:
     rows = list(manifest.rows(split))
     if not rows:
@@ -241,10 +259,13 @@ def train(
     out_dir = Path(out_dir)
     torch_device = select_device(device)
     workers = Workers.start(torch_device)
+    manifest_kind(Path(manifest_path))  # a wrong path says so, also into a finished folder
     if (out_dir / "config.json").is_file() and "training" in read_checkpoint_config(out_dir):
         done = read_checkpoint_config(out_dir)
         _check_same_training(out_dir, done, manifest_path, cfg)
         log.info("%s is already a trained model folder; nothing to do", out_dir)
+        if workers.main:  # a run stopped after its model was saved leaves its snapshots
+            shutil.rmtree(out_dir / ".train_state", ignore_errors=True)
         return TrainResult(
             out_dir,
             done["training"]["epochs"],
@@ -271,6 +292,16 @@ def train(
     # what an unfinished run resumes only with: this configuration on this manifest's bytes
     config_sha = hashlib.sha256((cfg.model_dump_json() + manifest_sha).encode()).hexdigest()
     train_rows, val_rows = split_rows(manifest, "train"), split_rows(manifest, "val")
+    problem = label_problem(
+        manifest.label_matrix(), manifest.table["split"].to_numpy(), manifest.labels
+    )
+    if problem:
+        raise ManifestError(
+            manifest.path,
+            problem,
+            hint="fill in the label columns (1 / 0), or move labelled patients with a split "
+            "column; `clinfuse validate` shows each split's counts",
+        )
     if len(val_rows) < FEW_VALIDATION_STUDIES:
         log.warning(
             "the validation split holds %d studies: early stopping, calibration and thresholds "
@@ -382,6 +413,9 @@ def train(
             torch.manual_seed(derived_seed(cfg.train.seed, workers.rank, progress.step))
             with autocast(torch_device, cfg.train.amp):
                 loss = fusion_loss(ddp, batch, pos_weight, side_weight, cfg.train.label_smoothing)
+            broken = not scaler.is_enabled() and not bool(torch.isfinite(loss))  # AMP: skipped
+            if workers.any(broken, torch_device):
+                raise diverged(progress, cfg.train.lr)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -434,7 +468,7 @@ def train(
                 "epoch %d/%d loss %.4f val macro AUROC %s (best %.4f at epoch %d) %.1f studies/s",
                 progress.epoch + 1,
                 cfg.train.epochs,
-                progress.history[-1]["train_loss"] or float("nan"),
+                progress.history[-1]["train_loss"] if losses else float("nan"),
                 "n/a" if auroc is None else f"{auroc:.4f}",
                 progress.best_auroc,
                 progress.best_epoch + 1,
@@ -472,9 +506,11 @@ def train(
             },
             "code_version": __version__,
         }
-        save_checkpoint(final, out_dir, info)
-        pd.DataFrame(progress.history).to_csv(out_dir / "history.csv", index=False)
+        # config.json says "trained": save_checkpoint writes it last, after everything else
+        history = pd.DataFrame(progress.history).to_csv(index=False)
+        write_atomic(out_dir / "history.csv", history.encode("utf-8"))
         write_failures(out_dir / "failures.csv", failures.items())
+        save_checkpoint(final, out_dir, info)
         shutil.rmtree(state_dir, ignore_errors=True)
     if workers.world > 1:
         dist.barrier()
