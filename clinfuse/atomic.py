@@ -28,6 +28,20 @@ def write_atomic(path: Path, data: bytes, sweep: bool = True) -> None:
 
 
 def sweep_temporaries(folder: Path, name: str = "*") -> None:
-    """Remove the temporaries of `write_atomic` (of file `name`, or all) a killed writer left."""
+    """Remove the temporaries of `write_atomic` (of file `name`, or all) a killed writer left;
+    not those of a process still running here (another run writing into the same folder)."""
     for stale in folder.glob(f".{name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+        if not _writer_running(stale):
+            stale.unlink(missing_ok=True)
+
+
+def _writer_running(temporary: Path) -> bool:
+    """Whether the process named in a temporary's name (`.<name>.<pid>.<thread>.tmp`) runs."""
+    try:
+        pid = int(temporary.name[: -len(".tmp")].rsplit(".", 2)[1])
+        os.kill(pid, 0)  # no signal sent: only asks whether the process exists
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True

@@ -157,6 +157,10 @@ def test_note_html_marks_words_as_written_and_escapes_the_text():
     page = note_html(note, spans, words, ["pneumonia"])
     assert 'title="+2.000">Fever</mark>' in page and 'title="-1.000">cough</mark>' in page
     assert "&amp;" in page and "&lt;" in page and "<cough>" not in page
+    # a note's lines stay lines: the page keeps its white space as written
+    text = "Indication: cough.\r\nHistory: COPD."
+    lines = note_html(text, np.array([[0, 10]]), np.ones((1, 1)), ["copd"])
+    assert 'style="white-space: pre-wrap"' in lines and "cough.\r\nHistory" in lines
 
 
 def test_overlay_png_writes_2d_and_3d(tmp_path):

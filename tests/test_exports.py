@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,16 +222,22 @@ def test_stale_temporaries_from_a_killed_run_are_cleared_when_the_run_is_opened_
     write, which made a run of n studies list its folders n times."""
     from clinfuse.inference.pipeline import InferenceSettings, open_run
 
-    stale = [tmp_path / "fhir" / ".S00001.json.999.1.tmp", tmp_path / "sr" / ".S2.dcm.9.9.tmp"]
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()  # a writer that is gone
+    stale = [tmp_path / "fhir" / f".S00001.json.{killed.pid}.1.tmp"]
+    stale.append(tmp_path / "sr" / f".S2.dcm.{killed.pid}.9.tmp")
     for path in stale:
         path.parent.mkdir(parents=True)
         path.write_bytes(b'{"resourceType": "Diagn')
+    # another run writing into the same folder right now: its file is not pulled from under it
+    live = tmp_path / "sr" / f".S3.dcm.{os.getppid()}.1.tmp"
+    live.write_bytes(b"DICM")
     write_study_exports(tmp_path, record(), LABELS, None, {"fhir"}, issued=ISSUED)
     run = open_run(tiny_model, small_export, tmp_path, None, InferenceSettings(standards=("fhir",)))
     run.release()
     run.store.close()
     assert sorted(os.listdir(tmp_path / "fhir")) == ["S00001.json"]
-    assert os.listdir(tmp_path / "sr") == []
+    assert os.listdir(tmp_path / "sr") == [live.name]
 
 
 def test_study_ids_that_are_not_file_names_stay_inside_the_folder(tmp_path):

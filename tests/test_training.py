@@ -643,6 +643,23 @@ def test_optimiser_state_round_trips_without_pickle_and_old_snapshots_are_refuse
         load_snapshot(old)
 
 
+def test_a_step_saved_twice_never_deletes_its_only_complete_snapshot(tmp_path):
+    from clinfuse.model import create_model, model_config
+    from clinfuse.training.state import Progress, latest_snapshot, save_snapshot
+
+    model = create_model(model_config("tiny", ("copd",)), ["history of copd"] * 5)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    progress = Progress(config_sha256="x", epoch=3, step=40)  # an epoch's end
+    first = save_snapshot(tmp_path, model, None, optimizer, scheduler, progress)
+    # after a resume, an epoch that took no step (every study unreadable) ends at the same step
+    second = save_snapshot(tmp_path, model, None, optimizer, scheduler, progress)
+    assert first.name == "step-00000040-end" and second.name == "step-00000040-end-001"
+    assert latest_snapshot(tmp_path) == second and [p.name for p in tmp_path.iterdir()] == [
+        second.name
+    ]
+
+
 def test_note_encoder_pretraining_learns_the_notes_and_touches_nothing_else():
     from clinfuse.model.registry import create_model, model_config
     from clinfuse.training.pretrain import pretrain_note_encoder

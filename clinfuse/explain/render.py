@@ -35,6 +35,7 @@ from clinfuse.model.checkpoint import NOTICE, load_checkpoint  # noqa: E402
 from clinfuse.model.model import FusionModel  # noqa: E402
 
 POSITIVE, NEGATIVE = (214, 39, 40), (31, 119, 180)  # red: for the label, blue: against it
+AS_WRITTEN = "white-space: pre-wrap"  # a note's line breaks and indents, as its author wrote them
 DISPLAY_SIDE = 384  # pixels of a figure panel's longer side at most (it shows ~300)
 
 
@@ -177,7 +178,7 @@ def note_html(
     spans, words = spans[shown], words[:, shown]
     rest = (
         f'<p class="notice">{html.escape(unread_notice(len(note), len(note) + len(unread)))}</p>'
-        f'<p class="unread">{html.escape(unread)}</p>'
+        f'<p class="unread" style="{AS_WRITTEN}">{html.escape(unread)}</p>'
         if unread
         else ""
     )
@@ -190,7 +191,8 @@ def note_html(
             last = end
         parts.append(html.escape(note[last:]))
         blocks.append(
-            f'<div class="note"><h3>{html.escape(label)}</h3><p>{"".join(parts)}</p>{rest}</div>'
+            f'<div class="note"><h3>{html.escape(label)}</h3>'
+            f'<p style="{AS_WRITTEN}">{"".join(parts)}</p>{rest}</div>'
         )
     return "\n".join(blocks)
 
@@ -225,7 +227,7 @@ def explanation_html(expl: Explanation, image_file: str | None = None) -> str:
     if expl.note is not None and expl.words is not None and expl.spans is not None:
         note = note_html(expl.note, expl.spans, expl.words, expl.labels, expl.note_read)
     elif expl.note is not None:
-        note = f'<div class="note"><p>{html.escape(expl.note)}</p></div>'
+        note = f'<div class="note"><p style="{AS_WRITTEN}">{html.escape(expl.note)}</p></div>'
     else:
         note = "<p>This study has no note.</p>"
     image = (

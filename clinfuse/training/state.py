@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from clinfuse.atomic import write_atomic
 from clinfuse.errors import ModelFolderError
 from clinfuse.model.checkpoint import load_checkpoint, save_checkpoint
 from clinfuse.model.model import FusionModel
@@ -58,8 +59,12 @@ def save_snapshot(
     is named apart from a step's snapshot at the same step (`-end` sorts after it), so writing
     it never deletes the only complete snapshot."""
     end = "-end" if progress.batch_in_epoch == 0 and progress.epoch > 0 else ""
-    folder = state_dir / f"step-{progress.step:08d}{end}"
-    if folder.exists():
+    name = f"step-{progress.step:08d}{end}"
+    folder, again = state_dir / name, 0
+    while (folder / "COMPLETE").exists():  # the same step saved again (an epoch of no step):
+        again += 1  # a name sorting after it, so it is deleted only once this one is complete
+        folder = state_dir / f"{name}-{again:03d}"
+    if folder.exists():  # an unfinished write of a killed run
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     save_checkpoint(model, folder / "model")
@@ -75,7 +80,7 @@ def save_snapshot(
     )
     state = asdict(progress)
     state["best_auroc"] = None if progress.best_auroc == float("-inf") else progress.best_auroc
-    (folder / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    write_atomic(folder / "state.json", json.dumps(state, indent=2).encode("utf-8"))
     (folder / "COMPLETE").write_text("", encoding="utf-8")
     for older in state_dir.glob("step-*"):
         if older != folder:
