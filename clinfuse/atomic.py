@@ -15,7 +15,7 @@ def write_atomic(path: Path, data: bytes, sweep: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if sweep:
         sweep_temporaries(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -35,12 +35,35 @@ def sweep_temporaries(folder: Path, name: str = "*") -> None:
             stale.unlink(missing_ok=True)
 
 
-def _writer_running(temporary: Path) -> bool:
-    """Whether the process named in a temporary's name (`.<name>.<pid>.<thread>.tmp`) runs."""
+def _writer() -> str:
+    """This process as a temporary's name gives it: `<pid>-<start time>` where the start time
+    is known (Linux), so a later process given the same pid (a container's 1) is not taken
+    for the writer."""
+    started = _start_time(os.getpid())
+    return f"{os.getpid()}-{started}" if started else str(os.getpid())
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat); None if unknown."""
     try:
-        pid = int(temporary.name[: -len(".tmp")].rsplit(".", 2)[1])
-        os.kill(pid, 0)  # no signal sent: only asks whether the process exists
-    except (ValueError, IndexError, ProcessLookupError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def _writer_running(temporary: Path) -> bool:
+    """Whether the process that named a temporary (`.<name>.<writer>.<thread>.tmp`) runs."""
+    try:
+        pid, _, started = temporary.name[: -len(".tmp")].rsplit(".", 2)[1].partition("-")
+        pid_number = int(pid)
+    except (ValueError, IndexError):
+        return False
+    if started and Path("/proc").is_dir():
+        return _start_time(pid_number) == started
+    try:
+        os.kill(pid_number, 0)  # no signal sent: only asks whether the process exists
+    except ProcessLookupError:
         return False
     except PermissionError:  # it exists, run by another user
         return True

@@ -57,7 +57,8 @@ class ImageConfig(Config):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ImageConfig:
-        _check_heads("vit_hidden", self.vit_hidden, "vit_heads", self.vit_heads)
+        if self.backbone == "vit":
+            _check_heads("vit_hidden", self.vit_hidden, "vit_heads", self.vit_heads)
         return self
 
 
@@ -86,7 +87,8 @@ class TextConfig(Config):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TextConfig:
-        _check_heads("hidden", self.hidden, "heads", self.heads)
+        if self.pretrained is None:  # a pretrained encoder brings its own
+            _check_heads("hidden", self.hidden, "heads", self.heads)
         return self
 
 
@@ -115,7 +117,8 @@ class FusionConfig(Config):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> FusionConfig:
-        _check_heads("width", self.width, "heads", self.heads)
+        if self.mode == "cross_attention" or self.pooling == "label_attention":
+            _check_heads("width", self.width, "heads", self.heads)
         return self
 
 

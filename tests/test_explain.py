@@ -12,7 +12,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 
 from clinfuse.data.batch import Batch, Collator
 from clinfuse.data.dicom import DicomImage
-from clinfuse.data.transforms import build_transforms, fit_geometry
+from clinfuse.data.transforms import build_transforms, fit_geometry, to_original_grid
 from clinfuse.errors import ConfigError
 from clinfuse.explain import Explanation, explain
 from clinfuse.explain.attribution import (
@@ -142,6 +142,19 @@ def test_the_map_on_the_dicoms_own_grid_keeps_the_attributions_sum(
     loaded = Explanation.load_npz(tmp_path / "big.npz")
     np.testing.assert_allclose(loaded.image.sum((1, 2)), big.image.sum((1, 2)), rtol=1e-3)
     assert (loaded.image[0] == 0).all()
+
+
+def test_a_dicom_smaller_than_the_model_grid_keeps_the_sum_and_every_pixel(model):
+    # 24x18 rows x columns seen as 64x48: mapping back shrinks, and no model pixel is skipped
+    small = make_batch(model, [(pixels((24, 18)), NOTES[0])])
+    [expl] = explain(model, small, methods=("ig",), steps=STEPS)
+    attr, _ = image_integrated_gradients(model, small.model_inputs(), range(len(LABELS)), STEPS)
+    assert expl.image.shape == (len(LABELS), 24, 18)
+    np.testing.assert_allclose(expl.image.sum((1, 2)), attr[0].sum((1, 2)), rtol=1e-3, atol=1e-5)
+    spike = torch.zeros(64, 64)
+    spike[2, 8 + 2] = 1.0  # resized pixel (2, 2): between those bilinear resizing samples
+    back = to_original_grid(spike[None], (24, 18), model.cfg.preprocess, conserve_sum=True)
+    assert abs(float(back.sum()) - 1.0) < 1e-6 and float(back.max()) > 0.05
 
 
 def test_padding_added_by_preprocessing_gets_no_image_attribution(model, batch):

@@ -226,8 +226,11 @@ def test_stale_temporaries_from_a_killed_run_are_cleared_when_the_run_is_opened_
     killed.wait()  # a writer that is gone
     stale = [tmp_path / "fhir" / f".S00001.json.{killed.pid}.1.tmp"]
     stale.append(tmp_path / "sr" / f".S2.dcm.{killed.pid}.9.tmp")
+    # a killed run's writer whose pid a later process was given (a container's pid 1): the
+    # start time in the name tells them apart
+    stale.append(tmp_path / "sr" / f".S4.dcm.{os.getpid()}-1.9.tmp")
     for path in stale:
-        path.parent.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b'{"resourceType": "Diagn')
     # another run writing into the same folder right now: its file is not pulled from under it
     live = tmp_path / "sr" / f".S3.dcm.{os.getppid()}.1.tmp"

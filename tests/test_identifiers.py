@@ -53,6 +53,12 @@ def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is
     spelled += [("", "6223 4087"), ("#", "0-62234087")]
     for label, digits in spelled:
         assert redact(f"See {label}{digits}.", PATIENT) == f"See {label}{masked(digits)}."
+    # a short id only as written: other spellings of it are the numbers of clinical notes
+    numbers = [("12080", "BP 120/80"), ("0315", "seen 2024-03-15"), ("1530", "since 15:30")]
+    numbers += [("9837", "HR 98 37.5 C"), ("01234", "at 12:34"), ("0125", "digoxin 0.125 mg")]
+    numbers += [("1000", "1.000 g"), ("12345", "1234-5"), ("P0273", "P-0273")]
+    for short, text in numbers:
+        assert redact(text, Identifiers.of_ids(short)) == text
     # leading zeros only where what is left is still an id: "0038" is not "38" in "38.9 °C"
     assert redact("Id 0038, 38.9 °C", Identifiers.of_ids("0038")) == f"Id {masked('0038')}, 38.9 °C"
     # an id too short to be told from a number is left: "12" would mask "12 mm" too

@@ -23,6 +23,7 @@ from clinfuse.model import (
     save_checkpoint,
 )
 from clinfuse.model.image_encoder import ImageEncoder
+from clinfuse.model.model import FusionModel
 from clinfuse.model.text_encoder import train_tokenizer
 from clinfuse.training.trainer import warn_dropped_sides
 
@@ -460,8 +461,24 @@ def test_checkpoint_with_an_unknown_key_fails_naming_it(tmp_path):
     config = json.loads(path.read_text())
     config["model"]["fusion"]["widht"] = 64
     path.write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="'model.fusion.widht': unknown key"):
+    with pytest.raises(ModelFolderError, match="'model.fusion.widht': unknown key"):
         load_checkpoint(tmp_path / "m")
+    config["model"]["fusion"].pop("widht")
+    config["model"]["fusion"]["dropout"] = 1.5  # a value this clinfuse's ranges refuse
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="does not hold a model this clinfuse builds"):
+        load_checkpoint(tmp_path / "m")
+
+
+def test_a_model_too_small_for_its_backbone_is_refused_when_made_not_when_loaded(tmp_path):
+    small = {"image": {"backbone": "resnet"}, "preprocess": {"spatial_size": (32, 32)}}
+    with pytest.raises(ConfigError, match="spatial_size': .32, 32. is too small for this resnet"):
+        build(**small)  # its last feature map would be 1x1
+    # a folder an earlier clinfuse trained that way still scores
+    cfg = model_config("tiny", LABELS, **small)
+    old = FusionModel(cfg, train_tokenizer(NOTES, cfg.text.vocab_size, 1))
+    save_checkpoint(old, tmp_path / "old")
+    assert load_checkpoint(tmp_path / "old").image_encoder.grid == (1, 1)
 
 
 def test_configs_reject_unknown_and_mistyped_keys_by_name():

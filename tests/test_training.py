@@ -658,6 +658,8 @@ def test_a_step_saved_twice_never_deletes_its_only_complete_snapshot(tmp_path):
     assert latest_snapshot(tmp_path) == second and [p.name for p in tmp_path.iterdir()] == [
         second.name
     ]
+    third = save_snapshot(tmp_path, model, None, optimizer, scheduler, progress)
+    assert third.name == "step-00000040-end-002" and latest_snapshot(tmp_path) == third
 
 
 def test_note_encoder_pretraining_learns_the_notes_and_touches_nothing_else():

@@ -28,7 +28,9 @@ __all__ = ["MASK", "Identifiers", "header_identifiers", "redact"]
 MASK = "█"  # one word to the tokenizer, a character no note vocabulary holds: [UNK]
 MIN_NAME = 2  # letters: a name part shorter than this (an initial) is left
 MIN_ID = 4  # characters: shorter ids ("12") would mask clinical numbers too
-ID_SEPARATORS = r"\s\-./:"  # what a note may write between an id's characters
+# an id this long (leading zeros aside) is also found as people write it (`id_pattern`)
+LONG_ID = 6
+ID_SEPARATORS = " \\-"  # what may stand between an id's digit groups: a space, a hyphen
 
 # PS3.15 basic-profile attributes a note may repeat, by how their values are spelled.
 NAME_KEYWORDS = (
@@ -146,29 +148,29 @@ def redact(note: str | None, identifiers: Identifiers) -> str | None:
 
 
 def _mask_ids(note: str, ids: frozenset[str]) -> str:
-    """`note` with its ids masked also as people write them (`id_pattern`)."""
+    """`note` with its long ids masked also as people write them (`id_pattern`)."""
     squeezed = re.sub(rf"[{ID_SEPARATORS}]", "", note.lower())  # the cheap test
     for value in ids:
-        core = re.sub(rf"[{ID_SEPARATORS}]", "", value.lower()).lstrip("0") or "0"
-        if core in squeezed:
+        core = re.sub(rf"[{ID_SEPARATORS}]", "", value.lower()).lstrip("0")
+        if len(core) >= LONG_ID and core in squeezed:
             pattern = re.compile(id_pattern(value), re.IGNORECASE)
             note = pattern.sub(lambda m: MASK * len(m.group()), note)
     return note
 
 
 def id_pattern(value: str) -> str:
-    """A regular expression of an id as a note may write it: a space, hyphen, dot, slash or
-    colon between any of its characters ("75-483-485"), leading zeros added or dropped where
-    what is left keeps `MIN_ID` characters ("075483485"), and a letter before or after an id
-    that starts or ends with a digit ("MRN75483485")."""
+    """A regular expression of an id as a note may write it. An id of `LONG_ID` characters or
+    more (leading zeros aside) also with its digit groups apart ("75-483-485", "7548 3485"),
+    with leading zeros added or dropped ("075483485"), and glued to a label when it starts or
+    ends with a digit ("MRN75483485"). A shorter id only as written, a whole word: "1530"
+    would otherwise mask "15:30", "0125" a dose of "0.125" mg, "12080" a pressure "120/80"."""
     plain = re.sub(rf"[{ID_SEPARATORS}]", "", value)
     core = plain.lstrip("0")
-    zeros = plain[0] == "0" or plain[0].isdigit()
-    if len(core) < MIN_ID or not zeros:
-        core, zeros = plain, False
+    if len(core) < LONG_ID:
+        return rf"(?<!{_WORD}){re.escape(value)}(?!{_WORD})"
     between = rf"[{ID_SEPARATORS}]?"
     body = between.join(re.escape(c) for c in core)
-    if zeros:
+    if plain[0].isdigit():
         body = rf"(?:0{between})*{body}"
     before = r"(?<!\d)" if plain[0].isdigit() else rf"(?<!{_WORD})"
     after = r"(?!\d)" if plain[-1].isdigit() else rf"(?!{_WORD})"

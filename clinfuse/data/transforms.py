@@ -54,13 +54,16 @@ def to_original_grid(
     spec: PreprocessConfig,
     conserve_sum: bool = False,
 ) -> torch.Tensor:
-    """(..., *spatial_size) on the model grid -> (..., *original): un-pad, then resize back.
+    """(..., *spatial_size) on the model grid -> (..., *original): un-pad, then resize back:
+    area-averaged along the axes that shrink (every model pixel counts), then interpolated
+    (bi/trilinear) along those that grow.
 
     Resizing keeps a map's values (its mean); with `conserve_sum` (attributions, which add up
     to a change of the output) they are scaled by resized / original area, so a 96x96 map back
-    on a 3000x2500 radiograph spreads each value over ~800 pixels, and what interpolation still
+    on a 3000x2500 radiograph spreads each value over ~800 pixels, and what resizing still
     moves of the sum (a few % of a signed map's) is given back to the pixels in proportion to
-    their magnitude: the map adds up to the same total exactly, its zeros stay zero."""
+    their magnitude: the map adds up to the same total exactly, its zeros stay zero (NaN
+    pixels stay NaN and are left out of the sums)."""
     geometry = fit_geometry(original, spec)
     n = len(original)
     lead = values.shape[:-n]
@@ -68,14 +71,19 @@ def to_original_grid(
         slice(p, p + r) for p, r in zip(geometry.pad_before, geometry.resized, strict=True)
     ]
     cropped = values[tuple(index)].reshape(-1, 1, *geometry.resized).float()  # (M, 1, *resized)
-    mode = "bilinear" if n == 2 else "trilinear"
-    back = torch.nn.functional.interpolate(cropped, size=original, mode=mode, align_corners=False)
+    shrunk = tuple(min(o, r) for o, r in zip(original, geometry.resized, strict=True))
+    back = cropped
+    if shrunk != geometry.resized:  # the axes that shrink: averages over the model pixels
+        back = torch.nn.functional.interpolate(back, size=shrunk, mode="area")
+    if shrunk != tuple(original):  # the axes that grow
+        mode = "bilinear" if n == 2 else "trilinear"
+        back = torch.nn.functional.interpolate(back, size=original, mode=mode, align_corners=False)
     if conserve_sum:
         back = back * (math.prod(geometry.resized) / math.prod(original))
         axes = tuple(range(2, back.dim()))
-        total = cropped.sum(axes, keepdim=True, dtype=torch.float64)  # (M, 1, 1...)
-        missing = total - back.sum(axes, keepdim=True, dtype=torch.float64)
-        magnitude = back.abs().sum(axes, keepdim=True, dtype=torch.float64).clamp(min=1e-30)
+        wide = {"dim": axes, "keepdim": True, "dtype": torch.float64}
+        missing = torch.nansum(cropped, **wide) - torch.nansum(back, **wide)  # (M, 1, 1...)
+        magnitude = torch.nansum(back.abs(), **wide).clamp(min=1e-30)
         back += back.abs() * (missing / magnitude).float()  # (M, 1, *original)
     return back.reshape(*lead, *original)
 

@@ -23,7 +23,7 @@ from torch import nn
 from clinfuse import __version__
 from clinfuse.atomic import write_atomic
 from clinfuse.config import ModelConfig, parse_config
-from clinfuse.errors import ModelFolderError
+from clinfuse.errors import ConfigError, ModelFolderError
 from clinfuse.model.model import FusionModel
 from clinfuse.model.text_encoder import load_tokenizer
 
@@ -127,7 +127,15 @@ def load_checkpoint(
     for more training (`channels_last=False`) in the layout training uses."""
     folder = Path(folder)
     config = read_checkpoint_config(folder)
-    cfg = parse_config(ModelConfig, config["model"], "model")
+    try:
+        cfg = parse_config(ModelConfig, config["model"], "model")
+    except ConfigError as exc:  # an edited file, or one another clinfuse wrote
+        raise ModelFolderError(
+            folder,
+            f"its config.json does not hold a model this clinfuse builds ({exc})",
+            hint="score it with the clinfuse that wrote it (config.json's clinfuse_version), "
+            "or train it again",
+        ) from None
     # The weights come from model.safetensors; never re-read the user's pretrained files.
     cfg = cfg.model_copy(update={"image": cfg.image.model_copy(update={"pretrained": None})})
     try:  # a folder, never a hub name: an absent one must not be looked up online

@@ -114,13 +114,6 @@ class ImageEncoder(nn.Module):
             load_backbone_weights(self.backbone, cfg.pretrained)
         self.project = nn.Linear(features, width)
         self.grid, self.finer_stages = _probe(self.backbone, cfg.in_channels, spatial_size)
-        if math.prod(self.grid) < 2:  # one position: no map, and a batch of one study would
-            raise ConfigError(  # leave batch norm a single value per channel in training
-                "model.preprocess.spatial_size",
-                f"{tuple(spatial_size)} is too small for this {cfg.backbone}: its last feature "
-                f"map is {'x'.join(map(str, self.grid))}",
-                hint="give a larger spatial_size (twice as large per axis, or more)",
-            )
         self.register_buffer("positions", sinusoidal_positions(self.grid, width), persistent=False)
 
     @property

@@ -69,7 +69,16 @@ def create_model(
         tokenizer = train_tokenizer(
             (n for n in notes if n), cfg.text.vocab_size, cfg.text.min_word_patients
         )
-    return FusionModel(cfg, tokenizer)
+    model = FusionModel(cfg, tokenizer)
+    encoder = model.image_encoder
+    if encoder is not None and encoder.num_tokens < 2:  # one position: no map, and a batch of
+        raise ConfigError(  # one study would leave batch norm one value per channel
+            "model.preprocess.spatial_size",
+            f"{tuple(cfg.preprocess.spatial_size)} is too small for this {cfg.image.backbone}: "
+            f"its last feature map is {'x'.join(map(str, encoder.grid))}",
+            hint="give a larger spatial_size (twice as large per axis, or more)",
+        )
+    return model
 
 
 @register

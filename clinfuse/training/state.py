@@ -10,6 +10,7 @@ older ones are removed once a newer one is complete.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,10 +61,13 @@ def save_snapshot(
     it never deletes the only complete snapshot."""
     end = "-end" if progress.batch_in_epoch == 0 and progress.epoch > 0 else ""
     name = f"step-{progress.step:08d}{end}"
-    folder, again = state_dir / name, 0
-    while (folder / "COMPLETE").exists():  # the same step saved again (an epoch of no step):
-        again += 1  # a name sorting after it, so it is deleted only once this one is complete
-        folder = state_dir / f"{name}-{again:03d}"
+    folder = state_dir / name
+    same = re.compile(rf"{name}(?:-(\d{{3}}))?")
+    saved = [same.fullmatch(p.parent.name) for p in state_dir.glob(f"{name}*/COMPLETE")]
+    again = [int(m.group(1) or 0) for m in saved if m]
+    if again:  # the same step saved again (an epoch of no step): a name sorting after the
+        # last, which is deleted only once this one is complete
+        folder = state_dir / f"{name}-{max(again) + 1:03d}"
     if folder.exists():  # an unfinished write of a killed run
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
