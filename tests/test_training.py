@@ -197,6 +197,35 @@ def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
     assert [h["train_loss"] for h in whole_config["training"]["history"]] == losses
 
 
+# A training run killed while it saves its model folder: after the weights, the tokenizer and
+# history.csv are written, before config.json (the marker of a finished folder).
+KILLED_SAVING = """
+import os, sys
+import clinfuse.model.checkpoint as checkpoint
+card = checkpoint.model_card
+def killed(model, config):
+    if "training" in config:  # the model folder's save, not a snapshot's
+        os._exit(137)
+    return card(model, config)
+checkpoint.model_card = killed
+from clinfuse.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_while_saving_its_model_resumes_and_finishes(export, tmp_path):
+    out = tmp_path / "m"
+    args = ["train", "--manifest", str(export), "--out", str(out), *FAST]
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVING, *args], capture_output=True)
+    assert killed.returncode == 137
+    assert (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    assert main(args) == 0  # not "already trained": it resumes from its last snapshot
+    assert {"config.json", "MODEL_CARD.md", "history.csv", "failures.csv"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not (out / ".train_state").exists() and load_checkpoint(out).labels
+
+
 def test_a_run_killed_after_early_stopping_ends_as_the_run_never_killed(
     export, tmp_path, monkeypatch
 ):
@@ -284,6 +313,7 @@ def test_two_process_ddp_on_cpu(export, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("validation: macro AUROC") == 1  # rank 0 reports, for the model
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["world_size"] == 2
     assert len(config["training"]["history"]) == 2
