@@ -34,6 +34,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.atomic import write_atomic
 from clinfuse.config import RunConfig, resolve_run_config
 from clinfuse.data.manifest import reference_labels
 from clinfuse.evaluation.evaluate import evaluate_model, write_evaluation
@@ -277,9 +278,9 @@ def main() -> None:
     args.both = [b for b in args.both.split(",") if b]
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ablation.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_atomic(args.out / "ablation.json", json.dumps(results, indent=2).encode("utf-8"))
     table = markdown(results)
-    (args.out / "ablation.md").write_text(table, encoding="utf-8")
+    write_atomic(args.out / "ablation.md", table.encode("utf-8"))
     print(table)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import UID
 
+from clinfuse.atomic import write_atomic
 from clinfuse.data.dicom import read_dicom
 from clinfuse.errors import DicomError
 from clinfuse.machine import describe_machine
@@ -140,7 +141,7 @@ def main() -> int:
         results = run(args.min_seconds)
     print(markdown(results))
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(args.out, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
         print(f"\nwrote {args.out}")
     return 1 if results["other_exceptions"] else 0
 

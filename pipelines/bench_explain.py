@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.atomic import write_atomic
 from clinfuse.config import resolve_run_config
 from clinfuse.data.manifest import PatientSplit, load_manifest
 from clinfuse.evaluation.evaluate import model_version
@@ -87,6 +88,8 @@ def explanation_cost(
         forward_s.append(one)
         ratios.append(total / one)
         labels.append(len(names))
+    if not explain_s:  # no row of `rows` could be read, or none was asked for
+        raise SystemExit("no study to time: give --cost-studies 1 or more readable test studies")
     return {
         "studies": len(explain_s),
         "positive_labels_median": statistics.median(labels),
@@ -110,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-studies",
         type=int,
-        default=60,
-        help="explain at most this many test studies with a true positive (0: all)",
+        default=0,
+        help="explain at most this many test studies with a true positive (0: all of them)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "pipelines/bench_explain.py", *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_atomic(args.out.with_suffix(".json"), json.dumps(summary, indent=2).encode("utf-8"))
     cost_md = (
         f"\n## Cost (CPU, {cost['studies']} test studies, all positive labels, every method)\n\n"
         f"Median {cost['seconds_per_study_median']:.2f} s wall clock per study (max "
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"shared: 1-min load average {cost['load_average'][0]} before and "
         f"{cost['load_average'][1]} after; wall times are upper bounds.\n"
     )
-    args.out.with_suffix(".md").write_text(quality_markdown(summary) + cost_md, encoding="utf-8")
+    write_atomic(args.out.with_suffix(".md"), (quality_markdown(summary) + cost_md).encode("utf-8"))
     for bar in summary["bars"]:
         print(
             f"{'pass' if bar['passed'] else 'FAIL'}  {bar['bar']}: {bar['value']} ({bar['label']})"

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.atomic import write_atomic
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.dicom import read_dicom
 from clinfuse.data.manifest import load_manifest
@@ -229,7 +230,7 @@ def main() -> None:
     results["load_average_1min"]["end"] = os.getloadavg()[0]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2).encode("utf-8"))
     e = results["efficiency"]
     load = results["load_average_1min"]
     lines = [
@@ -276,7 +277,7 @@ def main() -> None:
         "",
         f"Peak memory at {sizes[-1]:,} vs {sizes[0]:,} studies: x{results['memory_ratio']:.2f}.",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(args.out.with_suffix(".md"), ("\n".join(lines) + "\n").encode("utf-8"))
     print("\n".join(lines))
 
 

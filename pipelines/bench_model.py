@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.atomic import write_atomic
 from clinfuse.data.manifest import load_manifest
 from clinfuse.machine import cpu_name
 from clinfuse.model import FusionModel, create_model, list_models, model_config
@@ -95,10 +96,15 @@ def cpu_flash_attention_flops(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any)
     return 2 * b * h * s_q * k[2] * d + 2 * b * h * s_q * k[2] * v[3]
 
 
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter (convolutions, matmuls, attention), SDPA's CPU kernel included."""
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention_flops}
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
 def count_flops(model: FusionModel, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """FLOPs of one forward over the batch: total and by part (conv, matmul and attention)."""
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention_flops}
-    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+    with flop_counter() as counter:
         model(*inputs)
     by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     root, total = type(model).__name__, counter.get_total_flops()
@@ -373,8 +379,8 @@ def main() -> int:
     results = run(models, batches, args.repeats, args.max_seconds, args.device)
     json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    md_path.write_text(markdown(results))
+    write_atomic(json_path, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+    write_atomic(md_path, markdown(results).encode("utf-8"))
     print(markdown(results) + f"\nwrote {json_path} and {md_path}")
     return 0
 

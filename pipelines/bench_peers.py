@@ -46,10 +46,11 @@ from ablation import (
     default_truth,
     train_and_evaluate,
 )
+from bench_model import flop_counter
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.atomic import write_atomic
 from clinfuse.config import RunConfig, apply_overrides, resolve_run_config
 from clinfuse.data.batch import Batch, Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
@@ -186,11 +187,12 @@ def infer_rate(model: torch.nn.Module, batches: list[Batch]) -> float:
 
 
 def forward_flops(model: torch.nn.Module, batch: Batch) -> float:
-    """Forward FLOPs per study (torch's FLOP counter: matmuls and convolutions)."""
+    """Forward FLOPs per study (`bench_model.flop_counter`: convolutions, matmuls and
+    attention, as bench_model counts them)."""
     model.eval()
     # not under inference mode: the counter's module tracker hooks every tensor that requires
     # grad, and a parameter used directly (label attention's queries) has no graph there
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         model(*batch.model_inputs())
     return counter.get_total_flops() / len(batch)
 
@@ -416,7 +418,7 @@ def markdown(results: dict) -> str:
             f"| {NAMES[name]} | {s['parameters']:,} | {s['forward_mflops_per_study']:.1f} | "
             f"{s['train_samples_per_s']:.1f} | {s['infer_studies_per_s']:.1f} |"
         )
-    lines += ["", "Bar:", ""]
+    lines += ["", "Bar on the test split:", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in results["bar"].items()]
     peer = models[PEER]
     lines += [
@@ -487,9 +489,9 @@ def main() -> None:
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, allow_nan=False)
-    args.out.with_suffix(".json").write_text(text, encoding="utf-8")
+    write_atomic(args.out.with_suffix(".json"), text.encode("utf-8"))
     table = markdown(results)
-    args.out.with_suffix(".md").write_text(table, encoding="utf-8")
+    write_atomic(args.out.with_suffix(".md"), table.encode("utf-8"))
     print(table)
 
 

@@ -24,6 +24,7 @@ from ablation import MODES
 from bench_peers import heldout_scores, robustness_bar
 
 from clinfuse.allocator import reuse_freed_memory
+from clinfuse.atomic import write_atomic
 from clinfuse.machine import describe_machine
 from clinfuse.model.checkpoint import load_checkpoint
 
@@ -96,8 +97,8 @@ def main() -> None:
     results["mean_gap"] = gaps(mean)
     results["bar"] = robustness_bar(mean)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    args.out.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2).encode("utf-8"))
+    write_atomic(args.out.with_suffix(".md"), markdown(results).encode("utf-8"))
     print(markdown(results))
 
 

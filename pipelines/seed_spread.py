@@ -20,7 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
+
+from clinfuse.atomic import write_atomic
+from clinfuse.machine import describe_machine
 
 # (column, ablation.json key) shown when the runs carry them
 OPTIONAL = (
@@ -93,12 +98,15 @@ def main() -> None:
             raise SystemExit(f"{folder}: no held-out scores; rerun ablation.py with --heldout M2")
     table = spread(runs, labels, "heldout" if args.heldout else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps({"runs": [str(f) for f in args.folders], "modes": table}, indent=2),
-        encoding="utf-8",
+    command = " ".join(["python", "pipelines/seed_spread.py", *sys.argv[1:]])
+    made = f"{datetime.now(timezone.utc):%Y-%m-%d}, {describe_machine()}"
+    summary = {"runs": [str(f) for f in args.folders], "modes": table, "command": command}
+    summary["made"] = made  # the runs themselves: each ablation.json's machine and date
+    write_atomic(args.out.with_suffix(".json"), json.dumps(summary, indent=2).encode("utf-8"))
+    text = f"Command: `{command}` ({made})\n\n" + markdown(
+        table, args.folders, labels, args.heldout
     )
-    text = markdown(table, args.folders, labels, args.heldout)
-    args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+    write_atomic(args.out.with_suffix(".md"), text.encode("utf-8"))
     print(text)
 
 
