@@ -41,7 +41,13 @@ from clinfuse.explain.quality import (
     word_occlusion,
 )
 from clinfuse.explain.randomization import cascading_randomization
-from clinfuse.explain.render import DISPLAY_SIDE, _for_display, note_html, overlay_png
+from clinfuse.explain.render import (
+    DISPLAY_SIDE,
+    _for_display,
+    note_html,
+    overlay_png,
+    quality_markdown,
+)
 from clinfuse.model import create_model, load_checkpoint, model_config
 from clinfuse.synthetic import make_sample_data
 
@@ -147,6 +153,16 @@ def test_worst_label_decides_the_bar():
     assert bars["relevance_mass"]["passed"] and bars["deletion_pixels"]["value"] == 0.2
     assert bars["note_share_image_only"]["passed"]  # mass (both) is not an image-only label
     assert set(bars) <= set(BARS)
+    # copd is in the split but the model called none of its studies positive: nothing of it
+    # was explained, so no bar over note labels can pass, and the table says why
+    present = {"cardiomegaly": 1, "effusion": 1, "mass": 1, "copd": 3}
+    counts = {"studies": 6, "explained": 3, "truly_present": present}
+    summary = quality_summary(records, [*labels, "copd"], counts)
+    bars = {b["bar"]: b for b in summary["bars"]}
+    for name in ("rationale_first", "deletion_words", "note_share_note_only"):
+        assert bars[name]["unexplained"] == ["copd"] and not bars[name]["passed"]
+    assert bars["relevance_mass"]["unexplained"] == [] and bars["relevance_mass"]["passed"]
+    assert "FAIL** (no true positive of copd to explain)" in quality_markdown(summary)
 
 
 # -- renderings -------------------------------------------------------------------------------

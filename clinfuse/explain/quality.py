@@ -678,6 +678,30 @@ def _image_worst(labels: Record, method: str) -> dict[str, Any]:
     return worst
 
 
+# The label groups each bar judges: a label of them that is truly present in the split but of
+# which no study was called positive has nothing explained, so the bar cannot pass over it.
+BAR_GROUPS = {
+    "pointing_game": ("image", "both"),
+    "relevance_mass": ("image", "both"),
+    "deletion_pixels": ("image", "both"),
+    "randomization_drop": ("image", "both"),
+    "rationale_first": ("note", "both"),
+    "deletion_words": ("note", "both"),
+    "note_share_image_only": ("image",),
+    "note_share_note_only": ("note",),
+}
+
+
+def _unexplained(labels: Record, bar: str) -> list[str]:
+    """The bar's labels (`BAR_GROUPS`) truly present in the split with no true positive."""
+    groups = BAR_GROUPS.get(bar, ())
+    return [
+        name
+        for name, entry in labels.items()
+        if entry["group"] in groups and entry["truly_present"] and not entry["true_positives"]
+    ]
+
+
 def _passes(name: str, value: float | None) -> bool:
     threshold, direction = BARS[name]
     return value is not None and (value >= threshold if direction == "min" else value <= threshold)
@@ -735,10 +759,13 @@ def check_bars(summary: dict[str, Any], seconds_per_study: float | None = None) 
     if seconds_per_study is not None:
         worst["seconds_per_study"] = {"label": None, "value": seconds_per_study}
     unmeasured = {"label": None, "value": None}  # e.g. no lesion masks: no image bar, no pass
-    return [
-        {"bar": name, "threshold": threshold, "direction": direction}
-        | worst.get(name, unmeasured)
-        | {"passed": _passes(name, worst.get(name, unmeasured)["value"])}
-        for name, (threshold, direction) in BARS.items()
-        if name != "seconds_per_study" or name in worst
-    ]
+    bars = []
+    for name, (threshold, direction) in BARS.items():
+        if name == "seconds_per_study" and name not in worst:
+            continue
+        found = worst.get(name, unmeasured)
+        missed = _unexplained(labels, name)
+        passed = _passes(name, found["value"]) and not missed
+        bar = {"bar": name, "threshold": threshold, "direction": direction}
+        bars.append(bar | found | {"unexplained": missed, "passed": passed})
+    return bars

@@ -379,6 +379,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 MODALITY_COLUMNS = ("phi_image", "phi_note", "interaction", "note_share")
 
 
+def _verdict(bar: dict[str, Any]) -> str:
+    """A bar's verdict for the table, naming the labels it could not judge."""
+    if bar["passed"]:
+        return "pass"
+    missed = bar.get("unexplained") or []
+    if missed:
+        return f"**FAIL** (no true positive of {', '.join(missed)} to explain)"
+    return "**FAIL**" if bar["value"] is not None else "not measured"
+
+
 def quality_markdown(summary: dict) -> str:
     """`evaluate_explanations`'s summary as Markdown: per label, per image method, per
     randomisation stage, the modality Shapley means, and the bar with its verdicts."""
@@ -434,7 +444,7 @@ def quality_markdown(summary: dict) -> str:
                 f"{'>=' if b['direction'] == 'min' else '<='} {b['threshold']}",
                 b["label"] or "-",
                 b["value"],
-                "pass" if b["passed"] else "**FAIL**" if b["value"] is not None else "not measured",
+                _verdict(b),
             ]
             for b in summary["bars"]
         ],
