@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, default=ROOT / "sample_data" / "manifest.csv")
     parser.add_argument("--config", type=Path, default=ROOT / "pipelines" / "train_default.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "train")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_train")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "runs" / "bench_train",
+        help="the model folder to train into (deleted first, so the run starts fresh)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = resolve_run_config(args.config, args.overrides)
