@@ -3,19 +3,23 @@ file or the whole new one, never half of one (model folders, explanation files, 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, sweep: bool = True) -> None:
-    """Replace `path` with `data` in one rename; on any error the old file stays as it was.
-    `sweep` removes this file's temporaries a killed earlier writer left (a listing of the
-    folder: a writer of one file per study calls `sweep_temporaries` once instead)."""
+def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
+    """Replace `path` with `data` (text is written as UTF-8) in one rename; on any error the
+    old file stays as it was. `sweep` removes this file's temporaries a killed earlier writer
+    left (a listing of the folder: a writer of one file per study calls `sweep_temporaries`
+    once instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if sweep:
         sweep_temporaries(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{_writer()}.{threading.get_ident()}.tmp")
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{_writer(os.getpid())}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -35,12 +39,13 @@ def sweep_temporaries(folder: Path, name: str = "*") -> None:
             stale.unlink(missing_ok=True)
 
 
-def _writer() -> str:
-    """This process as a temporary's name gives it: `<pid>-<start time>` where the start time
-    is known (Linux), so a later process given the same pid (a container's 1) is not taken
-    for the writer."""
-    started = _start_time(os.getpid())
-    return f"{os.getpid()}-{started}" if started else str(os.getpid())
+@functools.cache
+def _writer(pid: int) -> str:
+    """Process `pid` (this one: the argument keys the cache, a forked worker is another) as a
+    temporary's name gives it: `<pid>-<start time>` where the start time is known (Linux), so
+    a later process given the same pid (a container's 1) is not taken for the writer."""
+    started = _start_time(pid)
+    return f"{pid}-{started}" if started else str(pid)
 
 
 def _start_time(pid: int) -> str | None:

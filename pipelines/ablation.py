@@ -278,9 +278,9 @@ def main() -> None:
     args.both = [b for b in args.both.split(",") if b]
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "ablation.json", json.dumps(results, indent=2).encode("utf-8"))
+    write_atomic(args.out / "ablation.json", json.dumps(results, indent=2))
     table = markdown(results)
-    write_atomic(args.out / "ablation.md", table.encode("utf-8"))
+    write_atomic(args.out / "ablation.md", table)
     print(table)
 
 

@@ -141,7 +141,7 @@ def main() -> int:
         results = run(args.min_seconds)
     print(markdown(results))
     if args.out:
-        write_atomic(args.out, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+        write_atomic(args.out, json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.out}")
     return 1 if results["other_exceptions"] else 0
 

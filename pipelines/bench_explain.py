@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "pipelines/bench_explain.py", *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out.with_suffix(".json"), json.dumps(summary, indent=2).encode("utf-8"))
+    write_atomic(args.out.with_suffix(".json"), json.dumps(summary, indent=2))
     cost_md = (
         f"\n## Cost (CPU, {cost['studies']} test studies, all positive labels, every method)\n\n"
         f"Median {cost['seconds_per_study_median']:.2f} s wall clock per study (max "
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"shared: 1-min load average {cost['load_average'][0]} before and "
         f"{cost['load_average'][1]} after; wall times are upper bounds.\n"
     )
-    write_atomic(args.out.with_suffix(".md"), (quality_markdown(summary) + cost_md).encode("utf-8"))
+    write_atomic(args.out.with_suffix(".md"), quality_markdown(summary) + cost_md)
     for bar in summary["bars"]:
         print(
             f"{'pass' if bar['passed'] else 'FAIL'}  {bar['bar']}: {bar['value']} ({bar['label']})"

@@ -230,7 +230,7 @@ def main() -> None:
     results["load_average_1min"]["end"] = os.getloadavg()[0]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2).encode("utf-8"))
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2))
     e = results["efficiency"]
     load = results["load_average_1min"]
     lines = [
@@ -277,7 +277,7 @@ def main() -> None:
         "",
         f"Peak memory at {sizes[-1]:,} vs {sizes[0]:,} studies: x{results['memory_ratio']:.2f}.",
     ]
-    write_atomic(args.out.with_suffix(".md"), ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

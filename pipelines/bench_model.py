@@ -379,8 +379,8 @@ def main() -> int:
     results = run(models, batches, args.repeats, args.max_seconds, args.device)
     json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(json_path, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
-    write_atomic(md_path, markdown(results).encode("utf-8"))
+    write_atomic(json_path, json.dumps(results, indent=2) + "\n")
+    write_atomic(md_path, markdown(results))
     print(markdown(results) + f"\nwrote {json_path} and {md_path}")
     return 0
 

@@ -489,9 +489,9 @@ def main() -> None:
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2, allow_nan=False)
-    write_atomic(args.out.with_suffix(".json"), text.encode("utf-8"))
+    write_atomic(args.out.with_suffix(".json"), text)
     table = markdown(results)
-    write_atomic(args.out.with_suffix(".md"), table.encode("utf-8"))
+    write_atomic(args.out.with_suffix(".md"), table)
     print(table)
 
 

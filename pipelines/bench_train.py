@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{results['load_average'][1]} | < {BAR_SECONDS} s: "
         f"{'met' if results['met'] else 'NOT met'} |\n"
     )
-    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2).encode("utf-8"))
-    write_atomic(args.out.with_suffix(".md"), table.encode("utf-8"))
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2))
+    write_atomic(args.out.with_suffix(".md"), table)
     print(table)
     return 0
 

@@ -97,8 +97,8 @@ def main() -> None:
     results["mean_gap"] = gaps(mean)
     results["bar"] = robustness_bar(mean)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2).encode("utf-8"))
-    write_atomic(args.out.with_suffix(".md"), markdown(results).encode("utf-8"))
+    write_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=2))
+    write_atomic(args.out.with_suffix(".md"), markdown(results))
     print(markdown(results))
 
 

@@ -102,11 +102,11 @@ def main() -> None:
     made = f"{datetime.now(timezone.utc):%Y-%m-%d}, {describe_machine()}"
     summary = {"runs": [str(f) for f in args.folders], "modes": table, "command": command}
     summary["made"] = made  # the runs themselves: each ablation.json's machine and date
-    write_atomic(args.out.with_suffix(".json"), json.dumps(summary, indent=2).encode("utf-8"))
+    write_atomic(args.out.with_suffix(".json"), json.dumps(summary, indent=2))
     text = f"Command: `{command}` ({made})\n\n" + markdown(
         table, args.folders, labels, args.heldout
     )
-    write_atomic(args.out.with_suffix(".md"), text.encode("utf-8"))
+    write_atomic(args.out.with_suffix(".md"), text)
     print(text)
 
 

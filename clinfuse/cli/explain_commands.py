@@ -68,8 +68,8 @@ def _explain_eval(args: argparse.Namespace) -> int:
             progress=print,
         )
         summary["model_version"] = model_version(args.model)
-        write_atomic(out / "explain_eval.json", json.dumps(summary, indent=2).encode("utf-8"))
-        write_atomic(out / "explain_eval.md", quality_markdown(summary).encode("utf-8"))
+        write_atomic(out / "explain_eval.json", json.dumps(summary, indent=2))
+        write_atomic(out / "explain_eval.md", quality_markdown(summary))
     default = summary["default_method"] or "n/a (no image map to measure: the model reads no image)"
     print(f"default image method: {default}")
     for bar in summary["bars"]:

@@ -148,28 +148,28 @@ def redact(note: str | None, identifiers: Identifiers) -> str | None:
 
 
 def _mask_ids(note: str, ids: frozenset[str]) -> str:
-    """`note` with its long ids masked also as people write them (`id_pattern`)."""
+    """`note` with its long ids (`LONG_ID`) masked also as people write them (`id_pattern`);
+    a shorter id only as written, by `redact`'s whole-word pass: "1530" would otherwise mask
+    "15:30", "0125" a dose of "0.125" mg, "12080" a pressure "120/80"."""
+    plain = {re.sub(rf"[{ID_SEPARATORS}]", "", value) for value in ids}  # "007-5483" -> "0075483"
+    long = [value for value in plain if len(value.lstrip("0")) >= LONG_ID]
+    if not long:
+        return note
     squeezed = re.sub(rf"[{ID_SEPARATORS}]", "", note.lower())  # the cheap test
-    for value in ids:
-        core = re.sub(rf"[{ID_SEPARATORS}]", "", value.lower()).lstrip("0")
-        if len(core) >= LONG_ID and core in squeezed:
+    for value in long:
+        if value.lstrip("0").lower() in squeezed:
             pattern = re.compile(id_pattern(value), re.IGNORECASE)
             note = pattern.sub(lambda m: MASK * len(m.group()), note)
     return note
 
 
-def id_pattern(value: str) -> str:
-    """A regular expression of an id as a note may write it. An id of `LONG_ID` characters or
-    more (leading zeros aside) also with its digit groups apart ("75-483-485", "7548 3485"),
-    with leading zeros added or dropped ("075483485"), and glued to a label when it starts or
-    ends with a digit ("MRN75483485"). A shorter id only as written, a whole word: "1530"
-    would otherwise mask "15:30", "0125" a dose of "0.125" mg, "12080" a pressure "120/80"."""
-    plain = re.sub(rf"[{ID_SEPARATORS}]", "", value)
-    core = plain.lstrip("0")
-    if len(core) < LONG_ID:
-        return rf"(?<!{_WORD}){re.escape(value)}(?!{_WORD})"
+def id_pattern(plain: str) -> str:
+    """A regular expression of a long id (`plain`: without separators) as a note may write it:
+    with its digit groups apart ("75-483-485", "7548 3485"), with leading zeros added or
+    dropped ("075483485"), and glued to a label when it starts or ends with a digit
+    ("MRN75483485")."""
     between = rf"[{ID_SEPARATORS}]?"
-    body = between.join(re.escape(c) for c in core)
+    body = between.join(re.escape(c) for c in plain.lstrip("0"))
     if plain[0].isdigit():
         body = rf"(?:0{between})*{body}"
     before = r"(?<!\d)" if plain[0].isdigit() else rf"(?<!{_WORD})"

@@ -62,10 +62,24 @@ def study_note(row: StudyRow, image: DicomImage | None = None) -> str | None:
     """The row's note (`read_note`; a repair names the manifest row, not the file), with the
     study's own identifiers masked (`study_identifiers`: of `image` once read, else of the
     header of the row's image file). What the tokenizer, the model and explanations read."""
-    note = read_note(row.note, row.note_path, source=f"manifest row {row.row}'s note")
+    return masked_note(
+        row.row, row.note, row.note_path, image or row.image, Identifiers.of_ids(row.patient_id)
+    )
+
+
+def masked_note(
+    row: int,
+    text: str | None,
+    path: Path | None,
+    image: DicomImage | Path | None,
+    identifiers: Identifiers,
+) -> str | None:
+    """Manifest row `row`'s note (inline `text` or the file at `path`), its repairs named by
+    the row, masked with `identifiers` and those of `image` (`study_identifiers`)."""
+    note = read_note(text, path, source=f"manifest row {row}'s note")
     if not note:
         return note
-    return redact(note, study_identifiers(image or row.image, row.patient_id))
+    return redact(note, study_identifiers(image) | identifiers)
 
 
 def failure_text(row: StudyRow, exc: ClinfuseError) -> str:

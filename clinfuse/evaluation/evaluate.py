@@ -122,20 +122,19 @@ def write_evaluation(
     check_report_folder(out_dir)
     write_atomic(
         out_dir / "metrics.json",
-        json.dumps(first_run.metrics, indent=2, allow_nan=False).encode("utf-8"),
+        json.dumps(first_run.metrics, indent=2, allow_nan=False),
     )
-    write_atomic(out_dir / "predictions.csv", first_table.to_csv(index=False).encode("utf-8"))
+    write_atomic(out_dir / "predictions.csv", first_table.to_csv(index=False))
     write_failures(out_dir / "failures.csv", first_run.failures)  # the model of metrics.json
     if len(names) > 1:
         _warn_if_not_comparable(runs)
         compare = {name: run.metrics for name, (run, _) in runs.items()}
         write_atomic(
             out_dir / "compare.json",
-            json.dumps(compare, indent=2, allow_nan=False).encode("utf-8"),
+            json.dumps(compare, indent=2, allow_nan=False),
         )
         for name, (run, table) in runs.items():
-            csv = table.to_csv(index=False).encode("utf-8")
-            write_atomic(out_dir / f"predictions_{name}.csv", csv)
+            write_atomic(out_dir / f"predictions_{name}.csv", table.to_csv(index=False))
             write_failures(out_dir / failures_file(names, name), run.failures)
     return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
 
@@ -144,7 +143,7 @@ def write_failures(path: Path, failures: Iterable[tuple[str, str]]) -> None:
     """failures.csv: the studies that could not be read, with why (study_id, reason), sorted;
     `clinfuse train` and `clinfuse evaluate` both write it."""
     table = pd.DataFrame(sorted(failures), columns=["study_id", "reason"])
-    write_atomic(path, table.to_csv(index=False).encode("utf-8"))
+    write_atomic(path, table.to_csv(index=False))
 
 
 def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> None:

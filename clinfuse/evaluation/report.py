@@ -86,7 +86,7 @@ def write_report(
         + "\n</body></html>\n"
     )
     path = out_dir / "report.html"
-    write_atomic(path, page.encode("utf-8"))
+    write_atomic(path, page)
     return path
 
 

@@ -137,7 +137,7 @@ class Explanation:
             image = get("image", np.float32)
             scale = get("image_scale", np.float32)
             if image is not None and scale is not None:
-                image *= scale.reshape(-1, *[1] * (image.ndim - 1))
+                image *= per_label(scale, image.ndim)
             return cls(
                 study_id=str(data["study_id"]),
                 labels=labels,
@@ -197,7 +197,12 @@ def peak_scaled(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = np.abs(np.asarray(values, dtype=np.float32)).reshape(len(values), -1)
     peak = flat.max(1) if flat.size else np.ones(len(values), np.float32)
     peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0).astype(np.float32)
-    return values / peak.reshape(-1, *[1] * (values.ndim - 1)), peak
+    return values / per_label(peak, values.ndim), peak
+
+
+def per_label(vector: np.ndarray, ndim: int) -> np.ndarray:
+    """(L,) -> (L, 1, ...): one value a label, broadcast over an (L, *spatial) map."""
+    return vector.reshape(-1, *[1] * (ndim - 1))
 
 
 def encode_map(values: np.ndarray) -> dict[str, Any]:
@@ -232,7 +237,7 @@ def decode_map(encoded: dict[str, Any]) -> np.ndarray:
     raw = base64.b64decode(encoded["base64"])
     values = np.frombuffer(raw, dtype="<f2").reshape(encoded["shape"]).astype(np.float32)
     scale = np.asarray(encoded.get("scale", [1.0] * len(values)), dtype=np.float32)
-    return values * scale.reshape(-1, *[1] * (values.ndim - 1))
+    return values * per_label(scale, values.ndim)
 
 
 def _finite(value: float) -> float | None:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from clinfuse.atomic import write_atomic  # noqa: E402
+from clinfuse.atomic import sweep_temporaries, write_atomic  # noqa: E402
 from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_dicom  # noqa: E402
 from clinfuse.data.manifest import iter_manifest  # noqa: E402
 from clinfuse.data.study import file_stem  # noqa: E402
@@ -73,14 +73,14 @@ def _for_display(
     return shrink(pixels), [None if m is None else shrink(m) for m in maps]
 
 
-def _save_figure(figure: plt.Figure, path: Path, **options: Any) -> Path:
+def _save_figure(figure: plt.Figure, path: Path, sweep: bool = True, **options: Any) -> Path:
     """Render `figure` to PNG bytes, close it, and write them atomically (`write_atomic`)."""
     buffer = io.BytesIO()
     try:
         figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None}, **options)
     finally:
         plt.close(figure)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue(), sweep=sweep)
     return path
 
 
@@ -111,7 +111,9 @@ def overlay_png(
     return _save_figure(figure, Path(path), bbox_inches="tight")
 
 
-def explanation_png(expl: Explanation, pixels: np.ndarray, path: str | Path) -> Path:
+def explanation_png(
+    expl: Explanation, pixels: np.ndarray, path: str | Path, sweep: bool = True
+) -> Path:
     """One row per label: the image, then overlaid the localisation map (the default: Grad-CAM
     weighed by smoothed integrated gradients), integrated gradients and Grad-CAM."""
     figure, axes = plt.subplots(
@@ -133,7 +135,7 @@ def explanation_png(expl: Explanation, pixels: np.ndarray, path: str | Path) -> 
             _overlay(axis, shown, values, opacity=0.6)
             axis.set_title(f"{label} {expl.probabilities[j]:.2f}: {title}{where}", fontsize=8)
     figure.tight_layout()
-    return _save_figure(figure, Path(path))
+    return _save_figure(figure, Path(path), sweep)
 
 
 # -- the note ---------------------------------------------------------------------------------
@@ -254,21 +256,22 @@ splits the label's logit between image (blue) and note (orange) by exact Shapley
 
 
 def render_explanation(
-    expl: Explanation, image_pixels: np.ndarray | None, out_dir: str | Path
+    expl: Explanation, image_pixels: np.ndarray | None, out_dir: str | Path, sweep: bool = True
 ) -> list[Path]:
     """Write <study_id>.png (when there is an image map) and <study_id>.html into `out_dir`
-    (named by `file_stem`)."""
+    (named by `file_stem`). `sweep`: see `write_atomic` (a writer of many studies sweeps the
+    folder once)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     image_file = None
     if image_pixels is not None and (expl.image is not None or expl.gradcam is not None):
         written.append(
-            explanation_png(expl, image_pixels, out_dir / f"{file_stem(expl.study_id)}.png")
+            explanation_png(expl, image_pixels, out_dir / f"{file_stem(expl.study_id)}.png", sweep)
         )
         image_file = written[-1].name
     page = out_dir / f"{file_stem(expl.study_id)}.html"
-    write_atomic(page, explanation_html(expl, image_file).encode("utf-8"))
+    write_atomic(page, explanation_html(expl, image_file), sweep=sweep)
     return [*written, page]
 
 
@@ -341,6 +344,7 @@ def explain_studies(
             )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out_dir)  # once, not at each file's write: what a killed run left
     done = []
     for study_id in study_ids:
         batch = study_batch(model, [rows[study_id]])
@@ -353,8 +357,8 @@ def explain_studies(
             expl = explain(model, batch, names, steps=steps, model_version=version)[0]
             image = rows[study_id].image
             pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
-            files = [expl.save_npz(out_dir / f"{file_stem(study_id)}.npz")]
-            files += render_explanation(expl, pixels, out_dir)
+            files = [expl.save_npz(out_dir / f"{file_stem(study_id)}.npz", sweep=False)]
+            files += render_explanation(expl, pixels, out_dir, sweep=False)
             done.append(ExplainedStudy(study_id, expl.labels, files))
         if progress:
             progress(done[-1])

@@ -51,9 +51,9 @@ def save_checkpoint(
     save_model(model, str(tmp), force_contiguous=True)  # a loaded (channels-last) model too
     tmp.replace(folder / "model.safetensors")  # atomic: a crash never leaves half a file
     model.note_tokenizer.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    write_atomic(folder / "MODEL_CARD.md", model_card(model, config).encode("utf-8"))
+    write_atomic(folder / "MODEL_CARD.md", model_card(model, config))
     # last: a folder with its config.json is complete (training's "done" marker)
-    write_atomic(folder / "config.json", json.dumps(config, indent=2).encode("utf-8"))
+    write_atomic(folder / "config.json", json.dumps(config, indent=2))
     return folder
 
 

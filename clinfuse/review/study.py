@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from clinfuse.data.identifiers import Identifiers, redact
+from clinfuse.data.identifiers import Identifiers
 from clinfuse.data.manifest import file_sha256, read_chunks
-from clinfuse.data.notes import read_note
-from clinfuse.data.study import study_identifiers
+from clinfuse.data.study import masked_note
 from clinfuse.errors import ClinfuseError, ManifestError, without_path
 from clinfuse.store import ReviewEvent, Store, StoreError
 from clinfuse.store.schema import Failure, Prediction, Study
@@ -196,11 +195,12 @@ def _inputs(run: Mapping[str, Any], study_id: str) -> tuple[Path | None, str | N
     try:
         with warnings.catch_warnings():  # a repaired note is still shown
             warnings.simplefilter("ignore")
-            note = read_note(entry.note, entry.note_path)
+            # masked as the model read it (`study_note`)
+            note = masked_note(
+                entry.row, entry.note, entry.note_path, entry.image, entry.identifiers
+            )
     except ClinfuseError as exc:  # never the note's path: it may hold a patient's name
         return entry.image, None, without_path(exc, f"manifest row {entry.row}'s note")
-    if note:  # masked as the model read it (`load_study`)
-        note = redact(note, study_identifiers(entry.image) | entry.identifiers)
     return entry.image, note, None
 
 

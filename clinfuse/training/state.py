@@ -84,7 +84,7 @@ def save_snapshot(
     )
     state = asdict(progress)
     state["best_auroc"] = None if progress.best_auroc == float("-inf") else progress.best_auroc
-    write_atomic(folder / "state.json", json.dumps(state, indent=2).encode("utf-8"))
+    write_atomic(folder / "state.json", json.dumps(state, indent=2))
     (folder / "COMPLETE").write_text("", encoding="utf-8")
     for older in state_dir.glob("step-*"):
         if older != folder:

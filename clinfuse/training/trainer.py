@@ -507,8 +507,7 @@ def train(
             "code_version": __version__,
         }
         # config.json says "trained": save_checkpoint writes it last, after everything else
-        history = pd.DataFrame(progress.history).to_csv(index=False)
-        write_atomic(out_dir / "history.csv", history.encode("utf-8"))
+        write_atomic(out_dir / "history.csv", pd.DataFrame(progress.history).to_csv(index=False))
         write_failures(out_dir / "failures.csv", failures.items())
         save_checkpoint(final, out_dir, info)
         shutil.rmtree(state_dir, ignore_errors=True)
