@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -13,7 +14,9 @@ def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
     """Replace `path` with `data` (text is written as UTF-8) in one rename; on any error the
     old file stays as it was. `sweep` removes this file's temporaries a killed earlier writer
     left (a listing of the folder: a writer of one file per study calls `sweep_temporaries`
-    once instead)."""
+    once instead). A symbolic link stays a link: the file it points to is replaced; an existing
+    file keeps its permission bits."""
+    path = Path(os.path.realpath(path))  # through links, so the rename replaces their target
     path.parent.mkdir(parents=True, exist_ok=True)
     if sweep:
         sweep_temporaries(path.parent, path.name)
@@ -25,6 +28,8 @@ def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if path.exists():  # a new file gets the umask's mode, as `open` would give it
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

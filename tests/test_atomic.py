@@ -1,0 +1,58 @@
+"""`write_atomic`: whole files or the old one, links and permissions kept, stale temporaries
+swept; what every model folder, explanation file and export relies on."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from clinfuse.atomic import sweep_temporaries, write_atomic
+
+
+def test_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "predictions.csv"
+    write_atomic(target, "a,b\n")
+    write_atomic(target, b"c,d\n")
+    assert target.read_text() == "c,d\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["predictions.csv"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(TypeError):
+        write_atomic(target, 123)  # type: ignore[arg-type]  # fails inside the write
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_link_stays_a_link_to_the_new_content(tmp_path: Path) -> None:
+    real = tmp_path / "shared" / "report.html"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "report.html"
+    link.symlink_to(real)
+    write_atomic(link, "new")
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert real.read_text() == "new"
+
+
+def test_an_existing_file_keeps_its_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "failures.csv"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    write_atomic(target, "new")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert target.read_text() == "new"
+
+
+def test_sweep_removes_a_dead_writers_temporary_not_a_running_ones(tmp_path: Path) -> None:
+    dead = tmp_path / ".a.npz.999999999.1.tmp"  # no such process
+    alive = tmp_path / f".a.npz.{os.getpid()}.1.tmp"  # this process, named without start time
+    for path in (dead, alive):
+        path.write_bytes(b"partial")
+    sweep_temporaries(tmp_path)
+    assert not dead.exists() and alive.exists()
