@@ -152,11 +152,15 @@ def wait_for_studies(run: Path, at_least: int) -> int:
     return written
 
 
+@pytest.mark.parametrize("engine", ["local", "ray"])
 def test_a_run_killed_mid_way_resumes_and_writes_each_study_once(
-    tiny_model, small_export, tmp_path
+    tiny_model, small_export, tmp_path, engine
 ):
+    if engine == "ray":
+        pytest.importorskip("ray")
     run = tmp_path / "run"
     args, total = long_run(tiny_model, small_export, tmp_path, workers=0)
+    args += ["--engine", engine]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     written = wait_for_studies(run, 8)
     os.kill(process.pid, signal.SIGKILL)
