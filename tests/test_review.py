@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from clinfuse.cli import main as clinfuse_main
 from clinfuse.cli.review_commands import QUICK_SCORED, DashboardError, dashboard_command
 from clinfuse.data.manifest import file_sha256, load_manifest
+from clinfuse.data.study import study_note
 from clinfuse.errors import ClinfuseError, ManifestError
 from clinfuse.review import (
     WorklistQuery,
@@ -500,13 +501,14 @@ def test_reviewed_manifest_loads_and_trains_with_the_latest_labels(tmp_path, sma
 
     exported = load_manifest(out, labels=labels)
     sources = {row.study_id: row for row in truth}
-    assert any(row.image for row in exported) and any(row.note_path for row in exported)
+    assert any(row.image for row in exported) and any(row.note for row in exported)
     assert len(exported) == len(expected) == 56
     for row in exported:
         got = {x: None if np.isnan(v) else int(v) for x, v in zip(labels, row.labels, strict=True)}
         assert got == expected[row.study_id], row.study_id
         source = sources[row.study_id]  # the same files, by absolute path
-        assert (row.image, row.note_path, row.note) == (source.image, source.note_path, source.note)
+        # the same image by absolute path; the note inline, as the model read it
+        assert (row.image, row.note_path, row.note) == (source.image, None, study_note(source))
         assert row.patient_id == pseudonyms[source.patient_id]
     text = out.read_text()
     assert not [row.patient_id for row in truth if row.patient_id in text]
@@ -614,6 +616,47 @@ def test_dashboard_binds_to_localhost_unless_oidc_is_configured(tmp_path, monkey
     path = tmp_path / "run" / "clinfuse.db"  # a SQLite store by its path, not only its URL
     argv, env = dashboard_command(str(path), "127.0.0.1", 8501)
     assert argv[-1] == env["CLINFUSE_STORE"] == f"sqlite:///{path}"
+
+
+def test_reviewed_manifest_keeps_the_notes_identifiers_masked_and_the_given_split(tmp_path):
+    """The export names patients by pseudonym, so the next run could no longer mask a note's
+    patient id: the note goes out masked as the model read it, whether inline or a file."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "b.txt").write_text("MRN 75483485: fever, crackles at the left base.")
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(
+        {
+            "study_id": ["A", "B"],
+            "patient_id": ["75483485", "75483485"],
+            "note": ["Inline: patient 75483485 has a cough.", ""],
+            "note_path": ["", "notes/b.txt"],
+            "split": ["val", "val"],
+            "copd": ["1", "0"],
+        }
+    ).to_csv(manifest, index=False)
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        store.register_model("m-1", "tiny", ["copd"], {"copd": 0.5}, {}, {})
+        run_id, _ = store.start_run("r", "m-1", str(manifest), file_sha256(manifest), {})
+        pseudonym = store.pseudonym("75483485")
+        store.write_batch(
+            run_id,
+            [
+                PredictionRecord(
+                    s, pseudonym, {"copd": 0.9}, {"copd": 0.5}, {"copd": True}, "note", "m-1"
+                )  # fmt: skip
+                for s in ("A", "B")
+            ],
+            [],
+        )
+        for study_id in ("A", "B"):
+            save_review(store, run_id, study_id, "dr.a", "agree", {"copd": 1}, "")
+        out = export_reviewed_manifest(store, run_id, tmp_path / "reviewed.csv")
+    assert "75483485" not in out.read_text()
+    exported = {row.study_id: row for row in load_manifest(out, labels=["copd"])}
+    for study_id, kept in (("A", "Inline: patient "), ("B", "MRN ")):
+        note = exported[study_id].note
+        assert note.startswith(kept) and "75483485" not in note and len(note) > len(kept) + 8
+        assert exported[study_id].note_path is None and exported[study_id].split == "val"
 
 
 def test_export_command_writes_manifest_and_agreement(tmp_path, capsys):

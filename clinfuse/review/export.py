@@ -15,7 +15,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 from clinfuse.atomic import write_atomic
-from clinfuse.review.study import run_manifest_index
+from clinfuse.errors import ClinfuseError, without_path
+from clinfuse.review.study import ManifestEntry, entry_note, run_manifest_index
 from clinfuse.store import Store, StoreError
 from clinfuse.store.schema import Review, Study
 
@@ -42,9 +43,13 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     """Write the run's reviewed studies as a manifest `clinfuse train` accepts (CSV, or Parquet
     for a .parquet name).
 
-    Columns: study_id, patient_id (the pseudonym), image, note_path, note (absolute paths from
-    the run's manifest), then one column per model label holding the latest review's label
-    (1, 0, or empty = unknown). Studies no longer in the run's manifest are left out (logged).
+    Columns: study_id, patient_id (the pseudonym), image (the absolute path from the run's
+    manifest), note_path, note, split (the run manifest's split cell, empty where it gave
+    none), then one column per model label holding the latest review's label (1, 0, or empty
+    = unknown). The note is written inline as the model read it, identifiers masked
+    (`entry_note`): the manifest's patient id is replaced by the pseudonym, so the next run
+    could not mask it; a note that cannot be read keeps its path, so that run reports it.
+    Studies no longer in the run's manifest are left out (logged).
     Written atomically; raises StoreError when the run has no reviewed study and ManifestError
     when the run's manifest is gone or has changed since it was scored.
     """
@@ -80,14 +85,14 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
                 "study_id": study_id,
                 "patient_id": pseudonym or f"unknown-{study_id}",  # its own patient group
                 "image": str(entry.image or ""),
-                "note_path": str(entry.note_path or ""),
-                "note": entry.note or "",
+                **_note_cells(entry),
+                "split": entry.split,
                 **{name: _cell(after.get(name)) for name in labels},
             }
         )
     if missing:
         log.warning("%d reviewed studies are no longer in %s: left out", missing, run["manifest"])
-    columns = ["study_id", "patient_id", "image", "note_path", "note", *labels]
+    columns = ["study_id", "patient_id", "image", "note_path", "note", "split", *labels]
     return write_table(pd.DataFrame(rows, columns=columns), Path(out_path))
 
 
@@ -98,6 +103,17 @@ def write_table(frame: pd.DataFrame, out: Path) -> Path:
     data = frame.to_parquet(index=False) if parquet else frame.to_csv(index=False).encode()
     write_atomic(out, data)
     return out
+
+
+def _note_cells(entry: ManifestEntry) -> dict[str, str]:
+    """The note and note_path cells: the masked note inline, or (unreadable) its path."""
+    try:
+        note = entry_note(entry)
+    except ClinfuseError as exc:
+        problem = without_path(exc, f"manifest row {entry.row}'s note")  # a path may name someone
+        log.warning("study %s: %s; its note_path is exported as it is", entry.study_id, problem)
+        return {"note_path": str(entry.note_path or ""), "note": ""}
+    return {"note_path": "", "note": note or ""}
 
 
 def _cell(value: Any) -> str:

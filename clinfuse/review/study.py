@@ -40,6 +40,7 @@ class ManifestEntry:
     note: str | None  # inline note text
     note_path: Path | None
     identifiers: Identifiers = field(default=Identifiers(), repr=False, compare=False)
+    split: str = ""  # the manifest's split cell, "" when it gives none
 
 
 @dataclass
@@ -115,6 +116,7 @@ def _index(path: str, mtime_ns: int, size: int) -> tuple[Mapping[str, ManifestEn
                 note=cell.get("note") or None,
                 note_path=root / note_path if note_path else None,
                 identifiers=Identifiers.of_ids(cell.get("patient_id")),
+                split=cell.get("split", ""),
             )
     return MappingProxyType(entries), file_sha256(Path(path))
 
@@ -195,13 +197,16 @@ def _inputs(run: Mapping[str, Any], study_id: str) -> tuple[Path | None, str | N
     try:
         with warnings.catch_warnings():  # a repaired note is still shown
             warnings.simplefilter("ignore")
-            # masked as the model read it (`study_note`)
-            note = masked_note(
-                entry.row, entry.note, entry.note_path, entry.image, entry.identifiers
-            )
+            note = entry_note(entry)
     except ClinfuseError as exc:  # never the note's path: it may hold a patient's name
         return entry.image, None, without_path(exc, f"manifest row {entry.row}'s note")
     return entry.image, note, None
+
+
+def entry_note(entry: ManifestEntry) -> str | None:
+    """The study's note masked as the model read it (`study_note`): the manifest's patient
+    id and its image's identifiers. Raises NoteError where the note cannot be read."""
+    return masked_note(entry.row, entry.note, entry.note_path, entry.image, entry.identifiers)
 
 
 def save_review(
