@@ -140,6 +140,13 @@ def open_study(at: AppTest, study_id: str) -> AppTest:
     return at.run()
 
 
+def verdict_form(at: AppTest, study_id: str) -> str:
+    """The key of the study's verdict form as drawn now (each save draws a new one)."""
+    keys = [r.key for r in at.radio if r.key and r.key.startswith(f"verdict-{study_id}-")]
+    assert len(keys) == 1, keys
+    return keys[0].removesuffix("-verdict")
+
+
 def predictions(run: ReviewRun) -> pd.DataFrame:
     with Store(run.url) as store:
         return pd.concat(list(store.iter_predictions(run.run_id))).set_index("study_id")
@@ -190,10 +197,10 @@ def test_oidc_user_is_the_reviewer_of_a_saved_verdict(review_run, monkeypatch):
     at.run()
     assert at.title[0].value == "Worklist" and "Log out" in [b.label for b in at.button]
     study = str(table(at).study_id.iloc[-1])
-    open_study(at, study)
-    at.radio(key=f"verdict-{study}-verdict").set_value("agree")
-    at.text_input(key=f"verdict-{study}-comment").input("oidc check")
-    at.button(key=f"verdict-{study}-save").click().run()
+    form = verdict_form(open_study(at, study), study)
+    at.radio(key=f"{form}-verdict").set_value("agree")
+    at.text_input(key=f"{form}-comment").input("oidc check")
+    at.button(key=f"{form}-save").click().run()
     with Store(review_run.url) as store:
         saved = [r for r in store.reviews(review_run.run_id, study) if r["comment"] == "oidc check"]
     assert [r["reviewer"] for r in saved] == ["dr.a@hospital.example"]
@@ -270,7 +277,7 @@ def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_o
     assert version in text and predictions(review_run).at[study, "patient_pseudonym"] in text
     assert at.get("image") and "<mark" in at.get("html")[0].value  # image; note's evidence
 
-    form = f"verdict-{study}"
+    form = verdict_form(at, study)
     before = predictions(review_run).loc[study]
     flipped = "negative" if before["decision_copd"] else "positive"
     at.radio(key=f"{form}-verdict").set_value("corrected")
@@ -286,6 +293,12 @@ def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_o
     history = at.main.dataframe[-1].value
     assert "copd: see the history in the note" in set(history["comment"])
 
+    assert verdict_form(at, study) != form  # a fresh form: nothing of the saved one is sent
+    form = verdict_form(at, study)
+    assert at.radio(key=f"{form}-verdict").value is None
+    assert at.selectbox(key=f"{form}-copd").value == (
+        "positive" if before["decision_copd"] else "negative"
+    )
     at.text_input(key=f"{form}-comment").input("second look: fine")
     at.button(key=f"{form}-save").click().run()  # no verdict chosen: nothing is saved
     assert "Choose a verdict first" in page_text(at)
@@ -317,8 +330,9 @@ def test_save_and_next_opens_the_study_after_this_one_as_the_worklist_was_before
     study = [s for s in before[:-1] if whole.index(s) < len(whole) - 1][-1]
     link = {"status": "unreviewed", "size": "10", "page": str(before.index(study) // 10 + 1)}
     at = open_study(new_app(monkeypatch, review_run, **link).run(), study)
-    at.radio(key=f"verdict-{study}-verdict").set_value("agree")
-    at.button(key=f"verdict-{study}-save-next").click().run()
+    form = verdict_form(at, study)
+    at.radio(key=f"{form}-verdict").set_value("agree")
+    at.button(key=f"{form}-save-next").click().run()
     following = before[before.index(study) + 1]
     with Store(review_run.url) as store:
         after = ordered_ids(store, unreviewed)
@@ -327,9 +341,33 @@ def test_save_and_next_opens_the_study_after_this_one_as_the_worklist_was_before
     assert "last study" not in page_text(at)
 
     at.query_params.update({**link, "study": study})  # the same link, again: now stale
-    at.run().radio(key=f"verdict-{study}-verdict").set_value("agree")
-    at.button(key=f"verdict-{study}-save-next").click().run()
+    form = verdict_form(at.run(), study)
+    at.radio(key=f"{form}-verdict").set_value("agree")
+    at.button(key=f"{form}-save-next").click().run()
     assert at.query_params["study"] == whole[whole.index(study) + 1]
+
+
+def test_a_verdict_is_not_saved_over_a_review_the_page_did_not_show(review_run, monkeypatch):
+    """A colleague reviews the study while it is open: the first submit shows that review and
+    saves nothing; the second (the reviewer has seen it) saves."""
+    from clinfuse.review import save_review
+
+    at = new_app(monkeypatch, review_run).run()
+    study = str(table(at).study_id.iloc[1])
+    form = verdict_form(open_study(at, study), study)
+    with Store(review_run.url) as store:
+        save_review(store, review_run.run_id, study, "Dr Colleague", "agree", {}, "seen first")
+        before = len(store.reviews(review_run.run_id, study))
+    at.radio(key=f"{form}-verdict").set_value("agree")
+    at.button(key=f"{form}-save").click().run()
+    assert "saved while you had it open" in page_text(at) and "seen first" in page_text(at)
+    with Store(review_run.url) as store:
+        assert len(store.reviews(review_run.run_id, study)) == before
+    assert at.radio(key=f"{form}-verdict").value == "agree"  # kept for the second submit
+    at.button(key=f"{form}-save").click().run()
+    with Store(review_run.url) as store:
+        events = store.reviews(review_run.run_id, study)
+    assert len(events) == before + 1 and events[-1]["reviewer"] == "Dr Test"
 
 
 def test_a_verdict_survives_a_link_from_another_model_and_disagree_must_change_a_label(
@@ -341,7 +379,7 @@ def test_a_verdict_survives_a_link_from_another_model_and_disagree_must_change_a
     # now the study's link as made for another model: its label and sort are not this run's
     at.query_params.update({"label": "gout", "sort": "p_gout"})
     assert at.run().title[0].value == f"Study {study}" and not at.exception
-    form = f"verdict-{study}"
+    form = verdict_form(at, study)
     at.radio(key=f"{form}-verdict").set_value("disagree")
     at.button(key=f"{form}-save").click().run()  # every label still as the model called it
     assert [e.value for e in at.error] == [

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -81,6 +82,16 @@ def server(small_export, tiny_model, tmp_path_factory, tmp_path):
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
 )
+def settled(page, locator):
+    """`locator` once the page has stopped rerunning: one element, the same for a second (a
+    rerun keeps the last run's elements on the page until it replaces them)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    for _ in range(2):
+        sync_api.expect(locator).to_have_count(1)
+        page.wait_for_timeout(1000)
+    return locator
+
+
 def test_review_a_study_in_a_real_browser(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     base, run = server
@@ -119,11 +130,22 @@ def test_review_a_study_in_a_real_browser(server, tmp_path):
             page.get_by_text("Agree with the model").click()
             comment.press("Enter")  # the comment is kept; Enter presses "Save and next"
             page.get_by_text(f"of {study}: agree with the model").wait_for()
+            following = parse_qs(urlparse(page.url).query)["study"][0]
+            page.get_by_role("heading", name=f"Study {following}").wait_for()
+            verdict = settled(page, page.get_by_role("radiogroup", name="Verdict"))
+            verdict.get_by_text("Agree with the model", exact=True).click()
+            save = settled(page, page.get_by_role("button", name="Save", exact=True))
+            save.dblclick()  # one verdict, however many clicks
+            page.get_by_text(f"of {following}: agree with the model").wait_for()
+            settled(page, save).click()  # a fresh form: no verdict chosen
+            page.get_by_text("Choose a verdict first").wait_for()
         finally:
             browser.close()
     with Store(run.url) as store:
         saved = [r for r in store.reviews(run.run_id, study) if r["reviewer"] == "Dr Browser"]
+        again = [r for r in store.reviews(run.run_id, following) if r["reviewer"] == "Dr Browser"]
     assert [(r["verdict"], r["comment"]) for r in saved] == [("agree", "checked in the browser")]
+    assert [r["verdict"] for r in again] == ["agree"]  # a double click saved it once
     assert (tmp_path / "study.png").stat().st_size > 10_000
     if os.environ.get("CLINFUSE_UPDATE_SCREENSHOT"):  # refresh the README's picture on request
         shutil.copyfile(tmp_path / "study.png", DASHBOARD / "screenshot.png")

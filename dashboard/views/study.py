@@ -57,12 +57,17 @@ def study_after(order: list[str], study_id: str) -> str | None:
 def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | None:
     """The verdict form; (verdict, labels_after, comment) when submitted with a valid
     verdict, with "next" in session state when "Save and next" was pressed. No verdict is
-    chosen in advance: Enter in the comment box must never record agreement by default."""
+    chosen in advance: Enter in the comment box must never record agreement by default.
+
+    Each save gives the next form a new key (`sv_form`): a browser sends a form's last values
+    back with its next submit, so reusing the key would record the same verdict again on a
+    second click. A submit is refused, with nothing saved, when someone else reviewed the study
+    after the page was drawn: the reviewer reads their review before theirs replaces it."""
     before = {x["label"]: int(bool(x["decision"])) for x in view.labels}
-    key = f"verdict-{view.study_id}"
-    if st.session_state.pop("sv_saved", None) == view.study_id:  # saved: a fresh form
-        for name in ("verdict", "comment", *before):
-            st.session_state.pop(f"{key}-{name}", None)
+    key = f"verdict-{view.study_id}-{st.session_state.setdefault('sv_form', 0)}"
+    seen_key = f"sv_seen-{view.study_id}"  # how many reviews the page showed when drawn
+    seen = st.session_state.get(seen_key)
+    st.session_state[seen_key] = len(view.history)
     # Not cleared on submit: a refused submit keeps what the reviewer chose and typed.
     with st.form(key, enter_to_submit=True):
         verdict = st.radio(
@@ -93,6 +98,12 @@ def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | N
         return None
     if verdict is None:
         st.error("Choose a verdict first: nothing was saved.")
+        return None
+    if seen is not None and len(view.history) > seen:
+        st.warning(
+            f"{len(view.history) - seen} review(s) of this study were saved while you had it "
+            "open (see the review history): nothing was saved. Save again to record yours."
+        )
         return None
     st.session_state["sv_go_next"] = bool(save_next)
     return verdict, edited, comment.strip()  # save_review refuses labels against the verdict
@@ -173,7 +184,7 @@ def main() -> None:
         except (ValueError, StoreError) as exc:
             st.error(f"Not saved: {exc}")
             st.stop()
-        st.session_state["sv_saved"] = view.study_id
+        st.session_state["sv_form"] += 1  # a fresh form
         saved = f"Saved review #{review_id} of {view.study_id}: {VERDICTS[verdict].lower()}."
         if go_next and following is None:
             st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
