@@ -18,6 +18,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from clinfuse.cli import main
+from clinfuse.explain import Explanation
 from clinfuse.model import load_checkpoint
 
 LABELS = ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass")
@@ -490,6 +491,32 @@ def test_ray_engine_gives_the_same_predictions_as_local(tiny_model, mixed_manife
     pd.testing.assert_frame_equal(ray, local, atol=1e-5, check_exact=False)
     failures = pd.read_csv(tmp_path / "ray" / "failures.csv")
     assert len(failures) == 5
+
+
+def test_ray_masks_the_patient_id_in_notes_as_local_does(tiny_model, small_export, tmp_path):
+    """Ray's actors never see the store's pseudonym key, but they mask the manifest's patient
+    id in the note as the local engine does: the same scores, no id in any explanation."""
+    pytest.importorskip("ray")
+    rows = absolute_rows(small_export).head(8)
+    rows["note"] = [
+        f"MRN {patient} confirmed. " + Path(path).read_text(encoding="utf-8")
+        for patient, path in zip(rows["patient_id"], rows["note_path"], strict=True)
+    ]
+    rows["note_path"] = ""
+    manifest = tmp_path / "named.csv"
+    rows.to_csv(manifest, index=False)
+    for engine in ("local", "ray"):
+        assert infer(tiny_model, manifest, tmp_path / engine, "--engine", engine,
+                     "--explain", "all") == 0  # fmt: skip
+    local, ray = (
+        pd.read_csv(tmp_path / e / "predictions.csv").drop(columns="patient_pseudonym")
+        for e in ("local", "ray")
+    )
+    pd.testing.assert_frame_equal(ray, local, atol=1e-5, check_exact=False)
+    for engine in ("local", "ray"):
+        for path in (tmp_path / engine / "explanations").glob("*.npz"):
+            note = Explanation.load_npz(path).note
+            assert "MRN " in note and not any(p in note for p in rows["patient_id"]), path
 
 
 def test_workers_and_threads_change_speed_not_predictions(tiny_model, mixed_manifest, tmp_path):

@@ -1,7 +1,9 @@
 """`--engine ray`: the same pipeline on Ray Data, for when one machine is not enough.
 
-The driver streams the manifest in chunks (skipping studies already done), replaces patient
-ids by their pseudonyms before anything leaves it, and hands each chunk to Ray Data; actors
+The driver streams the manifest in chunks (skipping studies already done), adds each patient
+id's pseudonym (computed with the store's key, which never leaves the driver), and hands each
+chunk to Ray Data; the patient id travels with its note, as the local engine's workers read
+it, only so that the actor masks it in the note; records carry the pseudonym alone. Actors
 each hold the model and score batches with the same `score_batch` as the local engine; the
 driver commits each returned batch to the store in one transaction, so resumability and
 exactly-once writing are the local engine's. Point it at an existing cluster with
@@ -43,11 +45,12 @@ from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord
 
 
 def row_to_item(row: StudyRow, pseudonym: str) -> dict[str, Any]:
-    """A manifest row as plain values for Ray, its patient id already replaced."""
+    """A manifest row as plain values for Ray, with its patient's pseudonym."""
     return {
         "row": row.row,
         "study_id": row.study_id,
-        "patient_id": pseudonym,
+        "patient_id": row.patient_id,  # to mask in the note (`study_note`), never recorded
+        "pseudonym": pseudonym,
         "image": str(row.image) if row.image else "",
         "note": row.note or "",
         "note_path": str(row.note_path) if row.note_path else "",
@@ -89,14 +92,16 @@ class Scorer:
         self.collate = Collator(self.model.note_tokenizer, self.model.cfg)
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
-        items = [load_item(item_to_row(r), self.transforms) for r in rows.to_dict("records")]
+        given = rows.to_dict("records")
+        items = [load_item(item_to_row(r), self.transforms) for r in given]
+        pseudonyms = {r["patient_id"]: r["pseudonym"] for r in given}
         batch = self.collate(items)
         scored = next(iter_predictions(self.model, [batch], self.model.temperature.device))
         predictions, failures, explanations = score_batch(
             self.model,
             *scored,
             self.version,
-            lambda pseudonym: pseudonym,
+            pseudonyms.__getitem__,
             self.settings.explain,
             self.run_dir,
         )
