@@ -7,7 +7,22 @@ and carry on with the next study.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """`text` fit for a log line, a CSV cell and a PostgreSQL text column: control characters
+    (NUL among them) as U+FFFD, undecodable bytes of a file name (lone surrogates) as \\xNN,
+    at most `limit` characters."""
+    text = _UNPRINTABLE.sub("\ufffd", text)
+    try:  # a file name's undecodable bytes come back as the bytes they were
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate of another origin
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 class ClinfuseError(Exception):
@@ -38,9 +53,9 @@ class DicomError(ClinfuseError):
             raise ValueError(f"unknown DicomError reason {reason!r}")
         self.path = str(path)
         self.reason = reason
-        self.detail = detail
+        self.detail = printable(detail)  # it may quote a damaged header or a file name
         self.hint = hint
-        message = f"{self.path}: {reason}: {detail}"
+        message = f"{self.path}: {reason}: {self.detail}"
         super().__init__(f"{message}. {hint}" if hint else message)
 
 

@@ -1,9 +1,11 @@
 """read_dicom: modality units, display polarity, geometry, colour, codecs, and one typed error
 for every way a file can fail, measured over every DICOM file pydicom ships."""
 
+import logging
 import os
 import random
 import shutil
+import struct
 import warnings
 from pathlib import Path
 
@@ -451,6 +453,51 @@ def test_dicom_without_pixel_data(tmp_path):
     assert reason_of(write(ds, tmp_path / "report.dcm")) == "no_pixel_data"
     assert reason_of(shipped("rtplan.dcm")) == "no_pixel_data"
     assert reason_of(shipped("test-SR.dcm")) == "no_pixel_data"
+
+
+def test_a_damaged_header_is_never_quoted_in_an_error_or_a_warning(tmp_path, caplog):
+    """A damaged length makes the SOP class swallow the elements after it (the patient's name,
+    id and birth date): errors and pydicom's warnings must not quote what it read."""
+    source = write_image(tmp_path / "source.dcm", np.zeros((4, 4), np.uint16)).read_bytes()
+    at = source.index(b"\x08\x00\x16\x00UI", 132)  # (0008,0016) SOP Class UID, explicit VR
+    damaged = tmp_path / "damaged.dcm"
+    caplog.set_level(logging.DEBUG)
+    told = []
+    for length in range(26, 1200, 2):
+        data = bytearray(source)
+        struct.pack_into("<H", data, at + 6, length)
+        damaged.write_bytes(bytes(data))
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            try:
+                read_dicom(damaged)
+            except DicomError as exc:
+                told.append(str(exc))
+        told += [str(w.message) for w in warned]
+    told.append(caplog.text)
+    assert len(told) > 100  # the damage was seen
+    for value in IDENTIFIERS.values():
+        assert not [t for t in told if value in t or value.replace("^", " ") in t], value
+
+
+def test_errors_are_printable_text_naming_no_file_of_a_series(tmp_path):
+    """A NUL in a damaged UID, or a file name that is not UTF-8, would stop a PostgreSQL write;
+    a series' file names may hold the patient's: the error holds none of them."""
+    ds = make_dataset(np.zeros((2, 2), np.uint8), SOPClassUID="1.2.3.4\x005")
+    del ds.PixelData
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
+        delattr(ds, keyword)
+    with pytest.raises(DicomError) as caught:
+        read_dicom(write(ds, tmp_path / "report.dcm"))
+    assert caught.value.reason == "no_pixel_data" and "\x00" not in str(caught.value)
+    folder = write_series(tmp_path / "series", [0.0, 1.0], prefix="DOE_JANE_")
+    write_image(Path(os.fsdecode(bytes(folder) + b"/M\xfcller.dcm")), np.zeros((5, 5), np.int16))
+    with pytest.raises(DicomError) as caught:
+        read_dicom(folder)
+    text = str(caught.value).replace(str(folder), "")
+    assert caught.value.reason == "inconsistent_series"
+    assert "DOE" not in text and "ller" not in text and "file 3 of 3" in text
+    text.encode("utf-8")  # no lone surrogate left
 
 
 def test_pixel_data_on_a_jpip_server_is_no_decoder(tmp_path):

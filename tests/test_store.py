@@ -273,6 +273,17 @@ def test_counts_by_status_and_reason(open_store):
     assert list(store.failures(run_id).study_id) == ["F1", "F2", "F3"]
 
 
+def test_a_failure_detail_with_a_nul_or_an_undecodable_name_is_written(open_store):
+    """Such a detail (a damaged header, a file name that is not UTF-8) once stopped a
+    PostgreSQL run at the same batch on every attempt."""
+    store = open_store()
+    run_id = run_of(store)
+    damaged = FailureRecord("F1", store.pseudonym("P2"), "image:x", "uid 1.2\x003 in M\udcfcller")
+    store.write_batch(run_id, [pred(store, "S1")], [damaged])
+    (detail,) = store.failures(run_id).detail
+    assert detail == "uid 1.2\ufffd3 in M\\xfcller"
+
+
 # -- privacy ----------------------------------------------------------------------------------
 def test_pseudonyms_and_no_patient_id_anywhere(open_store, new_url):
     url = new_url()

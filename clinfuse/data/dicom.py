@@ -9,6 +9,7 @@ one `DicomError` whose `reason` says why, so a batch pipeline records it and car
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 import pydicom.uid as uids
+from pydicom.config import disable_value_validation
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -29,6 +31,7 @@ from clinfuse.errors import DicomError
 __all__ = ["DicomImage", "apply_window", "default_window", "read_dicom"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_CODE = re.compile(r"[A-Z0-9_ ]{1,16}")  # a Code String (CS) value, e.g. a Modality
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 # Colour spaces pydicom's decoders hand back as RGB (YBR_FULL*, and YBR_ICT/RCT inside JPEG 2000).
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
@@ -87,7 +90,8 @@ def read_dicom(path: str | Path) -> DicomImage:
     if not exists:
         raise _error(path, "missing", "no such file or folder")
     try:
-        return _read_series(path) if path.is_dir() else _read_file(path)[0]
+        with disable_value_validation():  # its warnings quote values: a damaged header's name
+            return _read_series(path) if path.is_dir() else _read_file(path)[0]
     except DicomError:
         raise
     except OSError as exc:
@@ -144,9 +148,11 @@ def read_header(path: str | Path) -> Dataset:
     without the 128-byte preamble too); `DicomError` "not_dicom" when it is not DICOM."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
+        with path.open("rb") as f, disable_value_validation():  # as in `read_dicom`
             has_prefix = _has_preamble(f)
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_prefix)
+            for _ in ds.iterall():  # every value converted now, unchecked, not on later access
+                pass
     except OSError:
         raise
     except Exception as exc:
@@ -199,9 +205,11 @@ def _parse(path: Path) -> Dataset:
                 "the file ends before its Pixel Data (it describes an image, Rows and Columns, "
                 "but holds no pixels: cut short, or the pixels were removed)",
             )
-        modality = _text(ds, "Modality")
-        what = sop_class or (f"{modality} object" if modality else "this data set")
-        raise _error(path, "no_pixel_data", f"{what} holds no Pixel Data")
+        # named only by values that cannot be anything else: a damaged header's element can
+        # swallow the ones after it (the patient's name, ids, birth date)
+        modality = _text(ds, "Modality") or ""
+        what = sop_class or (f"{modality} object" if _CODE.fullmatch(modality) else "")
+        raise _error(path, "no_pixel_data", f"{what or 'this data set'} holds no Pixel Data")
     if not ds.file_meta.get("TransferSyntaxUID"):  # raw data set: use the encoding pydicom found
         if "PixelData" in ds and ds["PixelData"].is_undefined_length:
             raise _error(path, "no_decoder", "compressed Pixel Data but no Transfer Syntax UID")
@@ -420,8 +428,9 @@ def _check_one_series(folder: Path, slices: list[tuple[DicomImage, Dataset]]) ->
     if len(series) > 1:
         raise _error(folder, "inconsistent_series", f"holds {len(series)} different series")
     first, orientation = slices[0][0], _floats(slices[0][1], "ImageOrientationPatient", 6)
-    for image, header in slices:
-        name, problem = Path(str(header.filename)).name, None
+    for number, (image, header) in enumerate(slices, 1):
+        # by its place, not its name: an export's file names can hold the patient's
+        name, problem = f"its image file {number} of {len(slices)} (in name order)", None
         other = _floats(header, "ImageOrientationPatient", 6)
         if image.spatial_dims != 2:
             problem = f"is multi-frame ({image.pixels.shape[1]} frames) among other files"
@@ -478,11 +487,15 @@ def _meta(ds: Dataset, photometric: str, frames: int) -> dict[str, object]:
 
 
 def _text(ds: Dataset, keyword: str, uid: bool = False) -> str | None:
-    """A header value as stripped text (a UID as its name), None when absent or unreadable."""
+    """A header value as stripped text (a UID as its name), None when absent or unreadable
+    (with `uid`, also when not a valid UID)."""
     try:
         value = ds.get(keyword)
         text = "" if value is None else str(value).strip()
-        return (uids.UID(text).name if uid else text) if text else None
+        if not text or not uid:
+            return text or None
+        value = uids.UID(text)
+        return value.name if value.is_valid else None
     except Exception:
         return None
 

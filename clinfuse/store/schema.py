@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from clinfuse.errors import ClinfuseError
+from clinfuse.errors import ClinfuseError, printable
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -292,7 +292,9 @@ class FailureRecord:
         """Its `studies` row (without `created_at`) and its `failures` row."""
         key = dict(run_id=run_id, study_id=self.study_id)
         study = dict(key, patient_pseudonym=self.patient_pseudonym, modalities="", status="failed")
-        return study, [dict(key, reason=self.reason, detail=str(self.detail))]
+        # a NUL would stop a PostgreSQL write, and with it the run, at every attempt
+        failure = dict(key, reason=printable(self.reason), detail=printable(self.detail, 2000))
+        return study, [failure]
 
 
 @dataclass
