@@ -536,6 +536,18 @@ def test_a_database_without_a_store_is_refused_not_taken_over(new_url):
     engine.dispose()
 
 
+@pytest.mark.parametrize("folder", ["run%20A", "night?1", "a#b"])
+def test_a_run_folders_store_lies_in_it_whatever_its_name(tmp_path, folder):
+    """A folder name holding URL syntax ("%20", "?") once moved the store to another file."""
+    url = Store.default_url(tmp_path / folder)
+    with Store(url) as store:
+        run_of(store)
+    assert [p.name for p in (tmp_path / folder).iterdir()] == ["clinfuse.db"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
+    with Store(str(tmp_path / folder / "clinfuse.db")) as again:  # by its path, the same store
+        assert again.run(1)["id"] == 1
+
+
 def test_a_sqlite_store_is_also_opened_by_its_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Store(Store.default_url(tmp_path / "run")).close()

@@ -24,7 +24,13 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from clinfuse.store.migrations import connect, current_revision, head_revision, migrate
+from clinfuse.store.migrations import (
+    connect,
+    current_revision,
+    head_revision,
+    migrate,
+    sqlite_url,
+)
 from clinfuse.store.migrations import write_transaction as _write
 from clinfuse.store.schema import (
     Base,
@@ -112,7 +118,7 @@ class Store:
     @staticmethod
     def default_url(run_dir: str | Path) -> str:
         """The SQLite store of a run folder: sqlite:///<run_dir>/clinfuse.db."""
-        return f"sqlite:///{Path(run_dir).expanduser().resolve() / 'clinfuse.db'}"
+        return sqlite_url(Path(run_dir) / "clinfuse.db")
 
     @property
     def engine(self) -> sa.Engine:

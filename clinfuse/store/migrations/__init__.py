@@ -36,6 +36,12 @@ _WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
+def sqlite_url(path: Path) -> str:
+    """sqlite:///<absolute path>, the path escaped: a folder named "run%20A" or "night?1"
+    would otherwise name another file ("run A", "night")."""
+    return sa.URL.create("sqlite", database=str(path.expanduser().resolve())).render_as_string()
+
+
 def store_url(value: str | Path) -> str:
     """A store's SQLAlchemy URL: a URL as given, or the path of a SQLite file (one that exists,
     or a name ending .db, .sqlite or .sqlite3) as sqlite:///<absolute path>."""
@@ -43,7 +49,7 @@ def store_url(value: str | Path) -> str:
     if "://" not in text:
         path = Path(text).expanduser()
         if path.suffix.lower() in _SQLITE_SUFFIXES or path.is_file():
-            return f"sqlite:///{path.resolve()}"
+            return sqlite_url(path)
     return text
 
 
