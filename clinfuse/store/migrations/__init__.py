@@ -75,7 +75,14 @@ def connect(url: str, create: bool = True) -> sa.Engine:
     if backend not in ("sqlite", "postgresql"):
         raise StoreError(f"{backend}: a clinfuse store is SQLite or PostgreSQL")
     if backend == "postgresql":
-        return sa.create_engine(parsed, json_serializer=dumps_json, pool_pre_ping=True)
+        try:
+            return sa.create_engine(parsed, json_serializer=dumps_json, pool_pre_ping=True)
+        except (ImportError, sa.exc.NoSuchModuleError) as exc:  # +psycopg2, +pg8000, ...
+            raise StoreError(
+                f"this URL's PostgreSQL driver ({parsed.get_driver_name()}) is not installed "
+                f"({exc}): use postgresql+psycopg://... (clinfuse's `postgres` extra installs "
+                "psycopg), or install that driver"
+            ) from None
     memory = parsed.database in (None, "", ":memory:")
     if not memory and not create and not Path(parsed.database).expanduser().is_file():
         raise StoreError(
