@@ -10,7 +10,7 @@ from __future__ import annotations
 import matplotlib
 import numpy as np
 
-from clinfuse.data.dicom import DicomImage, apply_window, default_window
+from clinfuse.data.dicom import DicomImage, apply_window, percentile_window
 
 # Common CT windows (center, width) in Hounsfield units; offered for CT only.
 CT_PRESETS: dict[str, tuple[float, float]] = {
@@ -27,7 +27,7 @@ def window_presets(image: DicomImage) -> dict[str, tuple[float, float]]:
     presets: dict[str, tuple[float, float]] = {}
     if image.window is not None:
         presets["file"] = (float(image.window[0]), float(image.window[1]))
-    presets["auto (0.5-99.5%)"] = default_window(image)
+    presets["auto (0.5-99.5%)"] = percentile_window(image)  # not the file's, when it has one
     low, high = float(np.min(image.pixels)), float(np.max(image.pixels))
     presets["full range"] = ((low + high) / 2, max(high - low, 1.0))
     if str(image.meta.get("modality") or "").upper() == "CT":

@@ -84,6 +84,15 @@ def attribution(
     return None
 
 
+def explained_grid(expl: Explanation | None, record: dict | None) -> tuple[int, ...] | None:
+    """The pixel grid (*spatial) the study's image maps were made on, if any."""
+    if expl is not None and expl.image is not None:
+        return tuple(expl.image.shape[1:])
+    if record and record.get("image"):
+        return tuple(record["image"]["original_shape"])
+    return None
+
+
 def image_panel(
     image_path: str | Path | None, expl: Explanation | None, record: dict | None, label: str
 ) -> None:
@@ -124,7 +133,15 @@ def image_panel(
     shown = overlay[0].toggle("Overlay", value=True, key="sv_overlay")
     overlay[1].selectbox("Method", list(METHODS), key="sv_method", disabled=values is None)
     opacity = overlay[2].slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="sv_opacity")
-    if values is None:
+    grid, now = explained_grid(expl, record), tuple(image.pixels.shape[1:])
+    if values is not None and grid is not None and grid != now:
+        values, shown = None, False  # it would be stretched onto pixels it never saw
+        sizes = " against ".join("x".join(map(str, g)) for g in (now, grid))
+        st.warning(
+            f"No overlay: the image file has changed since it was scored ({sizes} pixels when "
+            "explained)."
+        )
+    elif values is None:
         shown = False
         st.caption(f"No image attribution for {label}: explanations cover the positive labels.")
     elif (expl is None or label not in expl.labels) and METHODS[method] != "image":

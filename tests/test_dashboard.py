@@ -241,6 +241,17 @@ def test_worklist_pages_are_cut_on_the_server(review_run, monkeypatch):
     assert sorted(first + second) == list(review_run.study_ids)
 
 
+def test_the_sort_survives_showing_failures_and_an_unknown_one_is_named(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run).run()
+    assert at.selectbox(key="wl_sort").value == "top_probability"
+    at.toggle(key="wl_failures").set_value(True).run()
+    at.toggle(key="wl_failures").set_value(False).run()
+    assert at.selectbox(key="wl_sort").value == "top_probability" and not at.exception
+    at = new_app(monkeypatch, review_run, sort="p_gout").run()  # a link made for another model
+    assert "This list has no column 'p_gout' to sort by." in [w.value for w in at.warning]
+    assert at.selectbox(key="wl_sort").value == "top_probability" and not at.exception
+
+
 def test_failures_are_listed_with_their_reason(review_run, monkeypatch):
     at = new_app(monkeypatch, review_run).run()
     at.toggle(key="wl_failures").set_value(True).run()
@@ -440,6 +451,26 @@ def test_reviewer_identity_from_oidc_claims():
     assert providers({"cookie_secret": "x", "google": {}, "okta": {}}) == ["google", "okta"]
 
 
+def test_no_overlay_on_an_image_replaced_after_scoring(review_run, monkeypatch):
+    """A map is drawn only on the pixel grid it was made on, never stretched onto a new file."""
+    study = review_run.explained[0]
+    with Store(review_run.url) as store:
+        manifest = pd.read_csv(store.run(review_run.run_id)["manifest"], dtype=str)
+    path = Path(manifest.set_index("study_id").at[study, "image"])
+    original = path.read_bytes()
+    try:
+        ds = pydicom.dcmread(path)
+        ds.set_pixel_data(np.zeros((ds.Rows + 8, ds.Columns), np.uint16), "MONOCHROME2", 16)
+        ds.save_as(path)
+        at = open_study(new_app(monkeypatch, review_run).run(), study)
+        assert not at.exception and at.get("image")  # the image itself is still shown
+        assert "No overlay: the image file has changed since it was scored" in page_text(at)
+    finally:
+        path.write_bytes(original)
+    at = open_study(new_app(monkeypatch, review_run).run(), study)
+    assert "No overlay" not in page_text(at)
+
+
 def test_window_presets_slices_and_overlay():
     sys.path.insert(0, str(DASHBOARD))
     try:
@@ -452,6 +483,8 @@ def test_window_presets_slices_and_overlay():
     image = DicomImage(volume, (1.0, 1.0, 1.0), (100.0, 50.0), {"modality": "CT"})
     presets = window_presets(image)
     assert next(iter(presets.items())) == ("file", (100.0, 50.0)) and "lung" in presets
+    assert presets["auto (0.5-99.5%)"] == pytest.approx((155.0, 306.9), abs=0.01)  # its pixels'
+
     assert n_slices(image) == 2
     grey = grey_slice(image, 100.0, 50.0, z=1)  # values 160..310: all above the window
     assert grey.shape == (4, 4) and np.all(grey == 1.0)

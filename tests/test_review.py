@@ -156,7 +156,7 @@ def expected_ids(made: dict, reviews: dict[str, list[tuple[str, str]]], q: Workl
             continue
         if q.uncertain is not None:
             names = [q.label] if q.label else LABELS
-            if not any(abs(probs[x] - THRESHOLDS[x]) <= q.uncertain for x in names):
+            if not any(abs(probs[x] - THRESHOLDS[x]) <= q.uncertain + 1e-9 for x in names):
                 continue
         if q.disagreement:
             record = f["record"]
@@ -321,6 +321,26 @@ def test_the_page_is_cut_filtered_and_sorted_in_sql(store, tmp_path):
             found = plan(text)
             assert "ix_predictions_run_id_label_probability" in found, found
             assert "SCAN predictions" not in found and "SCAN ranked" not in found, found
+
+
+def test_a_study_exactly_at_the_uncertainty_margin_is_listed(store, tmp_path):
+    """0.4 is 0.1 from the threshold 0.3 to a reader (0.10000000000000003 to a float)."""
+    store.register_model("m-1", "tiny", ["copd"], {"copd": 0.3}, {}, {})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("study_id,patient_id\nA,P1\nB,P2\n")
+    run_id, _ = store.start_run("r", "m-1", str(manifest), file_sha256(manifest), {})
+    store.write_batch(
+        run_id,
+        [
+            PredictionRecord(
+                s, store.pseudonym(s), {"copd": p}, {"copd": 0.3}, {"copd": p >= 0.3}, "note", "m-1"
+            )  # fmt: skip
+            for s, p in (("A", 0.4), ("B", 0.41))
+        ],
+        [],
+    )
+    rows, total = worklist(store, WorklistQuery(run_id, uncertain=0.1))
+    assert list(rows.study_id) == ["A"] and total == 1
 
 
 def test_worklist_query_round_trips_through_url_parameters():

@@ -116,9 +116,12 @@ def apply_window(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def default_window(image: DicomImage) -> tuple[float, float]:
-    """The file's window when it has one, else one spanning the 0.5-99.5 percentiles."""
-    if image.window is not None:
-        return image.window
+    """The file's window when it has one, else `percentile_window`."""
+    return image.window if image.window is not None else percentile_window(image)
+
+
+def percentile_window(image: DicomImage) -> tuple[float, float]:
+    """(center, width) spanning the pixels' 0.5-99.5 percentiles."""
     low, high = np.percentile(image.pixels, [0.5, 99.5])
     return float((low + high) / 2), float(max(high - low, 1e-6))
 

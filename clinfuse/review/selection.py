@@ -151,7 +151,9 @@ def _filters(
         )
         conditions.append(key.in_(in_range))
     if query.uncertain is not None:
-        margin, slack = query.uncertain, 1e-9  # the range narrows the index scan; abs() decides
+        # the range narrows the index scan; abs() decides, with the same slack: 0.4 is 0.1 from
+        # 0.3 to a reader, 0.10000000000000003 to a float
+        margin, slack = query.uncertain, 1e-9
         near = [
             sa.select(p.study_id).where(
                 p.run_id == run_id,
@@ -159,7 +161,7 @@ def _filters(
                 p.probability.between(
                     thresholds[name] - margin - slack, thresholds[name] + margin + slack
                 ),
-                sa.func.abs(p.probability - p.threshold) <= margin,
+                sa.func.abs(p.probability - p.threshold) <= margin + slack,
             )
             for name in ([query.label] if query.label else list(thresholds))
         ]

@@ -63,9 +63,16 @@ def initial_view(run_id: int, labels: list[str]) -> tuple[WorklistQuery, int, in
 
 def filters(labels: list[str], run_id: int) -> WorklistQuery:
     """The filter and sort widgets; the query they describe."""
-    sort_options = page_columns(labels, failures=bool(st.session_state["wl_failures"]))
-    if st.session_state["wl_sort"] not in sort_options:  # e.g. from predictions to failures
-        st.session_state["wl_sort"] = sort_options[0]
+    failures = bool(st.session_state["wl_failures"])
+    sort_options = page_columns(labels, failures=failures)
+    default = WorklistQuery(run_id).sort
+    default = default if default in sort_options else sort_options[0]
+    if st.session_state.get("wl_failures_before", failures) != failures:  # toggled: its default
+        st.session_state["wl_sort"] = default
+    elif st.session_state["wl_sort"] not in sort_options:  # a link made for another model
+        st.warning(f"This list has no column {st.session_state['wl_sort']!r} to sort by.")
+        st.session_state["wl_sort"] = default
+    st.session_state["wl_failures_before"] = failures
     top = st.columns([2, 3, 2, 2])
     label = top[0].selectbox("Label", [ANY, *labels], key="wl_label")
     p_min, p_max = top[1].slider(
