@@ -115,11 +115,13 @@ def test_rerunning_a_finished_training_does_nothing(trained, export, capsys, tmp
     # another command into the same folder is refused, not answered with the old model
     assert main(["train", "--manifest", str(export), "--out", str(trained), *FAST,
                  "train.lr=0.002"]) == 2  # fmt: skip
-    assert "already holds a model trained with another train than" in capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert "already holds a model trained otherwise than this command asks" in refused
+    assert "train.lr: 0.001 -> 0.002" in refused  # the folder's -> this command's
     other = tmp_path / "other.csv"
     other.write_bytes(export.read_bytes() + b"\n")  # the same rows, other bytes
     assert main(["train", "--manifest", str(other), "--out", str(trained), *FAST]) == 2
-    assert "another manifest than this command's" in capsys.readouterr().err
+    assert "the manifest's contents (its SHA-256)" in capsys.readouterr().err
     assert (trained / "model.safetensors").read_bytes() == before
 
 
@@ -136,7 +138,7 @@ def test_a_model_folder_from_before_a_new_setting_is_still_the_same_command(
     # its value today is the default: asking for another is another command
     assert main(["train", "--manifest", str(export), "--out", str(older), *FAST,
                  "train.label_smoothing=0.1"]) == 2  # fmt: skip
-    assert "another train than" in capsys.readouterr().err
+    assert "train.label_smoothing: 0.0 -> 0.1" in capsys.readouterr().err
 
 
 def test_training_is_seeded_and_reproducible_on_cpu(export, trained, tmp_path):

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,6 +200,12 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
 def training_differences(done: dict, manifest_path: str | Path, cfg: RunConfig) -> list[str]:
     """What a finished model folder's saved config (`done`) was trained with that this
     manifest and configuration are not: some of "manifest", "model", "data", "train"."""
+    asked, made = _trainings(done, manifest_path, cfg)
+    return [part for part in asked if asked[part] != made[part]]
+
+
+def _trainings(done: dict, manifest_path: str | Path, cfg: RunConfig) -> tuple[dict, dict]:
+    """(what this command asks, what the folder was trained with), as comparable values."""
     asked = {
         "manifest": file_sha256(manifest_path) if Path(manifest_path).is_file() else None,
         "model": {**cfg.model.model_dump(mode="json"), "labels": None},
@@ -215,7 +222,21 @@ def training_differences(done: dict, manifest_path: str | Path, cfg: RunConfig) 
         for side in (asked, made):
             if side["train"] is not None:
                 side["train"] = {**side["train"], "evidence_ridge": None}
-    return [part for part in asked if asked[part] != made[part]]
+    return asked, made
+
+
+def _differing(asked: Any, made: Any, key: str) -> list[str]:
+    """`key: <the folder's> -> <this command's>` for each setting that differs, nested keys
+    dotted as on the command line (`train.epochs: 3 -> 2`)."""
+    if isinstance(asked, dict) and isinstance(made, dict):
+        keys = list(dict.fromkeys([*made, *asked]))
+        return [d for k in keys for d in _differing(asked.get(k), made.get(k), f"{key}.{k}")]
+    if asked == made:
+        return []
+    if key == "manifest":
+        return ["the manifest's contents (its SHA-256)"]
+    made_text, asked_text = (json.dumps(v) for v in (made, asked))
+    return [f"{key}: {textwrap.shorten(made_text, 60)} -> {textwrap.shorten(asked_text, 60)}"]
 
 
 def _check_same_training(
@@ -223,11 +244,14 @@ def _check_same_training(
 ) -> None:
     """A finished model folder is reused only by the command that made it: another manifest or
     configuration would otherwise leave the old model in place and report it as trained."""
-    changed = training_differences(done, manifest_path, cfg)
+    asked, made = _trainings(done, manifest_path, cfg)
+    changed = [d for part in asked for d in _differing(asked[part], made[part], part)]
     if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if changed[5:] else "")
         raise ClinfuseError(
-            f"{out_dir}: already holds a model trained with another {' and '.join(changed)} "
-            "than this command's. Choose a new --out to train this one (the folder is kept)"
+            f"{out_dir}: already holds a model trained otherwise than this command asks "
+            f"(the folder's -> this command's: {shown}). Choose a new --out to train this one "
+            "(the folder is kept)"
         )
 
 
