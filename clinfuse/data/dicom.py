@@ -154,8 +154,6 @@ def read_header(path: str | Path) -> Dataset:
         with path.open("rb") as f, disable_value_validation():  # as in `read_dicom`
             has_prefix = _has_preamble(f)
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_prefix)
-            for _ in ds.iterall():  # every value converted now, unchecked, not on later access
-                pass
     except OSError:
         raise
     except Exception as exc:
