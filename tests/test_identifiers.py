@@ -51,6 +51,9 @@ def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is
     # a number id as people write it: glued to its label, grouped, with leading zeros
     spelled = [("MRN", "62234087"), ("MRN: ", "62-234-087"), ("id ", "062234087")]
     spelled += [("", "6223 4087"), ("#", "0-62234087")]
+    # across a line break, a no-break space, a dash, two spaces
+    spelled += [("", "6223\n4087"), ("", "6223\u00a04087"), ("", "62\u2013234\u2013087")]
+    spelled += [("", "6223  4087")]
     for label, digits in spelled:
         assert redact(f"See {label}{digits}.", PATIENT) == f"See {label}{masked(digits)}."
     # a short id only as written: other spellings of it are the numbers of clinical notes
@@ -59,6 +62,11 @@ def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is
     numbers += [("1000", "1.000 g"), ("12345", "1234-5"), ("P0273", "P-0273")]
     for short, text in numbers:
         assert redact(text, Identifiers.of_ids(short)) == text
+    # a long id whose zeros make it long is found glued and grouped, its zeros as written
+    padded = Identifiers.of_ids("00012345")
+    for label, digits in (("MRN", "00012345"), ("MRN ", "0001-2345"), ("MRN ", "00012345")):
+        assert redact(f"{label}{digits}", padded) == f"{label}{masked(digits)}"
+    assert redact("MRN 12345, 000012345", padded) == "MRN 12345, 000012345"
     # leading zeros only where what is left is still an id: "0038" is not "38" in "38.9 °C"
     assert redact("Id 0038, 38.9 °C", Identifiers.of_ids("0038")) == f"Id {masked('0038')}, 38.9 °C"
     # an id too short to be told from a number is left: "12" would mask "12 mm" too

@@ -28,9 +28,11 @@ __all__ = ["MASK", "Identifiers", "header_identifiers", "redact"]
 MASK = "█"  # one word to the tokenizer, a character no note vocabulary holds: [UNK]
 MIN_NAME = 2  # letters: a name part shorter than this (an initial) is left
 MIN_ID = 4  # characters: shorter ids ("12") would mask clinical numbers too
-# an id this long (leading zeros aside) is also found as people write it (`id_pattern`)
+# an id this long is also found as people write it (`id_pattern`)
 LONG_ID = 6
-ID_SEPARATORS = " \\-"  # what may stand between an id's digit groups: a space, a hyphen
+# what may stand between an id's digit groups (one or two of them): white space (a line break,
+# a no-break space), a hyphen or a dash
+ID_SEPARATORS = r"\s\-\u2010-\u2015"
 
 # PS3.15 basic-profile attributes a note may repeat, by how their values are spelled.
 NAME_KEYWORDS = (
@@ -152,7 +154,7 @@ def _mask_ids(note: str, ids: frozenset[str]) -> str:
     a shorter id only as written, by `redact`'s whole-word pass: "1530" would otherwise mask
     "15:30", "0125" a dose of "0.125" mg, "12080" a pressure "120/80"."""
     plain = {re.sub(rf"[{ID_SEPARATORS}]", "", value) for value in ids}  # "007-5483" -> "0075483"
-    long = [value for value in plain if len(value.lstrip("0")) >= LONG_ID]
+    long = [value for value in plain if len(value) >= LONG_ID]
     if not long:
         return note
     squeezed = re.sub(rf"[{ID_SEPARATORS}]", "", note.lower())  # the cheap test
@@ -165,14 +167,19 @@ def _mask_ids(note: str, ids: frozenset[str]) -> str:
 
 def id_pattern(plain: str) -> str:
     """A regular expression of a long id (`plain`: without separators) as a note may write it:
-    with its digit groups apart ("75-483-485", "7548 3485"), with leading zeros added or
-    dropped ("075483485"), and glued to a label when it starts or ends with a digit
-    ("MRN75483485")."""
-    between = rf"[{ID_SEPARATORS}]?"
-    body = between.join(re.escape(c) for c in plain.lstrip("0"))
-    if plain[0].isdigit():
-        body = rf"(?:0{between})*{body}"
-    before = r"(?<!\d)" if plain[0].isdigit() else rf"(?<!{_WORD})"
+    with its digit groups apart ("75-483-485", "7548 3485", across a line break), glued to a
+    label when it starts or ends with a digit ("MRN75483485"), and, when it is still long
+    without them, with leading zeros added or dropped ("075483485")."""
+    sep = f"[{ID_SEPARATORS}]"
+    between = f"{sep}{{0,2}}"
+    digits = plain.lstrip("0")
+    if plain[0].isdigit() and len(digits) >= LONG_ID:
+        body = rf"(?:0{between})*" + between.join(re.escape(c) for c in digits)
+        # not from inside a run of zeros: each start would scan the whole run again
+        before = rf"(?<!\d)(?<!0{sep})(?<!0{sep}{sep})"
+    else:  # its zeros as written: without them it is short, and would mask other numbers
+        body = between.join(re.escape(c) for c in plain)
+        before = r"(?<!\d)" if plain[0].isdigit() else rf"(?<!{_WORD})"
     after = r"(?!\d)" if plain[-1].isdigit() else rf"(?!{_WORD})"
     return f"{before}{body}{after}"
 
