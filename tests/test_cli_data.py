@@ -213,6 +213,11 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
     assert main(args) == 2
     captured = capsys.readouterr()
     assert "a_file: is a file, not a folder" in captured.err and "rows:" not in captured.out
+    shutil.copy(export / "manifest.csv", tmp_path / "kept.csv")  # --out naming the manifest
+    before = (tmp_path / "kept.csv").read_bytes()
+    assert main(["validate", str(tmp_path / "kept.csv"), "--out", str(tmp_path / "kept.csv")]) == 2
+    assert "--out names the manifest itself" in capsys.readouterr().err
+    assert (tmp_path / "kept.csv").read_bytes() == before
 
     unlabeled = manifest.copy()
     for label in ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"):

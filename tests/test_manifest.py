@@ -304,6 +304,45 @@ def test_nulls_of_nullable_parquet_columns_are_empty_cells(tmp_path):
     np.testing.assert_array_equal(rows[1].labels, [np.nan, 0.0])
 
 
+def test_parquet_as_other_tools_write_it_reads_as_written(tmp_path):
+    """Binary (not UTF-8-tagged) strings, as Hive, Impala or older Spark write them, and an
+    index pandas saved with the table are read as the columns they hold."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "study_id": pa.array([b"S1", b"S2"], pa.binary()),
+            "patient_id": pa.array([b"75483485", b"P2"], pa.binary()),
+            "note": pa.array([b"MRN 75483485.\nFever", b""], pa.binary()),
+            "flu": pa.array([1, 0]),
+        }
+    )
+    pq.write_table(table, tmp_path / "binary.parquet")
+    rows = list(load_manifest(tmp_path / "binary.parquet").rows())
+    assert [(r.study_id, r.patient_id) for r in rows] == [("S1", "75483485"), ("S2", "P2")]
+    assert rows[0].note == "MRN 75483485.\nFever"  # a line break, not a Python repr
+
+    frame = pd.DataFrame(ROWS)
+    frame.set_index("study_id").to_parquet(tmp_path / "indexed.parquet")  # a named index
+    pd.concat([frame, frame.iloc[:0]]).set_index(pd.Index([5, 5, 7])).to_parquet(
+        tmp_path / "repeated.parquet"  # an unnamed index with repeated labels
+    )
+    expected = load_manifest(write(tmp_path, ROWS)).label_matrix()
+    for name in ("indexed.parquet", "repeated.parquet"):
+        manifest = load_manifest(tmp_path / name)
+        assert [r.study_id for r in manifest] == [r["study_id"] for r in ROWS], name
+        np.testing.assert_array_equal(manifest.label_matrix(), expected)
+
+
+def test_a_list_or_an_object_in_a_cell_is_an_error_naming_its_column(tmp_path):
+    path = tmp_path / "m.jsonl"
+    rows = [dict(ROWS[0], note={"text": "fever"}), ROWS[1]]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8-sig")  # a BOM too
+    with pytest.raises(ManifestError, match=r"column 'note': holds a dict where a text is"):
+        load_manifest(path)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 4096])
 def test_scoring_reads_no_label_or_split_cell_whatever_the_chunks(tmp_path, chunk_rows):
     # a label cell that is not 1/0, a split nobody defined, and a patient across two splits:

@@ -37,12 +37,15 @@ def _sample_data(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from clinfuse.atomic import write_atomic
     from clinfuse.data.manifest import PatientSplit
     from clinfuse.data.validate import validate_manifest
     from clinfuse.exports.files import check_writable_file
 
     out = args.out or Path(args.manifest).with_name(Path(args.manifest).stem + ".verdicts.csv")
     if Path(args.manifest).is_file():  # else the manifest's own error comes first
+        if out.resolve() == Path(args.manifest).resolve():
+            raise ClinfuseError(f"{out}: --out names the manifest itself; give another file")
         check_writable_file(out)  # before the rows are read, not after
     report = validate_manifest(
         args.manifest,
@@ -51,7 +54,7 @@ def _validate(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(report.format_summary())
-    report.verdicts.to_csv(out, index=False)
+    write_atomic(out, report.verdicts.to_csv(index=False))
     print(f"per-row verdicts: {out}")
     if args.json:
         print(json.dumps(report.summary(), indent=2))

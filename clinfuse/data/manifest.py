@@ -140,7 +140,14 @@ def _text_table(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     """Every cell as text; a column with no name is dropped while empty (a trailing separator)
     and refused when it holds values (taken for a label, its values would be trained on)."""
     table.columns = _unique_columns(path, table.columns)
-    text = table.map(_as_text) if len(table) else table.astype(str)
+    text = table.astype(str)
+    for column in table.columns if len(table) else []:
+        try:
+            text[column] = table[column].map(_as_text)
+        except TypeError as exc:  # a list or an object in a cell (JSON, Parquet)
+            raise ManifestError(
+                path, str(exc), column=column, hint="give each cell as text, a number or empty"
+            ) from None
     unnamed = [i for i, c in enumerate(text.columns) if not c or re.fullmatch(r"Unnamed: \d+", c)]
     for i in unnamed:  # by position: two blank names are one name
         if (text.iloc[:, i] != "").any():
@@ -205,9 +212,15 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
             )
         elif kind == "parquet":
             batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows or 1 << 30)
-            chunks = (batch.to_pandas() for batch in batches)
+            # columns only: an index pandas saved in the file would come back as the index,
+            # hiding a column (study_id) or repeating row labels; an unnamed one is dropped
+            chunks = (
+                _without_saved_index(batch.to_pandas(ignore_metadata=True)) for batch in batches
+            )
         else:
-            chunks = pd.read_json(path, lines=True, dtype=False, chunksize=chunk_rows)
+            chunks = pd.read_json(
+                path, lines=True, dtype=False, chunksize=chunk_rows, encoding="utf-8-sig"
+            )
         if chunk_rows is None:
             chunks = [chunks] if kind != "parquet" else [pd.concat(list(chunks))]
         empty = True
@@ -354,11 +367,21 @@ def _shown(value: str) -> str:
     return f"(a text of {len(value)} characters, not shown: it may identify a patient)"
 
 
+def _without_saved_index(table: pd.DataFrame) -> pd.DataFrame:
+    """A Parquet table without the column of an unnamed index pandas saved with it."""
+    return table.drop(columns=[c for c in table.columns if re.fullmatch(r"__index_level_\d+__", c)])
+
+
 def _as_text(value: object) -> str:
     """A cell as text: None/NaN/<NA> (Parquet's nulls in nullable columns) -> "", 1.0 -> "1",
-    strings stripped."""
+    strings stripped, bytes (Parquet binary strings) read as UTF-8. A list or an object is a
+    TypeError: its text would be Python's, not the user's."""
     if value is None or value is pd.NA or value is pd.NaT:
         return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8").strip()  # UnicodeDecodeError: read_chunks says "not UTF-8"
+    if isinstance(value, (dict, list, tuple, np.ndarray)):
+        raise TypeError(f"holds a {type(value).__name__} where a text is expected")
     if isinstance(value, (bool, np.bool_)):
         return "1" if value else "0"
     if isinstance(value, (float, np.floating)):
