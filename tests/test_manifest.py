@@ -136,6 +136,10 @@ def test_a_label_named_twice_is_an_error(tmp_path):
             lambda rows: rows + [dict(rows[0], patient_id="P9")],
             r"row 4 column 'study_id': duplicate study_id 'S1' \(rows 1, 4\)",
         ),
+        (  # its files would be one file on a case-insensitive disk
+            lambda rows: rows + [dict(rows[0], study_id="s1", patient_id="P9")],
+            r"row 4 column 'study_id': duplicate study_id 'S1' \(in other cases\) \(rows 1, 4\)",
+        ),
         (
             lambda rows: [dict(r, split="training") for r in rows],
             "row 1 column 'split': unknown split 'training'",

@@ -571,16 +571,22 @@ def _check_required_values(path: Path, table: pd.DataFrame) -> None:
 
 
 def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
-    duplicated = table[table["study_id"].duplicated(keep=False)]
+    """Study ids unique, also ignoring case: an explanation, FHIR or SR file is named by its
+    study id, and on a case-insensitive disk (macOS, Windows, a share) S1's would be s1's."""
+    folded = table["study_id"].str.casefold()
+    duplicated = table[folded.duplicated(keep=False)]
     if len(duplicated):
         study_id = duplicated["study_id"].iloc[0]
-        rows = duplicated.loc[duplicated["study_id"] == study_id, "row"].tolist()
+        rows = duplicated.loc[folded[duplicated.index] == study_id.casefold(), "row"].tolist()
+        ids = duplicated.loc[folded[duplicated.index] == study_id.casefold(), "study_id"]
+        same = ids.nunique() == 1
         raise ManifestError(
             path,
-            f"duplicate study_id {study_id!r} (rows {', '.join(map(str, rows))})",
+            f"duplicate study_id {study_id!r}{'' if same else ' (in other cases)'} "
+            f"(rows {', '.join(map(str, rows))})",
             row=int(rows[1]),
             column="study_id",
-            hint="study ids must be unique",
+            hint="study ids must be unique" + ("" if same else ", also ignoring case"),
         )
 
 
