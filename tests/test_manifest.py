@@ -283,6 +283,12 @@ def test_a_control_character_in_an_id_or_a_path_is_refused_naming_the_cell(tmp_p
         list(iter_manifest(path, ("flu", "copd")))
 
 
+def test_scoring_refuses_a_study_id_again_in_another_chunk_or_case(tmp_path):
+    path = write(tmp_path, [*ROWS, dict(ROWS[0], study_id="s1")])
+    with pytest.raises(ManifestError, match=r"row 4 column 'study_id': duplicate study_id 's1'"):
+        list(iter_manifest(path, ("flu", "copd"), chunk_rows=2, read_labels=False))
+
+
 def test_a_column_named_row_is_refused_by_name(tmp_path):
     path = write(tmp_path, [dict(r, row=str(i)) for i, r in enumerate(ROWS, 1)])
     with pytest.raises(ManifestError, match="column 'row': a column named 'row' is reserved"):

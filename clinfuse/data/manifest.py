@@ -463,15 +463,16 @@ def iter_manifest(
         if not read_labels and "split" in chunk.columns:
             chunk["split"] = ""
         manifest = check_table(path, chunk, labels, PatientSplit(), first_row=offset + 1)
-        for row in manifest.rows():
-            earlier = first_rows.setdefault(row.study_id, row.row)
+        for row in manifest.rows():  # across chunks, also ignoring case (`check_table`)
+            earlier = first_rows.setdefault(row.study_id.casefold(), row.row)
             if earlier != row.row:
                 raise ManifestError(
                     path,
-                    f"duplicate study_id {row.study_id!r} (rows {earlier}, {row.row})",
+                    f"duplicate study_id {row.study_id!r} (rows {earlier}, {row.row}; also "
+                    "ignoring case)",
                     row=row.row,
                     column="study_id",
-                    hint="study ids must be unique",
+                    hint="study ids must be unique, also ignoring case",
                 )
             yield row
         offset += len(chunk)
