@@ -26,11 +26,21 @@ def masked(text: str) -> str:
 @pytest.mark.parametrize(
     "written",
     ["21/06/1947", "06/21/1947", "1947-06-21", "21.6.1947", "6/21/47", "19470621",
-     "21 June 1947", "June 21, 1947", "Jun 21 1947", "21-Jun-1947", "21 JUNE 1947"],
+     "21 June 1947", "June 21, 1947", "Jun 21 1947", "21-Jun-1947", "21 JUNE 1947",
+     "21st June 1947", "June 21st, 1947", "21st of June 1947", "21 JUN 47", "21061947"],
 )  # fmt: skip
 def test_a_birth_date_is_masked_however_the_note_writes_it(written):
     note = f"DOB {written}; seen 12/03/2024."
     assert redact(note, PATIENT) == f"DOB {masked(written)}; seen 12/03/2024."
+
+
+def test_a_header_date_in_the_old_dotted_form_is_read_and_september_is_sept():
+    ds = pydicom.Dataset()
+    with pydicom.config.disable_value_validation():  # pydicom would warn: not today's form
+        ds.PatientBirthDate = "1948.09.03"  # ACR-NEMA's form, still in old archives
+    found = header_identifiers(ds)
+    assert found.dates == frozenset({date(1948, 9, 3)})
+    assert redact("DOB Sept 3rd, 1948", found) == f"DOB {masked('Sept 3rd, 1948')}"
 
 
 def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is():

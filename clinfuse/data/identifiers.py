@@ -109,11 +109,13 @@ def name_parts(value: str) -> set[str]:
 
 
 def date_spellings(day: date) -> set[str]:
-    """How a note may write a date (lower case): 19480312, 1948-03-12, 12/03/1948, 3/12/48,
-    12.3.1948, 12 March 1948, 12-Mar-1948, March 12, 1948, Mar. 12 1948, ..."""
+    """How a note may write a date (lower case): 19480312, 12031948, 1948-03-12, 12/03/1948,
+    3/12/48, 12.3.1948, 12 March 1948, 12th of March 1948, 12-Mar-48, March 12, 1948,
+    Mar. 12th 1948, Sept 3 1948, ..."""
     y, yy = str(day.year), f"{day.year % 100:02d}"
-    days, months = {f"{day.day:02d}", str(day.day)}, {f"{day.month:02d}", str(day.month)}
-    found = {f"{y}{day.month:02d}{day.day:02d}"}
+    dd, mm = f"{day.day:02d}", f"{day.month:02d}"
+    days, months = {dd, str(day.day)}, {mm, str(day.month)}
+    found = {f"{y}{mm}{dd}", f"{dd}{mm}{y}", f"{mm}{dd}{y}"}
     for sep in "/-.":
         for d in days:
             for m in months:
@@ -121,14 +123,13 @@ def date_spellings(day: date) -> set[str]:
                 for year in (y, yy):
                     found |= {f"{d}{sep}{m}{sep}{year}", f"{m}{sep}{d}{sep}{year}"}
     full = MONTHS[day.month - 1]
-    for month in {full, full[:3], f"{full[:3]}."}:
-        for d in days:
-            found |= {
-                f"{d} {month} {y}",
-                f"{d}-{month}-{y}",
-                f"{month} {d}, {y}",
-                f"{month} {d} {y}",
-            }
+    names = {full, full[:3], f"{full[:3]}."} | ({"Sept", "Sept."} if day.month == 9 else set())
+    ordinal = {1: "st", 2: "nd", 3: "rd"}.get(day.day % 10 if day.day // 10 != 1 else 0, "th")
+    for month in names:
+        for d in {*days, f"{day.day}{ordinal}"}:
+            found |= {f"{month} {d}, {y}", f"{month} {d} {y}", f"{d} of {month} {y}"}
+            for year in (y, yy):
+                found |= {f"{d} {month} {year}", f"{d}-{month}-{year}"}
     return {s.lower() for s in found}
 
 
@@ -206,7 +207,8 @@ def _values(ds: Dataset, keyword: str) -> list:
 
 
 def _da(value: str) -> date | None:
-    """A DA value (YYYYMMDD) as a date; None when it is not one."""
+    """A DA value (YYYYMMDD, or ACR-NEMA's YYYY.MM.DD) as a date; None when it is not one."""
+    value = value.replace(".", "") if len(value) == 10 else value
     try:
         return date(int(value[:4]), int(value[4:6]), int(value[6:8])) if len(value) == 8 else None
     except ValueError:
