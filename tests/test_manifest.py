@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clinfuse.data.manifest import PatientSplit, iter_manifest, load_manifest
+from clinfuse.data.manifest import PatientSplit, iter_manifest, load_manifest, short_rows
 from clinfuse.errors import ManifestError
 
 ROWS = [
@@ -64,6 +64,18 @@ def test_a_spreadsheets_semicolon_or_tab_separated_csv_reads_the_same(tmp_path, 
     assert manifest.labels == ("flu", "copd")
     assert [r.note for r in manifest] == ["fever, 38.5 C", None, "cough, 38.5 C"]
     assert next(iter(manifest)).image == tmp_path / "img/a.dcm"
+    # a decimal-comma locale's labels, "1,0" and "0,0"
+    comma = pd.DataFrame(rows).assign(flu=["1,0", "", "0,0"])
+    comma.to_csv(tmp_path / "c.csv", sep=";", index=False)
+    flu = load_manifest(tmp_path / "c.csv", labels=["flu"]).label_matrix()[:, 0]
+    np.testing.assert_array_equal(flu, [1.0, np.nan, 0.0])
+
+
+def test_a_header_ending_in_a_separator_makes_no_row_short(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("study_id,patient_id,note,flu,\nS1,P1,fever,1\nS2,P2,cough,0\n")
+    assert short_rows(path) == {}
+    assert [r.note for r in load_manifest(path)] == ["fever", "cough"]
 
 
 def test_jsonl_numbers_and_nulls_are_labels(tmp_path):

@@ -27,8 +27,8 @@ from clinfuse.errors import ManifestError
 RESERVED = ("study_id", "patient_id", "image", "note", "note_path", "split")
 SPLITS = ("train", "val", "test")
 INPUT_COLUMNS = ("image", "note", "note_path")
-_TRUE = {"1", "1.0", "true"}
-_FALSE = {"0", "0.0", "false"}
+_TRUE = {"1", "1.0", "1,0", "true"}  # "1,0": a decimal-comma locale's spreadsheet
+_FALSE = {"0", "0.0", "0,0", "false"}
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,10 @@ def short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     if manifest_kind(path) != "csv":
         return {}
     records = _csv_records(path, _csv_header(path)[0])
-    width = len(next(records, []))
+    header = next(records, [])
+    while header and not header[-1].strip():  # a trailing separator names no column
+        header.pop()
+    width = len(header)
     return {n: (len(r), width) for n, r in enumerate(records, 1) if len(r) < width}
 
 
@@ -362,7 +365,7 @@ _LABEL_WORDS = {  # what a spreadsheet holds where a label was meant: safe to qu
 def _shown(value: str) -> str:
     """A cell for an error message: a short number or word as written; other text only by its
     length (a column taken for a label may hold a patient's name or birth date)."""
-    if re.fullmatch(r"[-+.0-9eE]{1,5}", value) or value.lower() in _LABEL_WORDS:  # not a date
+    if re.fullmatch(r"[-+.,0-9eE]{1,5}", value) or value.lower() in _LABEL_WORDS:  # not a date
         return repr(value)
     return f"(a text of {len(value)} characters, not shown: it may identify a patient)"
 
