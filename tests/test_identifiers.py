@@ -34,6 +34,16 @@ def test_a_birth_date_is_masked_however_the_note_writes_it(written):
     assert redact(note, PATIENT) == f"DOB {masked(written)}; seen 12/03/2024."
 
 
+def test_a_surnames_particles_are_masked_with_it_not_as_words_of_their_own():
+    names = name_parts("DE LA CRUZ^MARIA") | name_parts("VAN DER BERG")
+    found = Identifiers(names=frozenset(names))
+    note = "Patiente de 88 ans, fièvre de la nuit; Mme de la Cruz, M. van der Berg (Berg)."
+    assert redact(note, found) == (
+        f"Patiente de 88 ans, fièvre de la nuit; Mme {masked('de la Cruz')}, "
+        f"M. {masked('van der Berg')} ({masked('Berg')})."
+    )
+
+
 def test_a_header_date_in_the_old_dotted_form_is_read_and_september_is_sept():
     ds = pydicom.Dataset()
     with pydicom.config.disable_value_validation():  # pydicom would warn: not today's form

@@ -34,6 +34,12 @@ LONG_ID = 6
 # a no-break space), a hyphen or a dash
 ID_SEPARATORS = r"\s\-\u2010-\u2015"
 
+# a surname's particles: masked only with the rest of the surname, not as words of their own
+PARTICLES = frozenset(
+    "al bin d da das de degli del della den der di do dos du el ibn la le les lo st te ten ter "
+    "van vande vanden vander von y zu".split()
+)
+
 # PS3.15 basic-profile attributes a note may repeat, by how their values are spelled.
 NAME_KEYWORDS = (
     "PatientName",
@@ -98,12 +104,14 @@ def header_identifiers(ds: Dataset) -> Identifiers:
 def name_parts(value: str) -> set[str]:
     """A PN value's family, given and middle names (each of its alphabetic, ideographic and
     phonetic groups), whole and split at spaces, commas and hyphens; prefixes and suffixes ("Dr",
-    "Jr") and initials are left."""
+    "Jr"), initials and a surname's particles alone ("de" of "DE LA CRUZ": masked as words,
+    they would hide every "de" and "la" of a French note) are left."""
     parts: set[str] = set()
     for group in value.split("="):
         for part in group.split("^")[:3]:
             part = part.strip()
             pieces = [part, *re.split(r"[\s,\-]+", part)]  # "SMITH, JOHN" written in one part
+            pieces = [p for p in pieces if p == part or p.casefold() not in PARTICLES]
             parts |= {p for p in pieces if sum(c.isalpha() for c in p) >= MIN_NAME}
     return parts
 
