@@ -357,6 +357,19 @@ def test_parquet_as_other_tools_write_it_reads_as_written(tmp_path):
         np.testing.assert_array_equal(manifest.label_matrix(), expected)
 
 
+def test_a_jsonl_line_naming_a_key_twice_or_not_an_object_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"study_id": "S1", "patient_id": "P1", "flu": 1, "flu": 0}\n')
+    with pytest.raises(ManifestError, match=r"column 'flu': line 1 names the key 'flu' twice"):
+        load_manifest(path)
+    path.write_text('{"study_id": "S1", "patient_id": "P1", "flu": 1}\n\n[1, 2]\n')
+    with pytest.raises(ManifestError, match=r"line 3 is not a JSON object \(a list\)"):
+        load_manifest(path)
+    path.write_text('{"study_id": "S1", "patient_id": "P1", "note": "x"}\n{"study_id": \n')
+    with pytest.raises(ManifestError, match=r"line 2 is not a JSON object \(Expecting value\)"):
+        list(iter_manifest(path, ("flu",), chunk_rows=1))
+
+
 def test_a_list_or_an_object_in_a_cell_is_an_error_naming_its_column(tmp_path):
     path = tmp_path / "m.jsonl"
     rows = [dict(ROWS[0], note={"text": "fever"}), ROWS[1]]

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -218,11 +219,9 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
                 _without_saved_index(batch.to_pandas(ignore_metadata=True)) for batch in batches
             )
         else:
-            chunks = pd.read_json(
-                path, lines=True, dtype=False, chunksize=chunk_rows, encoding="utf-8-sig"
-            )
+            chunks = _json_chunks(path, chunk_rows)
         if chunk_rows is None:
-            chunks = [chunks] if kind != "parquet" else [pd.concat(list(chunks))]
+            chunks = [chunks] if kind == "csv" else [pd.concat(list(chunks))]
         empty = True
         for chunk in chunks:
             empty = False
@@ -241,10 +240,6 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
             path, f"not UTF-8 text ({exc.reason})", hint="save it as UTF-8"
         ) from exc
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
-        bad = _bad_json_line(path) if kind == "jsonl" else None
-        if bad is not None:  # pandas names a character position; a person needs the line
-            number, problem = bad
-            raise ManifestError(path, f"line {number} is not a JSON object ({problem})") from exc
         long = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if long:
             width, line, cells = long.groups()
@@ -270,19 +265,44 @@ def _check_first_row(path: Path, sep: str) -> None:
         )
 
 
-def _bad_json_line(path: Path) -> tuple[int, str] | None:
-    """The first line of a JSONL file that is not one JSON object, and why (None: all are)."""
-    with path.open(encoding="utf-8", errors="replace") as file:
+def _json_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """A JSONL manifest as tables of at most `chunk_rows` objects (None: one table). A line
+    that is not one JSON object, or names a key twice (one value would hide the other, as a
+    column named twice in a CSV would), is a ManifestError naming the line."""
+    records: list[dict] = []
+    with path.open(encoding="utf-8-sig") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line, object_pairs_hook=_once_each)
             except json.JSONDecodeError as exc:
-                return number, exc.msg
+                raise ManifestError(
+                    path, f"line {number} is not a JSON object ({exc.msg})"
+                ) from None
+            except KeyError as exc:
+                raise ManifestError(
+                    path, f"line {number} names the key {exc.args[0]!r} twice", column=exc.args[0]
+                ) from None
             if not isinstance(value, dict):
-                return number, f"a {type(value).__name__}"
-    return None
+                problem = f"a {type(value).__name__}"
+                raise ManifestError(path, f"line {number} is not a JSON object ({problem})")
+            records.append(value)
+            if chunk_rows and len(records) == chunk_rows:
+                yield pd.DataFrame.from_records(records)
+                records = []
+    if records or not chunk_rows:
+        yield pd.DataFrame.from_records(records)
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; KeyError(key) for a key given twice."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise KeyError(key)
+        found[key] = value
+    return found
 
 
 def _csv_header(path: Path) -> tuple[str, list[str]]:
