@@ -34,14 +34,6 @@ def test_a_birth_date_is_masked_however_the_note_writes_it(written):
     assert redact(note, PATIENT) == f"DOB {masked(written)}; seen 12/03/2024."
 
 
-def test_a_name_is_found_with_or_without_its_diacritics_and_in_turkish_capitals():
-    names = name_parts("MÜLLER^JOSÉ") | name_parts("O'BRIEN^SEAN") | name_parts("YILDIZ^İBRAHİM")
-    found = Identifiers(names=frozenset(names))
-    for written in ("Muller", "Müller", "MÜLLER", "Jose", "José", "O’Brien", "İBRAHİM", "Ibrahim"):
-        assert redact(f"Seen: {written}.", found) == f"Seen: {masked(written)}.", written
-    assert redact("Müllerin, Josefa", found) == "Müllerin, Josefa"  # other words stay
-
-
 def test_a_surnames_particles_are_masked_with_it_not_as_words_of_their_own():
     names = name_parts("DE LA CRUZ^MARIA") | name_parts("VAN DER BERG")
     found = Identifiers(names=frozenset(names))
