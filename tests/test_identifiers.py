@@ -27,11 +27,13 @@ def masked(text: str) -> str:
     "written",
     ["21/06/1947", "06/21/1947", "1947-06-21", "21.6.1947", "6/21/47", "19470621",
      "21 June 1947", "June 21, 1947", "Jun 21 1947", "21-Jun-1947", "21 JUNE 1947",
-     "21st June 1947", "June 21st, 1947", "21st of June 1947", "21 JUN 47", "21061947"],
+     "21st June 1947", "June 21st, 1947", "21st of June 1947", "21061947"],
 )  # fmt: skip
 def test_a_birth_date_is_masked_however_the_note_writes_it(written):
-    note = f"DOB {written}; seen 12/03/2024."
-    assert redact(note, PATIENT) == f"DOB {masked(written)}; seen 12/03/2024."
+    note = f"DOB {written}; seen 12/03/2024, 21 June 47 hours after onset."
+    assert redact(note, PATIENT) == (
+        f"DOB {masked(written)}; seen 12/03/2024, 21 June 47 hours after onset."
+    )
 
 
 def test_a_surnames_particles_are_masked_with_it_not_as_words_of_their_own():
@@ -73,7 +75,7 @@ def test_names_and_ids_are_masked_as_whole_words_in_any_case_and_nothing_else_is
     spelled += [("", "6223 4087"), ("#", "0-62234087")]
     # across a line break, a no-break space, a dash, two spaces
     spelled += [("", "6223\n4087"), ("", "6223\u00a04087"), ("", "62\u2013234\u2013087")]
-    spelled += [("", "6223  4087")]
+    spelled += [("", "6223  4087"), ("Bed 10 ", "6223 4087"), ("1960 ", "062234087")]
     for label, digits in spelled:
         assert redact(f"See {label}{digits}.", PATIENT) == f"See {label}{masked(digits)}."
     # a short id only as written: other spellings of it are the numbers of clinical notes

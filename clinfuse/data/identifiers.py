@@ -118,7 +118,7 @@ def name_parts(value: str) -> set[str]:
 
 def date_spellings(day: date) -> set[str]:
     """How a note may write a date (lower case): 19480312, 12031948, 1948-03-12, 12/03/1948,
-    3/12/48, 12.3.1948, 12 March 1948, 12th of March 1948, 12-Mar-48, March 12, 1948,
+    3/12/48, 12.3.1948, 12 March 1948, 12th of March 1948, 12-Mar-1948, March 12, 1948,
     Mar. 12th 1948, Sept 3 1948, ..."""
     y, yy = str(day.year), f"{day.year % 100:02d}"
     dd, mm = f"{day.day:02d}", f"{day.month:02d}"
@@ -135,9 +135,9 @@ def date_spellings(day: date) -> set[str]:
     ordinal = {1: "st", 2: "nd", 3: "rd"}.get(day.day % 10 if day.day // 10 != 1 else 0, "th")
     for month in names:
         for d in {*days, f"{day.day}{ordinal}"}:
+            # the year in full: "12 Mar 48" is as often twelve March, forty-eight hours
             found |= {f"{month} {d}, {y}", f"{month} {d} {y}", f"{d} of {month} {y}"}
-            for year in (y, yy):
-                found |= {f"{d} {month} {year}", f"{d}-{month}-{year}"}
+            found |= {f"{d} {month} {y}", f"{d}-{month}-{y}"}
     return {s.lower() for s in found}
 
 
@@ -183,9 +183,9 @@ def id_pattern(plain: str) -> str:
     between = f"{sep}{{0,2}}"
     digits = plain.lstrip("0")
     if plain[0].isdigit() and len(digits) >= LONG_ID:
-        body = rf"(?:0{between})*" + between.join(re.escape(c) for c in digits)
-        # not from inside a run of zeros: each start would scan the whole run again
-        before = rf"(?<!\d)(?<!0{sep})(?<!0{sep}{sep})"
+        # up to 4 zeros added: a start in a long run of zeros then scans 4 of them, not all
+        body = rf"(?:0{between}){{0,4}}" + between.join(re.escape(c) for c in digits)
+        before = r"(?<!\d)"
     else:  # its zeros as written: without them it is short, and would mask other numbers
         body = between.join(re.escape(c) for c in plain)
         before = r"(?<!\d)" if plain[0].isdigit() else rf"(?<!{_WORD})"
