@@ -14,9 +14,8 @@ def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
     """Replace `path` with `data` (text is written as UTF-8) in one rename; on any error the
     old file stays as it was. `sweep` removes this file's temporaries a killed earlier writer
     left (a listing of the folder: a writer of one file per study calls `sweep_temporaries`
-    once instead). A symbolic link stays a link: the file it points to is replaced; an existing
-    file keeps its permission bits."""
-    path = Path(os.path.realpath(path))  # through links, so the rename replaces their target
+    once instead). An existing file keeps its permission bits; a symbolic link is replaced by
+    the file, never followed (one planted in a shared folder would aim the write elsewhere)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if sweep:
         sweep_temporaries(path.parent, path.name)
@@ -28,7 +27,7 @@ def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if path.exists():  # a new file gets the umask's mode, as `open` would give it
+        if path.exists() and not path.is_symlink():  # else the umask's mode, as `open` gives
             os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:

@@ -29,15 +29,16 @@ def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def test_a_link_stays_a_link_to_the_new_content(tmp_path: Path) -> None:
-    real = tmp_path / "shared" / "report.html"
-    real.parent.mkdir()
-    real.write_text("old")
+def test_a_link_is_replaced_never_followed(tmp_path):
+    """A link planted in a shared run folder must not aim the write at another file."""
+    elsewhere = tmp_path / "elsewhere" / "settings.cfg"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("keep")
     link = tmp_path / "report.html"
-    link.symlink_to(real)
+    link.symlink_to(elsewhere)
     write_atomic(link, "new")
-    assert link.is_symlink() and link.resolve() == real.resolve()
-    assert real.read_text() == "new"
+    assert not link.is_symlink() and link.read_text() == "new"
+    assert elsewhere.read_text() == "keep"
 
 
 def test_an_existing_file_keeps_its_permissions(tmp_path: Path) -> None:

@@ -164,6 +164,8 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     manifest.loc[5, "note_path"] = "bad/latin1.txt"
     manifest.loc[6, "note_path"] = "bad/absent.txt"
     manifest.loc[7, "image"] = "bad/dose.dcm"
+    manifest["note"] = ""
+    manifest.loc[9, ["note", "note_path"]] = ["given inline", "bad/absent.txt"]  # two notes
     manifest.to_csv(root / "manifest.csv", index=False)
 
     assert main(["validate", str(root / "manifest.csv"), "--out", str(tmp_path / "v.csv")]) == 0
@@ -183,6 +185,7 @@ def test_validate_accounts_for_every_bad_row_and_keeps_going(export, tmp_path, c
     assert verdicts.at[6, "status"] != "failed" and "Windows-1252" in verdicts.at[6, "warning"]
     assert (verdicts.loc[8:, "status"] != "failed").all()
     assert verdicts.at[8, "image_dims"] == "3" and verdicts.at[9, "image_dims"] == "2"
+    assert "the inline note is read, the file not" in verdicts.at[10, "warning"]
     assert verdicts.at[1, "image_dims"] == ""  # no readable image
     printed = capsys.readouterr().out
     assert "failed: 6" in printed and "failed image:truncated: 1" in printed

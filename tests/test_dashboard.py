@@ -247,6 +247,9 @@ def test_the_sort_survives_showing_failures_and_an_unknown_one_is_named(review_r
     at.toggle(key="wl_failures").set_value(True).run()
     at.toggle(key="wl_failures").set_value(False).run()
     assert at.selectbox(key="wl_sort").value == "top_probability" and not at.exception
+    at.selectbox(key="wl_sort").select("reviews").run()  # a column of both lists: kept
+    at.toggle(key="wl_failures").set_value(True).run()
+    assert at.selectbox(key="wl_sort").value == "reviews"
     at = new_app(monkeypatch, review_run, sort="p_gout").run()  # a link made for another model
     assert "This list has no column 'p_gout' to sort by." in [w.value for w in at.warning]
     assert at.selectbox(key="wl_sort").value == "top_probability" and not at.exception

@@ -79,9 +79,6 @@ def server(small_export, tiny_model, tmp_path_factory, tmp_path):
         log.close()
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
-)
 def settled(page, locator):
     """`locator` once the page has stopped rerunning: one element, the same for a second (a
     rerun keeps the last run's elements on the page until it replaces them)."""
@@ -92,6 +89,9 @@ def settled(page, locator):
     return locator
 
 
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
+)
 def test_review_a_study_in_a_real_browser(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     base, run = server

@@ -480,6 +480,32 @@ def test_a_damaged_header_is_never_quoted_in_an_error_or_a_warning(tmp_path, cap
         assert not [t for t in told if value in t or value.replace("^", " ") in t], value
 
 
+def test_value_checks_are_off_while_any_thread_reads_and_back_on_after_the_last(tmp_path):
+    """pydicom's setting is process-wide; dashboard sessions read in threads of one process."""
+    import threading
+
+    from clinfuse.data import dicom
+
+    path = write_image(tmp_path / "a.dcm", np.zeros((4, 4), np.uint16))
+    before = pydicom.config.settings.reading_validation_mode
+    inside = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with dicom._unchecked_values():
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait(10)
+    read_dicom(path)  # enters and leaves while the other thread still reads
+    assert pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
+    release.set()
+    holder.join(10)
+    assert pydicom.config.settings.reading_validation_mode == before
+
+
 def test_errors_are_printable_text_naming_no_file_of_a_series(tmp_path):
     """A NUL in a damaged UID, or a file name that is not UTF-8, would stop a PostgreSQL write;
     a series' file names may hold the patient's: the error holds none of them."""
@@ -496,7 +522,7 @@ def test_errors_are_printable_text_naming_no_file_of_a_series(tmp_path):
         read_dicom(folder)
     text = str(caught.value).replace(str(folder), "")
     assert caught.value.reason == "inconsistent_series"
-    assert "DOE" not in text and "ller" not in text and "file 3 of 3" in text
+    assert "DOE" not in text and "ller" not in text and "DICOM image 3 of 3" in text
     text.encode("utf-8")  # no lone surrogate left
 
 

@@ -370,11 +370,16 @@ def test_a_jsonl_line_naming_a_key_twice_or_not_an_object_is_an_error_naming_it(
         list(iter_manifest(path, ("flu",), chunk_rows=1))
 
 
-def test_a_list_or_an_object_in_a_cell_is_an_error_naming_its_column(tmp_path):
+def test_a_list_or_an_object_in_a_cell_of_a_read_column_is_an_error_naming_it(tmp_path):
     path = tmp_path / "m.jsonl"
     rows = [dict(ROWS[0], note={"text": "fever"}), ROWS[1]]
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8-sig")  # a BOM too
     with pytest.raises(ManifestError, match=r"column 'note': holds a dict where a text is"):
+        load_manifest(path)
+    rows = [dict(r, tags=["icu", "night"]) for r in ROWS]  # a column the run does not read
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    assert len(load_manifest(path, labels=["flu"])) == 3
+    with pytest.raises(ManifestError, match=r"column 'tags': label value"):  # taken for a label
         load_manifest(path)
 
 

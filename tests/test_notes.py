@@ -10,13 +10,10 @@ def test_inline_text_is_returned_as_written():
     assert read_note("Fever and productive cough.") == "Fever and productive cough."
 
 
-def test_inline_wins_over_file_and_says_the_file_is_not_read(tmp_path):
+def test_inline_wins_over_file(tmp_path):
     path = tmp_path / "n.txt"
     path.write_text("from file", encoding="utf-8")
-    with pytest.warns(NoteWarning, match="manifest row 2's note: given both inline"):
-        assert read_note("inline", path, source="manifest row 2's note") == "inline"
-    with pytest.warns(NoteWarning, match="the inline note is read, the file is not"):
-        assert read_note("inline", tmp_path / "gone.txt") == "inline"  # a file never looked at
+    assert read_note("inline", path) == "inline"
     assert read_note("", path) == "from file"
 
 

@@ -8,10 +8,13 @@ one `DicomError` whose `reason` says why, so a batch pipeline records it and car
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -19,7 +22,6 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 import pydicom.uid as uids
-from pydicom.config import disable_value_validation
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -90,7 +92,7 @@ def read_dicom(path: str | Path) -> DicomImage:
     if not exists:
         raise _error(path, "missing", "no such file or folder")
     try:
-        with disable_value_validation():  # its warnings quote values: a damaged header's name
+        with _unchecked_values():
             return _read_series(path) if path.is_dir() else _read_file(path)[0]
     except DicomError:
         raise
@@ -151,7 +153,7 @@ def read_header(path: str | Path) -> Dataset:
     without the 128-byte preamble too); `DicomError` "not_dicom" when it is not DICOM."""
     path = Path(path)
     try:
-        with path.open("rb") as f, disable_value_validation():  # as in `read_dicom`
+        with path.open("rb") as f, _unchecked_values():
             has_prefix = _has_preamble(f)
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_prefix)
     except OSError:
@@ -160,6 +162,32 @@ def read_header(path: str | Path) -> Dataset:
         raise _error(path, "not_dicom", _describe(exc)) from exc
     _check_raw(path, ds, has_prefix)
     return ds
+
+
+_UNCHECKED = threading.Lock()
+_readers = 0  # how many threads read a file with pydicom's value checks off
+_checks_were = pydicom.config.settings.reading_validation_mode
+
+
+@contextlib.contextmanager
+def _unchecked_values() -> Iterator[None]:
+    """pydicom's checks of values off while a file is read: their warnings quote the value,
+    which in a damaged header can be the patient's name, id or birth date. Process-wide in
+    pydicom, so counted across threads (dashboard sessions): the first reader turns them off,
+    the last one back on."""
+    global _readers, _checks_were
+    with _UNCHECKED:
+        if _readers == 0:
+            _checks_were = pydicom.config.settings.reading_validation_mode
+            pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        _readers += 1
+    try:
+        yield
+    finally:
+        with _UNCHECKED:
+            _readers -= 1
+            if _readers == 0:
+                pydicom.config.settings.reading_validation_mode = _checks_were
 
 
 def _has_preamble(f: BinaryIO) -> bool:
@@ -431,7 +459,7 @@ def _check_one_series(folder: Path, slices: list[tuple[DicomImage, Dataset]]) ->
     first, orientation = slices[0][0], _floats(slices[0][1], "ImageOrientationPatient", 6)
     for number, (image, header) in enumerate(slices, 1):
         # by its place, not its name: an export's file names can hold the patient's
-        name, problem = f"its image file {number} of {len(slices)} (in name order)", None
+        name, problem = f"its DICOM image {number} of {len(slices)} (in name order)", None
         other = _floats(header, "ImageOrientationPatient", 6)
         if image.spatial_dims != 2:
             problem = f"is multi-frame ({image.pixels.shape[1]} frames) among other files"

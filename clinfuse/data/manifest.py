@@ -138,17 +138,22 @@ def manifest_kind(path: Path) -> str:
 
 
 def _text_table(path: Path, table: pd.DataFrame) -> pd.DataFrame:
-    """Every cell as text; a column with no name is dropped while empty (a trailing separator)
-    and refused when it holds values (taken for a label, its values would be trained on)."""
+    """Every cell as text (`_as_text`; a list or an object in a reserved column is refused);
+    a column with no name is dropped while empty (a trailing separator) and refused when it
+    holds values (taken for a label, its values would be trained on)."""
     table.columns = _unique_columns(path, table.columns)
     text = table.astype(str)
     for column in table.columns if len(table) else []:
-        try:
-            text[column] = table[column].map(_as_text)
-        except TypeError as exc:  # a list or an object in a cell (JSON, Parquet)
+        nested = table[column].map(lambda v: isinstance(v, (dict, list, tuple, np.ndarray)))
+        if column in RESERVED and nested.any():  # a label column's JSON text fails its parse
+            kind = type(table[column][nested].iloc[0]).__name__
             raise ManifestError(
-                path, str(exc), column=column, hint="give each cell as text, a number or empty"
-            ) from None
+                path,
+                f"holds a {kind} where a text is expected",
+                column=column,
+                hint="give each cell as text, a number or empty",
+            )
+        text[column] = table[column].map(_as_text)
     unnamed = [i for i, c in enumerate(text.columns) if not c or re.fullmatch(r"Unnamed: \d+", c)]
     for i in unnamed:  # by position: two blank names are one name
         if (text.iloc[:, i] != "").any():
@@ -397,14 +402,16 @@ def _without_saved_index(table: pd.DataFrame) -> pd.DataFrame:
 
 def _as_text(value: object) -> str:
     """A cell as text: None/NaN/<NA> (Parquet's nulls in nullable columns) -> "", 1.0 -> "1",
-    strings stripped, bytes (Parquet binary strings) read as UTF-8. A list or an object is a
-    TypeError: its text would be Python's, not the user's."""
+    strings stripped, bytes (Parquet binary strings) read as UTF-8, a list or an object as
+    its JSON (`_text_table` refuses one in a reserved column)."""
     if value is None or value is pd.NA or value is pd.NaT:
         return ""
     if isinstance(value, bytes):
         return value.decode("utf-8").strip()  # UnicodeDecodeError: read_chunks says "not UTF-8"
-    if isinstance(value, (dict, list, tuple, np.ndarray)):
-        raise TypeError(f"holds a {type(value).__name__} where a text is expected")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (dict, list, tuple)):  # a column no one reads, or a label's error
+        return json.dumps(value, default=str)
     if isinstance(value, (bool, np.bool_)):
         return "1" if value else "0"
     if isinstance(value, (float, np.floating)):
@@ -487,7 +494,7 @@ def iter_manifest(
             chunk["split"] = ""
         manifest = check_table(path, chunk, labels, PatientSplit(), first_row=offset + 1)
         for row in manifest.rows():  # across chunks, also ignoring case (`check_table`)
-            earlier = first_rows.setdefault(row.study_id.casefold(), row.row)
+            earlier = first_rows.setdefault(row.study_id.lower(), row.row)
             if earlier != row.row:
                 raise ManifestError(
                     path,
@@ -597,12 +604,12 @@ def _check_required_values(path: Path, table: pd.DataFrame) -> None:
 def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
     """Study ids unique, also ignoring case: an explanation, FHIR or SR file is named by its
     study id, and on a case-insensitive disk (macOS, Windows, a share) S1's would be s1's."""
-    folded = table["study_id"].str.casefold()
+    folded = table["study_id"].str.lower()  # not casefold: "straße" and "STRASSE" are two
     duplicated = table[folded.duplicated(keep=False)]
     if len(duplicated):
         study_id = duplicated["study_id"].iloc[0]
-        rows = duplicated.loc[folded[duplicated.index] == study_id.casefold(), "row"].tolist()
-        ids = duplicated.loc[folded[duplicated.index] == study_id.casefold(), "study_id"]
+        rows = duplicated.loc[folded[duplicated.index] == study_id.lower(), "row"].tolist()
+        ids = duplicated.loc[folded[duplicated.index] == study_id.lower(), "study_id"]
         same = ids.nunique() == 1
         raise ManifestError(
             path,

@@ -108,16 +108,11 @@ def read_note(
 ) -> str | None:
     """The note of one study from inline `text` or a file `path`; None when there is none.
 
-    Inline text wins when both are given and non-empty, with a warning (the file is not
-    read). Repair warnings name `source` (default: the file, or "note"): a study's loaders
+    Inline text wins when both are given and non-empty (`clinfuse validate` warns of such a
+    row). Repair warnings name `source` (default: the file, or "note"): a study's loaders
     give its manifest row, since a folder name may hold a patient's name or record number.
     """
     if text is not None and str(text).strip():
-        if path is not None and str(path).strip():
-            _warn(
-                f"{source or 'note'}: given both inline (note) and as a file (note_path); the "
-                "inline note is read, the file is not: leave one of the two cells empty"
-            )
         return clean_note(str(text), source=source or "note")
     if path is not None and str(path).strip():
         return read_note_file(path, source)

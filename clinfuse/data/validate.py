@@ -57,15 +57,12 @@ def check_row(row: StudyRow) -> dict[str, object]:
         status, reason = "ok", ""
     if sample.image is not None:  # a model takes 2D images or volumes, not both
         verdict["image_dims"] = sample.image.spatial_dims
+    said = [_joined(caught)]
+    if row.note and row.note_path:  # not at each read: a training epoch would say it again
+        said.append("note given inline and as note_path: the inline note is read, the file not")
     if status != "failed" and np.isnan(row.labels).all():
-        caught_text = "all labels unknown (usable for inference, not for training)"
-        return {
-            **verdict,
-            "status": status,
-            "reason": reason,
-            "warning": "; ".join(filter(None, [_joined(caught), caught_text])),
-        }
-    return {**verdict, "status": status, "reason": reason, "warning": _joined(caught)}
+        said.append("all labels unknown (usable for inference, not for training)")
+    return {**verdict, "status": status, "reason": reason, "warning": "; ".join(filter(None, said))}
 
 
 def _joined(caught: list[warnings.WarningMessage]) -> str:

@@ -67,8 +67,13 @@ def filters(labels: list[str], run_id: int) -> WorklistQuery:
     sort_options = page_columns(labels, failures=failures)
     default = WorklistQuery(run_id).sort
     default = default if default in sort_options else sort_options[0]
-    if st.session_state.get("wl_failures_before", failures) != failures:  # toggled: its default
-        st.session_state["wl_sort"] = default
+    before = st.session_state.get("wl_failures_before", failures)
+    if before != failures:  # toggled: the reviewer's sort if this list has it, else its last
+        current = st.session_state[f"wl_sort_of_{before}"] = st.session_state["wl_sort"]
+        chosen = current != st.session_state.get("wl_sort_set")  # not the one set at a toggle
+        last = st.session_state.get(f"wl_sort_of_{failures}", default)
+        kept = current if chosen and current in sort_options else last
+        st.session_state["wl_sort"] = st.session_state["wl_sort_set"] = kept
     elif st.session_state["wl_sort"] not in sort_options:  # a link made for another model
         st.warning(f"This list has no column {st.session_state['wl_sort']!r} to sort by.")
         st.session_state["wl_sort"] = default
