@@ -36,6 +36,27 @@ def test_a_birth_date_is_masked_however_the_note_writes_it(written):
     )
 
 
+@pytest.mark.parametrize(
+    ("header", "note", "expected"),
+    [
+        (
+            "MÜLLER^JOSÉ",
+            "Muller, Jose; Müller José; Müllerin",
+            "██████, ████; ██████ ████; Müllerin",
+        ),
+        ("Mu\u0308ller", "Mr Mu\u0308ller, Müller", "Mr ███████, ██████"),  # decomposed Unicode
+        ("ΠΑΠΑΔΟΠΟΥΛΟΣ", "Ο ΠΑΠΑΔΟΠΟΥΛΟΣ, Παπαδόπουλος", "Ο ████████████, ████████████"),
+        ("김^민수", "민수님은 입원. 미소, 문서.", "██님은 입원. 미소, 문서."),  # Hangul stays whole
+        ("YILDIZ^İBRAHİM", "İBRAHİM YILDIZ; Yıldız; ibrahim", "███████ ██████; ██████; ███████"),
+        ("O'BRIEN", "O’Brien", "███████"),
+        ("Bär^Öz", "2 bar; 8 oz; Bär", "2 bar; 8 oz; ███"),  # short: only with its accents
+        ("Lê^An", "Le Fort II; Lê", "Le Fort II; ██"),
+    ],
+)
+def test_a_name_is_found_with_or_without_its_accents_and_no_other_word_is(header, note, expected):
+    assert redact(note, Identifiers(names=frozenset(name_parts(header)))) == expected
+
+
 def test_a_surnames_particles_are_masked_with_it_not_as_words_of_their_own():
     names = name_parts("DE LA CRUZ^MARIA") | name_parts("VAN DER BERG")
     found = Identifiers(names=frozenset(names))

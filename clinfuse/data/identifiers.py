@@ -15,6 +15,7 @@ dedicated de-identification tool over the notes before they leave the hospital.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import date
 
@@ -148,14 +149,71 @@ def redact(note: str | None, identifiers: Identifiers) -> str | None:
         return note
     note = _mask_ids(note, identifiers.ids)
     lowered = note.lower()
-    present = [s for s in identifiers.spellings(lowered) if s in lowered]  # the cheap test
-    if not present:
-        return note
-    present.sort(key=len, reverse=True)  # "12 March 1948" before "1948"-like parts
-    alternatives = "|".join(re.escape(s) for s in present)
+    spellings = identifiers.spellings(lowered)
     word = _WORD  # a letter or digit next to the match makes it part of another word
-    pattern = re.compile(rf"(?<!{word})(?:{alternatives})(?!{word})", re.IGNORECASE)
-    return pattern.sub(lambda m: MASK * len(m.group()), note)
+    # as written, in any case: every spelling (the cheap test first)
+    present = sorted((s for s in spellings if s in lowered), key=len, reverse=True)
+    spans = []
+    if present:  # longest first: "12 March 1948" before "1948"-like parts
+        alternatives = "|".join(re.escape(s) for s in present)
+        pattern = re.compile(rf"(?<!{word})(?:{alternatives})(?!{word})", re.IGNORECASE)
+        spans += [m.span() for m in pattern.finditer(note)]
+    # without diacritics ("Muller" for "MÜLLER" and the reverse, "Ibrahim" for "İBRAHİM"):
+    # spellings of FOLD_MIN letters or more, so that "Bär" or "Lê" never hide "bar" or "le"
+    folded = fold(note)  # character for character: the same offsets as `note`
+    bare = _MARKS.sub("", folded)
+    present = sorted(
+        {b for s in spellings if len(b := _bare(s)) >= FOLD_MIN and b in bare},
+        key=len,
+        reverse=True,
+    )
+    if present:
+        marks = _MARKS.pattern  # a decomposed note's accents, between and after the letters
+        alternatives = "|".join(marks.join(map(re.escape, s)) + marks for s in present)
+        pattern = re.compile(rf"(?<!{word})(?:{alternatives})(?!{word})")
+        spans += [m.span() for m in pattern.finditer(folded)]
+    if not spans:
+        return note
+    masked = list(note)
+    for start, end in spans:
+        masked[start:end] = MASK * (end - start)
+    return "".join(masked)
+
+
+FOLD_MIN = 4  # letters: a shorter name is matched with its diacritics, as written
+_MARKS = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]*")
+_FOLD_SPECIAL = {"ς": "σ", "ı": "i", "ſ": "s"}  # letters whose other form lower() keeps
+
+
+class _Folding(dict):
+    """A `str.translate` table, one character for one: lower case, a letter without its
+    accents where the rest of its canonical decomposition is accents (a Hangul syllable, which
+    decomposes into letters, stays), a typographic apostrophe as '; filled in as met."""
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        if char in "\u2018\u2019\u02bc":
+            out = "'"
+        else:
+            nfd = unicodedata.normalize("NFD", char)
+            base = nfd[0] if all(unicodedata.combining(c) for c in nfd[1:]) else char
+            low = base.lower()[:1] or char  # "İ" -> "I" -> "i"
+            out = _FOLD_SPECIAL.get(low, low)
+        self[code] = out
+        return out
+
+
+_FOLDING = _Folding()
+
+
+def fold(text: str) -> str:
+    """`text` without case, accents or apostrophe style, the same length (`_Folding`)."""
+    return text.translate(_FOLDING)
+
+
+def _bare(spelling: str) -> str:
+    """A spelling folded, its accents dropped (a pattern; a note keeps its own, `_MARKS`)."""
+    return _MARKS.sub("", fold(spelling))
 
 
 def _mask_ids(note: str, ids: frozenset[str]) -> str:
