@@ -142,10 +142,9 @@ def _text_table(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     a column with no name is dropped while empty (a trailing separator) and refused when it
     holds values (taken for a label, its values would be trained on)."""
     table.columns = _unique_columns(path, table.columns)
-    text = table.astype(str)
-    for column in table.columns if len(table) else []:
+    for column in [c for c in RESERVED if c in table.columns] if len(table) else []:
         nested = table[column].map(lambda v: isinstance(v, (dict, list, tuple, np.ndarray)))
-        if column in RESERVED and nested.any():  # a label column's JSON text fails its parse
+        if nested.any():  # elsewhere its JSON text is kept (a label's then fails its parse)
             kind = type(table[column][nested].iloc[0]).__name__
             raise ManifestError(
                 path,
@@ -153,7 +152,7 @@ def _text_table(path: Path, table: pd.DataFrame) -> pd.DataFrame:
                 column=column,
                 hint="give each cell as text, a number or empty",
             )
-        text[column] = table[column].map(_as_text)
+    text = table.map(_as_text) if len(table) else table.astype(str)
     unnamed = [i for i, c in enumerate(text.columns) if not c or re.fullmatch(r"Unnamed: \d+", c)]
     for i in unnamed:  # by position: two blank names are one name
         if (text.iloc[:, i] != "").any():
@@ -608,9 +607,9 @@ def _check_unique_studies(path: Path, table: pd.DataFrame) -> None:
     duplicated = table[folded.duplicated(keep=False)]
     if len(duplicated):
         study_id = duplicated["study_id"].iloc[0]
-        rows = duplicated.loc[folded[duplicated.index] == study_id.lower(), "row"].tolist()
-        ids = duplicated.loc[folded[duplicated.index] == study_id.lower(), "study_id"]
-        same = ids.nunique() == 1
+        first = duplicated[folded[duplicated.index] == study_id.lower()]  # its rows
+        rows = first["row"].tolist()
+        same = first["study_id"].nunique() == 1
         raise ManifestError(
             path,
             f"duplicate study_id {study_id!r}{'' if same else ' (in other cases)'} "
