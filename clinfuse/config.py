@@ -206,20 +206,114 @@ def _known_keys_hint(cls: type[Config], loc: tuple[Any, ...]) -> str:
     return f"known keys here: {', '.join(model.model_fields)}"
 
 
-def load_config_file(cls: type[C], path: str | Path, prefix: str = "") -> C:
-    """Read a YAML or JSON config file into `cls`."""
+class _RepeatedKey(Exception):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: a second `train:` section would drop the first's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _RepeatedKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON config file's mapping as plain data, not yet validated; a `ConfigError`
+    naming the file for one that cannot be read, is not UTF-8, is not YAML, repeats a key or
+    does not hold a mapping."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path), f"is not UTF-8 text (byte {exc.start})", hint="save it as UTF-8"
+        ) from exc
+    except OSError as exc:
         raise ConfigError(str(path), f"cannot read config file: {exc}") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc}") from exc
+    except _RepeatedKey as exc:
+        raise ConfigError(
+            str(path),
+            f"line {exc.line} gives the key {exc.key!r} a second time in its section, and only "
+            "one could apply",
+            hint="merge the two into one",
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "a config file must hold a mapping of keys to values")
-    return parse_config(cls, data, prefix)
+    return data
+
+
+def load_config_file(cls: type[C], path: str | Path, prefix: str = "") -> C:
+    """Read a YAML or JSON config file into `cls`."""
+    return parse_config(cls, read_config_mapping(path), prefix)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update: nested sections merge, other values replace."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def override_value(key: str, raw: str) -> Any:
+    """The value of a `key=value` override, read as YAML (`[a, b]`, `true`, `0.5`); a
+    `ConfigError` naming the key for one YAML cannot read, or whose unquoted ` #` would start a
+    comment and cut the value short (`/data/run #2` would read as `/data/run`)."""
+    if not raw:
+        return None
+    try:
+        value = yaml.safe_load(raw)
+        # "#" as an ordinary character: where the two readings differ, a comment was cut off
+        as_text = _with_hashes(yaml.safe_load(raw.replace("#", _HASH))) if "#" in raw else value
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(
+            key,
+            f"cannot read the value {raw!r} ({problem})",
+            hint="write it as YAML: a list as [a, b], text with ':' or brackets in quotes",
+        ) from exc
+    if as_text != value:
+        raise ConfigError(
+            key,
+            f"the value {raw!r} holds ' #', where YAML starts a comment and would cut it short",
+            hint=f"quote the value: {key}='\"{raw}\"'",
+        )
+    return value
+
+
+_HASH = "\ue000"  # a private-use character no config value holds
+
+
+def _with_hashes(value: Any) -> Any:
+    """`value` with `_HASH` turned back into "#" in every string it holds."""
+    if isinstance(value, str):
+        return value.replace(_HASH, "#")
+    if isinstance(value, list):
+        return [_with_hashes(v) for v in value]
+    if isinstance(value, dict):
+        return {_with_hashes(k): _with_hashes(v) for k, v in value.items()}
+    return value
 
 
 def apply_overrides(config: C, overrides: Iterable[str]) -> C:
-    """Apply `dotted.key=value` strings (values parsed as YAML) and re-validate."""
+    """Apply `dotted.key=value` strings (values parsed as YAML) and re-validate; a mapping
+    given for a whole section (`train={epochs: 2}`) sets those keys and keeps the others."""
     data = config.model_dump(mode="json")
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -233,7 +327,10 @@ def apply_overrides(config: C, overrides: Iterable[str]) -> C:
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(key, "unknown key", hint=f"known keys here: {', '.join(node)}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+        value = override_value(key, raw)
+        if isinstance(value, dict) and isinstance(node[parts[-1]], dict):
+            value = merge(node[parts[-1]], value)
+        node[parts[-1]] = value
     return parse_config(type(config), data)
 
 
@@ -292,6 +389,11 @@ class TrainConfig(Config):
     bootstrap: int = Field(1000, ge=0)
 
 
+# Train keys that change how fast a run goes, never the model it trains: a run resumes, and a
+# finished folder is reused, whatever they are (a run killed for memory goes on with cache=false).
+SPEED_ONLY_TRAIN_KEYS = ("workers", "cache", "checkpoint_every")
+
+
 class RunConfig(Config):
     """One training run: `clinfuse train --config run.yaml key=value ...`."""
 
@@ -306,17 +408,19 @@ def resolve_run_config(path: str | Path | None = None, overrides: Iterable[str] 
     `model.name` picks a registered architecture whose settings are the defaults that the file
     and the overrides refine.
     """
-    from clinfuse.model.registry import DEFAULT_MODEL, architecture, merge
+    from clinfuse.model.registry import DEFAULT_MODEL, architecture
 
     data: dict[str, Any] = {}
-    if path is not None:
-        data = load_config_file(RunConfig, path).model_dump(mode="json", exclude_unset=True)
+    if path is not None:  # checked once below, on top of its own architecture's settings
+        data = read_config_mapping(path)
     overrides = list(overrides)
     for item in overrides:  # the architecture must be known before its defaults apply
         key, _, value = item.partition("=")
         if key == "model.name":  # read as every override value is (model.name='tiny')
-            data.setdefault("model", {})["name"] = str(yaml.safe_load(value) if value else value)
-    model = data.get("model", {})
+            data.setdefault("model", {})["name"] = str(override_value(key, value))
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError("model", "must be a section of keys (name, image, text, fusion, ...)")
     name = model.get("name", DEFAULT_MODEL)
-    data["model"] = merge({**architecture(name), "name": name}, model)
+    data["model"] = merge({**architecture(str(name)), "name": name}, model)
     return apply_overrides(parse_config(RunConfig, data), overrides)

@@ -455,9 +455,22 @@ def test_dicom_without_pixel_data(tmp_path):
     assert reason_of(shipped("test-SR.dcm")) == "no_pixel_data"
 
 
-def test_a_damaged_header_is_never_quoted_in_an_error_or_a_warning(tmp_path, caplog):
+def header_as_exports_read_it(path: Path) -> None:
+    """The FHIR/SR exports' reading of a source header, and a note's masking of its names:
+    values are used after the file is read (pydicom converts them then)."""
+    from clinfuse.data.identifiers import header_identifiers
+    from clinfuse.exports.files import read_source, referable
+
+    sources = read_source(path)
+    referable(sources, "S1")
+    header_identifiers(sources[0])
+
+
+@pytest.mark.parametrize("reader", [read_dicom, header_as_exports_read_it])
+def test_a_damaged_header_is_never_quoted_in_an_error_or_a_warning(tmp_path, caplog, reader):
     """A damaged length makes the SOP class swallow the elements after it (the patient's name,
-    id and birth date): errors and pydicom's warnings must not quote what it read."""
+    id and birth date): errors and pydicom's warnings must not quote what it read, when the
+    image is read or when its header is read for the exports."""
     source = write_image(tmp_path / "source.dcm", np.zeros((4, 4), np.uint16)).read_bytes()
     at = source.index(b"\x08\x00\x16\x00UI", 132)  # (0008,0016) SOP Class UID, explicit VR
     damaged = tmp_path / "damaged.dcm"
@@ -470,12 +483,12 @@ def test_a_damaged_header_is_never_quoted_in_an_error_or_a_warning(tmp_path, cap
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             try:
-                read_dicom(damaged)
+                reader(damaged)
             except DicomError as exc:
                 told.append(str(exc))
         told += [str(w.message) for w in warned]
     told.append(caplog.text)
-    assert len(told) > 100  # the damage was seen
+    assert len(told) > 50  # the damage was seen
     for value in IDENTIFIERS.values():
         assert not [t for t in told if value in t or value.replace("^", " ") in t], value
 

@@ -418,6 +418,50 @@ def test_retry_failed_scores_again_what_failed_when_the_file_was_missing(
     assert pd.read_csv(tmp_path / "run" / "failures.csv").empty
 
 
+def test_files_of_a_killed_attempt_go_when_the_study_then_fails(
+    tiny_model, small_export, tmp_path, monkeypatch
+):
+    """A kill between a batch's FHIR/SR/explanation files and its commit, then the image gone
+    before the rerun: the study ends failed, and no file reports a prediction it lacks."""
+    from clinfuse.inference.pipeline import InferenceSettings, run_inference
+    from clinfuse.store import Store
+
+    rows = absolute_rows(small_export).head(2).copy()
+    image = tmp_path / "mounted" / "first.dcm"
+    image.parent.mkdir()
+    shutil.copy(rows["image"].iloc[0], image)
+    rows.loc[rows.index[0], "image"] = str(image)
+    rows.to_csv(tmp_path / "m.csv", index=False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill, after the files and before the commit
+
+    settings = InferenceSettings(standards=("fhir", "sr"), explain="all", workers=0)
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "write_batch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_inference(tiny_model, tmp_path / "m.csv", tmp_path / "run", None, settings)
+    first, second = rows["study_id"]
+    assert (tmp_path / "run" / "fhir" / f"{first}.json").is_file()  # the killed attempt's
+    image.unlink()  # the storage went away
+    assert (
+        infer(
+            tiny_model,
+            tmp_path / "m.csv",
+            tmp_path / "run",
+            "--standards",
+            "fhir,sr",
+            "--explain",
+            "all",
+        )
+        == 0
+    )
+    assert list(pd.read_csv(tmp_path / "run" / "failures.csv")["study_id"]) == [first]
+    files = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*")}
+    assert not [f for f in files if first in f]
+    assert {f"fhir/{second}.json", f"sr/{second}.dcm", f"explanations/{second}.npz"} <= files
+
+
 def raw_data_set(source: Path, target: Path) -> Path:
     """`source` written as a raw data set: no preamble, no "DICM", no file meta (older
     systems write these; the reader accepts them)."""

@@ -160,7 +160,14 @@ def test_a_label_named_twice_is_an_error(tmp_path):
             lambda rows: [rows[0], dict(rows[1], flu="yes"), rows[2]],
             "row 2 column 'flu': label value 'yes' is not 1, 0 or empty",
         ),
-        (lambda rows: [rows[0], dict(rows[1], flu="2"), rows[2]], "row 2 column 'flu'"),
+        (
+            lambda rows: [rows[0], dict(rows[1], flu="2"), rows[2]],
+            "row 2 column 'flu': label value '2'",
+        ),
+        (  # a record number in a column taken for a label: its length alone
+            lambda rows: [rows[0], dict(rows[1], flu="40817"), rows[2]],
+            r"row 2 column 'flu': label value \(a text of 5 characters, not shown",
+        ),
         (  # a column of the export that is not a label: say how to name the labels
             lambda rows: [dict(r, ward="ICU") for r in rows],
             r"column 'ward': label value \(a text of 3 characters, not shown: it may identify a "

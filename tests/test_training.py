@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -358,6 +359,13 @@ def test_evaluate_never_writes_its_report_into_a_model_folder(trained, export, c
     assert main(args) == 2
     assert "is a model folder; its failures.csv is the training run's" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+    run = trained.parent / "run"  # nor into an inference run's folder, over its exports
+    run.mkdir(exist_ok=True)
+    (run / "predictions.parquet").write_bytes(b"PAR1")
+    (run / "predictions.csv").write_text("study_id,status\n")
+    assert main([*args[:-1], str(run)]) == 2
+    assert "is a `clinfuse infer` run folder" in capsys.readouterr().err
+    assert (run / "predictions.csv").read_text() == "study_id,status\n"
     with pytest.raises(SystemExit) as usage:  # argparse, before anything runs
         main([*args[:-1], str(trained.parent / "r"), "--bootstrap", "-5"])
     assert usage.value.code == 2 and "--bootstrap: -5: give 0 or more" in capsys.readouterr().err
@@ -760,3 +768,94 @@ def test_a_label_validation_cannot_calibrate_is_a_warning_at_the_end(export, tmp
     assert "label 'copd': no positives (validation): its threshold and calibration" in caplog.text
     assert "label 'effusion'" not in caplog.text
     assert "studies: early stopping, calibration and thresholds are fitted on them" in caplog.text
+
+
+def test_a_config_file_is_read_as_written_or_refused_naming_what_to_mend(tmp_path):
+    from clinfuse.config import resolve_run_config
+    from clinfuse.errors import ConfigError
+
+    twice = tmp_path / "twice.yaml"  # YAML keeps the last: the first section would be dropped
+    twice.write_text("train:\n  epochs: 3\n  lr: 0.0003\ntrain:\n  bootstrap: 10\n")
+    with pytest.raises(ConfigError, match="line 4 gives the key 'train' a second time"):
+        resolve_run_config(twice)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# réglages\ntrain:\n  epochs: 2\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml'?: is not UTF-8 text.*save it as UTF-8"):
+        resolve_run_config(latin)
+    own = tmp_path / "tiny.yaml"  # checked on its own architecture (2 heads), not the default's
+    own.write_text("model:\n  name: tiny\n  fusion:\n    width: 34\n")
+    assert resolve_run_config(own).model.fusion.width == 34
+    rate = tmp_path / "rate.yaml"
+    rate.write_text("train:\n  lr: 0.0003\n")
+    cfg = resolve_run_config(rate, ["train={epochs: 2}"])  # a section's mapping sets its keys
+    assert (cfg.train.epochs, cfg.train.lr) == (2, 0.0003)
+    cfg = resolve_run_config(None, ["model.name=tiny", "model.fusion={mode: late}"])
+    assert (cfg.model.fusion.mode, cfg.model.fusion.width) == ("late", 32)
+
+
+def test_an_override_yaml_cannot_read_or_would_cut_short_is_refused_naming_it():
+    from clinfuse.config import resolve_run_config
+    from clinfuse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'data.labels': cannot read the value '\[copd,mass'"):
+        resolve_run_config(None, ["data.labels=[copd,mass"])
+    with pytest.raises(ConfigError, match="'model.text.pretrained'.*start.*comment"):
+        resolve_run_config(None, ["model.text.pretrained=/data/run #2/bert"])
+    quoted = resolve_run_config(None, ['model.text.pretrained="/data/run #2/bert"'])
+    assert quoted.model.text.pretrained == "/data/run #2/bert"
+    assert resolve_run_config(None, ["data.labels=[a, 'b #1']"]).data.labels == ("a", "b #1")
+
+
+def test_speed_only_settings_reuse_a_finished_folder(trained, export, capsys):
+    """A run killed for memory goes on with train.cache=false: workers, cache and checkpoint
+    spacing change how fast a model trains, not the model."""
+    args = ["train", "--manifest", str(export), "--out", str(trained), *FAST]
+    assert main([*args, "train.cache=false", "train.checkpoint_every=7"]) == 0
+    assert main([*args, "train.lr=0.01"]) == 2
+    assert "train.lr: 0.001 -> 0.01" in capsys.readouterr().err
+
+
+def test_validation_rows_that_could_not_be_read_leave_no_label_to_fit_on(export, tmp_path, capsys):
+    """The val rows giving a label both outcomes are the unreadable ones: train stops, not a
+    model with no early stopping, calibration or thresholds."""
+    rows = pd.read_csv(export, dtype=str, keep_default_na=False)
+    for column in ("image", "note_path"):
+        rows[column] = [str(export.parent / p) if p else "" for p in rows[column]]
+    rows["split"] = np.where(rows.patient_id.str[-1].isin(list("01")), "val", "train")
+    labels = ["cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"]
+    val = rows.index[rows.split.eq("val")]
+    rows.loc[val[2:], labels] = ""  # the readable val rows: no label known
+    rows.loc[val[:2], ["image", "note", "note_path"]] = [str(tmp_path / "gone.dcm"), "", ""]
+    rows.loc[val[:2], labels] = [["1"] * 6, ["0"] * 6]
+    manifest = tmp_path / "m.csv"
+    rows.to_csv(manifest, index=False)
+    out = tmp_path / "model"
+    assert main(["train", "--manifest", str(manifest), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"no label of the {len(val) - 2} validation studies that could be read" in err
+    assert "`clinfuse validate`" in err and not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize(("mode", "side"), [("text_only", "note"), ("image_only", "image")])
+def test_a_mode_whose_only_side_no_row_has_is_refused(export, tmp_path, capsys, mode, side):
+    rows = pd.read_csv(export, dtype=str, keep_default_na=False)
+    for column in ("image", "note_path"):
+        rows[column] = [str(export.parent / p) if p else "" for p in rows[column]]
+    rows[["note", "note_path"] if side == "note" else ["image"]] = ""
+    manifest = tmp_path / "m.csv"
+    rows.to_csv(manifest, index=False)
+    args = ["train", "--manifest", str(manifest), "--out", str(tmp_path / "m"), *FAST]
+    assert main([*args, f"model.fusion.mode={mode}"]) == 2
+    assert (
+        f"no row of the train split has a{'n' * (side == 'image')} {side}"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_model_card_gives_every_labels_validation_metrics(trained):
+    card = (trained / "MODEL_CARD.md").read_text(encoding="utf-8")
+    metrics = card.split("| label | AUROC [95% CI] |", 1)[1]
+    for label in load_checkpoint(trained).labels:
+        assert re.search(
+            rf"^\| {label} \| (n/a|[0-9.]+ \[[0-9.]+, [0-9.]+\]) \|.* of \d+ \|$", metrics, re.M
+        )

@@ -155,12 +155,28 @@ def read_header(path: str | Path) -> Dataset:
     try:
         with path.open("rb") as f, _unchecked_values():
             has_prefix = _has_preamble(f)
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not has_prefix)
+            ds = _converted(pydicom.dcmread(f, stop_before_pixels=True, force=not has_prefix))
     except OSError:
         raise
     except Exception as exc:
         raise _error(path, "not_dicom", _describe(exc)) from exc
     _check_raw(path, ds, has_prefix)
+    return ds
+
+
+def _converted(ds: Dataset) -> Dataset:
+    """`ds` with every value converted now, while pydicom's checks are off: it converts a value
+    on first access, when the checks may be back on and their warning would quote it. A value
+    that cannot be converted is left out."""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception:
+            del ds[tag]
+            continue
+        if element.VR == "SQ":
+            for item in element.value:
+                _converted(item)
     return ds
 
 
@@ -523,7 +539,7 @@ def _text(ds: Dataset, keyword: str, uid: bool = False) -> str | None:
         text = "" if value is None else str(value).strip()
         if not text or not uid:
             return text or None
-        value = uids.UID(text)
+        value = uids.UID(text, validation_mode=pydicom.config.IGNORE)  # a warning would quote it
         return value.name if value.is_valid else None
     except Exception:
         return None

@@ -387,9 +387,10 @@ _LABEL_WORDS = {  # what a spreadsheet holds where a label was meant: safe to qu
 
 
 def _shown(value: str) -> str:
-    """A cell for an error message: a short number or word as written; other text only by its
-    length (a column taken for a label may hold a patient's name or birth date)."""
-    if re.fullmatch(r"[-+.,0-9eE]{1,5}", value) or value.lower() in _LABEL_WORDS:  # not a date
+    """A cell for an error message: a number of at most 3 characters or a word of `_LABEL_WORDS`
+    as written; other text only by its length (a column taken for a label may hold a patient's
+    name, record number or birth date)."""
+    if re.fullmatch(r"[-+.,0-9eE]{1,3}", value) or value.lower() in _LABEL_WORDS:
         return repr(value)
     return f"(a text of {len(value)} characters, not shown: it may identify a patient)"
 

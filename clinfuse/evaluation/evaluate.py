@@ -100,13 +100,18 @@ def evaluate_model(
 
 
 def check_report_folder(out_dir: str | Path) -> None:
-    """A report folder is not a model folder: its metrics, predictions and failures.csv would
-    replace the training run's. A `ClinfuseError` naming it, before anything is scored."""
-    config = Path(out_dir) / "config.json"
-    if config.is_file() and (Path(out_dir) / "model.safetensors").is_file():
+    """A report folder is not a model folder or an inference run's folder: its predictions and
+    failures.csv would replace theirs. A `ClinfuseError` naming it, before anything is scored."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
         raise ClinfuseError(
             f"{out_dir}: is a model folder; its failures.csv is the training run's. Give "
             "--out a folder of its own for the report (e.g. a reports/ folder beside it)"
+        )
+    if any((out_dir / name).is_file() for name in ("clinfuse.db", "predictions.parquet")):
+        raise ClinfuseError(
+            f"{out_dir}: is a `clinfuse infer` run folder; its predictions.csv and failures.csv "
+            "are the run's exports. Give --out a folder of its own for the report"
         )
 
 

@@ -108,7 +108,9 @@ def _valid_uid(ds: Dataset, keyword: str) -> bool:
     """Whether the header holds `keyword` as a valid UID (non-empty, at most 64 characters of
     digits and dots): a report must not copy an empty or malformed one into its evidence."""
     try:
-        return UID(str(ds.get(keyword) or "")).is_valid
+        # unchecked: pydicom's warning on an invalid UID would quote it (a damaged header's
+        # UID can hold the patient's name)
+        return UID(str(ds.get(keyword) or ""), validation_mode=pydicom.config.IGNORE).is_valid
     except Exception:
         return False
 

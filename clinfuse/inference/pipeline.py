@@ -472,6 +472,8 @@ def commit(
             run.issued,
         )
     written = run.store.write_batch(run.run_id, predictions, failures, explanations)
+    if failures and written["failed"] == len(failures):  # all new: their files are stale
+        remove_study_files(run.run_dir, [f.study_id for f in failures])
     new_studies = written["predicted"] + written["failed"]
     if new_studies != len(predictions) + len(failures):
         log.warning(
@@ -482,6 +484,16 @@ def commit(
     run.predicted += written["predicted"]  # the summary counts what this run wrote
     run.failed += written["failed"]
     run.explained += written["explained"]
+
+
+def remove_study_files(run_dir: Path, study_ids: list[str]) -> None:
+    """Delete what an earlier, killed attempt wrote for studies that have now failed (their
+    image gone since): FHIR, SR and explanation files reporting a prediction the store and the
+    exports do not have."""
+    for study_id in study_ids:
+        stem = file_stem(study_id)
+        for name in (f"fhir/{stem}.json", f"sr/{stem}.dcm", f"explanations/{stem}.npz"):
+            (run_dir / name).unlink(missing_ok=True)
 
 
 def run_inference(

@@ -201,6 +201,37 @@ does not inform the label).
 """
 
 
+def metrics_table(name: str, metrics: dict[str, Any]) -> str:
+    """One split's metrics (`evaluate_predictions`' result) as a Markdown table: the macro
+    average, then every label, with AUROC's 95% interval where it was bootstrapped."""
+
+    def number(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    def row(label: str, m: dict[str, Any]) -> str:
+        ci = m.get("auroc_ci")
+        auroc = number(m.get("auroc")) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        counts = f"{m['n_positive']} of {m['n_known']}" if "n_known" in m else ""
+        cells = [
+            label,
+            auroc,
+            *(number(m.get(k)) for k in ("auprc", "sensitivity", "specificity", "ece")),
+        ]
+        return "| " + " | ".join([*cells, counts]) + " |"
+
+    labels = metrics.get("labels", {})
+    return "\n".join(
+        [
+            f"{name} ({metrics.get('n', '?')} studies):",
+            "",
+            "| label | AUROC [95% CI] | AUPRC | sensitivity | specificity | ECE | positives |",
+            "|---|---|---|---|---|---|---|",
+            row("macro", metrics.get("macro", {})),
+            *(row(label, m) for label, m in labels.items()),
+        ]
+    )
+
+
 def model_card(model: FusionModel, config: dict[str, Any]) -> str:
     """A Markdown card a person reads before trusting the model."""
     cfg = model.cfg
@@ -211,7 +242,8 @@ def model_card(model: FusionModel, config: dict[str, Any]) -> str:
     )
     metrics = config.get("metrics")
     metrics_text = (
-        "```json\n" + json.dumps(metrics, indent=2)[:4000] + "\n```"
+        "\n\n".join(metrics_table(name, split) for name, split in metrics.items())
+        + "\n\nEvery figure, with the score distributions, is in `config.json` (`metrics`)."
         if metrics
         else "Not yet evaluated: run `clinfuse evaluate` before relying on this model."
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from clinfuse.config import ModelConfig, parse_config
+from clinfuse.config import ModelConfig, merge, parse_config
 from clinfuse.errors import ConfigError
 from clinfuse.model.model import FusionModel
 from clinfuse.model.text_encoder import load_tokenizer, train_tokenizer
@@ -26,17 +26,6 @@ def register(fn: Entry) -> Entry:
 
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update: nested sections merge, other values replace."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def architecture(name: str) -> dict[str, Any]:

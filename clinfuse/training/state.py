@@ -40,6 +40,8 @@ class Progress:
     epoch_losses: list[float] = field(default_factory=list)  # the epoch in progress, per step
     stopped: bool = False  # early stopping decided: a resumed run goes straight to calibration
     failures: dict[str, str] = field(default_factory=dict)  # study_id -> why it was not read
+    # what the run was started with (`trainer._run_settings`): a refusal to resume says what differs
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def latest_snapshot(state_dir: Path) -> Path | None:

@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from clinfuse import __version__
 from clinfuse.atomic import write_atomic
-from clinfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig, as_current
+from clinfuse.config import (
+    SPEED_ONLY_TRAIN_KEYS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    as_current,
+)
 from clinfuse.data.batch import Batch, Collator, StudyDataset, derived_seed
 from clinfuse.data.manifest import (
     Manifest,
@@ -222,7 +229,29 @@ def _trainings(done: dict, manifest_path: str | Path, cfg: RunConfig) -> tuple[d
         for side in (asked, made):
             if side["train"] is not None:
                 side["train"] = {**side["train"], "evidence_ridge": None}
+    for side in (asked, made):
+        side["train"] = _without_speed_keys(side["train"])
     return asked, made
+
+
+def _without_speed_keys(train: dict | None) -> dict | None:
+    """A train section without `SPEED_ONLY_TRAIN_KEYS`: what decides the trained model."""
+    return (
+        None
+        if train is None
+        else {k: v for k, v in train.items() if k not in SPEED_ONLY_TRAIN_KEYS}
+    )
+
+
+def _run_settings(cfg: RunConfig, manifest_sha: str) -> dict[str, Any]:
+    """What an unfinished run resumes only with: this configuration (its speed-only keys
+    aside) on this manifest's bytes."""
+    return {
+        "manifest": manifest_sha,
+        "model": cfg.model.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json"),
+        "train": _without_speed_keys(cfg.train.model_dump(mode="json")),
+    }
 
 
 def _differing(asked: Any, made: Any, key: str) -> list[str]:
@@ -275,6 +304,31 @@ def split_rows(manifest: Manifest, split: str) -> list[StudyRow]:
     return rows
 
 
+def check_sides(manifest_path: Path, mode: str, rows: list[StudyRow]) -> None:
+    """A `ManifestError` when no training row has the one side `mode` reads (a model of
+    constant answers otherwise); a warning when a fused mode would see one side only."""
+    given = {
+        "image": any(r.image is not None for r in rows),
+        "note": any(r.note or r.note_path is not None for r in rows),
+    }
+    needs = {"image_only": ("image",), "text_only": ("note",)}.get(mode, ("image", "note"))
+    missing = [side for side in needs if not given[side]]
+    if missing and len(needs) == 1:
+        raise ManifestError(
+            manifest_path,
+            f"no row of the train split has a{'n' if needs[0] == 'image' else ''} "
+            f"{needs[0]}, the only side model.fusion.mode={mode} reads",
+            hint=f"fill in the {needs[0]} column, or train another fusion mode",
+        )
+    for side in missing:
+        log.warning(
+            "%s: no row of the train split has a%s %s: the model learns from the other side alone",
+            manifest_path,
+            "n" if side == "image" else "",
+            side,
+        )
+
+
 def train(
     manifest_path: str | Path, out_dir: str | Path, cfg: RunConfig, device: str | None = None
 ) -> TrainResult:
@@ -313,9 +367,10 @@ def train(
         )
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"labels": manifest.labels})})
     manifest_sha = file_sha256(manifest_path)  # read once: the bytes this run trains on
-    # what an unfinished run resumes only with: this configuration on this manifest's bytes
-    config_sha = hashlib.sha256((cfg.model_dump_json() + manifest_sha).encode()).hexdigest()
+    settings = _run_settings(cfg, manifest_sha)
+    config_sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     train_rows, val_rows = split_rows(manifest, "train"), split_rows(manifest, "val")
+    check_sides(manifest.path, cfg.model.fusion.mode, train_rows)
     problem = label_problem(
         manifest.label_matrix(), manifest.table["split"].to_numpy(), manifest.labels
     )
@@ -338,11 +393,16 @@ def train(
     best: FusionModel | None = None
     if snapshot is not None:
         model, best, states, progress = load_snapshot(snapshot)
-        if progress.config_sha256 != config_sha:
+        # (the hash of a run an earlier clinfuse started covered the whole configuration)
+        legacy_sha = hashlib.sha256((cfg.model_dump_json() + manifest_sha).encode()).hexdigest()
+        if progress.config_sha256 not in (config_sha, legacy_sha):
+            saved = progress.settings
+            changed = [d for k in saved for d in _differing(settings[k], saved[k], k)]
+            shown = f" (the run's -> this command's: {'; '.join(changed[:5])})" if changed else ""
             raise ClinfuseError(
                 f"{out_dir}: holds an unfinished run with a different configuration or "
-                "manifest. Rerun the same command (same config, same manifest file), or choose "
-                "a new --out"
+                f"manifest{shown}. Rerun the same command (same config, same manifest file), "
+                "or choose a new --out"
             )
         log.info(
             "resuming from %s (epoch %d, step %d)", snapshot.name, progress.epoch, progress.step
@@ -360,7 +420,7 @@ def train(
                 cfg.train.lr,
                 cfg.train.seed,
             )
-        states, progress = None, Progress(config_sha256=config_sha)
+        states, progress = None, Progress(config_sha256=config_sha, settings=settings)
     model.to(torch_device).train()
 
     collate = Collator(model.note_tokenizer, cfg.model)
@@ -469,6 +529,15 @@ def train(
             )
         failures.update(unread)
         auroc = validation_macro_auroc(val, manifest.labels)
+        if auroc is None:  # the rows giving a label both outcomes are among the unread ones
+            raise ManifestError(
+                manifest.path,
+                f"no label of the {len(val.study_ids)} validation studies that could be read "
+                f"(of {len(val_rows)}) has both a positive and a negative, so early stopping, "
+                "calibration and the decision thresholds could not be fitted",
+                hint="`clinfuse validate` gives each unreadable row's reason: mend those rows, "
+                "or move labelled patients into the val split with a split column",
+            )
         seconds = time.perf_counter() - epoch_started
         improved = auroc is not None and auroc > progress.best_auroc
         if improved:
