@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pydicom
@@ -197,6 +197,15 @@ def test_same_inputs_write_identical_files(tmp_path):
     third = write_study_exports(tmp_path / "c", newer, LABELS, source, {"sr"}, issued=ISSUED)
     old_uid = pydicom.dcmread(first[1]).SOPInstanceUID
     assert pydicom.dcmread(third[0]).SOPInstanceUID != old_uid
+    # another run of the same model on the same study (a shared store: the same pseudonym)
+    # writes another object: one UID with two contents would be one object to a PACS
+    later = write_study_exports(
+        tmp_path / "d", record(), LABELS, source, {"sr"}, issued=ISSUED + timedelta(hours=1)
+    )
+    again = pydicom.dcmread(later[0])
+    assert again.SOPInstanceUID != old_uid
+    assert again.SeriesInstanceUID != pydicom.dcmread(first[1]).SeriesInstanceUID
+    assert again.StudyInstanceUID == pydicom.dcmread(first[1]).StudyInstanceUID
 
 
 def test_interrupted_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -100,6 +101,8 @@ def test_every_row_ends_as_one_prediction_or_one_failure(
     assert predicted["model_version"].str.startswith("tiny@").all()
     parquet = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert len(parquet) == len(predictions)
+    metadata = pyarrow.parquet.read_schema(tmp_path / "run" / "predictions.parquet").metadata
+    assert metadata[b"clinfuse.notice"].startswith(b"Decision support, not a diagnosis")
     printed = capsys.readouterr().out
     assert f"{len(predicted)} predicted, 5 failed, 0 skipped" in printed
     assert "failed image:truncated: 1" in printed
@@ -262,6 +265,16 @@ def test_an_output_folder_that_cannot_be_made_is_a_clear_error(
     assert f"error: {tmp_path / 'a_file'}: a file is where this command makes a folder" in err
 
 
+def test_an_export_that_cannot_be_written_is_an_error_before_any_study_is_scored(
+    tiny_model, small_export, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    (run / "predictions.csv").mkdir(parents=True)
+    assert infer(tiny_model, small_export, run) == 2
+    assert f"error: {run / 'predictions.csv'}: is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["predictions.csv"]  # nothing scored
+
+
 def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export, tmp_path):
     assert infer(tiny_model, small_export, tmp_path / "run", "--standards", "fhir,sr") == 0
     root = small_export.parent
@@ -329,10 +342,13 @@ def test_an_image_a_report_cannot_reference_never_stops_a_standards_run(
     ds.save_as(tmp_path / "private.dcm")
     rows.loc[rows.index[0], "image"] = str(tmp_path / "private.dcm")
     rows.to_csv(tmp_path / "m.csv", index=False)
-    assert infer(tiny_model, tmp_path / "m.csv", tmp_path / "run", "--standards", "sr") == 0
-    assert len(list((tmp_path / "run" / "sr").glob("*.dcm"))) == 2
+    run = tmp_path / "run"
+    assert infer(tiny_model, tmp_path / "m.csv", run, "--standards", "fhir,sr") == 0
+    assert len(list((run / "sr").glob("*.dcm"))) == 2
     study = rows["study_id"].iloc[0]
-    assert f"study {study}: its sr do not reference its image" in caplog.text
+    assert f"study {study}: its DICOM SR does not reference its image" in caplog.text
+    report = json.loads((run / "fhir" / f"{study}.json").read_text())  # FHIR has no such rule:
+    assert "imagingStudy" in report and "FHIR report does not" not in caplog.text  # kept whole
 
 
 def test_a_full_disk_while_explaining_stops_the_run_and_the_same_command_explains_again(

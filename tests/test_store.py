@@ -415,6 +415,20 @@ def test_new_stores_opened_at_once_in_one_process(new_url):
     assert opened == [head_revision()] * len(urls)
 
 
+def test_a_store_another_process_made_between_two_reads_is_opened(new_url, monkeypatch):
+    """Two runs open one new shared store at once: the other's migration commits between this
+    one's "no revision yet" and its look at the tables, which are then clinfuse's own."""
+    from clinfuse.store import store as module
+
+    url = new_url()
+    Store(url).close()  # the other process's store, made meanwhile
+    reads = iter([None])  # what this process read first: no store yet
+    real = module.current_revision
+    monkeypatch.setattr(module, "current_revision", lambda conn: next(reads, real(conn)))
+    with Store(url) as store:
+        assert store.schema_version() == head_revision()
+
+
 OLD_ROWS = [  # a run as the first release wrote it (table, columns, values)
     ("models", "version, name, labels, thresholds, config, validation, created_at",
      """'m-1', 'tiny', '["flu", "copd"]', '{}', '{}', '{}', :t"""),

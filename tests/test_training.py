@@ -648,6 +648,15 @@ def test_evaluate_measures_against_another_labels_table(trained, export, tmp_pat
     mirrored = json.loads((tmp_path / "f" / "metrics.json").read_text())["labels"]["copd"]
     assert mirrored["auroc"] == pytest.approx(1 - metrics["labels"]["copd"]["auroc"])
 
+    # an export without (or with unreadable) label columns is measured against the table alone
+    rows = pd.read_csv(export, dtype=str, keep_default_na=False).drop(columns=["copd", "mass"])
+    rows["effusion"] = "?"
+    rows.to_csv(export.parent / "unlabelled.csv", index=False)
+    unlabelled = [*base[:4], str(export.parent / "unlabelled.csv"), *base[5:]]
+    assert main([*unlabelled, "--out", str(tmp_path / "u"), "--labels", str(truth)]) == 0
+    again = json.loads((tmp_path / "u" / "metrics.json").read_text())
+    assert again["macro"]["auroc"] == pytest.approx(metrics["macro"]["auroc"])
+
     expected.iloc[1:].to_csv(tmp_path / "short.csv")  # a scored study left out: an error
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "s"), "--labels", str(tmp_path / "short.csv")]) == 2

@@ -427,16 +427,22 @@ def load_manifest(
     labels: Sequence[str] | None = None,
     split: PatientSplit | None = None,
     warn_short_rows: bool = True,
+    read_labels: bool = True,
 ) -> Manifest:
     """Read and check a manifest; raise `ManifestError` naming the row/column of a problem.
 
-    `labels` names the label columns; by default every column that is not reserved.
+    `labels` names the label columns; by default every column that is not reserved. With
+    `read_labels=False` (labels measured from another table) they are all unknown, whether
+    the manifest has the columns or not.
     Rows without a `split` value get the seeded patient-level `split` (default PatientSplit()).
     CSV rows with fewer cells than the header are read with the missing cells empty, and
     named in a warning (`report_short_rows`) unless `warn_short_rows` is False.
     """
     path = Path(path)
-    manifest = check_table(path, read_table(path), labels, split or PatientSplit())
+    table = read_table(path)
+    if not read_labels and labels is not None:
+        table = table.assign(**{name: "" for name in labels if name not in RESERVED})
+    manifest = check_table(path, table, labels, split or PatientSplit())
     if warn_short_rows:
         report_short_rows(path)
     return manifest

@@ -63,6 +63,7 @@ def evaluate_model(
             data.get("test_fraction", 0.15),
             data.get("split_seed", 0),
         ),
+        read_labels=labels_path is None,  # measured against that table's: these are not read
     )
     rows = list(manifest.rows(None if split == "all" else split))
     if not rows:

@@ -58,9 +58,12 @@ def _lo(text: str) -> str:
     return text if len(text) <= 64 else text[:63] + "~"
 
 
-def _uid(kind: str, pred: PredictionRecord, study_uid: str) -> str:
+def _uid(kind: str, pred: PredictionRecord, study_uid: str, issued: str = "") -> str:
+    """A UID derived from what it identifies: a rerun of one run writes the same UIDs, and
+    `issued` (the run's start) sets another run's SR apart (two SRs of one UID and different
+    contents are one object to a PACS, which keeps one of them)."""
     sources = ["clinfuse", kind, pred.model_version, pred.patient_pseudonym, pred.study_id]
-    return generate_uid(entropy_srcs=[*sources, study_uid])
+    return generate_uid(entropy_srcs=[*sources, study_uid, issued])
 
 
 def _evidence(sources: Sequence[Dataset], pred: PredictionRecord) -> list[Dataset]:
@@ -203,9 +206,9 @@ def comprehensive_sr(
     sr = ComprehensiveSR(
         evidence=evidence,
         content=_content(pred, rows),
-        series_instance_uid=_uid("series", pred, study_uid),
+        series_instance_uid=_uid("series", pred, study_uid, when.isoformat()),
         series_number=series_number,
-        sop_instance_uid=_uid("instance", pred, study_uid),
+        sop_instance_uid=_uid("instance", pred, study_uid, when.isoformat()),
         instance_number=1,
         manufacturer="clinfuse",
         manufacturer_model_name=_lo(model_name(pred)),

@@ -1,7 +1,9 @@
 """Run exports: `predictions.parquet`, `predictions.csv`, `failures.csv`, written from the store.
 
-Each file is written to a temporary name and renamed into place, so an interrupted write never
-leaves a corrupt file behind; the store stays the source of truth and a rerun rewrites them.
+Every file is written to a temporary name first and only then are they renamed into place, so an
+interrupted or failed write never leaves a corrupt file, or one file newer than the others,
+behind; the store stays the source of truth and a rerun rewrites them. The Parquet file's
+metadata says what the scores are (`NOTICE`); every row names its model version.
 """
 
 from __future__ import annotations
@@ -13,7 +15,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clinfuse.exports.files import check_writable_file
 from clinfuse.store import Store
+
+NOTICE = "Decision support, not a diagnosis: every score is for review by a clinician."
+EXPORTS = ("predictions.parquet", "predictions.csv", "failures.csv")
+
+
+def check_exports(run_dir: Path) -> None:
+    """Before any study is scored: each export of `run_dir` can be written (a folder in its
+    place, or a read-only file, is an error naming it, not a failure after the whole run)."""
+    for name in EXPORTS:
+        check_writable_file(run_dir / name)
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -39,26 +52,37 @@ def _commit(tmp: Path, path: Path) -> None:
 
 def write_exports(store: Store, run_id: int, run_dir: Path) -> list[Path]:
     """Write the run's tables into `run_dir`; returns the paths written."""
-    parquet, csv = run_dir / "predictions.parquet", run_dir / "predictions.csv"
-    parquet_tmp, csv_tmp = run_dir / ".predictions.parquet.tmp", run_dir / ".predictions.csv.tmp"
+    paths = [run_dir / name for name in EXPORTS]
+    temporaries = [path.with_name(f".{path.name}.tmp") for path in paths]
+    parquet_tmp, csv_tmp, failures_tmp = temporaries
     writer = None
     try:
         for i, chunk in enumerate(store.iter_predictions(run_id)):
             chunk = _typed(chunk)
             table = pa.Table.from_pandas(chunk, preserve_index=False)
             if writer is None:
-                writer = pq.ParquetWriter(parquet_tmp, table.schema)
+                writer = pq.ParquetWriter(parquet_tmp, _described(table.schema))
             writer.write_table(table.cast(writer.schema))
             chunk.to_csv(csv_tmp, mode="w" if i == 0 else "a", header=i == 0, index=False)
+        if writer is None:  # an empty run still gets (empty) files
+            empty = pd.DataFrame(columns=["study_id", "status"])
+            table = pa.Table.from_pandas(empty, preserve_index=False)
+            pq.write_table(table.cast(_described(table.schema)), parquet_tmp)
+            empty.to_csv(csv_tmp, index=False)
+        else:
+            writer.close()
+            writer = None
+        store.failures(run_id).to_csv(failures_tmp, index=False)
+        for tmp, path in zip(temporaries, paths, strict=True):
+            _commit(tmp, path)
     finally:
         if writer is not None:
             writer.close()
-    if writer is None:  # an empty run still gets (empty) files
-        pd.DataFrame(columns=["study_id", "status"]).to_parquet(parquet_tmp)
-        pd.DataFrame(columns=["study_id", "status"]).to_csv(csv_tmp, index=False)
-    _commit(parquet_tmp, parquet)
-    _commit(csv_tmp, csv)
-    failures, failures_tmp = run_dir / "failures.csv", run_dir / ".failures.csv.tmp"
-    store.failures(run_id).to_csv(failures_tmp, index=False)
-    _commit(failures_tmp, failures)
-    return [parquet, csv, failures]
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+    return paths
+
+
+def _described(schema: pa.Schema) -> pa.Schema:
+    """`schema` with clinfuse's notice in its metadata (each row names its model version)."""
+    return schema.with_metadata({**(schema.metadata or {}), b"clinfuse.notice": NOTICE.encode()})

@@ -42,7 +42,7 @@ from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
 from clinfuse.exports.files import new_folder
-from clinfuse.inference.outputs import write_exports
+from clinfuse.inference.outputs import check_exports, write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
 from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord, Store, parse_url
@@ -322,6 +322,7 @@ def _open_run(
     lock: int | None,
 ) -> OpenRun:
     """`open_run`'s work, with the run folder already held."""
+    check_exports(run_dir)
     model = load_checkpoint(model_dir, select_device(settings.device))
     version = model_version(model_dir)
     total = count_rows(manifest, model.labels, settings.chunk_rows)
@@ -714,20 +715,21 @@ def write_standards(
 
     for prediction in predictions:
         source = image_paths.get(prediction.study_id) or None
-        write = partial(
-            write_study_exports, run_dir, prediction, labels, formats=set(formats), issued=issued
-        )
-        try:
-            write(Path(source) if source else None)
-        except OSError:
-            raise  # a full disk or a read-only folder: stop, so the batch is not committed
-        except Exception as exc:
-            why = exc.reason if isinstance(exc, DicomError) else type(exc).__name__
-            log.warning(  # the reason, not the message: a path may hold a patient's name
-                "study %s: its %s do not reference its image, whose header cannot be read "
-                "again or referenced (%s)",
-                prediction.study_id,
-                " and ".join(formats),
-                why,
+        for form in formats:  # one at a time: an SR highdicom refuses leaves the FHIR whole
+            write = partial(
+                write_study_exports, run_dir, prediction, labels, formats={form}, issued=issued
             )
-            write(None)
+            try:
+                write(Path(source) if source else None)
+            except OSError:
+                raise  # a full disk or a read-only folder: stop, so the batch is not committed
+            except Exception as exc:
+                why = exc.reason if isinstance(exc, DicomError) else type(exc).__name__
+                log.warning(  # the reason, not the message: a path may hold a patient's name
+                    "study %s: its %s does not reference its image, whose header cannot be "
+                    "read again or referenced (%s)",
+                    prediction.study_id,
+                    {"fhir": "FHIR report", "sr": "DICOM SR"}.get(form, form),
+                    why,
+                )
+                write(None)

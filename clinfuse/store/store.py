@@ -103,7 +103,9 @@ class Store:
                 "creates one)"
             )
         clash = sorted(set(sa.inspect(conn).get_table_names()) & set(Base.metadata.tables))
-        if clash:
+        # read again: another process opening the same new store may have made it meanwhile
+        # (each statement sees what was committed before it, on PostgreSQL)
+        if clash and current_revision(conn) is None:
             raise StoreError(
                 f"{shown} already has tables named {', '.join(clash)} that are not a clinfuse "
                 "store: give clinfuse a database of its own"
@@ -262,15 +264,21 @@ class Store:
         on keeps its failure: its review events, which are never changed, refer to it."""
         reviewed = sa.select(Review.study_id).where(Review.run_id == run_id)
         with _write(self._engine) as conn:
-            conn.execute(
-                sa.delete(Failure).where(
-                    Failure.run_id == run_id, Failure.study_id.not_in(reviewed)
-                )
-            )
-            failed = sa.delete(Study).where(
+            # chosen once, their rows locked (PostgreSQL): a verdict saved meanwhile waits, and
+            # no study loses its failure row while keeping its failed status
+            chosen = sa.select(Study.study_id).where(
                 Study.run_id == run_id, Study.status == "failed", Study.study_id.not_in(reviewed)
             )
-            return int(conn.execute(failed).rowcount or 0)
+            ids = list(conn.scalars(chosen.with_for_update()))
+            for start in range(0, len(ids), 500):  # bound parameters: SQLite takes ~32k
+                some = ids[start : start + 500]
+                conn.execute(
+                    sa.delete(Failure).where(Failure.run_id == run_id, Failure.study_id.in_(some))
+                )
+                conn.execute(
+                    sa.delete(Study).where(Study.run_id == run_id, Study.study_id.in_(some))
+                )
+            return len(ids)
 
     def done_study_ids(self, run_id: int) -> set[str]:
         """Study ids this run has already predicted or recorded as failed."""
@@ -453,10 +461,10 @@ class Store:
         """Append a review event; its id. Reviews are never updated or deleted."""
         review.check()
         with _write(self._engine) as conn:
-            known = conn.scalar(
-                sa.select(Study.id).where(
-                    Study.run_id == review.run_id, Study.study_id == review.study_id
-                )
+            known = conn.scalar(  # locked (PostgreSQL): a retry of the run cannot drop it now
+                sa.select(Study.id)
+                .where(Study.run_id == review.run_id, Study.study_id == review.study_id)
+                .with_for_update(key_share=True)
             )
             if known is None:
                 raise StoreError(f"run {review.run_id} has no study {review.study_id!r} to review")
