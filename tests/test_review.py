@@ -36,7 +36,14 @@ from clinfuse.review import (
     worklist,
 )
 from clinfuse.review.monitoring import population_stability
-from clinfuse.store import ExplanationRecord, FailureRecord, PredictionRecord, Store
+from clinfuse.store import (
+    ExplanationRecord,
+    FailureRecord,
+    PredictionRecord,
+    ReviewEvent,
+    Store,
+    StoreError,
+)
 
 LABELS = ["copd", "flu"]
 THRESHOLDS = {"copd": 0.3, "flu": 0.5}
@@ -530,6 +537,7 @@ def test_reviewed_manifest_loads_and_trains_with_the_latest_labels(tmp_path, sma
         # the same image by absolute path; the note inline, as the model read it
         assert (row.image, row.note_path, row.note) == (source.image, None, study_note(source))
         assert row.patient_id == pseudonyms[source.patient_id]
+        assert row.split == source.split  # the patient's split by its real id, not pseudonym
     text = out.read_text()
     assert not [row.patient_id for row in truth if row.patient_id in text]
     model = tmp_path / "retrained"
@@ -542,9 +550,6 @@ def test_reviewed_manifest_loads_and_trains_with_the_latest_labels(tmp_path, sma
         "model.name=tiny",
         "train.epochs=1",
         "train.bootstrap=20",
-        # pseudonyms are keyed by the store's random secret, so the patient split differs from
-        # run to run: at 15 % of ~40 patients, 1 run in ~700 had no validation patient
-        "data.val_fraction=0.3",
     ]
     assert clinfuse_main(args) == 0
     assert (model / "model.safetensors").is_file()
@@ -809,3 +814,60 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
     args = [*export, "manifest", "--run", str(unreviewed), "--out", f"{never}/"]
     assert clinfuse_main(args) == 2  # nothing reviewed in that run: nothing to write
     assert not never.exists()
+
+
+def test_review_labels_mean_what_the_export_trains_on(store, tmp_path):
+    """A correction of one label keeps the model's others; a failed study has no call to agree
+    with; a label the run lacks or a value not 1/0/unknown never reaches the store; a review
+    leaving every label unknown trains nothing and is left out; the export never replaces the
+    manifest the run scored."""
+    made = make_run(store, tmp_path / "data", n=4, n_failed=1)
+    run_id, study = made["run_id"], "S000"
+    decisions = {x: int(v) for x, v in made["studies"][study]["decisions"].items()}
+    first = LABELS[0]
+    save_review(store, run_id, study, "dr.a", "corrected", {first: 1 - decisions[first]})
+    (latest,) = store.reviews(run_id, study)
+    assert latest["labels_after"] == {**decisions, first: 1 - decisions[first]}
+    with pytest.raises(ValueError, match="was not scored .* no call to agree with"):
+        save_review(store, run_id, made["failures"][0], "dr.a", "agree", {})
+    for labels, says in (({"Flu": 1}, r"labels \['Flu'\] are not run"), ({first: 2}, "give 1, 0")):
+        with pytest.raises((StoreError, ValueError), match=says):
+            store.add_review(ReviewEvent(run_id, "S001", "dr.a", "corrected", {}, labels))
+    save_review(store, run_id, "S002", "dr.a", "disagree", {x: None for x in LABELS})
+    out = export_reviewed_manifest(store, run_id, tmp_path / "reviewed.csv")
+    assert list(pd.read_csv(out)["study_id"]) == [study]  # S002: every label unknown
+    with pytest.raises(ClinfuseError, match="is the manifest run .* scored"):
+        export_reviewed_manifest(store, run_id, made["manifest"])
+    assert "S000" in made["manifest"].read_text()
+
+
+def test_an_empty_split_cell_is_exported_as_the_patients_split_not_the_pseudonyms(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    patients = [f"PAT-{i:02d}" for i in range(40)]
+    pd.DataFrame(
+        {
+            "study_id": [f"S{i:02d}" for i in range(40)] + ["T00"],
+            "patient_id": [*patients, "PAT-00"],
+            "note": "cough",
+            "split": [""] * 40 + ["test"],  # PAT-00's second study: given
+            "copd": "1",
+        }
+    ).to_csv(manifest, index=False)
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        store.register_model("m-1", "tiny", ["copd"], {"copd": 0.5}, {}, {})
+        run_id, _ = store.start_run("r", "m-1", str(manifest), file_sha256(manifest), {})
+        ids = pd.read_csv(manifest)[["study_id", "patient_id"]].itertuples(index=False)
+        records = [
+            PredictionRecord(s, store.pseudonym(p), {"copd": 0.9}, {"copd": 0.5}, {"copd": True},
+                             "note", "m-1")
+            for s, p in ids
+        ]  # fmt: skip
+        store.write_batch(run_id, records, [])
+        for record in records:
+            save_review(store, run_id, record.study_id, "dr.a", "agree", {})
+        out = export_reviewed_manifest(store, run_id, tmp_path / "reviewed.csv")
+    pd.read_csv(manifest).iloc[:40].to_csv(tmp_path / "first.csv", index=False)
+    seeded = {row.study_id: row.split for row in load_manifest(tmp_path / "first.csv")}
+    exported = {row.study_id: row.split for row in load_manifest(out)}  # trainable: one split
+    assert exported == {**seeded, "S00": "test", "T00": "test"}  # a patient each, by real id
+    assert seeded["S00"] != "test"  # the seeded split alone would have parted PAT-00

@@ -44,9 +44,13 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     for a .parquet name).
 
     Columns: study_id, patient_id (the pseudonym), image (the absolute path from the run's
-    manifest), note_path, note, split (the run manifest's split cell, empty where it gave
-    none), then one column per model label holding the latest review's label (1, 0, or empty
-    = unknown). The note is written inline as the model read it, identifiers masked
+    manifest), note_path, note, split (the run manifest's split cell; where it gave none, the
+    patient's split in another of its rows, else the seeded patient-level split of the
+    patient's real id, as `clinfuse train` would have given it: a split seeded by the
+    pseudonym could part a patient's studies), then one column per
+    model label holding the latest review's label (1, 0, or empty = unknown). A study whose
+    latest review leaves every label unknown is left out (logged): it would train nothing.
+    The note is written inline as the model read it, identifiers masked
     (`entry_note`): the manifest's patient id is replaced by the pseudonym, so the next run
     could not mask it; a note that cannot be read keeps its path, so that run reports it.
     Studies no longer in the run's manifest are left out (logged).
@@ -64,6 +68,11 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
         where = ", ".join(map(str, reviewed_runs))
         hint = f": runs with reviews: {where} (choose one with --run)" if where else ""
         raise StoreError(f"run {run_id} has no reviewed study to export{hint}")
+    if Path(out_path).expanduser().resolve() == Path(run["manifest"]).expanduser().resolve():
+        raise ClinfuseError(
+            f"{out_path}: is the manifest run {run_id} scored; the export would replace it "
+            "(and the run's inputs with it). Give --out another file"
+        )
     reviewed = sa.select(Review.study_id).where(Review.run_id == run_id).distinct()
     query = (
         sa.select(Study.study_id, Study.patient_pseudonym)
@@ -73,25 +82,37 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     with store.engine.connect() as conn:
         patients = dict(conn.execute(query).all())
     index = run_manifest_index(run)
-    rows, missing = [], 0
+    rows, seeded, missing, unknown = [], {}, 0, 0
     for study_id, pseudonym in patients.items():
+        if study_id not in latest:  # its first review was saved since: the next export has it
+            continue
         entry = index.get(study_id)
         if entry is None:
             missing += 1
             continue
-        after = latest[study_id]["labels_after"]
+        event = latest[study_id]
+        cells = {name: _cell(event, name) for name in labels}
+        seeded[study_id] = entry.seeded_split
+        if not any(cells.values()):
+            unknown += 1
+            continue
         rows.append(
             {
                 "study_id": study_id,
                 "patient_id": pseudonym or f"unknown-{study_id}",  # its own patient group
                 "image": str(entry.image or ""),
                 **_note_cells(entry),
-                "split": entry.split,
-                **{name: _cell(after.get(name)) for name in labels},
+                "split": entry.split.lower(),
+                **cells,
             }
         )
+    given = {row["patient_id"]: row["split"] for row in rows if row["split"]}
+    for row in rows:  # an empty cell: the patient's given split, else the seeded one
+        row["split"] = row["split"] or given.get(row["patient_id"]) or seeded[row["study_id"]]
     if missing:
         log.warning("%d reviewed studies are no longer in %s: left out", missing, run["manifest"])
+    if unknown:
+        log.warning("%d reviewed studies leave every label unknown: left out", unknown)
     columns = ["study_id", "patient_id", "image", "note_path", "note", "split", *labels]
     return write_table(pd.DataFrame(rows, columns=columns), Path(out_path))
 
@@ -116,8 +137,18 @@ def _note_cells(entry: ManifestEntry) -> dict[str, str]:
     return {"note_path": "", "note": note or ""}
 
 
-def _cell(value: Any) -> str:
-    return "" if value is None else str(int(value))
+def _cell(event: dict[str, Any], name: str) -> str:
+    """A label cell of the latest review: "1", "0" or "" (unknown); a `StoreError` naming the
+    event for any other value (written to the store by other means than `save_review`)."""
+    value = event["labels_after"].get(name)
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return str(int(value))
+    raise StoreError(
+        f"study {event['study_id']}: review event {event['id']} gives label {name!r} the value "
+        f"{value!r}, not 1, 0 or unknown; save a new review of the study with its labels"
+    )
 
 
 def review_agreement(store: Store, run_id: int) -> pd.DataFrame:

@@ -22,7 +22,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from clinfuse.data.identifiers import Identifiers
-from clinfuse.data.manifest import file_sha256, read_chunks
+from clinfuse.data.manifest import PatientSplit, file_sha256, read_chunks
 from clinfuse.data.study import masked_note
 from clinfuse.errors import ClinfuseError, ManifestError, without_path
 from clinfuse.store import ReviewEvent, Store, StoreError
@@ -41,6 +41,9 @@ class ManifestEntry:
     note_path: Path | None
     identifiers: Identifiers = field(default=Identifiers(), repr=False, compare=False)
     split: str = ""  # the manifest's split cell, "" when it gives none
+    # where the split cell is empty: the default seeded split of the patient's real id (the id
+    # itself is not kept), the split `clinfuse train` would give the study
+    seeded_split: str = ""
 
 
 @dataclass
@@ -117,6 +120,7 @@ def _index(path: str, mtime_ns: int, size: int) -> tuple[Mapping[str, ManifestEn
                 note_path=root / note_path if note_path else None,
                 identifiers=Identifiers.of_ids(cell.get("patient_id")),
                 split=cell.get("split", ""),
+                seeded_split=PatientSplit().assign(cell.get("patient_id", "")),
             )
     return MappingProxyType(entries), file_sha256(Path(path))
 
@@ -222,8 +226,10 @@ def save_review(
 
     labels_before = the model's decisions for the study. labels_after holds 1, 0 or None
     (unknown) per model label; a label left out is the model's decision when the verdict is
-    'agree' and unknown otherwise. 'agree' with labels that differ from the model's is refused,
-    and so are 'corrected' and 'disagree' with none that differ (unknown differs).
+    'agree' or 'corrected' (the reviewer changed the labels given) and unknown with
+    'disagree'. 'agree' with labels that differ from the model's, or on a study the model did
+    not score (it failed), is refused, and so are 'corrected' and 'disagree' with none that
+    differ (unknown differs).
     """
     reviewer, comment = str(reviewer).strip(), str(comment or "").strip()
     ReviewEvent(run_id, study_id, reviewer, verdict, comment=comment).check()  # before any query
@@ -246,8 +252,13 @@ def save_review(
         if name in labels_after:
             after[name] = _label_value(name, labels_after[name])
         else:
-            after[name] = before.get(name) if verdict == "agree" else None
+            after[name] = before.get(name) if verdict in ("agree", "corrected") else None
     changed = any(after[n] != before.get(n) for n in labels)
+    if verdict == "agree" and not before:
+        raise ValueError(
+            f"study {study_id!r} was not scored (it failed): there is no call to agree with; "
+            "give its labels with 'corrected'"
+        )
     if verdict == "agree" and changed:
         raise ValueError(
             "verdict 'agree' with labels that differ from the model's: use 'corrected'"

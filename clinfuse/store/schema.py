@@ -333,6 +333,14 @@ class ReviewEvent:
                 raise ValueError(f"review {name} holds a NUL character: remove it and save again")
         if not self.reviewer.strip():
             raise ValueError("a review needs a reviewer: the audit trail names who decided")
+        for side in ("labels_before", "labels_after"):
+            for name, value in getattr(self, side).items():
+                if not isinstance(name, str) or not (
+                    value is None or (isinstance(value, (bool, int)) and value in (0, 1))
+                ):
+                    raise ValueError(
+                        f"review {side}: label {name!r} = {value!r}; give 1, 0 or None (unknown)"
+                    )
 
 
 def check_pseudonym(study_id: str, pseudonym: str) -> None:

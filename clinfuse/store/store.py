@@ -468,6 +468,17 @@ class Store:
             )
             if known is None:
                 raise StoreError(f"run {review.run_id} has no study {review.study_id!r} to review")
+            labels = conn.scalar(
+                sa.select(Model.labels)
+                .join(Run, Run.model_id == Model.id)
+                .where(Run.id == review.run_id)
+            )
+            foreign = sorted({*review.labels_before, *review.labels_after} - set(labels or ()))
+            if foreign:
+                raise StoreError(
+                    f"review of {review.study_id!r}: labels {foreign} are not run "
+                    f"{review.run_id}'s labels {list(labels or ())}"
+                )
             event = dict(asdict(review), created_at=review.created_at or utcnow())
             return int(conn.scalar(sa.insert(Review).values(**event).returning(Review.id)))
 
