@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 import threading
@@ -773,7 +774,7 @@ def test_a_manifest_changed_or_gone_since_the_run_is_never_shown_or_exported(tmp
 
 
 def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_reviews(
-    tmp_path, capsys
+    tmp_path, capsys, caplog
 ):
     url = Store.default_url(tmp_path / "run")
     with Store(url) as store:
@@ -803,6 +804,11 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
     assert clinfuse_main([*export, "manifest", "--out", str(tmp_path / "m.txt")]) == 2
     assert "write a .csv or .parquet file" in capsys.readouterr().err
     assert not (tmp_path / "m.txt").exists()
+    with Store(url) as store:  # the later run reviewed too: an export of one names the other
+        save_review(store, 2, "S001", "dr.a", "agree", {}, "")
+        with caplog.at_level(logging.WARNING, logger="clinfuse.review.export"):
+            export_reviewed_manifest(store, 2, tmp_path / "second.csv")
+    assert "runs 1 also have reviews; this export holds run 2's only" in caplog.text
     # a refused export (an unknown run, a mistyped store) leaves no folder behind
     never = tmp_path / "never"
     assert clinfuse_main([*export, "manifest", "--run", "99", "--out", str(never)]) == 2

@@ -60,14 +60,20 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     run = store.run(run_id)
     labels = list(run["labels"])
     latest = latest_reviews(store, run_id)
+    with store.engine.connect() as conn:
+        reviewed_runs = list(
+            conn.scalars(sa.select(Review.run_id).distinct().order_by(Review.run_id))
+        )
+    others = ", ".join(str(r) for r in reviewed_runs if r != run_id)
     if not latest:
-        with store.engine.connect() as conn:
-            reviewed_runs = list(
-                conn.scalars(sa.select(Review.run_id).distinct().order_by(Review.run_id))
-            )
-        where = ", ".join(map(str, reviewed_runs))
-        hint = f": runs with reviews: {where} (choose one with --run)" if where else ""
+        hint = f": runs with reviews: {others} (choose one with --run)" if others else ""
         raise StoreError(f"run {run_id} has no reviewed study to export{hint}")
+    if others:  # each run's reviews are exported on their own: none is merged in silently
+        log.warning(
+            "runs %s also have reviews; this export holds run %d's only (export each with --run)",
+            others,
+            run_id,
+        )
     if Path(out_path).expanduser().resolve() == Path(run["manifest"]).expanduser().resolve():
         raise ClinfuseError(
             f"{out_path}: is the manifest run {run_id} scored; the export would replace it "
