@@ -537,6 +537,12 @@ def test_damaged_ground_truth_is_one_error_naming_file_and_line(trained, export,
     lines = (export / "ground_truth" / "rationales.jsonl").read_bytes().splitlines(keepends=True)
     with pytest.raises(ManifestError, match=r"rationales.jsonl: line 2 is not a rationale record"):
         load_ground_truth(damaged("rationales.jsonl", b"".join([lines[0], b"{cut\n", *lines[1:]])))
+    latin = tmp_path / "latin"  # one line saved in another encoding
+    shutil.copytree(export / "ground_truth", latin)
+    first = lines[0].replace(b"}", b', "note": "r\xe9sum\xe9"}')
+    (latin / "rationales.jsonl").write_bytes(b"".join([first, *lines[1:]]))
+    with pytest.raises(ManifestError, match=r"rationales.jsonl: is not UTF-8 text"):
+        load_ground_truth(latin)
     truth = pd.read_csv(export / "ground_truth" / "truth.csv", dtype=str)
     truth.loc[0, "copd"] = "yes"
     folder = damaged("truth.csv", truth.to_csv(index=False).encode())
@@ -633,3 +639,51 @@ def test_a_note_the_model_read_in_part_says_so_on_its_page():
     assert "FINAL: emphysema." in rest and "<mark" not in rest
     whole = note_html(note, spans, words, ["copd"])
     assert "notice" not in whole and whole.count("<mark") > page.count("<mark")
+
+
+def test_studies_explain_eval_cannot_read_are_named_and_counted(trained, export, tmp_path, caplog):
+    """A missing image is a warning naming the study and a count in the report; a split none
+    of whose studies can be read is one error saying so, not a crash."""
+    from clinfuse.errors import ClinfuseError
+    from clinfuse.explain.quality import evaluate_explanations
+
+    model = load_checkpoint(trained)
+    rows = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    for column in ("image", "note_path"):
+        rows[column] = [str(export / p) if p else "" for p in rows[column]]
+    rows.loc[0, ["image", "note", "note_path"]] = [str(tmp_path / "gone.dcm"), "", ""]
+    rows.to_csv(tmp_path / "one_gone.csv", index=False)
+    args = dict(split="all", steps=2, sanity=False, max_studies=2)
+    summary = evaluate_explanations(
+        model, tmp_path / "one_gone.csv", export / "ground_truth", **args
+    )
+    assert summary["unreadable"] == 1
+    assert f"study {rows.study_id[0]} could not be read, so it is not explained" in caplog.text
+    assert "1 could not be read" in quality_markdown(summary)
+    rows[["image", "note", "note_path"]] = [str(tmp_path / "gone.dcm"), "", ""]
+    rows.to_csv(tmp_path / "all_gone.csv", index=False)
+    with pytest.raises(ClinfuseError, match=f"none of the {len(rows)} studies .* could be read"):
+        evaluate_explanations(model, tmp_path / "all_gone.csv", export / "ground_truth", **args)
+
+
+def test_a_study_that_fails_while_explained_is_recorded_and_the_rest_explained(
+    trained, export, tmp_path, monkeypatch
+):
+    """Its image replaced by an unreadable file between the model's read and the display's."""
+    from clinfuse.errors import DicomError
+    from clinfuse.explain import render
+
+    first, second = pd.read_csv(export / "manifest.csv", dtype=str)["study_id"][:2]
+    real = render.read_dicom
+
+    def replaced(path):
+        if Path(path).stem == first:
+            raise DicomError(path, "decode_failed", "replaced since it was scored")
+        return real(path)
+
+    monkeypatch.setattr(render, "read_dicom", replaced)
+    done = render.explain_studies(
+        trained, export / "manifest.csv", [first, second], tmp_path, steps=2
+    )
+    assert [d.failure for d in done] == ["explain_failed: image:decode_failed", None]
+    assert done[1].files and all(p.is_file() for p in done[1].files)

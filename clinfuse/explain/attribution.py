@@ -254,7 +254,7 @@ def image_integrated_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attributions (B, L, *spatial) on the model grid, summed over channels, and deltas (B, L).
 
-    Per label the attributions sum to f(image) - f(black image) - delta, the note held fixed.
+    Per label the attributions sum to f(image) - f(black image) + delta, the note held fixed.
     """
     image, *rest = inputs
     ig = IntegratedGradients(model)
@@ -325,7 +325,7 @@ def note_integrated_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token scores (B, L, Nt), summed over the embedding, and deltas (B, L).
 
-    Per label the scores sum to f(note) - f(reference note) - delta, the image held fixed; the
+    Per label the scores sum to f(note) - f(reference note) + delta, the image held fixed; the
     reference differs from the note only at content tokens, so [CLS], [SEP] and padding score 0.
     """
     image, ids, mask, image_present, note_present = inputs

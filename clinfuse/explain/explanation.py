@@ -99,14 +99,13 @@ class Explanation:
             "modality": np.asarray(self.modality, dtype=np.float32),
             "delta": np.asarray(self.delta, dtype=np.float32),
         }
-        image = None
-        if self.image is not None:  # float16 of the map over its peak: see `peak_scaled`
-            image, arrays["image_scale"] = peak_scaled(self.image)
+        scaled = {}  # float16 of each map over its peak, the peaks beside it: see `peak_scaled`
+        for key in SCALED_MAPS:
+            if getattr(self, key) is not None:
+                scaled[key], arrays[f"{key}_scale"] = peak_scaled(getattr(self, key))
         optional = {
-            "image": (image, np.float16),
-            "gradcam": (self.gradcam, np.float16),
+            **{key: (value, np.float16) for key, value in scaled.items()},
             "spans": (self.spans, np.int32),
-            "words": (self.words, np.float16),
             "attention": (self.attention, np.float32),
         }
         for key, (value, dtype) in optional.items():
@@ -134,19 +133,20 @@ class Explanation:
 
             labels = tuple(str(x) for x in data["labels"])
             note = get("note")
-            image = get("image", np.float32)
-            scale = get("image_scale", np.float32)
-            if image is not None and scale is not None:
-                image *= per_label(scale, image.ndim)
+            maps = {key: get(key, np.float32) for key in SCALED_MAPS}
+            for key, value in maps.items():
+                scale = get(f"{key}_scale", np.float32)  # absent: saved unscaled (earlier files)
+                if value is not None and scale is not None:
+                    value *= per_label(scale, value.ndim)
             return cls(
                 study_id=str(data["study_id"]),
                 labels=labels,
                 probabilities=data["probabilities"].astype(np.float32),
-                image=image,
-                gradcam=get("gradcam", np.float32),
+                image=maps["image"],
+                gradcam=maps["gradcam"],
                 note=None if note is None else str(note),
                 spans=get("spans", np.int32),
-                words=get("words", np.float32),
+                words=maps["words"],
                 modality=data["modality"].astype(np.float32),
                 attention=get("attention", np.float32),
                 delta=(
@@ -187,6 +187,11 @@ class Explanation:
             "image": None if self.image is None else encode_map(self.image),
             "note_read": self.note_read,
         }
+
+
+# maps saved as float16 over each label's peak: integrated gradients over the pixels, Grad-CAM
+# (its peak can be ~1e-7, where float16 keeps a few levels or none) and the word scores
+SCALED_MAPS = ("image", "gradcam", "words")
 
 
 def peak_scaled(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -153,7 +153,12 @@ def load_ground_truth(folder: str | Path, labels: Sequence[str] = ()) -> GroundT
         ) from None
     rationales: dict[tuple[str, str], list[tuple[int, int]]] = {}
     texts: dict[tuple[str, str], list[str]] = {}
-    lines = (folder / "rationales.jsonl").read_text(encoding="utf-8").splitlines()
+    try:
+        lines = (folder / "rationales.jsonl").read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            folder / "rationales.jsonl", f"is not UTF-8 text (byte {exc.start})", hint=hint
+        ) from None
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
@@ -417,15 +422,20 @@ def study_batch(model: FusionModel, rows: Sequence[StudyRow]) -> Batch:
 
 
 def true_positives(
-    model: FusionModel, rows: Sequence[StudyRow], truth: GroundTruth
-) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """(study_id -> labels truly present and called positive, label -> truly present count)."""
+    model: FusionModel, rows: Sequence[StudyRow], truth: GroundTruth, manifest: str | Path = ""
+) -> tuple[dict[str, list[str]], dict[str, int], list[tuple[str, str]]]:
+    """(study_id -> labels truly present and called positive, label -> truly present count,
+    the (study_id, reason) of the rows that could not be read, each named in a warning); the
+    error of `unreadable_split` when none could."""
     loader = DataLoader(
         StudyDataset(rows, model.cfg),
         batch_size=32,
         collate_fn=Collator(model.note_tokenizer, model.cfg),
     )
     predictions = predict(model, loader, next(model.parameters()).device)
+    predictions.require_any(manifest, "explained")
+    for study_id, reason in sorted(predictions.failures):
+        log.warning("study %s could not be read, so it is not explained: %s", study_id, reason)
     called = model.decisions(model.probabilities(torch.as_tensor(predictions.logits).float()))
     found: dict[str, list[str]] = {}
     present = dict.fromkeys(model.labels, 0)
@@ -435,7 +445,7 @@ def true_positives(
                 present[label] += 1
                 if called[i, k]:
                     found.setdefault(study_id, []).append(label)
-    return found, present
+    return found, present, sorted(predictions.failures)
 
 
 def evaluate_explanations(
@@ -495,7 +505,7 @@ def evaluate_explanations(
             "against the manifest's labels and have no masks or rationales",
             truth_dir, len(named), len(rows), split,
         )  # fmt: skip
-    positives, present = true_positives(model, list(rows.values()), truth)
+    positives, present, unread = true_positives(model, list(rows.values()), truth, manifest_path)
     studies = [s for s in rows if s in positives][:max_studies]
     if not studies:
         truly = ", ".join(f"{k} {v}" for k, v in present.items() if v) or "none"
@@ -542,6 +552,7 @@ def evaluate_explanations(
         model.labels,
         counts={
             "studies": len(rows),
+            "unreadable": len(unread),
             "explained": len(explained),
             "one_sided": one_sided,
             "truly_present": present,

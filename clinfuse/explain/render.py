@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import io
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +23,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clinfuse.atomic import sweep_temporaries, write_atomic  # noqa: E402
+from clinfuse.data.batch import Batch  # noqa: E402
 from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_dicom  # noqa: E402
-from clinfuse.data.manifest import iter_manifest  # noqa: E402
+from clinfuse.data.manifest import StudyRow, iter_manifest  # noqa: E402
 from clinfuse.data.study import file_stem  # noqa: E402
 from clinfuse.engine import select_device  # noqa: E402
-from clinfuse.errors import ConfigError, ManifestError  # noqa: E402
+from clinfuse.errors import ClinfuseError, ConfigError, DicomError, ManifestError  # noqa: E402
 from clinfuse.explain.attribution import explain  # noqa: E402
 from clinfuse.explain.explanation import Explanation  # noqa: E402
 from clinfuse.explain.metrics import POINTING_TOLERANCE  # noqa: E402
 from clinfuse.explain.quality import study_batch  # noqa: E402
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint  # noqa: E402
 from clinfuse.model.model import FusionModel  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 POSITIVE, NEGATIVE = (214, 39, 40), (31, 119, 180)  # red: for the label, blue: against it
 AS_WRITTEN = "white-space: pre-wrap"  # a note's line breaks and indents, as its author wrote them
@@ -351,18 +355,39 @@ def explain_studies(
         if batch.failures:
             done.append(ExplainedStudy(study_id, failure=batch.failures[0][1]))
         else:
-            with torch.no_grad():
-                logits = model(*batch.to(select_device(device)).model_inputs())
-            names = select_labels(model, model.probabilities(logits)[0].cpu(), labels)
-            expl = explain(model, batch, names, steps=steps, model_version=version)[0]
-            image = rows[study_id].image
-            pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
-            files = [expl.save_npz(out_dir / f"{file_stem(study_id)}.npz", sweep=False)]
-            files += render_explanation(expl, pixels, out_dir, sweep=False)
-            done.append(ExplainedStudy(study_id, expl.labels, files))
+            try:
+                done.append(
+                    _explain_one(model, batch, rows[study_id], labels, steps, version, out_dir)
+                )
+            except (ClinfuseError, RuntimeError, ValueError) as exc:  # this study, not the rest
+                why = f"image:{exc.reason}" if isinstance(exc, DicomError) else type(exc).__name__
+                log.warning("study %s could not be explained (%s)", study_id, why)
+                done.append(ExplainedStudy(study_id, failure=f"explain_failed: {why}"))
         if progress:
             progress(done[-1])
     return done
+
+
+def _explain_one(
+    model: FusionModel,
+    batch: Batch,
+    row: StudyRow,
+    labels: str,
+    steps: int,
+    version: str,
+    out_dir: Path,
+) -> ExplainedStudy:
+    """One read study explained: its .npz, PNG and HTML written into `out_dir`."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(*batch.to(device).model_inputs())
+    names = select_labels(model, model.probabilities(logits)[0].cpu(), labels)
+    expl = explain(model, batch, names, steps=steps, model_version=version)[0]
+    image = row.image  # read again for display: the DICOM's own pixel grid
+    pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
+    files = [expl.save_npz(out_dir / f"{file_stem(row.study_id)}.npz", sweep=False)]
+    files += render_explanation(expl, pixels, out_dir, sweep=False)
+    return ExplainedStudy(row.study_id, expl.labels, files)
 
 
 # -- the quality report as Markdown ----------------------------------------------------------
@@ -456,7 +481,13 @@ def quality_markdown(summary: dict) -> str:
     parts = [
         f"# Explanation quality ({summary.get('model_version', 'model')}, {summary['split']})",
         f"{summary['explained']} studies with a true positive explained, of {summary['studies']}"
-        f" in the split ({summary.get('one_sided', 0)} explained studies left out of the "
+        f" in the split"
+        + (
+            f" ({summary['unreadable']} could not be read: the log names them and why)"
+            if summary.get("unreadable")
+            else ""
+        )
+        + f" ({summary.get('one_sided', 0)} explained studies left out of the "
         "note's Shapley share: they lack their image or note, so their one side gets all the "
         "credit whatever the model). Pointing game: the map's peak within "
         f"{POINTING_TOLERANCE * 224:.0f}/224"
