@@ -88,6 +88,22 @@ def test_jsonl_numbers_and_nulls_are_labels(tmp_path):
     np.testing.assert_array_equal(manifest.label_matrix(), [[1, np.nan], [0, 1]])
 
 
+def test_a_jsonl_key_only_one_line_has_is_named_in_a_warning(tmp_path, caplog):
+    rows = [
+        {"study_id": f"S{i}", "patient_id": f"P{i}", "note": "x", "flu": i % 2} for i in range(12)
+    ]
+    rows[7] = {**rows[7], "flue": 1}  # a typo: a label of one positive, unknown elsewhere
+    path = write(tmp_path, rows, "m.jsonl")
+    with caplog.at_level(logging.WARNING, logger="clinfuse.data.manifest"):
+        load_manifest(path)
+        load_manifest(path)  # once per file version
+    said = [r.getMessage() for r in caplog.records if "only one of its 12 lines" in r.getMessage()]
+    assert (
+        len(said) == 1
+        and "the key 'flue' only one of its 12 lines has ('flue' on line 8)" in said[0]
+    )
+
+
 def test_labels_named_in_config_restrict_columns(tmp_path):
     manifest = load_manifest(write(tmp_path, ROWS), labels=["copd"])
     assert manifest.labels == ("copd",)

@@ -274,6 +274,8 @@ def _json_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     that is not one JSON object, or names a key twice (one value would hide the other, as a
     column named twice in a CSV would), is a ManifestError naming the line."""
     records: list[dict] = []
+    seen: dict[str, list[int]] = {}  # key -> the first lines naming it (two are enough)
+    objects = 0
     with path.open(encoding="utf-8-sig") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
@@ -292,11 +294,40 @@ def _json_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
                 problem = f"a {type(value).__name__}"
                 raise ManifestError(path, f"line {number} is not a JSON object ({problem})")
             records.append(value)
+            objects += 1
+            for key in value:
+                lines = seen.setdefault(key, [])
+                if len(lines) < 2:
+                    lines.append(number)
             if chunk_rows and len(records) == chunk_rows:
                 yield pd.DataFrame.from_records(records)
                 records = []
     if records or not chunk_rows:
         yield pd.DataFrame.from_records(records)
+    _warn_of_lone_keys(path, objects, seen)
+
+
+_lone_keys_told: set[tuple[str, int, int]] = set()
+
+
+def _warn_of_lone_keys(path: Path, objects: int, seen: dict[str, list[int]]) -> None:
+    """A warning, once per file version in this process, naming a key only one of 10 or more
+    JSON lines has: read as a label (unknown in every other row) it is most likely a typo of
+    another key ("pneumonai": 1)."""
+    lone = {k: lines[0] for k, lines in seen.items() if len(lines) == 1 and k not in RESERVED}
+    stat = path.stat()
+    told = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if objects < 10 or not lone or told in _lone_keys_told:
+        return
+    _lone_keys_told.add(told)
+    log.warning(
+        "%s: %s only one of its %d lines has (%s): unless data.labels names the labels, it is "
+        "read as a label, unknown in every other row; if it is a typo, mend that line",
+        path,
+        "the key " + repr(next(iter(lone))) if len(lone) == 1 else f"{len(lone)} keys",
+        objects,
+        ", ".join(f"{k!r} on line {n}" for k, n in list(lone.items())[:5]),
+    )
 
 
 def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
