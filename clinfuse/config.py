@@ -8,7 +8,7 @@ from the command line reach any field by its dotted path.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -220,6 +220,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # a complex key: the safe loader refuses it as YAML, naming the line
             if key in seen:
                 raise _RepeatedKey(key, key_node.start_mark.line + 1)
             seen.add(key)
@@ -279,8 +281,6 @@ def override_value(key: str, raw: str) -> Any:
         return None
     try:
         value = yaml.safe_load(raw)
-        # "#" as an ordinary character: where the two readings differ, a comment was cut off
-        as_text = _with_hashes(yaml.safe_load(raw.replace("#", _HASH))) if "#" in raw else value
     except yaml.YAMLError as exc:
         problem = str(getattr(exc, "problem", None) or exc).strip()
         raise ConfigError(
@@ -288,7 +288,13 @@ def override_value(key: str, raw: str) -> Any:
             f"cannot read the value {raw!r} ({problem})",
             hint="write it as YAML: a list as [a, b], text with ':' or brackets in quotes",
         ) from exc
-    if as_text != value:
+    if "#" not in raw:
+        return value
+    try:  # "#" as an ordinary character: where the two readings differ, a comment was cut off
+        as_text = _with_hashes(yaml.safe_load(raw.replace("#", _HASH)))
+    except yaml.YAMLError:
+        as_text = None  # the value only reads with the comment: it was cut short
+    if json.dumps(as_text, default=str) != json.dumps(value, default=str):  # NaN equal to NaN
         raise ConfigError(
             key,
             f"the value {raw!r} holds ' #', where YAML starts a comment and would cut it short",
@@ -413,14 +419,14 @@ def resolve_run_config(path: str | Path | None = None, overrides: Iterable[str] 
     data: dict[str, Any] = {}
     if path is not None:  # checked once below, on top of its own architecture's settings
         data = read_config_mapping(path)
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError("model", "must be a section of keys (name, image, text, fusion, ...)")
     overrides = list(overrides)
     for item in overrides:  # the architecture must be known before its defaults apply
         key, _, value = item.partition("=")
         if key == "model.name":  # read as every override value is (model.name='tiny')
-            data.setdefault("model", {})["name"] = str(override_value(key, value))
-    model = data.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError("model", "must be a section of keys (name, image, text, fusion, ...)")
+            model = {**model, "name": str(override_value(key, value))}
     name = model.get("name", DEFAULT_MODEL)
     data["model"] = merge({**architecture(str(name)), "name": name}, model)
     return apply_overrides(parse_config(RunConfig, data), overrides)

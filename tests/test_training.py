@@ -794,6 +794,13 @@ def test_a_config_file_is_read_as_written_or_refused_naming_what_to_mend(tmp_pat
     own = tmp_path / "tiny.yaml"  # checked on its own architecture (2 heads), not the default's
     own.write_text("model:\n  name: tiny\n  fusion:\n    width: 34\n")
     assert resolve_run_config(own).model.fusion.width == 34
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("model:\n")  # an empty section sets nothing
+    assert resolve_run_config(odd, ["model.name=tiny"]).model.name == "tiny"
+    for text in ("model: tiny\n", "? [a, b]\n: 1\n"):  # refused naming it, never a crash
+        odd.write_text(text)
+        with pytest.raises(ConfigError):
+            resolve_run_config(odd, ["model.name=tiny"])
     rate = tmp_path / "rate.yaml"
     rate.write_text("train:\n  lr: 0.0003\n")
     cfg = resolve_run_config(rate, ["train={epochs: 2}"])  # a section's mapping sets its keys
@@ -810,6 +817,8 @@ def test_an_override_yaml_cannot_read_or_would_cut_short_is_refused_naming_it():
         resolve_run_config(None, ["data.labels=[copd,mass"])
     with pytest.raises(ConfigError, match="'model.text.pretrained'.*start.*comment"):
         resolve_run_config(None, ["model.text.pretrained=/data/run #2/bert"])
+    with pytest.raises(ConfigError, match="'train.lr': Input should be a finite number"):
+        resolve_run_config(None, ["train.lr=.nan"])  # no '#' in it: the range check speaks
     quoted = resolve_run_config(None, ['model.text.pretrained="/data/run #2/bert"'])
     assert quoted.model.text.pretrained == "/data/run #2/bert"
     assert resolve_run_config(None, ["data.labels=[a, 'b #1']"]).data.labels == ("a", "b #1")

@@ -385,8 +385,14 @@ def _explain_one(
     expl = explain(model, batch, names, steps=steps, model_version=version)[0]
     image = row.image  # read again for display: the DICOM's own pixel grid
     pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
-    files = [expl.save_npz(out_dir / f"{file_stem(row.study_id)}.npz", sweep=False)]
-    files += render_explanation(expl, pixels, out_dir, sweep=False)
+    stem = file_stem(row.study_id)  # may hold dots ("1.2.840..."): never `with_suffix`
+    try:
+        files = [expl.save_npz(out_dir / f"{stem}.npz", sweep=False)]
+        files += render_explanation(expl, pixels, out_dir, sweep=False)
+    except BaseException:  # none of the study's files, rather than some beside the failure
+        for suffix in (".npz", ".png", ".html"):
+            (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+        raise
     return ExplainedStudy(row.study_id, expl.labels, files)
 
 

@@ -1,9 +1,10 @@
 """Run exports: `predictions.parquet`, `predictions.csv`, `failures.csv`, written from the store.
 
-Every file is written to a temporary name first and only then are they renamed into place, so an
-interrupted or failed write never leaves a corrupt file, or one file newer than the others,
-behind; the store stays the source of truth and a rerun rewrites them. The Parquet file's
-metadata says what the scores are (`NOTICE`); every row names its model version.
+Every file is written to a temporary name first, then they are renamed into place one after
+another: an interrupted or failed write never leaves a corrupt file behind, and a table that
+cannot be written leaves the three as they were. The store stays the source of truth and a
+rerun rewrites them. The Parquet file's metadata says what the scores are (`NOTICE`); every
+row names its model version.
 """
 
 from __future__ import annotations

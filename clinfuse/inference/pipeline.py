@@ -472,9 +472,10 @@ def commit(
             run.settings.standards,
             run.issued,
         )
+    # a failed study's files are an earlier, killed attempt's: gone before the commit, so a
+    # kill now leaves them to the rerun, which fails the study again or writes them anew
+    remove_study_files(run.run_dir, [f.study_id for f in failures])
     written = run.store.write_batch(run.run_id, predictions, failures, explanations)
-    if failures and written["failed"] == len(failures):  # all new: their files are stale
-        remove_study_files(run.run_dir, [f.study_id for f in failures])
     new_studies = written["predicted"] + written["failed"]
     if new_studies != len(predictions) + len(failures):
         log.warning(

@@ -46,8 +46,8 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     Columns: study_id, patient_id (the pseudonym), image (the absolute path from the run's
     manifest), note_path, note, split (the run manifest's split cell; where it gave none, the
     patient's split in another of its rows, else the seeded patient-level split of the
-    patient's real id, as `clinfuse train` would have given it: a split seeded by the
-    pseudonym could part a patient's studies), then one column per
+    patient's real id with the default `PatientSplit`, as `clinfuse train` gives it by
+    default: a split seeded by the pseudonym could part a patient's studies), then one column per
     model label holding the latest review's label (1, 0, or empty = unknown). A study whose
     latest review leaves every label unknown is left out (logged): it would train nothing.
     The note is written inline as the model read it, identifiers masked

@@ -264,12 +264,14 @@ class Store:
         on keeps its failure: its review events, which are never changed, refer to it."""
         reviewed = sa.select(Review.study_id).where(Review.run_id == run_id)
         with _write(self._engine) as conn:
-            # chosen once, their rows locked (PostgreSQL): a verdict saved meanwhile waits, and
-            # no study loses its failure row while keeping its failed status
+            # chosen once, their rows locked in one order (PostgreSQL): a verdict saved from now
+            # on waits, and no study loses its failure row while keeping its failed status
             chosen = sa.select(Study.study_id).where(
                 Study.run_id == run_id, Study.status == "failed", Study.study_id.not_in(reviewed)
             )
-            ids = list(conn.scalars(chosen.with_for_update()))
+            ids = list(conn.scalars(chosen.order_by(Study.study_id).with_for_update()))
+            # a verdict committed while the lock was awaited: read again, after it, and kept
+            ids = sorted(set(ids) - set(conn.scalars(reviewed)))
             for start in range(0, len(ids), 500):  # bound parameters: SQLite takes ~32k
                 some = ids[start : start + 500]
                 conn.execute(
