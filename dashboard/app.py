@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # `streamlit run` adds this folder; AppTest and imports may not
     sys.path.insert(0, str(HERE))
 
+import sqlalchemy as sa  # noqa: E402
 import streamlit as st  # noqa: E402
 from identity import auth_section, current_reviewer, sign_in_page, sign_out  # noqa: E402
 from session import SESSION_KEY, ReviewSession, choose_run, open_store, store_url  # noqa: E402
@@ -70,17 +71,23 @@ def main() -> None:
         if st.button("Log out" if auth_section() is not None else "Change reviewer"):
             sign_out()
             st.rerun()
-    run = choose_run(store)
-    if run is None:
-        st.info("This store has no inference run yet: run `clinfuse infer` into it first.")
-        return
-    st.sidebar.caption(NOTICE)
-    st.session_state[SESSION_KEY] = ReviewSession(store=store, run=run, reviewer=reviewer)
-    pages = [
-        st.Page(HERE / "views" / f"{path}.py", title=title, icon=icon, url_path=path)
-        for path, (title, icon) in PAGES.items()
-    ]
-    st.navigation(pages).run()
+    try:
+        run = choose_run(store)
+        if run is None:
+            st.info("This store has no inference run yet: run `clinfuse infer` into it first.")
+            return
+        st.sidebar.caption(NOTICE)
+        st.session_state[SESSION_KEY] = ReviewSession(store=store, run=run, reviewer=reviewer)
+        pages = [
+            st.Page(HERE / "views" / f"{path}.py", title=title, icon=icon, url_path=path)
+            for path, (title, icon) in PAGES.items()
+        ]
+        st.navigation(pages).run()
+    except sa.exc.DBAPIError as exc:  # the database server went away mid-session
+        st.error(
+            f"The store's database cannot be reached now ({type(exc.orig).__name__}): check "
+            "that its server is running, then reload the page. Nothing was saved since."
+        )
 
 
 main()

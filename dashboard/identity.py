@@ -13,6 +13,8 @@ from typing import Any
 
 import streamlit as st
 
+from clinfuse.store.schema import named
+
 REVIEWER_KEY = "reviewer_name"  # session state: the local reviewer's name
 
 
@@ -47,8 +49,8 @@ def current_reviewer() -> str | None:
 
 def providers(auth: Mapping[str, Any]) -> list[str | None]:
     """The providers to offer: None for a single unnamed one, else the named sub-sections."""
-    named = [key for key, value in auth.items() if isinstance(value, Mapping)]
-    return [None] if "client_id" in auth or not named else named
+    sections = [key for key, value in auth.items() if isinstance(value, Mapping)]
+    return [None] if "client_id" in auth or not sections else sections
 
 
 def sign_in_page() -> None:
@@ -72,10 +74,10 @@ def sign_in_page() -> None:
     with st.form("reviewer"):
         name = st.text_input("Reviewer name", placeholder="e.g. Dr A. Example")
         if st.form_submit_button("Start reviewing", type="primary"):
-            if name.strip():
+            if named(name):
                 st.session_state[REVIEWER_KEY] = name.strip()
                 st.rerun()
-            st.error("Enter a name: every verdict records who made it.")
+            st.error("Enter a name (a letter or digit in it): every verdict records who made it.")
 
 
 def sign_out() -> None:

@@ -6,6 +6,7 @@ file is there) and lays it out; none of them queries the store.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ METHODS = {
 }
 
 
+def as_written(text: str) -> str:
+    """`text` for Streamlit's Markdown (titles, captions, messages) shown as it is written: a
+    study id such as `S$1$ **b** [l](http://e.x)` is not maths, bold or a link."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!$~|<>&])", r"\\\1", text)
+
+
 @st.cache_resource(max_entries=16, show_spinner=False)
 def load_image(path: str, mtime: float) -> DicomImage:
     """The study's DICOM as pixels (cached per file version)."""
@@ -41,14 +48,34 @@ def load_explanation(path: str, mtime: float) -> Explanation:
     return Explanation.load_npz(path)
 
 
-def explanation_of(path: str | Path | None) -> Explanation | None:
-    """The `Explanation` in `path`, or None when there is no such readable file."""
+def explanation_of(
+    path: str | Path | None, study_id: str, model_version: str, probabilities: dict[str, float]
+) -> Explanation | None:
+    """The `Explanation` in `path` when it is this study's as scored: its study id, model
+    version and probabilities; None (with a warning) for a file that cannot be read or is
+    another's (a later run into the same folder rewrites `explanations/<study_id>.npz`, and
+    would show a note of another patient), else None when there is no file."""
     if not path or not Path(path).is_file():
         return None
     try:
-        return load_explanation(str(path), Path(path).stat().st_mtime)
-    except (OSError, ValueError, KeyError):
+        expl = load_explanation(str(path), Path(path).stat().st_mtime)
+    except Exception:  # a damaged file (zip, npz or array errors of many types)
+        st.warning("This study's explanation file cannot be read: its summary is shown instead.")
         return None
+    scored = [probabilities.get(label) for label in expl.labels]
+    same = (
+        expl.study_id == study_id
+        and expl.model_version in ("", model_version)
+        and None not in scored
+        and np.allclose(expl.probabilities, np.asarray(scored, dtype=np.float32), atol=1e-4)
+    )
+    if not same:
+        st.warning(
+            "This study's explanation file was written by another run or for other scores "
+            "since: not shown; its summary in the store is shown instead."
+        )
+        return None
+    return expl
 
 
 def _keep_valid(key: str, options: Sequence[Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ def choose_run(store: Store) -> dict[str, Any] | None:
         return None
     ids = [int(r["id"]) for r in runs]
     wanted = st.query_params.get("run")
-    if wanted is not None and wanted.isdigit() and int(wanted) in ids:
+    if wanted is not None and counting_number(wanted) in ids:
         st.session_state["run_choice"] = int(wanted)
     else:
         if st.session_state.get("run_choice") not in ids:
@@ -124,6 +125,12 @@ def link_params(query: WorklistQuery, page: int, size: int, **extra: str) -> dic
 
 def page_from_params(params: Mapping[str, Any]) -> tuple[int, int]:
     """(0-based page, page size) from the URL's `page` (1-based) and `size`."""
-    page, size = str(params.get("page", "1")), str(params.get("size", "50"))
-    number = int(page) - 1 if page.isdigit() and int(page) > 0 else 0
-    return number, int(size) if size.isdigit() and int(size) in PAGE_SIZES else 50
+    page = counting_number(str(params.get("page", "1")))
+    size = counting_number(str(params.get("size", "50")))
+    return (page - 1 if page else 0), (size if size in PAGE_SIZES else 50)
+
+
+def counting_number(text: str) -> int | None:
+    """A URL parameter's positive whole number of at most 9 ASCII digits, else None (`isdigit`
+    takes "²", which `int` refuses; a 20-digit page overflows a database integer)."""
+    return int(text) if re.fullmatch(r"[0-9]{1,9}", text) and int(text) > 0 else None

@@ -17,6 +17,7 @@ import pytest
 from clinfuse.cli import main
 from clinfuse.explain import Explanation
 from clinfuse.explain.render import explain_studies
+from clinfuse.review import study_view
 from clinfuse.store import ExplanationRecord, Store
 
 pytest.importorskip("streamlit")
@@ -239,6 +240,9 @@ def test_worklist_pages_are_cut_on_the_server(review_run, monkeypatch):
     second = list(table(at).study_id)
     assert at.query_params["page"] == "2" and len(second) == N_STUDIES - 10
     assert sorted(first + second) == list(review_run.study_ids)
+    for odd in ({"page": "9" * 23}, {"page": "²", "size": "²"}):  # a mangled link: page one
+        at = new_app(monkeypatch, review_run, **odd).run()
+        assert not at.exception and len(table(at)) == min(N_STUDIES, 50), odd
 
 
 def test_the_sort_survives_showing_failures_and_an_unknown_one_is_named(review_run, monkeypatch):
@@ -472,6 +476,46 @@ def test_no_overlay_on_an_image_replaced_after_scoring(review_run, monkeypatch):
         path.write_bytes(original)
     at = open_study(new_app(monkeypatch, review_run).run(), study)
     assert "No overlay" not in page_text(at)
+
+
+def test_an_explanation_file_of_another_study_or_damaged_is_never_shown(review_run, monkeypatch):
+    """A later run into the same folder rewrites explanations/<id>.npz: another patient's note
+    and maps must not appear on this study's page; a damaged file is not a crash."""
+    first, second = review_run.explained[:2]
+    with Store(review_run.url) as store:
+        paths = {
+            s: Path(study_view(store, review_run.run_id, s).explanation_path)
+            for s in (first, second)
+        }
+    original = paths[first].read_bytes()
+    other_note = Explanation.load_npz(paths[second]).note
+    try:
+        paths[first].write_bytes(paths[second].read_bytes())  # another study's file in its place
+        at = open_study(new_app(monkeypatch, review_run).run(), first)
+        text = page_text(at)
+        assert not at.exception and "written by another run or for other scores" in text
+        assert other_note[:40] not in text
+        paths[first].write_bytes(original[: len(original) // 2])  # cut short
+        at = open_study(new_app(monkeypatch, review_run).run(), first)
+        assert not at.exception and "explanation file cannot be read" in page_text(at)
+    finally:
+        paths[first].write_bytes(original)
+    at = open_study(new_app(monkeypatch, review_run).run(), first)
+    assert "explanation file" not in page_text(at)
+
+
+def test_a_study_id_in_a_title_or_message_reads_as_written():
+    """Not maths, bold, a link or HTML: Streamlit renders titles and messages as Markdown."""
+    import html
+
+    sys.path.insert(0, str(DASHBOARD))
+    try:
+        from panels import as_written
+    finally:
+        sys.path.remove(str(DASHBOARD))
+    markdown = pytest.importorskip("markdown_it").MarkdownIt()
+    for study_id in ("S$1$ **b** [l](http://e.x) a&amp;b", "1.2.840_x-1", "<b>x</b> # h"):
+        assert markdown.renderInline(as_written(study_id)) == html.escape(study_id, quote=False)
 
 
 def test_window_presets_slices_and_overlay():

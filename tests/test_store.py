@@ -218,6 +218,11 @@ def test_malformed_records_are_refused_before_anything_is_written(open_store):
     with pytest.raises(StoreError, match="no prediction or failure"):
         store.write_batch(run_id, [pred(store, "S0")], [], [ExplanationRecord("S9", {})])
     assert rows(store, "studies") == 0
+    store.write_batch(run_id, [pred(store, "S0")], [])
+    for nobody in ("   ", "\u200b", "\u200b \u2060"):  # spaces or invisible characters only
+        with pytest.raises(ValueError, match="needs a reviewer's name"):
+            store.add_review(ReviewEvent(run_id, "S0", nobody, "agree"))
+    assert rows(store, "reviews") == 0
 
 
 def test_done_study_ids_and_resuming_a_run(open_store):

@@ -331,8 +331,11 @@ class ReviewEvent:
                 raise ValueError(f"review {name} must be text, got {type(value).__name__}")
             if "\x00" in value:
                 raise ValueError(f"review {name} holds a NUL character: remove it and save again")
-        if not self.reviewer.strip():
-            raise ValueError("a review needs a reviewer: the audit trail names who decided")
+        if not named(self.reviewer):
+            raise ValueError(
+                "a review needs a reviewer's name (a letter or digit in it): the audit trail "
+                "names who decided"
+            )
         for side in ("labels_before", "labels_after"):
             for name, value in getattr(self, side).items():
                 if not isinstance(name, str) or not (
@@ -341,6 +344,12 @@ class ReviewEvent:
                     raise ValueError(
                         f"review {side}: label {name!r} = {value!r}; give 1, 0 or None (unknown)"
                     )
+
+
+def named(name: str) -> bool:
+    """Whether `name` can name a reviewer: a letter or digit in it (spaces alone, or an
+    invisible character such as a zero-width space, name no one in an audit trail)."""
+    return any(c.isalnum() for c in name)
 
 
 def check_pseudonym(study_id: str, pseudonym: str) -> None:

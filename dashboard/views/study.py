@@ -11,6 +11,7 @@ from typing import Any
 
 import streamlit as st
 from panels import (
+    as_written,
     explanation_of,
     history_panel,
     image_panel,
@@ -126,7 +127,7 @@ def main() -> None:
         return
     if flash := st.session_state.pop("sv_flash", None):
         st.success(flash)
-    st.title(f"Study {view.study_id}")
+    st.title(f"Study {as_written(view.study_id)}")
     st.warning(NOTICE, icon="⚕️")
     st.caption(
         f"Patient {view.patient_pseudonym or '(no id)'} · {view.modalities or 'no input'} · "
@@ -142,7 +143,8 @@ def main() -> None:
         return
 
     record = view.explanation
-    expl = explanation_of(view.explanation_path)
+    scored = {x["label"]: float(x["probability"]) for x in view.labels}
+    expl = explanation_of(view.explanation_path, view.study_id, view.model_version, scored)
     labels = [x["label"] for x in view.labels]
     explained = list(expl.labels if expl is not None else (record or {}).get("labels", []))
     top = max(view.labels, key=lambda x: float(x["probability"]))["label"]
@@ -185,7 +187,8 @@ def main() -> None:
             st.error(f"Not saved: {exc}")
             st.stop()
         st.session_state["sv_form"] += 1  # a fresh form
-        saved = f"Saved review #{review_id} of {view.study_id}: {VERDICTS[verdict].lower()}."
+        saved = f"Saved review #{review_id} of {as_written(view.study_id)}: "
+        saved += f"{VERDICTS[verdict].lower()}."
         if go_next and following is None:
             st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
         else:
