@@ -230,6 +230,10 @@ def test_worklist_filters_live_in_the_url_and_run_in_the_database(review_run, mo
         == "reviewed"
     )
     assert at.query_params["page"] == "1" and at.query_params["label"] == "copd"
+    wide = WorklistQuery(run_id=review_run.run_id, label="copd", uncertain=0.9)
+    at = new_app(monkeypatch, review_run, **wide.to_params()).run()  # a margin above 0.5 stays
+    assert not at.exception and at.number_input(key="wl_uncertain").value == 0.9
+    assert WorklistQuery.from_params(dict(at.query_params)).uncertain == 0.9
 
 
 def test_worklist_pages_are_cut_on_the_server(review_run, monkeypatch):

@@ -89,7 +89,7 @@ def filters(labels: list[str], run_id: int) -> WorklistQuery:
     margin = top[3].number_input(
         "Uncertain: |p - threshold| ≤",
         0.0,
-        0.5,
+        1.0,  # a link's margin is any distance a probability can be (above 1: the widget's)
         step=0.05,
         key="wl_uncertain",
         help="0 = off. Studies whose probability is this close to the label's threshold.",
