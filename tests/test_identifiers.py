@@ -27,7 +27,8 @@ def masked(text: str) -> str:
     "written",
     ["21/06/1947", "06/21/1947", "1947-06-21", "21.6.1947", "6/21/47", "19470621",
      "21 June 1947", "June 21, 1947", "Jun 21 1947", "21-Jun-1947", "21 JUNE 1947",
-     "21st June 1947", "June 21st, 1947", "21st of June 1947", "21061947"],
+     "21st June 1947", "June 21st, 1947", "21st of June 1947", "21061947",
+     "21. Juni 1947", "21 juin 1947", "21 de junio de 1947", "21 giugno 1947", "21 JUNI 1947"],
 )  # fmt: skip
 def test_a_birth_date_is_masked_however_the_note_writes_it(written):
     note = f"DOB {written}; seen 12/03/2024, 21 June 47 hours after onset."
@@ -65,6 +66,13 @@ def test_a_surnames_particles_are_masked_with_it_not_as_words_of_their_own():
         f"Patiente de 88 ans, fièvre de la nuit; Mme {masked('de la Cruz')}, "
         f"M. {masked('van der Berg')} ({masked('Berg')})."
     )
+
+
+def test_month_names_of_other_languages_with_and_without_accents():
+    first = Identifiers(dates=frozenset({date(1953, 2, 1)}))
+    for written in ("1er février 1953", "1 fevrier 1953", "1. Februar 1953", "1 februari 1953"):
+        note = f"née le {written}, vue le 1er février 2024"
+        assert redact(note, first) == f"née le {masked(written)}, vue le 1er février 2024"
 
 
 def test_a_header_date_in_the_old_dotted_form_is_read_and_september_is_sept():

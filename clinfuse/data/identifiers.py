@@ -61,6 +61,20 @@ MONTHS = (
     "January", "February", "March", "April", "May", "June",
     "July", "August", "September", "October", "November", "December",
 )  # fmt: skip
+# Month names of other languages a hospital's notes are written in, written out in full with
+# the day before them: "12. März 1948", "12 mars 1948", "1er mars 1948", "12 de marzo de 1948"
+OTHER_MONTHS = (
+    ("Januar", "Februar", "März", "April", "Mai", "Juni",
+     "Juli", "August", "September", "Oktober", "November", "Dezember"),  # German
+    ("janvier", "février", "mars", "avril", "mai", "juin",
+     "juillet", "août", "septembre", "octobre", "novembre", "décembre"),  # French
+    ("enero", "febrero", "marzo", "abril", "mayo", "junio",
+     "julio", "agosto", "septiembre", "octubre", "noviembre", "diciembre"),  # Spanish
+    ("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno",
+     "luglio", "agosto", "settembre", "ottobre", "novembre", "dicembre"),  # Italian
+    ("januari", "februari", "maart", "april", "mei", "juni",
+     "juli", "augustus", "september", "oktober", "november", "december"),  # Dutch
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,7 +134,8 @@ def name_parts(value: str) -> set[str]:
 def date_spellings(day: date) -> set[str]:
     """How a note may write a date (lower case): 19480312, 12031948, 1948-03-12, 12/03/1948,
     3/12/48, 12.3.1948, 12 March 1948, 12th of March 1948, 12-Mar-1948, March 12, 1948,
-    Mar. 12th 1948, Sept 3 1948, ..."""
+    Mar. 12th 1948, Sept 3 1948, and in the `OTHER_MONTHS` languages 12. März 1948,
+    1er mars 1948, 12 de marzo de 1948, 12 maart 1948, ..."""
     y, yy = str(day.year), f"{day.year % 100:02d}"
     dd, mm = f"{day.day:02d}", f"{day.month:02d}"
     days, months = {dd, str(day.day)}, {mm, str(day.month)}
@@ -139,6 +154,11 @@ def date_spellings(day: date) -> set[str]:
             # the year in full: "12 Mar 48" is as often twelve March, forty-eight hours
             found |= {f"{month} {d}, {y}", f"{month} {d} {y}", f"{d} of {month} {y}"}
             found |= {f"{d} {month} {y}", f"{d}-{month}-{y}"}
+    for month in {names[day.month - 1] for names in OTHER_MONTHS}:
+        for plain in {month, fold(month)}:  # also without accents: "fevrier", "Marz"
+            for d in {*days, *(["1er"] if day.day == 1 else [])}:
+                found |= {f"{d} {plain} {y}", f"{d}. {plain} {y}", f"{d}.{plain} {y}"}
+                found |= {f"{d} de {plain} de {y}"}
     return {s.lower() for s in found}
 
 
