@@ -68,6 +68,16 @@ def test_a_surnames_particles_are_masked_with_it_not_as_words_of_their_own():
     )
 
 
+def test_a_name_with_an_apostrophe_is_masked_as_notes_write_it():
+    patient = Identifiers(names=frozenset(name_parts("O'BRIEN^SEAN")))
+    for written in ("O'Brien", "OBrien", "O Brien", "O\u2019Brien", "obrien"):
+        note = f"Mr {written} seen; O Bright and Brien Street are not him."
+        assert (
+            redact(note, patient)
+            == f"Mr {masked(written)} seen; O Bright and Brien Street are not him."
+        )
+
+
 def test_month_names_of_other_languages_with_and_without_accents():
     first = Identifiers(dates=frozenset({date(1953, 2, 1)}))
     for written in ("1er février 1953", "1 fevrier 1953", "1. Februar 1953", "1 februari 1953"):

@@ -120,7 +120,8 @@ def name_parts(value: str) -> set[str]:
     """A PN value's family, given and middle names (each of its alphabetic, ideographic and
     phonetic groups), whole and split at spaces, commas and hyphens; prefixes and suffixes ("Dr",
     "Jr"), initials and a surname's particles alone ("de" of "DE LA CRUZ": masked as words,
-    they would hide every "de" and "la" of a French note) are left."""
+    they would hide every "de" and "la" of a French note) are left; a name with an apostrophe
+    also without it and with a space for it (O'BRIEN: OBRIEN, O BRIEN)."""
     parts: set[str] = set()
     for group in value.split("="):
         for part in group.split("^")[:3]:
@@ -128,6 +129,9 @@ def name_parts(value: str) -> set[str]:
             pieces = [part, *re.split(r"[\s,\-]+", part)]  # "SMITH, JOHN" written in one part
             pieces = [p for p in pieces if p == part or p.casefold() not in PARTICLES]
             parts |= {p for p in pieces if sum(c.isalpha() for c in p) >= MIN_NAME}
+    # "O'BRIEN" as notes also write it: OBrien, O Brien (any apostrophe, `fold`)
+    for name in [p for p in parts if re.search("['\u2018\u2019\u02bc]", p)]:
+        parts |= {re.sub("['\u2018\u2019\u02bc]", sep, name) for sep in ("", " ")}
     return parts
 
 
