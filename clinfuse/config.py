@@ -294,7 +294,7 @@ def override_value(key: str, raw: str) -> Any:
         as_text = _with_hashes(yaml.safe_load(raw.replace("#", _HASH)))
     except yaml.YAMLError:
         as_text = None  # the value only reads with the comment: it was cut short
-    if json.dumps(as_text, default=str) != json.dumps(value, default=str):  # NaN equal to NaN
+    if not _same(as_text, value):
         raise ConfigError(
             key,
             f"the value {raw!r} holds ' #', where YAML starts a comment and would cut it short",
@@ -304,6 +304,17 @@ def override_value(key: str, raw: str) -> Any:
 
 
 _HASH = "\ue000"  # a private-use character no config value holds
+
+
+def _same(a: Any, b: Any) -> bool:
+    """`a == b` for parsed YAML, a NaN equal to a NaN (`.nan` holds no comment)."""
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
 
 
 def _with_hashes(value: Any) -> Any:

@@ -83,10 +83,11 @@ def main() -> None:
             for path, (title, icon) in PAGES.items()
         ]
         st.navigation(pages).run()
-    except sa.exc.DBAPIError as exc:  # the database server went away mid-session
+    except sa.exc.DBAPIError as exc:  # a server gone mid-session, a store locked too long
         st.error(
-            f"The store's database cannot be reached now ({type(exc.orig).__name__}): check "
-            "that its server is running, then reload the page. Nothing was saved since."
+            f"The store's database did not answer ({type(exc.orig).__name__}): if it is a "
+            "server, check that it is running; if another program is writing to it, wait a "
+            "moment; then reload the page. Nothing was saved since."
         )
 
 

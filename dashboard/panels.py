@@ -48,13 +48,12 @@ def load_explanation(path: str, mtime: float) -> Explanation:
     return Explanation.load_npz(path)
 
 
-def explanation_of(
-    path: str | Path | None, study_id: str, model_version: str, probabilities: dict[str, float]
-) -> Explanation | None:
-    """The `Explanation` in `path` when it is this study's as scored: its study id, model
-    version and probabilities; None (with a warning) for a file that cannot be read or is
-    another's (a later run into the same folder rewrites `explanations/<study_id>.npz`, and
-    would show a note of another patient), else None when there is no file."""
+def explanation_of(path: str | Path | None, record: dict | None) -> Explanation | None:
+    """The `Explanation` in `path` when it is the one the store's `record` summarises (study
+    id, model version, labels, scores and Shapley values, written from the same object); None
+    (with a warning) for a file that cannot be read or is another's (a later run into the same
+    folder rewrites `explanations/<study_id>.npz`, and would show a note of another patient),
+    else None when there is no file."""
     if not path or not Path(path).is_file():
         return None
     try:
@@ -62,20 +61,37 @@ def explanation_of(
     except Exception:  # a damaged file (zip, npz or array errors of many types)
         st.warning("This study's explanation file cannot be read: its summary is shown instead.")
         return None
-    scored = [probabilities.get(label) for label in expl.labels]
-    same = (
-        expl.study_id == study_id
-        and expl.model_version in ("", model_version)
-        and None not in scored
-        and np.allclose(expl.probabilities, np.asarray(scored, dtype=np.float32), atol=1e-4)
-    )
-    if not same:
+    if not summarised_by(expl, record or {}):
         st.warning(
             "This study's explanation file was written by another run or for other scores "
             "since: not shown; its summary in the store is shown instead."
         )
         return None
     return expl
+
+
+def summarised_by(expl: Explanation, record: dict) -> bool:
+    """Whether `record` (`Explanation.to_record`, kept in the store) is `expl`'s summary."""
+    try:
+        return (
+            record.get("study_id") == expl.study_id
+            and record.get("model_version", expl.model_version) == expl.model_version
+            and list(record.get("labels", ())) == list(expl.labels)
+            and np.allclose(  # JSON keeps a float32 to the digit: only rounding differs
+                np.asarray(record.get("probabilities"), dtype=np.float32),
+                expl.probabilities,
+                atol=1e-6,
+                equal_nan=True,
+            )
+            and np.allclose(
+                np.asarray(record.get("modality"), dtype=np.float32),
+                expl.modality,
+                atol=1e-5,
+                equal_nan=True,
+            )
+        )
+    except (TypeError, ValueError):  # a record or file of other shapes: not this one's
+        return False
 
 
 def _keep_valid(key: str, options: Sequence[Any]) -> None:

@@ -234,6 +234,8 @@ def test_worklist_filters_live_in_the_url_and_run_in_the_database(review_run, mo
     at = new_app(monkeypatch, review_run, **wide.to_params()).run()  # a margin above 0.5 stays
     assert not at.exception and at.number_input(key="wl_uncertain").value == 0.9
     assert WorklistQuery.from_params(dict(at.query_params)).uncertain == 0.9
+    at = new_app(monkeypatch, review_run, **{**wide.to_params(), "uncertain": "1.5"}).run()
+    assert at.number_input(key="wl_uncertain").value == 1.0  # every study, as 1.5 would be
 
 
 def test_worklist_pages_are_cut_on_the_server(review_run, monkeypatch):
@@ -506,6 +508,24 @@ def test_an_explanation_file_of_another_study_or_damaged_is_never_shown(review_r
         paths[first].write_bytes(original)
     at = open_study(new_app(monkeypatch, review_run).run(), first)
     assert "explanation file" not in page_text(at)
+
+
+def test_an_explanation_is_matched_with_its_own_summary_in_the_store(review_run):
+    """The file is the run's when the store's record summarises it: the scores a GPU run stored
+    (under autocast) may differ from the explanation's float32 ones, its own record does not."""
+    sys.path.insert(0, str(DASHBOARD))
+    try:
+        from panels import summarised_by
+    finally:
+        sys.path.remove(str(DASHBOARD))
+    with Store(review_run.url) as store:
+        first, second = (study_view(store, review_run.run_id, s) for s in review_run.explained[:2])
+    expl = Explanation.load_npz(first.explanation_path)
+    assert summarised_by(expl, first.explanation)
+    assert not summarised_by(expl, second.explanation)  # another study's
+    shifted = dataclasses.replace(expl, probabilities=expl.probabilities + 0.01)
+    assert not summarised_by(shifted, first.explanation)  # other scores: another run's
+    assert not summarised_by(expl, {**first.explanation, "probabilities": [0.5]})  # no crash
 
 
 def test_a_study_id_in_a_title_or_message_reads_as_written():

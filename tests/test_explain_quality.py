@@ -687,3 +687,12 @@ def test_a_study_that_fails_while_explained_is_recorded_and_the_rest_explained(
     )
     assert [d.failure for d in done] == ["explain_failed: image:decode_failed", None]
     assert done[1].files and all(p.is_file() for p in done[1].files)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}  # the second study's
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render.Explanation, "save_npz", full)
+    with pytest.raises(OSError):  # a full disk stops the batch, and keeps what was written
+        render.explain_studies(trained, export / "manifest.csv", [second], tmp_path, steps=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -76,6 +76,10 @@ def test_a_name_with_an_apostrophe_is_masked_as_notes_write_it():
             redact(note, patient)
             == f"Mr {masked(written)} seen; O Bright and Brien Street are not him."
         )
+    short = Identifiers(names=frozenset(name_parts("D'O^ANNA")))  # "DO" would hide every "do"
+    assert redact("Do not resuscitate; Ms D'O agrees.", short) == (
+        "Do not resuscitate; Ms " + masked("D'O") + " agrees."
+    )
 
 
 def test_month_names_of_other_languages_with_and_without_accents():

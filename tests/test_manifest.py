@@ -97,6 +97,10 @@ def test_a_jsonl_key_only_one_line_has_is_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="clinfuse.data.manifest"):
         load_manifest(path)
         load_manifest(path)  # once per file version
+    moved = iter_manifest(path, ["flu"], chunk_rows=5)  # renamed while streamed: read whole
+    first = next(moved)
+    path.rename(tmp_path / "moved.jsonl")
+    assert [first.study_id, *(row.study_id for row in moved)] == [r["study_id"] for r in rows]
     said = [r.getMessage() for r in caplog.records if "only one of its 12 lines" in r.getMessage()]
     assert (
         len(said) == 1

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -822,6 +823,9 @@ def test_an_override_yaml_cannot_read_or_would_cut_short_is_refused_naming_it():
     quoted = resolve_run_config(None, ['model.text.pretrained="/data/run #2/bert"'])
     assert quoted.model.text.pretrained == "/data/run #2/bert"
     assert resolve_run_config(None, ["data.labels=[a, 'b #1']"]).data.labels == ("a", "b #1")
+    from clinfuse.config import override_value
+
+    assert override_value("k", "{2024-01-01: 'a#b'}") == {date(2024, 1, 1): "a#b"}  # not JSON
 
 
 def test_speed_only_settings_reuse_a_finished_folder(trained, export, capsys):

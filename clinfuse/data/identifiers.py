@@ -129,9 +129,11 @@ def name_parts(value: str) -> set[str]:
             pieces = [part, *re.split(r"[\s,\-]+", part)]  # "SMITH, JOHN" written in one part
             pieces = [p for p in pieces if p == part or p.casefold() not in PARTICLES]
             parts |= {p for p in pieces if sum(c.isalpha() for c in p) >= MIN_NAME}
-    # "O'BRIEN" as notes also write it: OBrien, O Brien (any apostrophe, `fold`)
-    for name in [p for p in parts if re.search("['\u2018\u2019\u02bc]", p)]:
-        parts |= {re.sub("['\u2018\u2019\u02bc]", sep, name) for sep in ("", " ")}
+    # "O'BRIEN" as notes also write it: OBrien, O Brien (any apostrophe, `fold`); a short one
+    # ("D'O") only as written: "DO" would mask every "do" of the note
+    apostrophe = "['\u2018\u2019\u02bc]"
+    for name in [p for p in parts if re.search(apostrophe, p) and sum(map(str.isalpha, p)) >= 4]:
+        parts |= {re.sub(apostrophe, sep, name) for sep in ("", " ")}
     return parts
 
 

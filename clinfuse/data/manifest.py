@@ -13,11 +13,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -302,27 +303,30 @@ def _json_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
             if chunk_rows and len(records) == chunk_rows:
                 yield pd.DataFrame.from_records(records)
                 records = []
+        _warn_of_lone_keys(path, file, objects, seen)
     if records or not chunk_rows:
         yield pd.DataFrame.from_records(records)
-    _warn_of_lone_keys(path, objects, seen)
 
 
 _lone_keys_told: set[tuple[str, int, int]] = set()
 
 
-def _warn_of_lone_keys(path: Path, objects: int, seen: dict[str, list[int]]) -> None:
+def _warn_of_lone_keys(path: Path, file: IO[str], objects: int, seen: dict[str, list[int]]) -> None:
     """A warning, once per file version in this process, naming a key only one of 10 or more
-    JSON lines has: read as a label (unknown in every other row) it is most likely a typo of
-    another key ("pneumonai": 1)."""
+    JSON lines has: where labels are read it is taken for a label, unknown in every other row,
+    and it is most likely a typo of another key ("flue": 1)."""
     lone = {k: lines[0] for k, lines in seen.items() if len(lines) == 1 and k not in RESERVED}
-    stat = path.stat()
+    if objects < 10 or not lone:
+        return
+    stat = os.fstat(file.fileno())  # the version read (the path may be renamed meanwhile)
     told = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if objects < 10 or not lone or told in _lone_keys_told:
+    if told in _lone_keys_told:
         return
     _lone_keys_told.add(told)
     log.warning(
-        "%s: %s only one of its %d lines has (%s): unless data.labels names the labels, it is "
-        "read as a label, unknown in every other row; if it is a typo, mend that line",
+        "%s: %s only one of its %d lines has (%s): where labels are read and data.labels does "
+        "not name them, it is taken for a label, unknown in every other row; if it is a typo, "
+        "mend that line",
         path,
         "the key " + repr(next(iter(lone))) if len(lone) == 1 else f"{len(lone)} keys",
         objects,

@@ -386,12 +386,15 @@ def _explain_one(
     image = row.image  # read again for display: the DICOM's own pixel grid
     pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
     stem = file_stem(row.study_id)  # may hold dots ("1.2.840..."): never `with_suffix`
+    paths = [out_dir / f"{stem}{suffix}" for suffix in (".npz", ".png", ".html")]
+    before = {path: path.stat().st_ino for path in paths if path.is_file()}
     try:
-        files = [expl.save_npz(out_dir / f"{stem}.npz", sweep=False)]
+        files = [expl.save_npz(paths[0], sweep=False)]
         files += render_explanation(expl, pixels, out_dir, sweep=False)
-    except BaseException:  # none of the study's files, rather than some beside the failure
-        for suffix in (".npz", ".png", ".html"):
-            (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+    except BaseException:  # none of this attempt's files beside the failure; earlier ones stay
+        for path in paths:  # an atomic write renames a new file (inode) into place
+            if path.is_file() and before.get(path) != path.stat().st_ino:
+                path.unlink()
         raise
     return ExplainedStudy(row.study_id, expl.labels, files)
 

@@ -123,7 +123,7 @@ def main() -> None:
     try:
         view = study_view(session.store, session.run_id, study_id)
     except StoreError as exc:
-        st.error(str(exc))
+        st.error(as_written(str(exc)))  # it quotes the study id of the URL
         return
     if flash := st.session_state.pop("sv_flash", None):
         st.success(flash)
@@ -143,8 +143,7 @@ def main() -> None:
         return
 
     record = view.explanation
-    scored = {x["label"]: float(x["probability"]) for x in view.labels}
-    expl = explanation_of(view.explanation_path, view.study_id, view.model_version, scored)
+    expl = explanation_of(view.explanation_path, record)
     labels = [x["label"] for x in view.labels]
     explained = list(expl.labels if expl is not None else (record or {}).get("labels", []))
     top = max(view.labels, key=lambda x: float(x["probability"]))["label"]
@@ -184,7 +183,7 @@ def main() -> None:
                 comment,
             )
         except (ValueError, StoreError) as exc:
-            st.error(f"Not saved: {exc}")
+            st.error(f"Not saved: {as_written(str(exc))}")
             st.stop()
         st.session_state["sv_form"] += 1  # a fresh form
         saved = f"Saved review #{review_id} of {as_written(view.study_id)}: "

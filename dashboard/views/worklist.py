@@ -34,7 +34,7 @@ def seed_widgets(query: WorklistQuery, page: int, size: int) -> None:
     values: dict[str, Any] = {
         "wl_label": query.label or ANY,
         "wl_prange": (float(query.p_min), float(query.p_max)),
-        "wl_uncertain": float(query.uncertain or 0.0),
+        "wl_uncertain": min(float(query.uncertain or 0.0), 1.0),  # 1: every study, as more
         "wl_disagreement": bool(query.disagreement),
         "wl_status": query.status,
         "wl_failures": bool(query.failures),
