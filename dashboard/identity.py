@@ -13,7 +13,7 @@ from typing import Any
 
 import streamlit as st
 
-from clinfuse.store.schema import named
+from clinfuse.store import named
 
 REVIEWER_KEY = "reviewer_name"  # session state: the local reviewer's name
 

@@ -311,6 +311,12 @@ def _json_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
 _lone_keys_told: set[tuple[str, int, int]] = set()
 
 
+def _version(path: Path, stat: os.stat_result) -> tuple[str, int, int]:
+    """A file version, for what is told once per version in a process (a run reads its
+    manifest more than once): its path, modification time and size."""
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
 def _warn_of_lone_keys(path: Path, file: IO[str], objects: int, seen: dict[str, list[int]]) -> None:
     """A warning, once per file version in this process, naming a key only one of 10 or more
     JSON lines has: where labels are read it is taken for a label, unknown in every other row,
@@ -318,8 +324,7 @@ def _warn_of_lone_keys(path: Path, file: IO[str], objects: int, seen: dict[str, 
     lone = {k: lines[0] for k, lines in seen.items() if len(lines) == 1 and k not in RESERVED}
     if objects < 10 or not lone:
         return
-    stat = os.fstat(file.fileno())  # the version read (the path may be renamed meanwhile)
-    told = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    told = _version(path, os.fstat(file.fileno()))  # the one read (the path may be renamed)
     if told in _lone_keys_told:
         return
     _lone_keys_told.add(told)
@@ -394,8 +399,7 @@ def report_short_rows(path: str | Path) -> dict[int, tuple[int, int]]:
     path = Path(path)
     if manifest_kind(path) != "csv":
         return {}
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = _version(path, path.stat())
     if key in _short_rows_seen:
         return _short_rows_seen[key]
     short = _short_rows_seen[key] = short_rows(path)

@@ -24,6 +24,7 @@ from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, failures_file, write_report
 from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
+from clinfuse.store.store import STORE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def check_report_folder(out_dir: str | Path) -> None:
             f"{out_dir}: is a model folder; its failures.csv is the training run's. Give "
             "--out a folder of its own for the report (e.g. a reports/ folder beside it)"
         )
-    if any((out_dir / name).is_file() for name in ("clinfuse.db", "predictions.parquet")):
+    if any((out_dir / name).is_file() for name in (STORE_FILE, "predictions.parquet")):
         raise ClinfuseError(
             f"{out_dir}: is a `clinfuse infer` run folder; its predictions.csv and failures.csv "
             "are the run's exports. Give --out a folder of its own for the report"

@@ -38,6 +38,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FORMATS = frozenset({"fhir", "sr"})
+# a run folder's files named by study: kind -> (folder, suffix)
+STUDY_FILES = {
+    "explanation": ("explanations", ".npz"),
+    "fhir": ("fhir", ".json"),
+    "sr": ("sr", ".dcm"),
+}
+
+
+def study_file(run_dir: str | Path, kind: str, study_id: str) -> Path:
+    """Where a run folder keeps a study's file of `kind` (`STUDY_FILES`), named by `file_stem`."""
+    folder, suffix = STUDY_FILES[kind]
+    return Path(run_dir) / folder / f"{file_stem(study_id)}{suffix}"
+
+
 # What a report needs of an image to reference it.
 EVIDENCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -182,17 +196,15 @@ def write_study_exports(
     sources = read_source(source_path) if source_path is not None and formats else []
     sources = referable(sources, pred.study_id)
     study_uid = str(sources[0].StudyInstanceUID) if sources else None
-    name = file_stem(pred.study_id)
-    out_dir = Path(out_dir)
     written = []
     if "fhir" in formats:
         report = diagnostic_report(pred, labels, issued, study_uid)
-        path = out_dir / "fhir" / f"{name}.json"
+        path = study_file(out_dir, "fhir", pred.study_id)
         report_bytes = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
         write_atomic(path, report_bytes, sweep=False)  # swept once a run (`sweep_temporaries`)
         written.append(path)
     if "sr" in formats:
-        path = out_dir / "sr" / f"{name}.dcm"
+        path = study_file(out_dir, "sr", pred.study_id)
         write_atomic(path, _sr_bytes(pred, labels, sources, issued), sweep=False)
         written.append(path)
     return written

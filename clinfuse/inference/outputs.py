@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clinfuse.exports.files import check_writable_file
+from clinfuse.model.checkpoint import NOTICE
 from clinfuse.store import Store
 
-NOTICE = "Decision support, not a diagnosis: every score is for review by a clinician."
 EXPORTS = ("predictions.parquet", "predictions.csv", "failures.csv")
 
 

@@ -37,11 +37,11 @@ from clinfuse.allocator import reuse_freed_memory
 from clinfuse.atomic import sweep_temporaries
 from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import file_sha256, iter_manifest
-from clinfuse.data.study import file_stem, modality_name
+from clinfuse.data.study import modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
-from clinfuse.exports.files import new_folder
+from clinfuse.exports.files import STUDY_FILES, new_folder, study_file
 from clinfuse.inference.outputs import check_exports, write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
@@ -249,7 +249,7 @@ def release_run_folder(lock: int | None) -> None:
         os.close(lock)
 
 
-PER_STUDY_FOLDERS = ("explanations", "fhir", "sr")  # RUN_DIR's folders of files named by study
+PER_STUDY_FOLDERS = tuple(sorted(folder for folder, _ in STUDY_FILES.values()))
 
 
 def refuse_replacing_files(
@@ -493,9 +493,8 @@ def remove_study_files(run_dir: Path, study_ids: list[str]) -> None:
     image gone since): FHIR, SR and explanation files reporting a prediction the store and the
     exports do not have."""
     for study_id in study_ids:
-        stem = file_stem(study_id)
-        for name in (f"fhir/{stem}.json", f"sr/{stem}.dcm", f"explanations/{stem}.npz"):
-            (run_dir / name).unlink(missing_ok=True)
+        for kind in STUDY_FILES:
+            study_file(run_dir, kind, study_id).unlink(missing_ok=True)
 
 
 def run_inference(
@@ -693,7 +692,7 @@ def explain_and_save(
         explanation.model_version = version
         # A full disk stops the run before the batch is committed, so the same command
         # explains these studies again (not: their predictions kept, their explanations lost).
-        path = run_dir / "explanations" / f"{file_stem(batch.study_ids[i])}.npz"
+        path = study_file(run_dir, "explanation", batch.study_ids[i])
         explanation.save_npz(path, sweep=False)  # swept once a run, by `open_run`
         records.append(ExplanationRecord(explanation.study_id, explanation.to_record(), str(path)))
     return records

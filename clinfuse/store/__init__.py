@@ -8,6 +8,7 @@ See `Store` for the API; the schema is versioned by the Alembic revisions in `mi
 """
 
 from clinfuse.store.migrations import head_revision, migrate, parse_url, store_url
+from clinfuse.store.schema import named
 from clinfuse.store.store import (
     ExplanationRecord,
     FailureRecord,
@@ -26,6 +27,7 @@ __all__ = [
     "StoreError",
     "head_revision",
     "migrate",
+    "named",
     "parse_url",
     "store_url",
 ]

@@ -53,6 +53,9 @@ from clinfuse.store.schema import (
 SECRET_KEY = "pseudonym_secret"  # settings row: the store's HMAC key for pseudonyms, hex
 
 
+STORE_FILE = "clinfuse.db"  # a run folder's own store
+
+
 class Store:
     """The clinfuse database; thread-safe, one instance may serve many threads."""
 
@@ -120,7 +123,7 @@ class Store:
     @staticmethod
     def default_url(run_dir: str | Path) -> str:
         """The SQLite store of a run folder: sqlite:///<run_dir>/clinfuse.db."""
-        return sqlite_url(Path(run_dir) / "clinfuse.db")
+        return sqlite_url(Path(run_dir) / STORE_FILE)
 
     @property
     def engine(self) -> sa.Engine:
