@@ -150,6 +150,40 @@ def test_a_real_headers_names_ids_and_other_ids_are_read_without_prefixes_or_suf
     assert "CompressedSamples" in header_identifiers(ct).names
 
 
+def test_every_person_name_and_the_identity_sequences_items_are_read():
+    ds = pydicom.Dataset()
+    ds.PatientName = "Quist^Ada"
+    ds.RequestingPhysician = "Varga^Imre"
+    ds.PhysiciansOfRecord = ["Okafor^Chidi", "Lindqvist^Maja"]
+    ds.ConsultingPhysicianName = "Brandt^Olaf"
+    ds.ReviewerName = "Ferreira^Ines"
+    request = pydicom.Dataset()
+    request.RequestingPhysician = "Haddad^Samir"
+    request.AccessionNumber = "ACC778899"
+    ds.RequestAttributesSequence = [request]
+    referenced = pydicom.Dataset()
+    referenced.PatientName = "Quist-Berg^Ada"
+    referenced.PatientID = "OLD445566"
+    ds.ReferencedPatientSequence = [referenced]
+    found = header_identifiers(ds)
+    people = {"Varga", "Okafor", "Lindqvist", "Brandt", "Ferreira", "Haddad", "Berg"}
+    assert people <= found.names and {"ACC778899", "OLD445566"} <= found.ids
+    note = "Dr Varga and Dr Haddad (ordered by Okafor) reviewed Ms Quist-Berg, acc ACC778899."
+    assert redact(note, found) == (
+        f"Dr {masked('Varga')} and Dr {masked('Haddad')} (ordered by {masked('Okafor')}) "
+        f"reviewed Ms {masked('Quist-Berg')}, acc {masked('ACC778899')}."
+    )
+
+
+def test_an_id_with_letters_and_digits_is_masked_glued_to_a_label_on_either_side():
+    ids = Identifiers.of_ids("KANPID4471", "4471KANX", "ABCDEFG")
+    for text in ("MRNKANPID4471", "MRN:KANPID4471", "KANPID4471MRN", "MRN4471KANX"):
+        label = text.replace("KANPID4471", "").replace("4471KANX", "")
+        assert redact(text, ids).count(MASK) == len(text) - len(label)
+    # an id of letters alone stays a whole word: "ABCDEFGH" is another word
+    assert redact("ABCDEFGH xABCDEFG ABCDEFG", ids) == f"ABCDEFGH xABCDEFG {masked('ABCDEFG')}"
+
+
 def test_a_non_ascii_name_is_read_in_the_files_character_set(tmp_path):
     ds = pydicom.Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"

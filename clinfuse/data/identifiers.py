@@ -19,7 +19,7 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import date
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import DicomDictionary, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import ConstrainedList  # MultiValue and Sequence
@@ -41,19 +41,29 @@ PARTICLES = frozenset(
     "van vande vanden vander von y zu".split()
 )
 
-# PS3.15 basic-profile attributes a note may repeat, by how their values are spelled.
-NAME_KEYWORDS = (
-    "PatientName",
-    "OtherPatientNames",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy",
-    "OperatorsName",
+# PS3.15 basic-profile attributes a note may repeat, by how their values are spelled: every
+# person name the standard defines (the patient's, the physicians', the operators', a
+# reviewer's, ...; the basic profile removes them all), the patient's ids and birth date
+NAME_KEYWORDS = tuple(
+    sorted(entry[4] for entry in DicomDictionary.values() if entry[0] == "PN" and not entry[3])
 )
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber")
 DATE_KEYWORDS = ("PatientBirthDate",)
+# sequences whose items name the patient or the people of the study (read one level deep)
+IDENTITY_SEQUENCES = (
+    "OtherPatientIDsSequence",
+    "ReferencedPatientSequence",
+    "ReferencedPatientAliasSequence",
+    "RequestAttributesSequence",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianIdentificationSequence",
+    "PhysiciansOfRecordIdentificationSequence",
+    "PerformingPhysicianIdentificationSequence",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "RequestingPhysicianIdentificationSequence",
+    "ScheduledPerformingPhysicianIdentificationSequence",
+    "OperatorIdentificationSequence",
+)
 # A letter or digit of a script that spaces its words: Japanese, Chinese and Korean write a
 # name against the next word ("山田さん"), so their characters never join it to one.
 _WORD = r"[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]"
@@ -104,14 +114,32 @@ class Identifiers:
 
 def header_identifiers(ds: Dataset) -> Identifiers:
     """The identifiers a DICOM header gives (`NAME_KEYWORDS`, `ID_KEYWORDS`,
-    `DATE_KEYWORDS`, and the ids of OtherPatientIDsSequence); unreadable values are skipped."""
+    `DATE_KEYWORDS`), also in the items of its `IDENTITY_SEQUENCES`; unreadable values are
+    skipped."""
+    found = _identifiers(ds)
+    for keyword in _present(ds, _SEQUENCE_TAGS):
+        for item in _values(ds, keyword):
+            if isinstance(item, Dataset):
+                found |= _identifiers(item)
+    return found
+
+
+_NAME_TAGS = {tag_for_keyword(keyword): keyword for keyword in NAME_KEYWORDS}
+_SEQUENCE_TAGS = {tag_for_keyword(keyword): keyword for keyword in IDENTITY_SEQUENCES}
+
+
+def _present(ds: Dataset, tags: dict[int, str]) -> list[str]:
+    """The keywords of `tags` that `ds` holds (one pass over the few tags, not the header)."""
+    return [tags[tag] for tag in tags.keys() & ds.keys()]
+
+
+def _identifiers(ds: Dataset) -> Identifiers:
+    """The names, ids and birth dates of one data set's own elements (not its sequences')."""
     names: set[str] = set()
-    for keyword in NAME_KEYWORDS:
+    for keyword in _present(ds, _NAME_TAGS):
         for value in _values(ds, keyword):
             names |= name_parts(value)
     ids = [v for k in ID_KEYWORDS for v in _values(ds, k)]
-    for item in _values(ds, "OtherPatientIDsSequence"):
-        ids += _values(item, "PatientID")
     dates = {d for k in DATE_KEYWORDS for v in _values(ds, k) if (d := _da(v))}
     return Identifiers(frozenset(names), Identifiers.of_ids(*ids).ids, frozenset(dates))
 
@@ -261,19 +289,24 @@ def _mask_ids(note: str, ids: frozenset[str]) -> str:
 def id_pattern(plain: str) -> str:
     """A regular expression of a long id (`plain`: without separators) as a note may write it:
     with its digit groups apart ("75-483-485", "7548 3485", across a line break), glued to a
-    label when it starts or ends with a digit ("MRN75483485"), and, when it is still long
-    without them, with leading zeros added or dropped ("075483485")."""
+    label when it holds a digit ("MRN75483485", "MRNAB123456"; not a word of letters alone),
+    and, when it is still long without them, with leading zeros added or dropped
+    ("075483485")."""
     sep = f"[{ID_SEPARATORS}]"
     between = f"{sep}{{0,2}}"
     digits = plain.lstrip("0")
+
+    def glued(whole_word: str) -> str:  # a letter end: a label may touch it if a digit is in it
+        return "" if any(c.isdigit() for c in plain) else whole_word
+
     if plain[0].isdigit() and len(digits) >= LONG_ID:
         # up to 4 zeros added: a start in a long run of zeros then scans 4 of them, not all
         body = rf"(?:0{between}){{0,4}}" + between.join(re.escape(c) for c in digits)
         before = r"(?<!\d)"
     else:  # its zeros as written: without them it is short, and would mask other numbers
         body = between.join(re.escape(c) for c in plain)
-        before = r"(?<!\d)" if plain[0].isdigit() else rf"(?<!{_WORD})"
-    after = r"(?!\d)" if plain[-1].isdigit() else rf"(?!{_WORD})"
+        before = r"(?<!\d)" if plain[0].isdigit() else glued(rf"(?<!{_WORD})")
+    after = r"(?!\d)" if plain[-1].isdigit() else glued(rf"(?!{_WORD})")
     return f"{before}{body}{after}"
 
 
