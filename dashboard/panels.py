@@ -19,7 +19,7 @@ from imaging import grey_slice, map_slice, n_slices, overlay_rgb, window_presets
 from clinfuse.data.dicom import DicomImage, read_dicom
 from clinfuse.errors import DicomError, without_path
 from clinfuse.explain import Explanation
-from clinfuse.explain.explanation import decode_map
+from clinfuse.explain.explanation import decode_map, note_fingerprint
 from clinfuse.explain.render import note_html, read_part, unread_notice
 
 # overlay name -> the Explanation attribute holding its (L, *spatial) maps; the first is shown
@@ -100,14 +100,16 @@ def _keep_valid(key: str, options: Sequence[Any]) -> None:
         del st.session_state[key]
 
 
-def label_picker(labels: list[str], explained: Sequence[str], default: str) -> str:
-    """The label whose evidence (overlay and note highlights) is shown."""
-    _keep_valid("sv_label", labels)
+def label_picker(labels: list[str], explained: Sequence[str], default: str, study_id: str) -> str:
+    """The label whose evidence (overlay and note highlights) is shown; a widget of its own
+    per study, so the next study opens on its own first explained label."""
+    key = f"sv_label-{study_id}"
+    _keep_valid(key, labels)
     return st.selectbox(
         "Evidence for label",
         labels,
         index=labels.index(default),
-        key="sv_label",
+        key=key,
         format_func=lambda x: x if x in explained else f"{x} (not explained)",
     )
 
@@ -197,6 +199,12 @@ def image_panel(
     rgb = overlay_rgb(grey, values if shown else None, opacity)
     where = f" · slice {z + 1}/{depth}" if depth > 1 else ""
     st.image(rgb, caption=f"window {center:g}/{width:g}{where}", width="stretch")
+    if shown:
+        st.caption(
+            f"Overlay: where the image raises {label}'s score ({method}), dark purple to bright "
+            "yellow and more opaque as it rises, scaled to this image's strongest 0.5 %; "
+            "what lowers the score is not drawn."
+        )
 
 
 def scores_panel(labels: list[dict[str, Any]]) -> None:
@@ -258,6 +266,13 @@ def note_panel(note: str | None, expl: Explanation | None, record: dict | None, 
         st.info("This study has no note.")
         return
     spans = words = None
+    scored = (record or {}).get("note_fingerprint")  # None: a store of an earlier clinfuse
+    if expl is None and scored is not None and scored != note_fingerprint(note):
+        st.warning(
+            "This study's note has changed since it was scored and its explanation file is not "
+            "there: the note is shown as it is now, without the words the model weighed."
+        )
+        record = None  # its word spans and read length index the note as it was
     if expl is not None and expl.words is not None and label in expl.labels and expl.note == note:
         spans, words = expl.spans, expl.words[[expl.labels.index(label)]]
     elif record and label in (record.get("top_words") or {}):
@@ -278,6 +293,18 @@ def note_panel(note: str | None, expl: Explanation | None, record: dict | None, 
             st.text(unread)
 
 
+def failure_message(failure: tuple[str, str] | None) -> str | None:
+    """Why a study was not scored, its reason once (the stored detail may start with it)."""
+    if failure is None:
+        return None
+    reason, detail = failure
+    said = detail if detail.startswith(f"{reason}:") else f"{reason}: {detail}"
+    return f"This study could not be scored: {said}"
+
+
+CALLED = {1: "positive", 0: "negative", None: "unknown"}  # a review's label values, as said
+
+
 def history_panel(history: list[dict[str, Any]]) -> None:
     """The study's review events, oldest first; nothing is ever overwritten."""
     if not history:
@@ -286,7 +313,11 @@ def history_panel(history: list[dict[str, Any]]) -> None:
     rows = []
     for event in history:
         before, after = event.get("labels_before") or {}, event.get("labels_after") or {}
-        changed = [f"{k}: {before.get(k)} → {v}" for k, v in after.items() if before.get(k) != v]
+        changed = [
+            f"{k}: {CALLED.get(before.get(k), before.get(k))} → {CALLED.get(v, v)}"
+            for k, v in after.items()
+            if before.get(k) != v
+        ]
         rows.append(
             {
                 "time (UTC)": str(event["created_at"])[:19],

@@ -394,6 +394,69 @@ def test_a_verdict_is_not_saved_over_a_review_the_page_did_not_show(review_run, 
     assert len(events) == before + 1 and events[-1]["reviewer"] == "Dr Test"
 
 
+def test_a_refused_save_does_not_hide_a_colleagues_review_saved_meanwhile(review_run, monkeypatch):
+    """A submit without a verdict (refused) and a click elsewhere on the page rerun it: the
+    colleague's review saved while the page was open must still stop the next save."""
+    from clinfuse.review import save_review
+
+    at = new_app(monkeypatch, review_run).run()
+    study = str(table(at).study_id.iloc[2])
+    form = verdict_form(open_study(at, study), study)
+    with Store(review_run.url) as store:
+        save_review(store, review_run.run_id, study, "Dr Colleague", "agree", {}, "meanwhile")
+        before = len(store.reviews(review_run.run_id, study))
+    at.button(key=f"{form}-save").click().run()  # no verdict chosen: refused
+    assert "Choose a verdict first" in page_text(at)
+    if at.toggle(key="sv_overlay").value is not None:
+        at.toggle(key="sv_overlay").set_value(False).run()  # a click outside the form
+    at.radio(key=f"{form}-verdict").set_value("agree")
+    at.button(key=f"{form}-save").click().run()
+    assert "saved while you had it open" in page_text(at)
+    with Store(review_run.url) as store:
+        assert len(store.reviews(review_run.run_id, study)) == before
+
+
+def test_each_study_opens_on_its_own_explained_label_and_history_says_unknown(
+    review_run, monkeypatch
+):
+    first, second = review_run.explained[:2]
+    at = new_app(monkeypatch, review_run).run()
+    open_study(at, first)
+    with Store(review_run.url) as store:
+        views = [study_view(store, review_run.run_id, s) for s in (first, second)]
+    picker = at.selectbox(key=f"sv_label-{first}")
+    other = next(x["label"] for x in views[0].labels if x["label"] != picker.value)
+    picker.set_value(other).run()
+    at.query_params["study"] = second
+    at.run()
+    assert at.selectbox(key=f"sv_label-{second}").value == views[1].explanation["labels"][0]
+
+    def page(dashboard: str) -> None:
+        import sys
+
+        sys.path.insert(0, dashboard)
+        import streamlit as st
+        from panels import failure_message, history_panel
+
+        history_panel(
+            [
+                {
+                    "created_at": "2026-01-02 03:04:05",
+                    "reviewer": "Dr A",
+                    "verdict": "corrected",
+                    "labels_before": {"copd": 0, "mass": 1},
+                    "labels_after": {"copd": None, "mass": 0},
+                }
+            ]
+        )
+        st.error(failure_message(("image:truncated", "image:truncated: manifest row 3's image")))
+
+    shown = AppTest.from_function(page, args=(str(DASHBOARD),)).run()
+    changes = shown.dataframe[0].value["label changes"].iloc[0]
+    assert changes == "copd: negative → unknown, mass: positive → negative"
+    assert shown.error[0].value.count("image:truncated") == 1
+
+
 def test_a_verdict_survives_a_link_from_another_model_and_disagree_must_change_a_label(
     review_run, monkeypatch
 ):
@@ -621,3 +684,29 @@ def test_a_note_changed_since_it_was_scored_is_shown_as_the_model_read_it():
     assert "changed since it was scored" in at.warning[0].value
     html = at.get("html")[0].value
     assert "Addendum" not in html and ">COPD</mark>" in html.replace("\n", "")
+
+
+def test_a_stored_summary_never_highlights_a_note_changed_since_it_was_scored():
+    def page(note: str, dashboard: str) -> None:
+        import sys
+
+        sys.path.insert(0, dashboard)
+        from panels import note_panel
+
+        from clinfuse.explain.explanation import note_fingerprint
+
+        read = "Known COPD. Chest clear."
+        record = {
+            "labels": ["copd"],
+            "top_words": {"copd": [[6, 10, 0.9]]},
+            "note_read": len(read),
+            "note_fingerprint": note_fingerprint(read),
+        }
+        note_panel(note, None, record, "copd")  # no explanation file: the summary's words
+
+    same = AppTest.from_function(page, args=("Known COPD. Chest clear.", str(DASHBOARD))).run()
+    assert ">COPD</mark>" in same.get("html")[0].value.replace("\n", "")
+    edited = "Addendum: seen again today. Known COPD. Chest clear."
+    at = AppTest.from_function(page, args=(edited, str(DASHBOARD))).run()
+    assert "changed since it was scored" in at.warning[0].value
+    assert not at.get("html") and "token limit" not in "".join(w.value for w in at.warning)

@@ -26,6 +26,7 @@ from clinfuse.explain.attribution import (
     token_word_weights,
 )
 from clinfuse.explain.explanation import decode_map
+from clinfuse.explain.render import select_labels
 from clinfuse.model import create_model, model_config
 from clinfuse.training.trainer import fusion_loss
 
@@ -254,10 +255,35 @@ def test_a_word_the_token_limit_cuts_in_two_counts_as_read():
     assert np.abs(expl.words[:, j]).sum() > 0 and (expl.words[:, j + 1] == 0).all()
 
 
+def test_a_note_that_fits_is_read_whole_even_if_its_tokenizer_drops_its_last_character():
+    model = build(text={"max_length": 64})
+    notes = ["Fever, cough. Caf\ufffd", "Fever and cough.\u200b"]  # cut mid-character; a ZWSP
+    for note in notes:
+        enc = model.note_tokenizer([note])
+        assert int(enc.offsets[0, :, 1].max()) < len(note)  # no token covers the last character
+        [expl] = explain(model, make_batch(model, [(None, note)]), methods=("ig",), steps=STEPS)
+        assert expl.note_read == len(note)  # not "cut at its token limit"
+
+
+def test_positive_labels_fall_back_to_the_most_probable_with_a_warning(caplog):
+    model = build()
+    probabilities = torch.tensor([0.2, 0.7, 0.1, 0.3, 0.4, 0.6])
+    model.thresholds.fill_(0.5)
+    assert select_labels(model, probabilities, "positive") == ["effusion", "mass"]
+    assert "no label is called" not in caplog.text
+    model.thresholds.fill_(0.999)  # nothing called: the most probable, said
+    assert select_labels(model, probabilities, "positive", "study 'S1'") == ["effusion"]
+    assert "study 'S1': no label is called positive at the saved thresholds" in caplog.text
+
+
 def test_an_accent_written_as_its_own_character_stays_in_its_word():
     note = "Fie\u0300vre re\u0301solue, toux se\u0300che."  # Unicode NFD
     words = [note[s:e] for s, e in note_words(note)]
     assert words == ["Fie\u0300vre", "re\u0301solue", ",", "toux", "se\u0300che", "."]
+    masked = "Jane Doe, MRN-0042"
+    masked = masked.replace("Jane", "████").replace("Doe", "███").replace("0042", "████")
+    words = [masked[s:e] for s, e in note_words(masked)]
+    assert words == ["████", "███", ",", "MRN", "-", "████"]  # a masked identifier: one word
 
 
 MODES = ["cross_attention", "late", "image_only", "text_only"]

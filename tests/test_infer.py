@@ -883,6 +883,35 @@ def test_a_manifest_with_no_study_rows_is_an_error_not_an_empty_success(
     assert (tmp_path / "kept").is_dir()
 
 
+def test_on_a_shared_store_another_run_into_the_same_folder_is_told_and_refused_alike(
+    tiny_model, small_export, tmp_path, caplog, capsys
+):
+    """A store that several run folders share: the runs of other folders are not this
+    folder's, and a second run into this folder warns or is refused as with its own store."""
+    from clinfuse.store import Store
+
+    url = Store.default_url(tmp_path / "shared")
+    few, other = tmp_path / "few.csv", tmp_path / "other.csv"
+    absolute_rows(small_export).head(3).to_csv(few, index=False)
+    absolute_rows(small_export).iloc[3:5].to_csv(other, index=False)
+    run = tmp_path / "run"
+    assert infer(tiny_model, few, tmp_path / "elsewhere", "--explain", "all", "--store", url) == 0
+    assert infer(tiny_model, few, run, "--explain", "all", "--store", url) == 0
+    assert "already holds run" not in caplog.text  # run 1 wrote another folder
+    assert infer(tiny_model, few, run, "--explain", "all", "--store", url) == 0  # a resume
+    assert "already holds run" not in caplog.text
+    before = sorted(p.read_bytes() for p in (run / "explanations").iterdir())
+    assert infer(tiny_model, other, run, "--store", url) == 0  # another manifest, same folder
+    assert f"{run} already holds run 2 (this one: manifest {other}, not {few}; --explain none)" in (
+        caplog.text
+    )
+    assert len(pd.read_csv(run / "predictions.csv")) == 2
+    assert infer(tiny_model, other, run, "--explain", "all", "--store", url) == 2
+    err = capsys.readouterr().err
+    assert "the files in explanations/ belong to run 2, 3; this run's (--explain all)" in err
+    assert sorted(p.read_bytes() for p in (run / "explanations").iterdir()) == before
+
+
 def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
     tiny_model, small_export, tmp_path, caplog, capsys
 ):
@@ -891,7 +920,7 @@ def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
     assert infer(tiny_model, few, tmp_path / "run") == 0
     assert "already holds run" not in caplog.text
     assert infer(tiny_model, few, tmp_path / "run", "--standards", "fhir") == 0  # another run
-    assert f"{tmp_path / 'run'} already holds run 1 (another model" in caplog.text
+    assert f"{tmp_path / 'run'} already holds run 1 (this one: --standards fhir)" in caplog.text
     assert "replaced by run 2's; the store keeps every run" in caplog.text
     assert infer(tiny_model, few, tmp_path / "run", "--explain", "all") == 0  # a third
     assert "replaced by run 3's while fhir/ may still hold the earlier run's files" in caplog.text
@@ -900,6 +929,7 @@ def test_another_run_into_the_same_folder_says_whose_files_it_replaces(
     assert infer(tiny_model, few, tmp_path / "run", "--standards", "fhir", "--explain", "all") == 2
     err = capsys.readouterr().err
     assert "the files in explanations/ and fhir/ belong to run 1, 2, 3" in err
+    assert "this run's (--standards fhir) would replace them" in err  # against run 3's
     assert "Use a new --out folder" in err
     assert sorted(p.read_bytes() for p in (tmp_path / "run" / "fhir").iterdir()) == before
     assert infer(tiny_model, few, tmp_path / "run", "--explain", "all") == 0  # run 3 resumes

@@ -40,6 +40,7 @@ class Batch:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (study_id, reason)
     patient_ids: dict[str, str] = field(default_factory=dict)  # study_id -> patient_id, failed too
     image_paths: dict[str, str] = field(default_factory=dict)  # study_id -> DICOM path, failed too
+    note_truncated: torch.Tensor | None = None  # (B,) bool: part of the note did not fit
 
     def select(self, indices: Sequence[int]) -> Batch:
         """The sub-batch of these studies (failures, patients and paths are not carried)."""
@@ -208,6 +209,7 @@ class Collator:
             attention_mask=notes.attention_mask[:n],
             note_present=notes.note_present[:n],
             offsets=notes.offsets[:n],
+            note_truncated=notes.truncated[:n],
             labels=labels.float(),
             notes=[it["note"] for it in items],
             original_shapes=[it["original_shape"] for it in items],

@@ -36,6 +36,7 @@ from captum.attr import (
 from torch import nn
 
 from clinfuse.data.batch import Batch
+from clinfuse.data.identifiers import MASK
 from clinfuse.data.transforms import to_original_grid
 from clinfuse.errors import ConfigError
 from clinfuse.explain.explanation import CAM_FLOOR, Explanation
@@ -43,9 +44,10 @@ from clinfuse.model.model import FusionModel
 
 METHODS = ("ig", "gradcam", "shapley", "attention")
 # a word: a run of \w characters with the combining marks among them (an accent written as its
-# own character, Unicode NFD: "re\u0301sume\u0301"), or one punctuation mark
+# own character, Unicode NFD: "re\u0301sume\u0301"), a masked identifier (a run of `MASK`), or
+# one punctuation mark
 MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
-WORD = re.compile(rf"\w[\w{MARKS}]*|[^\w\s]")
+WORD = re.compile(rf"\w[\w{MARKS}]*|{MASK}+|[^\w\s]")
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -163,6 +165,10 @@ def _study_explanation(
         # a word the token limit cut in two counts as read (it is scored by the pieces read)
         cut = (spans[:, 0] < note_read) & (spans[:, 1] > note_read)
         note_read = int(spans[cut, 1].max()) if cut.any() else note_read
+        if batch.note_truncated is not None and not bool(batch.note_truncated[b]):
+            # all of it fitted: what follows its last token is what the tokenizer drops (a
+            # zero-width space, a replacement character), not a part left unread
+            note_read = len(note)
 
     def on_original_grid(maps: torch.Tensor | None, conserve_sum: bool) -> np.ndarray | None:
         if maps is None or not has_image:

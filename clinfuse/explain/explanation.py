@@ -10,6 +10,7 @@ summarises to a JSON-able record for a database.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 from dataclasses import dataclass, field
@@ -186,7 +187,15 @@ class Explanation:
             },
             "image": None if self.image is None else encode_map(self.image),
             "note_read": self.note_read,
+            # which note the top words' character spans index (`note_fingerprint`)
+            "note_fingerprint": None if self.note is None else note_fingerprint(self.note),
         }
+
+
+def note_fingerprint(note: str) -> str:
+    """A short digest of a note's text: tells whether a stored summary's word spans index the
+    note shown now (the note's file can change after it was scored)."""
+    return hashlib.sha256(note.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 # maps saved as float16 over each label's peak: integrated gradients over the pixels, Grad-CAM

@@ -290,13 +290,24 @@ class ExplainedStudy:
     failure: str | None = None  # why the study could not be explained
 
 
-def select_labels(model: FusionModel, probabilities: torch.Tensor, which: str) -> list[str]:
-    """ "positive" (called at the saved thresholds; the most probable label when none is),
-    "all", or comma-separated label names."""
+def select_labels(
+    model: FusionModel, probabilities: torch.Tensor, which: str, study: str = "this study"
+) -> list[str]:
+    """ "positive" (called at the saved thresholds; the most probable label when none is, with
+    a warning naming `study`), "all", or comma-separated label names."""
     if which == "all":
         return list(model.labels)
     if which == "positive":
         called = model.decisions(probabilities).nonzero().flatten().tolist()
+        if not called:
+            top = int(probabilities.argmax())
+            log.warning(
+                "%s: no label is called positive at the saved thresholds; explaining its most "
+                "probable one, %s (p=%.3f)",
+                study,
+                model.labels[top],
+                float(probabilities[top]),
+            )
         return [model.labels[k] for k in called or [int(probabilities.argmax())]]
     return label_names(model, which)
 
@@ -381,7 +392,9 @@ def _explain_one(
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(*batch.to(device).model_inputs())
-    names = select_labels(model, model.probabilities(logits)[0].cpu(), labels)
+    names = select_labels(
+        model, model.probabilities(logits)[0].cpu(), labels, f"study {row.study_id!r}"
+    )
     expl = explain(model, batch, names, steps=steps, model_version=version)[0]
     image = row.image  # read again for display: the DICOM's own pixel grid
     pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clinfuse.allocator import reuse_freed_memory
-from clinfuse.atomic import sweep_temporaries
+from clinfuse.atomic import sweep_temporaries, write_atomic
 from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import file_sha256, iter_manifest
 from clinfuse.data.study import modality_name
@@ -250,10 +250,68 @@ def release_run_folder(lock: int | None) -> None:
 
 
 PER_STUDY_FOLDERS = tuple(sorted(folder for folder, _ in STUDY_FILES.values()))
+# in a run folder whose store is shared (`--store`): which of the store's runs wrote into it
+FOLDER_RUNS_FILE = "runs.json"
+
+
+def folder_runs(run_dir: Path, runs: list[dict[str, Any]], own_store: bool) -> list[dict[str, Any]]:
+    """The store's `runs` that wrote into `run_dir`: every run of the folder's own store; of a
+    shared store, those the folder's `FOLDER_RUNS_FILE` names (other folders have the rest)."""
+    if own_store:
+        return runs
+    keys = _folder_run_keys(run_dir)
+    return [r for r in runs if r["run_key"] in keys]
+
+
+def record_folder_run(run_dir: Path, key: str, own_store: bool) -> None:
+    """Note in a shared store's run folder that the run `key` writes into it."""
+    keys = [] if own_store else _folder_run_keys(run_dir)
+    if not own_store and key not in keys:
+        text = json.dumps({"run_keys": [*keys, key]}, indent=1)
+        write_atomic(run_dir / FOLDER_RUNS_FILE, text + "\n")
+
+
+def _folder_run_keys(run_dir: Path) -> list[str]:
+    path = run_dir / FOLDER_RUNS_FILE
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8"))["run_keys"]
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise TypeError
+        return keys
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ClinfuseError(
+            f"{path}: not the list of runs clinfuse keeps in a run folder on a shared store "
+            "(edited or damaged); restore it or use a new --out folder"
+        ) from None
+
+
+def differences(
+    earlier: dict[str, Any], version: str, manifest: Path, sha: str, settings: InferenceSettings
+) -> str:
+    """What sets this run apart from an `earlier` one (`Store.run`), as a user would say it."""
+    said = []
+    if earlier["model_version"] != version:
+        said.append(f"model {version}, not {earlier['model_version']}")
+    if earlier["manifest"] != str(manifest.absolute()):
+        said.append(f"manifest {manifest}, not {earlier['manifest']}")
+    elif earlier["manifest_sha256"] != sha:
+        said.append("the manifest's bytes changed since (a cell, a row or a column)")
+    before = earlier.get("settings") or {}
+    if before.get("explain", "none") != settings.explain:
+        said.append(f"--explain {settings.explain}")
+    if sorted(before.get("standards", [])) != sorted(settings.standards):
+        said.append(f"--standards {','.join(settings.standards) or '(none)'}")
+    return "; ".join(said) or "another model, manifest or --explain/--standards"
 
 
 def refuse_replacing_files(
-    run_dir: Path, runs: list[dict[str, Any]], key: str, settings: InferenceSettings
+    run_dir: Path,
+    runs: list[dict[str, Any]],
+    key: str,
+    settings: InferenceSettings,
+    differ: str = "",
 ) -> None:
     """A new run (another model, manifest or --explain/--standards) into a folder whose
     per-study files belong to an earlier run: they are named by study, so this run's would
@@ -276,8 +334,9 @@ def refuse_replacing_files(
     if taken:
         raise ClinfuseError(
             f"{run_dir}: the files in {' and '.join(taken)} belong to run "
-            f"{', '.join(map(str, earlier))}; this run's would replace them (they are named by "
-            "study) while the store still points at them. Use a new --out folder for this run"
+            f"{', '.join(map(str, earlier))}; this run's ({differ or 'another run'}) would "
+            "replace them (they are named by study) while the store still points at them. Use "
+            "a new --out folder for this run, or the earlier run's command to resume it"
         )
 
 
@@ -380,9 +439,9 @@ def _start_run(
     )
     sha = file_sha256(manifest)
     key = run_key(version, manifest, sha, settings, None if own_store else run_dir)
-    runs = store.runs()
-    if own_store:
-        refuse_replacing_files(run_dir, runs, key, settings)
+    runs = folder_runs(run_dir, store.runs(), own_store)  # those that wrote into run_dir
+    differ = differences(runs[-1], version, manifest, sha, settings) if runs else ""
+    refuse_replacing_files(run_dir, runs, key, settings, differ)
     run_id, resumed = store.start_run(
         key,
         version,
@@ -390,6 +449,7 @@ def _start_run(
         sha,
         {k: v for k, v in asdict(settings).items() if k != "device"},
     )
+    record_folder_run(run_dir, key, own_store)
     retried = store.forget_failures(run_id) if resumed and settings.retry_failed else 0
     if retried:
         log.info("run %d: scoring again the %d studies earlier invocations failed", run_id, retried)
@@ -397,14 +457,15 @@ def _start_run(
     if resumed:
         log.info("resuming run %d: %d of %d studies already done", run_id, len(done), total)
     earlier = [r["id"] for r in runs if r["id"] != run_id]  # the runs before this one
-    if not resumed and earlier and own_store:
+    if not resumed and earlier:
         kept = [f"{d}/" for d in PER_STUDY_FOLDERS if (run_dir / d).is_dir()]
         log.warning(
-            "%s already holds run %s (another model, manifest or --explain/--standards): its "
-            "predictions.csv, .parquet and failures.csv are replaced by run %d's%s; the store "
-            "keeps every run. Use a new --out folder to keep each run's files apart",
+            "%s already holds run %s (this one: %s): its predictions.csv, .parquet and "
+            "failures.csv are replaced by run %d's%s; the store keeps every run. Use a new --out "
+            "folder to keep each run's files apart",
             run_dir,
             ", ".join(map(str, earlier)),
+            differ,
             run_id,
             f" while {', '.join(kept)} may still hold the earlier run's files" if kept else "",
         )

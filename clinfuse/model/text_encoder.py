@@ -148,10 +148,13 @@ class NoteTokenizer:
             log.log(
                 level,
                 "notes longer than %d tokens are cut (text.long_notes=%s; %d so far); raise "
-                "text.max_length or use text.long_notes=chunk to keep more",
+                "%s to keep more",
                 K * self.max_length,
                 "chunk" if K > 1 else "truncate",
                 self.cut,
+                "text.max_chunks or text.max_length"
+                if K > 1
+                else "text.max_length or use text.long_notes=chunk",
             )
         present = torch.tensor([bool(t.strip()) for t in texts], dtype=torch.bool)
         return TokenizedNotes(

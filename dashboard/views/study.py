@@ -13,6 +13,7 @@ import streamlit as st
 from panels import (
     as_written,
     explanation_of,
+    failure_message,
     history_panel,
     image_panel,
     label_picker,
@@ -66,9 +67,10 @@ def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | N
     after the page was drawn: the reviewer reads their review before theirs replaces it."""
     before = {x["label"]: int(bool(x["decision"])) for x in view.labels}
     key = f"verdict-{view.study_id}-{st.session_state.setdefault('sv_form', 0)}"
-    seen_key = f"sv_seen-{view.study_id}"  # how many reviews the page showed when drawn
-    seen = st.session_state.get(seen_key)
-    st.session_state[seen_key] = len(view.history)
+    # how many reviews the page showed when this form was first drawn: kept over reruns (a
+    # refused save, a click on the overlay) until the reviewer is told of newer ones
+    seen_key = f"sv_seen-{key}"
+    seen = st.session_state.setdefault(seen_key, len(view.history))
     # Not cleared on submit: a refused submit keeps what the reviewer chose and typed.
     with st.form(key, enter_to_submit=True):
         verdict = st.radio(
@@ -100,7 +102,8 @@ def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | N
     if verdict is None:
         st.error("Choose a verdict first: nothing was saved.")
         return None
-    if seen is not None and len(view.history) > seen:
+    if len(view.history) > seen:
+        st.session_state[seen_key] = len(view.history)  # told now: the next submit saves
         st.warning(
             f"{len(view.history) - seen} review(s) of this study were saved while you had it "
             "open (see the review history): nothing was saved. Save again to record yours."
@@ -133,11 +136,11 @@ def main() -> None:
         f"Patient {view.patient_pseudonym or '(no id)'} · {view.modalities or 'no input'} · "
         f"model {view.model_version} · run #{session.run_id}"
     )
-    if view.source_error:
+    failure = failure_message(view.failure)
+    if view.source_error and view.source_error not in (failure or ""):
         st.warning(f"Inputs not shown: {view.source_error}")
-    if view.failure:
-        reason, detail = view.failure
-        st.error(f"This study could not be scored ({reason}): {detail}")
+    if failure is not None:
+        st.error(failure)
         st.subheader("Review history")
         history_panel(view.history)
         return
@@ -154,7 +157,7 @@ def main() -> None:
         st.subheader("Image and note contribution")
         modality_panel(record)
     with left:
-        label = label_picker(labels, explained, explained[0] if explained else top)
+        label = label_picker(labels, explained, explained[0] if explained else top, view.study_id)
         if view.image_path is None and view.source_error:  # not "no image": not found now
             st.info("The image is not shown: its run's manifest cannot be read (above).")
         else:
