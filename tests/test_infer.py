@@ -19,6 +19,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from clinfuse.cli import main
+from clinfuse.errors import NoteWarning
 from clinfuse.explain import Explanation
 from clinfuse.model import load_checkpoint
 
@@ -555,19 +556,23 @@ def test_ray_engine_gives_the_same_predictions_as_local(tiny_model, mixed_manife
 
 def test_ray_masks_the_patient_id_in_notes_as_local_does(tiny_model, small_export, tmp_path):
     """Ray's actors never see the store's pseudonym key, but they mask the manifest's patient
-    id in the note as the local engine does: the same scores, no id in any explanation."""
+    id in the note as the local engine does: the same scores, no id in any explanation; and a
+    note an actor repairs is said in the driver's output as a local run says it."""
     pytest.importorskip("ray")
     rows = absolute_rows(small_export).head(8)
     rows["note"] = [
         f"MRN {patient} confirmed. " + Path(path).read_text(encoding="utf-8")
         for patient, path in zip(rows["patient_id"], rows["note_path"], strict=True)
     ]
+    rows.loc[2, "note"] += "\x07"  # a control character: replaced, with a warning
     rows["note_path"] = ""
     manifest = tmp_path / "named.csv"
     rows.to_csv(manifest, index=False)
-    for engine in ("local", "ray"):
-        assert infer(tiny_model, manifest, tmp_path / engine, "--engine", engine,
-                     "--explain", "all") == 0  # fmt: skip
+    for engine in ("local", "ray"):  # the local run in this process, to catch its warning
+        workers = ("--workers", "0") if engine == "local" else ()
+        with pytest.warns(NoteWarning, match=r"manifest row 3's note: .*control character"):
+            assert infer(tiny_model, manifest, tmp_path / engine, "--engine", engine,
+                         "--explain", "all", *workers) == 0  # fmt: skip
     local, ray = (
         pd.read_csv(tmp_path / e / "predictions.csv").drop(columns="patient_pseudonym")
         for e in ("local", "ray")

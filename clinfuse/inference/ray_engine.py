@@ -13,12 +13,16 @@ the run folder must be on storage every node sees. Without an address a local Ra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import signal
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from clinfuse import errors
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.data.batch import Collator, load_item
 from clinfuse.data.manifest import StudyRow, iter_manifest
@@ -93,21 +98,23 @@ class Scorer:
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
         given = rows.to_dict("records")
-        items = [load_item(item_to_row(r), self.transforms) for r in given]
-        pseudonyms = {r["patient_id"]: r["pseudonym"] for r in given}
-        batch = self.collate(items)
-        scored = next(iter_predictions(self.model, [batch], self.model.temperature.device))
-        predictions, failures, explanations = score_batch(
-            self.model,
-            *scored,
-            self.version,
-            pseudonyms.__getitem__,
-            self.settings.explain,
-            self.run_dir,
-        )
+        with told() as said:  # what a local run's workers print (a note repaired, ...)
+            items = [load_item(item_to_row(r), self.transforms) for r in given]
+            pseudonyms = {r["patient_id"]: r["pseudonym"] for r in given}
+            batch = self.collate(items)
+            scored = next(iter_predictions(self.model, [batch], self.model.temperature.device))
+            predictions, failures, explanations = score_batch(
+                self.model,
+                *scored,
+                self.version,
+                pseudonyms.__getitem__,
+                self.settings.explain,
+                self.run_dir,
+            )
         out = [("prediction", r.study_id, dataclasses.asdict(r)) for r in predictions]
         out += [("failure", r.study_id, dataclasses.asdict(r)) for r in failures]
         out += [("explanation", r.study_id, dataclasses.asdict(r)) for r in explanations]
+        out += [("said", "", message) for message in said]
         return pd.DataFrame(
             {
                 "kind": [k for k, _, _ in out],
@@ -117,8 +124,41 @@ class Scorer:
         )
 
 
+@contextlib.contextmanager
+def told() -> Iterator[list[dict[str, str]]]:
+    """Collect the warnings and clinfuse's warning log lines of an actor's batch (Ray keeps an
+    actor's output in its own log files): {"warning": category, "message": ...} or {"log":
+    logger name, "message": ...}, for the driver to say them again (`say_again`)."""
+    said: list[dict[str, str]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append({"log": record.name, "message": record.getMessage()})
+
+    handler, logger = Collect(logging.WARNING), logging.getLogger("clinfuse")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield said
+    finally:
+        logger.removeHandler(handler)
+    said += [{"warning": w.category.__name__, "message": str(w.message)} for w in caught]
+
+
+def say_again(said: dict[str, str]) -> None:
+    """An actor's warning or log line, said in the driver as a local run says it."""
+    if "log" in said:
+        logging.getLogger(said["log"]).warning("%s", said["message"])
+        return
+    category = getattr(errors, said["warning"], None)
+    if not (isinstance(category, type) and issubclass(category, Warning)):
+        category = UserWarning
+    warnings.warn(said["message"], category, stacklevel=1)
+
+
 def records(frame: pd.DataFrame) -> tuple[list, list, list]:
-    """The actor's serialised records back as the store's dataclasses."""
+    """The actor's serialised records back as the store's dataclasses; its warnings said."""
     predictions, failures, explanations = [], [], []
     for kind, record in zip(frame["kind"], frame["record"], strict=True):
         data = json.loads(record)
@@ -126,8 +166,10 @@ def records(frame: pd.DataFrame) -> tuple[list, list, list]:
             predictions.append(PredictionRecord(**data))
         elif kind == "failure":
             failures.append(FailureRecord(**data))
-        else:
+        elif kind == "explanation":
             explanations.append(ExplanationRecord(**data))
+        else:
+            say_again(data)
     return predictions, failures, explanations
 
 
