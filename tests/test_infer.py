@@ -888,6 +888,28 @@ def test_a_manifest_with_no_study_rows_is_an_error_not_an_empty_success(
     assert (tmp_path / "kept").is_dir()
 
 
+def test_infer_never_writes_into_a_model_or_report_folder(
+    tiny_model, small_export, tmp_path, capsys
+):
+    few = tmp_path / "few.csv"
+    absolute_rows(small_export).head(2).to_csv(few, index=False)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    assert infer(model, few, model) == 2
+    assert "is a `clinfuse train` model folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("metrics.json", "report.html", "predictions.csv"):
+        (report / name).write_text("kept")
+    assert infer(model, few, report) == 2
+    assert "is a `clinfuse evaluate` report folder" in capsys.readouterr().err
+    assert sorted(p.name for p in report.iterdir()) == ["metrics.json", "predictions.csv",
+                                                        "report.html"]  # fmt: skip
+    assert (report / "predictions.csv").read_text() == "kept"
+
+
 def test_on_a_shared_store_another_run_into_the_same_folder_is_told_and_refused_alike(
     tiny_model, small_export, tmp_path, caplog, capsys
 ):

@@ -358,7 +358,9 @@ def test_evaluate_never_writes_its_report_into_a_model_folder(trained, export, c
     before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
     args = ["evaluate", "--model", str(trained), "--manifest", str(export), "--out", str(trained)]
     assert main(args) == 2
-    assert "is a model folder; its failures.csv is the training run's" in capsys.readouterr().err
+    assert "is a `clinfuse train` model folder; its failures.csv is the training run's" in (
+        capsys.readouterr().err
+    )
     assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
     run = trained.parent / "run"  # nor into an inference run's folder, over its exports
     run.mkdir(exist_ok=True)

@@ -19,12 +19,12 @@ from clinfuse.atomic import write_atomic
 from clinfuse.data.batch import Collator, StudyDataset
 from clinfuse.data.manifest import PatientSplit, load_manifest, reference_labels
 from clinfuse.engine import Predictions, predict, select_device
-from clinfuse.errors import ClinfuseError, ManifestError
+from clinfuse.errors import ManifestError
 from clinfuse.evaluation.calibration import calibrated_probabilities
 from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, failures_file, write_report
+from clinfuse.folders import refuse_foreign_folder
 from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
-from clinfuse.store.store import STORE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +104,7 @@ def evaluate_model(
 def check_report_folder(out_dir: str | Path) -> None:
     """A report folder is not a model folder or an inference run's folder: its predictions and
     failures.csv would replace theirs. A `ClinfuseError` naming it, before anything is scored."""
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
-        raise ClinfuseError(
-            f"{out_dir}: is a model folder; its failures.csv is the training run's. Give "
-            "--out a folder of its own for the report (e.g. a reports/ folder beside it)"
-        )
-    if any((out_dir / name).is_file() for name in (STORE_FILE, "predictions.parquet")):
-        raise ClinfuseError(
-            f"{out_dir}: is a `clinfuse infer` run folder; its predictions.csv and failures.csv "
-            "are the run's exports. Give --out a folder of its own for the report"
-        )
+    refuse_foreign_folder(out_dir, "report")
 
 
 def write_evaluation(

@@ -42,6 +42,7 @@ from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
 from clinfuse.exports.files import STUDY_FILES, new_folder, study_file
+from clinfuse.folders import refuse_foreign_folder
 from clinfuse.inference.outputs import check_exports, write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
@@ -381,6 +382,7 @@ def _open_run(
     lock: int | None,
 ) -> OpenRun:
     """`open_run`'s work, with the run folder already held."""
+    refuse_foreign_folder(run_dir, "run")  # a model's or a report's folder
     check_exports(run_dir)
     model = load_checkpoint(model_dir, select_device(settings.device))
     version = model_version(model_dir)
