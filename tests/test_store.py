@@ -510,7 +510,8 @@ def test_migrations_ship_inside_the_package():
         # a PostgreSQL server that cannot be reached (nothing listens on port 1)
         ("postgresql+psycopg://reader:topsecret@127.0.0.1:1/clinical", "cannot open the store"),
         ("postgres//reader:topsecret@host/db", "is not a database URL"),  # a typo: not echoed
-        ("mysql://reader@host/db", "a clinfuse store is SQLite or PostgreSQL"),
+        ("mysql://reader@host/db", "a clinfuse store is SQLite"),
+        ("postgres://reader:topsecret@host/db", r"postgresql\+psycopg://.*\(postgresql, not"),
         # a driver that is not installed: say which URL form works
         ("postgresql+pg8000://reader:topsecret@host/db", r"driver \(pg8000\) is not installed"),
     ],
@@ -521,6 +522,17 @@ def test_a_store_that_cannot_be_opened_is_one_store_error_without_the_password(u
     assert "topsecret" not in str(caught.value)
     if "127.0.0.1:1" in url:
         assert "reader:***@127.0.0.1:1/clinical" in str(caught.value)
+
+
+def test_a_run_folder_given_as_the_store_opens_its_own_store(tmp_path):
+    run = tmp_path / "night1"
+    with Store(Store.default_url(run)) as store:
+        store.pseudonym("P1")  # something in it
+    assert store_url(run) == Store.default_url(run)  # `--store runs/night1` as users type it
+    with Store(str(run), create=False) as store:
+        assert store.schema_version() == head_revision()
+    with pytest.raises(StoreError, match="no store at"):  # a folder without one: not a store
+        Store(str(tmp_path), create=False)
 
 
 def test_a_reader_never_creates_a_store_where_none_is(tmp_path):

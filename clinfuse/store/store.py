@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from clinfuse.store.migrations import (
+    STORE_FILE,
     connect,
     current_revision,
     head_revision,
@@ -53,7 +54,6 @@ from clinfuse.store.schema import (
 SECRET_KEY = "pseudonym_secret"  # settings row: the store's HMAC key for pseudonyms, hex
 
 
-STORE_FILE = "clinfuse.db"  # a run folder's own store
 
 
 class Store:

@@ -34,6 +34,7 @@ _WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at
 
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+STORE_FILE = "clinfuse.db"  # a run folder's own store
 
 
 def sqlite_url(path: Path) -> str:
@@ -44,10 +45,13 @@ def sqlite_url(path: Path) -> str:
 
 def store_url(value: str | Path) -> str:
     """A store's SQLAlchemy URL: a URL as given, or the path of a SQLite file (one that exists,
-    or a name ending .db, .sqlite or .sqlite3) as sqlite:///<absolute path>."""
+    or a name ending .db, .sqlite or .sqlite3) as sqlite:///<absolute path>, or a run folder
+    holding its own store (`STORE_FILE`) as that file's."""
     text = str(value)
     if "://" not in text:
         path = Path(text).expanduser()
+        if path.is_dir() and (path / STORE_FILE).is_file():
+            return sqlite_url(path / STORE_FILE)
         if path.suffix.lower() in _SQLITE_SUFFIXES or path.is_file():
             return sqlite_url(path)
     return text
@@ -56,13 +60,19 @@ def store_url(value: str | Path) -> str:
 def parse_url(url: str | Path) -> sa.URL:
     """`store_url` parsed; a StoreError (never echoing the value: it may hold a password) when
     it is neither a database URL nor a SQLite file's path."""
+    folder = Path(url).expanduser() if "://" not in str(url) else None  # a path, not a URL
+    if folder is not None and folder.is_dir() and not (folder / STORE_FILE).is_file():
+        raise StoreError(
+            f"no store at {url}: a folder without a run's {STORE_FILE}; give the folder "
+            "`clinfuse infer --out` wrote, or the store's URL"
+        )
     try:
         return sa.make_url(store_url(url))
     except sa.exc.ArgumentError:
         raise StoreError(
             "the store URL is not a database URL (not repeated here: it may hold a password): "
-            "give sqlite:///path/to/clinfuse.db (or the path of a .db file) or "
-            "postgresql+psycopg://user@host/database"
+            "give sqlite:///path/to/clinfuse.db (or the path of a .db file, or of a run folder "
+            "holding its clinfuse.db) or postgresql+psycopg://user@host/database"
         ) from None
 
 
@@ -73,7 +83,13 @@ def connect(url: str, create: bool = True) -> sa.Engine:
     parsed = parse_url(url)
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise StoreError(f"{backend}: a clinfuse store is SQLite or PostgreSQL")
+        raise StoreError(
+            f"{backend}: not a database clinfuse keeps a store in; give sqlite:///path/to/"
+            "clinfuse.db or postgresql+psycopg://user@host/database (postgresql, not postgres)"
+            if backend == "postgres"
+            else f"{backend}: a clinfuse store is SQLite (sqlite:///path/to/clinfuse.db) or "
+            "PostgreSQL (postgresql+psycopg://user@host/database)"
+        )
     if backend == "postgresql":
         try:
             return sa.create_engine(parsed, json_serializer=dumps_json, pool_pre_ping=True)
