@@ -236,24 +236,24 @@ def read_config_mapping(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            str(path), f"is not UTF-8 text (byte {exc.start})", hint="save it as UTF-8"
-        ) from exc
+        problem = f"{path}: is not UTF-8 text (byte {exc.start})"
+        raise ConfigError("--config", problem, hint="save it as UTF-8") from exc
     except OSError as exc:
-        raise ConfigError(str(path), f"cannot read config file: {exc}") from exc
+        raise ConfigError("--config", f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"cannot read config file: {exc}") from exc
+        raise ConfigError("--config", f"{path}: cannot be read as YAML ({exc})") from exc
     except _RepeatedKey as exc:
         raise ConfigError(
-            str(path),
-            f"line {exc.line} gives the key {exc.key!r} a second time in its section, and only "
-            "one could apply",
+            "--config",
+            f"{path}: line {exc.line} gives the key {exc.key!r} a second time in its section, "
+            "and only one could apply",
             hint="merge the two into one",
         ) from None
     if not isinstance(data, dict):
-        raise ConfigError(str(path), "a config file must hold a mapping of keys to values")
+        problem = f"{path}: a config file must hold a mapping of keys to values"
+        raise ConfigError("--config", problem)
     return data
 
 

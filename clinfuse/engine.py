@@ -32,14 +32,14 @@ def select_device(requested: str | None = None) -> torch.device:
             device = torch.device(requested)
         except RuntimeError:
             detail = f"{requested!r} is not a device"
-            raise ConfigError("device", detail, hint=_DEVICE_HINT) from None
+            raise ConfigError("--device", detail, hint=_DEVICE_HINT) from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device", "no CUDA GPU is available here", hint=_DEVICE_HINT)
+            raise ConfigError("--device", "no CUDA GPU is available here", hint=_DEVICE_HINT)
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             detail = f"{requested!r}: this machine has {torch.cuda.device_count()} GPU(s)"
-            raise ConfigError("device", detail, hint=_DEVICE_HINT)
+            raise ConfigError("--device", detail, hint=_DEVICE_HINT)
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("device", "Apple's MPS is not available here", hint=_DEVICE_HINT)
+            raise ConfigError("--device", "Apple's MPS is not available here", hint=_DEVICE_HINT)
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

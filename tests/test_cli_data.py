@@ -1,6 +1,7 @@
 """`clinfuse sample-data` and `clinfuse validate` end to end, as a user runs them."""
 
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,54 @@ def test_a_ctrl_c_the_command_was_started_to_ignore_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
+def test_a_finished_command_ignores_a_late_stop_while_it_exits(monkeypatch):
+    import importlib
+
+    cli = importlib.import_module("clinfuse.cli.main")  # the module, not its `main`
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.run()
+        assert done.value.code == 0  # a scheduler's SIGTERM now no longer makes it 143
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_output_piped_into_a_reader_that_stopped_ends_quietly(export, tmp_path):
+    """`clinfuse validate M | head -3`: the pipe's reader has gone; no false path error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader stopped before the first line
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clinfuse",
+            "validate",
+            str(export / "manifest.csv"),
+            "--out",
+            str(tmp_path / "v.csv"),
+        ],  # fmt: skip
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+    )
+    os.close(write_end)
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
+    assert "error" not in done.stderr.lower() and "Broken pipe" not in done.stderr
+
+
+def test_ray_address_without_the_ray_engine_is_refused(capsys, tmp_path):
+    args = ["infer", "--model", "m", "--manifest", "x.csv", "--out", str(tmp_path / "r")]
+    assert main([*args, "--ray-address", "auto"]) == 2
+    assert "option --ray-address: is for --engine ray" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_output_path_inside_a_file_names_the_file(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "export"):
@@ -125,6 +174,20 @@ def test_an_output_path_inside_a_file_names_the_file(tmp_path, capsys):
             f"error: {tmp_path / 'notes.txt'}: a file is where this command makes a folder" in err
         )
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_validate_refuses_shares_training_would_refuse_and_a_config_file_is_named(
+    export, tmp_path, capsys
+):
+    args = ["validate", str(export / "manifest.csv"), "--out", str(tmp_path / "v.csv")]
+    assert main([*args, "--val", "0.9"]) == 2  # with the default --test 0.15: nothing to train
+    err = capsys.readouterr().err
+    assert "option --val/--test: 0.9 + 0.15 leave no patients to train on" in err
+    assert not (tmp_path / "v.csv").exists()
+    typo = tmp_path / "train_tny.yaml"
+    assert main(["train", "--manifest", str(export / "manifest.csv"), "--out", str(tmp_path / "m"),
+                 "--config", str(typo)]) == 2  # fmt: skip
+    assert f"option --config: {typo}: cannot be read (No such file" in capsys.readouterr().err
 
 
 def test_sample_data_then_validate_is_trainable(export, capsys):

@@ -227,7 +227,7 @@ def test_structural_errors_name_row_and_column(tmp_path, change, match):
 
 
 def test_missing_config_label_and_bad_file_type(tmp_path):
-    with pytest.raises(ManifestError, match="column 'effusion': label column named in the config"):
+    with pytest.raises(ManifestError, match="column 'effusion': no such label column"):
         load_manifest(write(tmp_path, ROWS), labels=["effusion"])
     bad = tmp_path / "m.xlsx"
     bad.write_text("x")
@@ -235,6 +235,12 @@ def test_missing_config_label_and_bad_file_type(tmp_path):
         load_manifest(bad)
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(tmp_path / "absent.csv")
+    export = tmp_path / "export"  # the export's folder, given for its manifest
+    export.mkdir()
+    write(export, ROWS)
+    manifest = next(p.name for p in export.iterdir())
+    with pytest.raises(ManifestError, match=f"is a folder.*the manifest inside it .{manifest}"):
+        load_manifest(export)
 
 
 def test_manifest_error_never_prints_patient_ids(tmp_path):

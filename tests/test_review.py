@@ -782,10 +782,12 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
         save_review(store, first, "S002", "dr.a", "agree", {}, "")
         make_run(store, tmp_path / "data2", n=3, seed=1)  # a later run, not reviewed
     export = ["export", "--store", url, "--format"]
-    assert clinfuse_main([*export, "manifest", "--out", str(tmp_path)]) == 2
-    assert "has no reviewed study to export: runs with reviews: 1 (choose one with --run)" in (
-        capsys.readouterr().err
-    )
+    for kind in ("manifest", "agreement"):  # the later run has no review: nothing to export
+        assert clinfuse_main([*export, kind, "--out", str(tmp_path)]) == 2
+        assert "has no reviewed study to export: runs with reviews: 1 (choose one with --run)" in (
+            capsys.readouterr().err
+        )
+    assert not (tmp_path / "agreement.csv").exists()
     folder = tmp_path / "exports"
     folder.mkdir()
     for out in (folder, tmp_path / "m.parquet"):

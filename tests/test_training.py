@@ -629,7 +629,9 @@ def test_the_image_cache_changes_no_item_and_keeps_the_fitted_image(export):
     assert all(0.0 <= float(img.min()) and float(img.max()) <= 1.0 for img in fitted)
 
 
-def test_evaluate_measures_against_another_labels_table(trained, export, tmp_path, capsys):
+def test_evaluate_measures_against_another_labels_table(
+    trained, export, tmp_path, capsys, monkeypatch
+):
     import pandas as pd
 
     truth = export.parent / "ground_truth" / "truth.csv"
@@ -665,6 +667,14 @@ def test_evaluate_measures_against_another_labels_table(trained, export, tmp_pat
     assert main([*base, "--out", str(tmp_path / "s"), "--labels", str(tmp_path / "short.csv")]) == 2
     err = capsys.readouterr().err
     assert "short.csv" in err and "study_id" in err and expected.index[0] in err
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before --labels was checked")
+
+    # label names where a file belongs: said before any study is scored
+    monkeypatch.setattr("clinfuse.evaluation.evaluate.predict", never)
+    assert main([*base, "--out", str(tmp_path / "n"), "--labels", "copd"]) == 2
+    assert "copd: unsupported manifest type ''" in capsys.readouterr().err
 
 
 def test_optimiser_state_round_trips_without_pickle_and_old_snapshots_are_refused(tmp_path):
@@ -765,7 +775,7 @@ def test_a_device_the_machine_lacks_is_a_config_error(export, tmp_path, capsys, 
     args = ["train", "--manifest", str(export), "--out", str(tmp_path / "m"), "--device", device]
     assert main([*args, *FAST]) == 2
     err = capsys.readouterr().err
-    assert f"config key 'device': {says}" in err and "leave --device out" in err
+    assert f"option --device: {says}" in err and "leave --device out" in err
 
 
 def test_a_label_validation_cannot_calibrate_is_a_warning_at_the_end(export, tmp_path, caplog):

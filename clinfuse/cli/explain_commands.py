@@ -113,7 +113,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Score explanations on the true positives of a split against lesion masks "
         "and rationale spans (pointing game, relevance mass, rationale rank, deletion curves, "
         "randomisation sanity check, modality shares). Writes explain_eval.json and "
-        "explain_eval.md. Exit status 1 when a bar of issue 5 fails.",
+        "explain_eval.md. Exit status 1 when one of the quality bars fails (README, Explanations: "
+        "pointing game, relevance mass, rationale rank, deletion, randomisation, note share).",
     )
     p.add_argument("--model", required=True, type=Path, help="model folder (clinfuse train)")
     p.add_argument("--manifest", required=True, type=Path)

@@ -7,6 +7,7 @@ cannot be trained on); 2 a user error (bad arguments, a structural manifest erro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -23,7 +24,7 @@ from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
 from clinfuse.cli.args import at_least, one_of_each, share
 from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
-from clinfuse.errors import ClinfuseError
+from clinfuse.errors import ClinfuseError, ConfigError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -42,6 +43,12 @@ def _validate(args: argparse.Namespace) -> int:
     from clinfuse.data.validate import validate_manifest
     from clinfuse.exports.files import check_writable_file
 
+    if args.val + args.test >= 1:  # as training refuses data.val_fraction + test_fraction
+        raise ConfigError(
+            "--val/--test",
+            f"{args.val} + {args.test} leave no patients to train on",
+            hint="give shares that add up to less than 1 (the defaults: 0.15 and 0.15)",
+        )
     out = args.out or Path(args.manifest).with_name(Path(args.manifest).stem + ".verdicts.csv")
     if Path(args.manifest).is_file():  # else the manifest's own error comes first
         if out.resolve() == Path(args.manifest).resolve():
@@ -130,6 +137,10 @@ def _infer(args: argparse.Namespace) -> int:
         device=args.device,
         retry_failed=args.retry_failed,
     )
+    if args.ray_address and args.engine != "ray":
+        raise ConfigError(
+            "--ray-address", "is for --engine ray", hint="add --engine ray, or leave it out"
+        )
     if args.engine == "ray":
         from clinfuse.inference.ray_engine import run_inference_ray
 
@@ -276,9 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="score again the studies earlier invocations of this run recorded as failed (a "
         "file that was missing or unreadable then)",
     )
-    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="this machine, or a Ray cluster (the `ray` extra)",
+    )
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
-    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="studies per batch")
     p.add_argument(
         "--workers", type=at_least(0), default=2, help="decoding (and, on CPU, scoring) processes"
     )
@@ -293,7 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain_commands.add_commands(commands)  # explain, explain-eval
     review_commands.add_commands(commands)  # dashboard, export, demo
+    for command in commands.choices.values():
+        command.formatter_class = WithDefaults
     return parser
+
+
+class WithDefaults(argparse.HelpFormatter):
+    """Help that gives each option's default, unless its text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default  # 0 is a default to give, False (a flag off) is not
+        empty = default is None or default is False or default is argparse.SUPPRESS
+        silent = empty or default in ((), []) or not action.option_strings
+        if silent or "default" in text:
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])
@@ -334,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClinfuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of its output stopped (`| head`): end as tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a folder that cannot be made, no permission, a full disk: named
         if args.verbose:
             raise
@@ -385,13 +420,15 @@ def _file_in_the_way(exc: OSError) -> Path | None:
 def run() -> None:
     """The console entry point: `main`'s exit status. After Ctrl-C (or SIGTERM) the process
     ends by that signal once the message is printed, so a shell loop running clinfuse stops
-    too; once the command is done, a late Ctrl-C no longer turns its success into one."""
+    too; once the command is done, a late Ctrl-C or SIGTERM (a scheduler's, while the
+    interpreter shuts down) no longer turns its success into one."""
     code = main()
     stopped_by = {128 + signal.SIGINT: signal.SIGINT, 128 + signal.SIGTERM: signal.SIGTERM}
     if code in stopped_by:
         signal.signal(stopped_by[code], signal.SIG_DFL)
         os.kill(os.getpid(), stopped_by[code])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: let the exit finish
+    for late in stopped_by.values():  # the work is done: let the exit finish
+        signal.signal(late, signal.SIG_IGN)
     sys.exit(code)
 
 

@@ -128,7 +128,7 @@ def export_path(given: str, form: str) -> Path:
 def _export(args: argparse.Namespace) -> int:
     from clinfuse.data.manifest import read_table
     from clinfuse.review import export_reviewed_manifest, review_agreement
-    from clinfuse.review.export import write_table
+    from clinfuse.review.export import other_reviewed_runs, write_table
     from clinfuse.store import Store, StoreError
 
     out = export_path(args.out, args.format)
@@ -144,8 +144,9 @@ def _export(args: argparse.Namespace) -> int:
             print(f"train on it: clinfuse train --manifest {out} --out MODEL_DIR")
         else:
             table = review_agreement(store, run_id)
+            other_reviewed_runs(store, run_id, reviewed=len(table) > 0)  # none: as the manifest
             write_table(table, out)
-            print(table.to_string(index=False) if len(table) else f"run {run_id}: no review yet")
+            print(table.to_string(index=False))
             print(f"agreement of run {run_id}: {out}")
     return 0
 

@@ -129,6 +129,15 @@ def label_problem(labels: np.ndarray, splits: np.ndarray, names: Sequence[str]) 
 def manifest_kind(path: Path) -> str:
     """ "csv", "parquet" or "jsonl" of a manifest file that exists; else a `ManifestError`."""
     kind = _SUFFIXES.get(path.suffix.lower())
+    if path.is_dir():  # an export's folder, given for its manifest
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _SUFFIXES)
+        raise ManifestError(
+            path,
+            "is a folder, not a manifest file",
+            hint=f"give the manifest inside it ({', '.join(inside[:3])})"
+            if inside
+            else "give the manifest file (.csv, .parquet or .jsonl)",
+        )
     if kind is None:
         raise ManifestError(
             path, f"unsupported manifest type {path.suffix!r}", hint="use .csv, .parquet or .jsonl"
@@ -609,7 +618,7 @@ def _label_columns(
             if name not in table.columns:
                 raise ManifestError(
                     path,
-                    "label column named in the config is missing",
+                    "no such label column (a label --labels, data.labels or the model names)",
                     column=name,
                     hint=_columns_hint(table),
                 )

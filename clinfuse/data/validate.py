@@ -93,7 +93,8 @@ class ValidationReport:
         if empty:
             return (
                 f"no usable row in the {' or '.join(map(repr, empty))} split; training needs "
-                "both (fix the split column, or leave it empty for a seeded patient-level split)"
+                "both (fix the split column, or leave it empty for a seeded patient-level split "
+                "with --val and --test shares that leave patients to both)"
             )
         labels = self.manifest.label_matrix()[usable]
         return label_problem(labels, splits[usable], self.manifest.labels)

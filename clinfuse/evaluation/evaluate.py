@@ -69,6 +69,8 @@ def evaluate_model(
     rows = list(manifest.rows(None if split == "all" else split))
     if not rows:
         raise ManifestError(manifest_path, f"no rows in the {split!r} split")
+    if labels_path is not None:  # its columns and cells checked before the model runs
+        reference_labels(labels_path, model.labels, [])
     loader = DataLoader(
         StudyDataset(rows, model.cfg),
         batch_size=batch_size,

@@ -60,14 +60,7 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     run = store.run(run_id)
     labels = list(run["labels"])
     latest = latest_reviews(store, run_id)
-    with store.engine.connect() as conn:
-        reviewed_runs = list(
-            conn.scalars(sa.select(Review.run_id).distinct().order_by(Review.run_id))
-        )
-    others = ", ".join(str(r) for r in reviewed_runs if r != run_id)
-    if not latest:
-        hint = f": runs with reviews: {others} (choose one with --run)" if others else ""
-        raise StoreError(f"run {run_id} has no reviewed study to export{hint}")
+    others = other_reviewed_runs(store, run_id, bool(latest))
     if others:  # each run's reviews are exported on their own: none is merged in silently
         log.warning(
             "runs %s also have reviews; this export holds run %d's only (export each with --run)",
@@ -155,6 +148,18 @@ def _cell(event: dict[str, Any], name: str) -> str:
         f"study {event['study_id']}: review event {event['id']} gives label {name!r} the value "
         f"{value!r}, not 1, 0 or unknown; save a new review of the study with its labels"
     )
+
+
+def other_reviewed_runs(store: Store, run_id: int, reviewed: bool = True) -> str:
+    """The other runs of the store that have reviews ("2, 5"); with `reviewed` False (run
+    `run_id` has none), a StoreError naming them, for an export that would hold nothing."""
+    with store.engine.connect() as conn:
+        runs = list(conn.scalars(sa.select(Review.run_id).distinct().order_by(Review.run_id)))
+    others = ", ".join(str(r) for r in runs if r != run_id)
+    if not reviewed:
+        hint = f": runs with reviews: {others} (choose one with --run)" if others else ""
+        raise StoreError(f"run {run_id} has no reviewed study to export{hint}")
+    return others
 
 
 def review_agreement(store: Store, run_id: int) -> pd.DataFrame:

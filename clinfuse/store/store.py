@@ -54,8 +54,6 @@ from clinfuse.store.schema import (
 SECRET_KEY = "pseudonym_secret"  # settings row: the store's HMAC key for pseudonyms, hex
 
 
-
-
 class Store:
     """The clinfuse database; thread-safe, one instance may serve many threads."""
 
