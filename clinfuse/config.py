@@ -159,7 +159,11 @@ def parse_config(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
         key = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
         if error["type"] == "extra_forbidden":
             raise ConfigError(key, "unknown key", hint=_known_keys_hint(cls, error["loc"])) from exc
-        raise ConfigError(key, error["msg"]) from exc
+        hint = ""
+        given = error.get("input")
+        if error["type"] in ("tuple_type", "list_type") and isinstance(given, (str, int, float)):
+            hint = f"give a list in brackets: {key}=[{given}]"  # data.labels=copd
+        raise ConfigError(key, error["msg"], hint=hint) from exc
 
 
 # Keys added with a default that changes the result, and the value meaning "as before".

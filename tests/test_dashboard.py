@@ -286,6 +286,26 @@ def test_failures_are_listed_with_their_reason(review_run, monkeypatch):
     assert len(table(at)) > 0 and not at.exception
 
 
+def test_a_failed_study_can_be_given_its_labels_but_not_agreed_with(review_run, monkeypatch):
+    at = new_app(monkeypatch, review_run).run()
+    at.toggle(key="wl_failures").set_value(True).run()
+    open_study(at, review_run.failed)
+    assert "could not be scored" in page_text(at) and not at.exception
+    form = verdict_form(at, review_run.failed)
+    verdict = at.radio(key=f"{form}-verdict")
+    assert verdict.options == ["Correct the labels"]  # no model call to agree with
+    labels = [b.label for b in at.selectbox if b.key and b.key.startswith(f"{form}-")]
+    assert labels and all(at.selectbox(key=f"{form}-{x}").value == "unknown" for x in labels)
+    verdict.set_value("corrected")
+    at.selectbox(key=f"{form}-{labels[0]}").set_value("positive")
+    at.button(key=f"{form}-save").click().run()
+    with Store(review_run.url) as store:
+        events = store.reviews(review_run.run_id, review_run.failed)
+    assert events[-1]["verdict"] == "corrected"
+    assert events[-1]["labels_after"][labels[0]] == 1
+    assert all(events[-1]["labels_after"][x] is None for x in labels[1:])
+
+
 def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_on(
     review_run, monkeypatch
 ):

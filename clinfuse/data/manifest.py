@@ -198,8 +198,13 @@ def _unique_columns(path: Path, names: Iterable[object]) -> list[str]:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes: what a model or a run records of the manifest it read."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The SHA-256 of a file's bytes: what a model or a run records of the manifest it read
+    (read a megabyte at a time: a manifest of millions of rows is never held whole)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -56,16 +56,22 @@ def study_after(order: list[str], study_id: str) -> str | None:
     return order[at + 1] if at + 1 < len(order) else None
 
 
-def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | None:
-    """The verdict form; (verdict, labels_after, comment) when submitted with a valid
-    verdict, with "next" in session state when "Save and next" was pressed. No verdict is
-    chosen in advance: Enter in the comment box must never record agreement by default.
+def verdict_form(
+    view: Any, session: ReviewSession, labels: list[str]
+) -> tuple[str, dict, str] | None:
+    """The verdict form over the run's `labels`; (verdict, labels_after, comment) when
+    submitted with a valid verdict, with "next" in session state when "Save and next" was
+    pressed. No verdict is chosen in advance: Enter in the comment box must never record
+    agreement by default. A study the model failed on has no call to agree or disagree with:
+    its reviewer can only give the labels ("Correct the labels"), starting from unknown.
 
     Each save gives the next form a new key (`sv_form`): a browser sends a form's last values
     back with its next submit, so reusing the key would record the same verdict again on a
     second click. A submit is refused, with nothing saved, when someone else reviewed the study
     after the page was drawn: the reviewer reads their review before theirs replaces it."""
-    before = {x["label"]: int(bool(x["decision"])) for x in view.labels}
+    called = {x["label"]: int(bool(x["decision"])) for x in view.labels}
+    before = {label: called.get(label) for label in labels}  # None: the model gave no call
+    verdicts = ["corrected"] if view.failure else list(VERDICTS)
     key = f"verdict-{view.study_id}-{st.session_state.setdefault('sv_form', 0)}"
     # how many reviews the page showed when this form was first drawn: kept over reruns (a
     # refused save, a click on the overlay) until the reviewer is told of newer ones
@@ -75,7 +81,7 @@ def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | N
     with st.form(key, enter_to_submit=True):
         verdict = st.radio(
             "Verdict",
-            list(VERDICTS),
+            verdicts,
             format_func=VERDICTS.__getitem__,
             index=None,
             horizontal=True,
@@ -86,7 +92,7 @@ def verdict_form(view: Any, session: ReviewSession) -> tuple[str, dict, str] | N
         edited: dict[str, int | None] = {}
         for i, (label, call) in enumerate(before.items()):
             choice = columns[i % len(columns)].selectbox(
-                label, list(CALLS), index=0 if call else 1, key=f"{key}-{label}"
+                label, list(CALLS), index={1: 0, 0: 1, None: 2}[call], key=f"{key}-{label}"
             )
             edited[label] = CALLS[choice]
         comment = st.text_input(
@@ -141,10 +147,23 @@ def main() -> None:
         st.warning(f"Inputs not shown: {view.source_error}")
     if failure is not None:
         st.error(failure)
-        st.subheader("Review history")
-        history_panel(view.history)
-        return
+        if view.note:  # what could still be read: the reviewer may label from it
+            st.subheader("Note")
+            st.text(view.note)
+        st.caption("The model gave no answer for this study: you can still give its labels.")
+    else:
+        study_panels(view)
+    run_labels = list(session.store.run(session.run_id)["labels"])
+    st.subheader("Your verdict")
+    submitted = verdict_form(view, session, run_labels)
+    if submitted is not None:
+        save_verdict(session, params, view, *submitted)
+    st.subheader("Review history")
+    history_panel(view.history)
 
+
+def study_panels(view: Any) -> None:
+    """A scored study: its scores, the image and note with their evidence, the Shapley split."""
     record = view.explanation
     expl = explanation_of(view.explanation_path, record)
     labels = [x["label"] for x in view.labels]
@@ -165,44 +184,48 @@ def main() -> None:
     st.subheader("Note")
     note_panel(view.note or (expl.note if expl else None), expl, record, label)
 
-    st.subheader("Your verdict")
-    submitted = verdict_form(view, session)
-    if submitted is not None:
-        verdict, labels_after, comment = submitted
-        # the next study is found before the save: a verdict can take this one off a filtered
-        # worklist ("not reviewed yet") or move it in a sorted one ("reviews", "last_*")
-        go_next = st.session_state.pop("sv_go_next", False)
-        following = None
-        if go_next:
-            following = study_after(worklist_order(session, params, view.study_id), view.study_id)
-        try:
-            review_id = save_review(
-                session.store,
-                session.run_id,
-                view.study_id,
-                session.reviewer,
-                verdict,
-                labels_after,
-                comment,
-            )
-        except (ValueError, StoreError) as exc:
-            st.error(f"Not saved: {as_written(str(exc))}")
-            st.stop()
-        st.session_state["sv_form"] += 1  # a fresh form
-        saved = f"Saved review #{review_id} of {as_written(view.study_id)}: "
-        saved += f"{VERDICTS[verdict].lower()}."
-        if go_next and following is None:
-            st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
-        else:
-            st.session_state["sv_flash"] = saved
-        if following is not None:  # its page in the worklist as the save left it
-            order = worklist_order(session, params, following)
-            size = page_from_params(params)[1]
-            st.query_params["study"] = following
-            st.query_params["page"] = str(order.index(following) // size + 1)
-        st.rerun()
-    st.subheader("Review history")
-    history_panel(view.history)
+
+def save_verdict(
+    session: ReviewSession,
+    params: dict[str, Any],
+    view: Any,
+    verdict: str,
+    labels_after: dict,
+    comment: str,
+) -> None:
+    """Record a submitted verdict, then open this page again (or the next study's)."""
+    # the next study is found before the save: a verdict can take this one off a filtered
+    # worklist ("not reviewed yet") or move it in a sorted one ("reviews", "last_*")
+    go_next = st.session_state.pop("sv_go_next", False)
+    following = None
+    if go_next:
+        following = study_after(worklist_order(session, params, view.study_id), view.study_id)
+    try:
+        review_id = save_review(
+            session.store,
+            session.run_id,
+            view.study_id,
+            session.reviewer,
+            verdict,
+            labels_after,
+            comment,
+        )
+    except (ValueError, StoreError) as exc:
+        st.error(f"Not saved: {as_written(str(exc))}")
+        st.stop()
+    st.session_state["sv_form"] += 1  # a fresh form
+    saved = f"Saved review #{review_id} of {as_written(view.study_id)}: "
+    saved += f"{VERDICTS[verdict].lower()}."
+    if go_next and following is None:
+        st.session_state["sv_flash"] = f"{saved} It was the last study of the worklist."
+    else:
+        st.session_state["sv_flash"] = saved
+    if following is not None:  # its page in the worklist as the save left it
+        order = worklist_order(session, params, following)
+        size = page_from_params(params)[1]
+        st.query_params["study"] = following
+        st.query_params["page"] = str(order.index(following) // size + 1)
+    st.rerun()
 
 
 main()

@@ -79,7 +79,13 @@ def filters(labels: list[str], run_id: int) -> WorklistQuery:
         st.session_state["wl_sort"] = default
     st.session_state["wl_failures_before"] = failures
     top = st.columns([2, 3, 2, 2])
-    label = top[0].selectbox("Label", [ANY, *labels], key="wl_label")
+    label = top[0].selectbox(
+        "Label",
+        [ANY, *labels],
+        key="wl_label",
+        help="The label the probability range and the uncertainty margin apply to (alone it "
+        "filters nothing; sort by its column to rank the studies by it).",
+    )
     p_min, p_max = top[1].slider(
         "Probability (of the label, or the top label)", 0.0, 1.0, step=0.01, key="wl_prange"
     )
