@@ -521,10 +521,9 @@ def test_ground_truth_that_knows_none_of_the_models_labels_is_refused(trained, e
         evaluate_explanations(model, export / "manifest.csv", other)
 
 
-def test_damaged_ground_truth_is_one_error_naming_file_and_line(trained, export, tmp_path):
+def test_damaged_ground_truth_is_one_error_naming_file_and_line(export, tmp_path):
     from clinfuse.errors import ManifestError
-    from clinfuse.explain.quality import evaluate_explanations, load_ground_truth
-    from clinfuse.model import load_checkpoint
+    from clinfuse.explain.quality import load_ground_truth
 
     def damaged(name: str, content: bytes) -> Path:
         folder = tmp_path / name
@@ -550,17 +549,34 @@ def test_damaged_ground_truth_is_one_error_naming_file_and_line(trained, export,
     with pytest.raises(ManifestError, match=r"truth.csv column 'copd': truth values must be 1, 0"):
         load_ground_truth(folder, ("cardiomegaly", "copd"))
 
-    model = load_checkpoint(trained)  # masks of another export, drawn at another size
+
+def test_another_exports_ground_truth_is_refused_before_any_study_is_explained(
+    trained, export, tmp_path, monkeypatch
+):
+    from clinfuse.errors import ManifestError
+    from clinfuse.explain.quality import evaluate_explanations
+
+    def never(*args, **kwargs):
+        raise AssertionError("explained before the ground truth was checked")
+
+    monkeypatch.setattr("clinfuse.explain.quality.explain", never)
+    model = load_checkpoint(trained)
+    small, shifted = tmp_path / "small", tmp_path / "shifted"
+    for folder in (small, shifted):
+        shutil.copytree(export / "ground_truth", folder)
     with np.load(export / "ground_truth" / "masks.npz") as data:
-        small = {key: data[key][::2, ::2] for key in data.files}
-    other = tmp_path / "other_size"
-    shutil.copytree(export / "ground_truth", other)
-    np.savez_compressed(other / "masks.npz", **small)
-    wrong_size = r"the mask of \S+ is 32x32 pixels but the study's image is 64x64"
-    with pytest.raises(ManifestError, match=wrong_size):
-        evaluate_explanations(
-            model, export / "manifest.csv", other, split="all", steps=2, sanity=False
-        )
+        np.savez_compressed(small / "masks.npz", **{k: data[k][::2, ::2] for k in data.files})
+    records = [json.loads(x) for x in (shifted / "rationales.jsonl").read_text().splitlines()]
+    records = [{**r, "spans": [[s + 3, e + 3] for s, e in r["spans"]]} for r in records]
+    (shifted / "rationales.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for folder, says in (
+        (small, r"the mask of \S+ is 32x32 pixels but the study's image is 64x64"),
+        (shifted, r"the rationale of \S+ does not match the study's note: its char"),
+    ):
+        with pytest.raises(ManifestError, match=says):
+            evaluate_explanations(
+                model, export / "manifest.csv", folder, split="all", steps=2, sanity=False
+            )
 
 
 def test_ground_truth_of_another_export_or_split_is_refused_not_scored(trained, export, tmp_path):
@@ -575,12 +591,6 @@ def test_ground_truth_of_another_export_or_split_is_refused_not_scored(trained, 
         shutil.copytree(export / "ground_truth", folder)
         edit(folder)
         return folder
-
-    def shifted(folder: Path) -> None:  # another export's rationales: the same ids, other notes
-        lines = (folder / "rationales.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines]
-        records[0]["spans"] = [[s + 3, e + 3] for s, e in records[0]["spans"]]
-        (folder / "rationales.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def renamed(folder: Path) -> None:  # ids that name none of the manifest's studies
         truth = pd.read_csv(folder / "truth.csv", dtype=str)
@@ -600,7 +610,6 @@ def test_ground_truth_of_another_export_or_split_is_refused_not_scored(trained, 
         truth.to_csv(folder / "truth.csv", index=False)
 
     cases = {
-        "shifted": (shifted, r"the rationale of \S+ does not match the study's note: its char"),
         "renamed": (renamed, "speaks of none of the .* studies of the 'all' split"),
         "nothing": (nothing_present, r"no study of the 'all' split .* nothing to explain"),
     }

@@ -354,6 +354,27 @@ def test_evaluate_writes_metrics_predictions_and_a_report(trained, export, tmp_p
     assert (out / "predictions.csv").read_text().startswith("study_id,modalities,p_")
 
 
+def test_train_never_writes_its_model_into_a_run_a_report_or_the_exports_folder(
+    export, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "predictions.parquet").write_bytes(b"PAR1")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "metrics.json").write_text("{}")
+    (report / "report.html").write_text("<html>")
+    for out, says in (
+        (run, "is a `clinfuse infer` run folder"),
+        (report, "is a `clinfuse evaluate` report folder"),
+        (export.parent, "is the folder of the manifest it trains on"),
+    ):
+        before = sorted(p.name for p in out.iterdir())
+        assert main(["train", "--manifest", str(export), "--out", str(out), *FAST]) == 2
+        assert says in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_evaluate_never_writes_its_report_into_a_model_folder(trained, export, capsys):
     before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
     args = ["evaluate", "--model", str(trained), "--manifest", str(export), "--out", str(trained)]

@@ -37,10 +37,12 @@ from torch.utils.data import DataLoader
 
 from clinfuse.config import PreprocessConfig
 from clinfuse.data.batch import Batch, Collator, StudyDataset
+from clinfuse.data.dicom import read_header
 from clinfuse.data.manifest import PatientSplit, StudyRow, load_manifest
+from clinfuse.data.study import study_note
 from clinfuse.data.transforms import fit_geometry, to_original_grid
 from clinfuse.engine import predict
-from clinfuse.errors import ManifestError
+from clinfuse.errors import ClinfuseError, ManifestError
 from clinfuse.explain.attribution import explain
 from clinfuse.explain.explanation import Explanation
 from clinfuse.explain.metrics import (
@@ -448,6 +450,32 @@ def true_positives(
     return found, present, sorted(predictions.failures)
 
 
+def check_fits(
+    truth: GroundTruth, rows: Sequence[StudyRow], positives: dict[str, list[str]]
+) -> None:
+    """Each study's masks lie on its image's grid and its rationales hold their text in its
+    note (`GroundTruth.mask_on`, `rationale_in`): another export's ground truth is one error
+    before any study is explained, not after. From the headers and notes alone; a file that
+    cannot be read is left to the explaining, which reports it."""
+    for row in rows:
+        shape = None
+        if row.image is not None and row.image.is_file():
+            try:
+                header = read_header(row.image)
+                if int(header.get("NumberOfFrames") or 1) == 1:
+                    shape = (int(header.Rows), int(header.Columns))
+            except (ClinfuseError, OSError, AttributeError, TypeError, ValueError):
+                shape = None
+        try:
+            note = study_note(row)
+        except ClinfuseError:
+            note = None
+        for label in positives.get(row.study_id, []):
+            if shape is not None:
+                truth.mask_on(row.study_id, label, shape)
+            truth.rationale_in(row.study_id, label, note)
+
+
 def evaluate_explanations(
     model: FusionModel,
     manifest_path: str | Path,
@@ -516,6 +544,7 @@ def evaluate_explanations(
             "explain",
             hint="measure on another split (--split val or all)",
         )
+    check_fits(truth, [rows[s] for s in studies], positives)  # before minutes of explaining
     rng = np.random.default_rng(seed)
     records: list[Record] = []
     explained: dict[str, tuple[Batch, Explanation]] = {}

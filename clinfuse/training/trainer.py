@@ -65,6 +65,7 @@ from clinfuse.evaluation.calibration import (
 )
 from clinfuse.evaluation.evaluate import write_failures
 from clinfuse.evaluation.metrics import evaluate_predictions
+from clinfuse.folders import refuse_foreign_folder
 from clinfuse.model.checkpoint import read_checkpoint_config, save_checkpoint
 from clinfuse.model.model import FusionModel
 from clinfuse.model.registry import create_model
@@ -338,6 +339,12 @@ def train(
     torch_device = select_device(device)
     workers = Workers.start(torch_device)
     manifest_kind(Path(manifest_path))  # a wrong path says so, also into a finished folder
+    refuse_foreign_folder(out_dir, "model")  # an inference run's or a report's folder
+    if out_dir.resolve() == Path(manifest_path).resolve().parent:
+        raise ClinfuseError(
+            f"{out_dir}: is the folder of the manifest it trains on; the model's files would mix "
+            "with the export's. Give --out a folder of its own (e.g. models/NAME)"
+        )
     if (out_dir / "config.json").is_file() and "training" in read_checkpoint_config(out_dir):
         done = read_checkpoint_config(out_dir)
         _check_same_training(out_dir, done, manifest_path, cfg)
