@@ -358,6 +358,25 @@ def test_explain_writes_npz_png_html_without_identifiers(trained, export, tmp_pa
         assert value not in page and value not in strings and value.encode() not in png
 
 
+def test_a_study_that_now_fails_says_its_files_are_an_earlier_explanations(
+    trained, export, tmp_path, caplog
+):
+    table = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    study = table[table.image != ""].study_id.iloc[0]
+    out = tmp_path / "explained"
+    args = ["explain", "--model", str(trained), "--out", str(out), "--study-id", study]
+    manifest = str(export / "manifest.csv")
+    assert clinfuse(*args, "--manifest", manifest, "--labels", "all", "--steps", "2") == 0
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    table.loc[table.study_id == study, "image"] = str(tmp_path / "gone.dcm")  # deleted since
+    table.to_csv(tmp_path / "now.csv", index=False)
+    assert clinfuse(*args, "--manifest", str(tmp_path / "now.csv"), "--steps", "2") == 1
+    assert f"study {study}: {study}.npz, {study}.png, {study}.html in {out} are an earlier" in (
+        caplog.text
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+
+
 def test_a_note_repeating_the_patients_identifiers_is_masked_in_every_output(
     trained, export, tmp_path
 ):

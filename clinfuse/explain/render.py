@@ -290,6 +290,9 @@ class ExplainedStudy:
     failure: str | None = None  # why the study could not be explained
 
 
+STUDY_SUFFIXES = (".npz", ".png", ".html")  # what `clinfuse explain` writes per study
+
+
 def select_labels(
     model: FusionModel, probabilities: torch.Tensor, which: str, study: str = "this study"
 ) -> list[str]:
@@ -365,6 +368,15 @@ def explain_studies(
         batch = study_batch(model, [rows[study_id]])
         if batch.failures:
             done.append(ExplainedStudy(study_id, failure=batch.failures[0][1]))
+            named = [f"{file_stem(study_id)}{suffix}" for suffix in STUDY_SUFFIXES]
+            earlier = [name for name in named if (out_dir / name).is_file()]
+            if earlier:
+                log.warning(
+                    "study %s: %s in %s are an earlier explanation's, of its files as they were",
+                    study_id,
+                    ", ".join(earlier),
+                    out_dir,
+                )
         else:
             try:
                 done.append(
@@ -399,7 +411,7 @@ def _explain_one(
     image = row.image  # read again for display: the DICOM's own pixel grid
     pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
     stem = file_stem(row.study_id)  # may hold dots ("1.2.840..."): never `with_suffix`
-    paths = [out_dir / f"{stem}{suffix}" for suffix in (".npz", ".png", ".html")]
+    paths = [out_dir / f"{stem}{suffix}" for suffix in STUDY_SUFFIXES]
     before = {path: path.stat().st_ino for path in paths if path.is_file()}
     try:
         files = [expl.save_npz(paths[0], sweep=False)]
