@@ -58,13 +58,22 @@ def map_slice(values: np.ndarray, shape: tuple[int, int], z: int = 0, depth: int
     return values.astype(np.float32)
 
 
-def overlay_rgb(grey: np.ndarray, values: np.ndarray | None, opacity: float) -> np.ndarray:
+def overlay_top(values: np.ndarray) -> float:
+    """The value an overlay shows at full strength: the 99.5th percentile of the positive
+    attribution, over the whole map (every slice of a volume's)."""
+    return float(np.percentile(np.clip(np.nan_to_num(values), 0, None), 99.5))
+
+
+def overlay_rgb(
+    grey: np.ndarray, values: np.ndarray | None, opacity: float, top: float | None = None
+) -> np.ndarray:
     """(H, W, 3) uint8: the grey image with the positive attribution blended in (inferno),
-    each pixel's opacity growing with its attribution; enlarged for display."""
+    each pixel's opacity growing with its attribution up to `top` (default: `overlay_top` of
+    `values`; a volume's slice gives its whole map's); enlarged for display."""
     rgb = np.repeat(grey[..., None], 3, axis=2)
     if values is not None and opacity > 0:
         positive = np.clip(np.nan_to_num(values), 0, None)
-        top = float(np.percentile(positive, 99.5))
+        top = overlay_top(values) if top is None else top
         if top > 0:
             scaled = np.clip(positive / top, 0, 1)
             heat = matplotlib.colormaps["inferno"](scaled)[..., :3]  # (H, W, 3)

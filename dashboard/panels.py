@@ -6,6 +6,7 @@ file is there) and lays it out; none of them queries the store.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +15,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import streamlit as st
-from imaging import grey_slice, map_slice, n_slices, overlay_rgb, window_presets
+from imaging import (
+    grey_slice,
+    map_slice,
+    n_slices,
+    overlay_rgb,
+    overlay_top,
+    window_presets,
+)
 
 from clinfuse.data.dicom import DicomImage, read_dicom
 from clinfuse.errors import DicomError, without_path
 from clinfuse.explain import Explanation
 from clinfuse.explain.explanation import decode_map, note_fingerprint
-from clinfuse.explain.render import note_html, read_part, unread_notice
+from clinfuse.explain.render import note_html, peak_slice, read_part, unread_notice
 
 # overlay name -> the Explanation attribute holding its (L, *spatial) maps; the first is shown
 METHODS = {
@@ -168,12 +176,16 @@ def image_panel(
     else:
         controls[1].metric("Center", f"{center:g}")
         controls[2].metric("Width", f"{width:g}")
-    z, depth = 0, n_slices(image)
-    if depth > 1:
-        z = st.slider("Slice", 1, depth, value=depth // 2 + 1, key=f"sv_slice_{depth}") - 1
-    grey = grey_slice(image, center, width, z)
     method = st.session_state.get("sv_method", next(iter(METHODS)))
     values = attribution(expl, record, label, method)
+    z, depth = 0, n_slices(image)
+    if depth > 1:  # opens on the slice the explanation's PNG shows: its strongest
+        start = depth // 2
+        if values is not None and values.ndim == 3:
+            start = min(peak_slice(values) * depth // len(values), depth - 1)
+        shown_as = hashlib.sha256(str(image_path).encode()).hexdigest()[:12]  # never the path
+        z = st.slider("Slice", 1, depth, value=start + 1, key=f"sv_slice-{shown_as}") - 1
+    grey = grey_slice(image, center, width, z)
     overlay = st.columns([2, 2, 3])
     shown = overlay[0].toggle("Overlay", value=True, key="sv_overlay")
     overlay[1].selectbox("Method", list(METHODS), key="sv_method", disabled=values is None)
@@ -194,16 +206,18 @@ def image_panel(
             "The explanation file is not there: the overlay is the store's small "
             "integrated-gradients map, whatever the method."
         )
+    top = None
     if values is not None:
+        top = overlay_top(values)  # a volume's slices share one scale
         values = map_slice(values, grey.shape, z, depth)
-    rgb = overlay_rgb(grey, values if shown else None, opacity)
+    rgb = overlay_rgb(grey, values if shown else None, opacity, top)
     where = f" · slice {z + 1}/{depth}" if depth > 1 else ""
     st.image(rgb, caption=f"window {center:g}/{width:g}{where}", width="stretch")
     if shown:
         st.caption(
             f"Overlay: where the image raises {label}'s score ({method}), dark purple to bright "
-            "yellow and more opaque as it rises, scaled to this image's strongest 0.5 %; "
-            "what lowers the score is not drawn."
+            "yellow and more opaque as it rises, scaled to this image's strongest 0.5 % (over "
+            "all its slices); what lowers the score is not drawn."
         )
 
 

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from itertools import cycle, islice
 from pathlib import Path
@@ -118,21 +119,45 @@ def time_forward(
 ) -> tuple[list[float], float]:
     """Seconds per forward (2 warm-up calls, then `repeats`, at least 3 if time runs out), and
     the cores other processes kept busy meanwhile (contention: the machine is shared)."""
-    sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
+    return time_calls(lambda: model(*inputs), inputs[0].is_cuda, repeats, max_seconds)
+
+
+def time_calls(
+    call: Callable[[], Any], cuda: bool, repeats: int, max_seconds: float
+) -> tuple[list[float], float]:
+    """`time_forward` for any call (a part of the model alone)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
-        model(*inputs)
+        call()
     times: list[float] = []
     machine_before, own_before = cpu_seconds()
     started = time.perf_counter()
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() - started < max_seconds):
         sync()
         t0 = time.perf_counter()
-        model(*inputs)
+        call()
         sync()
         times.append(time.perf_counter() - t0)
     machine_after, own_after = cpu_seconds()
     others = (machine_after - machine_before) - (own_after - own_before)
     return times, max(others, 0.0) / (time.perf_counter() - started)
+
+
+def part_seconds(
+    model: FusionModel, inputs: tuple[torch.Tensor, ...], repeats: int, max_seconds: float
+) -> dict[str, float]:
+    """Median seconds of the image tower and the note tower alone on the same inputs."""
+    image, ids, mask = inputs[:3]
+    calls = {
+        "image": model.image_encoder and (lambda: model.image_encoder(image)),
+        "text": model.text_encoder and (lambda: model.text_encoder(ids, mask)),
+    }
+    return {
+        part: statistics.median(time_calls(call, image.is_cuda, repeats, max_seconds)[0])
+        if call
+        else 0.0
+        for part, call in calls.items()
+    }
 
 
 def measure(
@@ -165,6 +190,7 @@ def measure(
     built = rss_mb()
     with torch.inference_mode():
         times, other_cores = time_forward(model, inputs, repeats, max_seconds)
+        parts = part_seconds(model, inputs, repeats, max_seconds)
     peak_rss = rss_mb("VmHWM") - after_imports
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     # after the memory peak is read, and not under inference mode: the counter's module tracker
@@ -189,6 +215,8 @@ def measure(
         "repeats": len(times),
         "seconds": {"median": median, "min": min(times), "max": max(times)},
         "studies_per_s": batch / median,
+        # each tower alone, timed like the whole; fusion + heads: the whole's median less theirs
+        "seconds_by_part": {**parts, "fusion_heads": median - sum(parts.values())},
         "achieved_gflops": flops["total"] / median / 1e9,
         "rss_mb": {"after_imports": after_imports, "model_built": built - after_imports},
         "peak_rss_mb": peak_rss,
@@ -317,6 +345,14 @@ def markdown(results: dict[str, Any]) -> str:
         "studies/s": lambda r: f"{r['studies_per_s']:.1f}",
         "GFLOP/s": lambda r: f"{r['achieved_gflops']:.1f}",
         "% of peak": lambda r: f"{100 * r['share_of_peak']:.1f}",
+        "% time image:text:fusion+heads": lambda r: (
+            ":".join(
+                f"{100 * r['seconds_by_part'][k] / r['seconds']['median']:.0f}"
+                for k in ("image", "text", "fusion_heads")
+            )
+            if "seconds_by_part" in r
+            else "n/a"
+        ),
         "peak RSS MB": lambda r: f"{r['peak_rss_mb']:.0f}",
         "repeats": lambda r: str(r["repeats"]),
         "other load, cores": lambda r: f"{r['other_processes_cores']:.1f}",
@@ -338,6 +374,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Plain: each model in its default memory layout under glibc's default allocator settings, "
         "measured in a fresh process just before the same case as inference runs it (the image "
         "trunk channels-last, `clinfuse.allocator.reuse_freed_memory`).",
+        "",
+        "Time by part: the image tower and the note tower each timed alone on the same inputs "
+        "(median), fusion + heads the whole forward's median less theirs.",
         "",
         "Latency: median (and fastest) forward after 2 warm-up calls; eval mode, "
         "`torch.inference_mode()`, the image trunk channels-last (as `load_checkpoint` lays it out "

@@ -613,10 +613,18 @@ def test_a_study_id_in_a_title_or_message_reads_as_written():
 def test_window_presets_slices_and_overlay():
     sys.path.insert(0, str(DASHBOARD))
     try:
-        from imaging import grey_slice, map_slice, n_slices, overlay_rgb, window_presets
+        from imaging import (
+            grey_slice,
+            map_slice,
+            n_slices,
+            overlay_rgb,
+            overlay_top,
+            window_presets,
+        )
     finally:
         sys.path.remove(str(DASHBOARD))
     from clinfuse.data.dicom import DicomImage
+    from clinfuse.explain.render import peak_slice
 
     volume = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4) * 10
     image = DicomImage(volume, (1.0, 1.0, 1.0), (100.0, 50.0), {"modality": "CT"})
@@ -636,6 +644,13 @@ def test_window_presets_slices_and_overlay():
     corner, other = slice(0, len(shown) // 2), slice(len(shown) // 2, None)
     assert not np.array_equal(shown[corner, corner], plain[corner, corner])
     assert np.array_equal(shown[other, other], plain[other, other])
+    # a volume's slices share its scale: a slice holding a millionth of the peak stays grey
+    attribution[0, 0, 0] = 1e-6
+    assert peak_slice(attribution) == 1  # where the page (and the PNG) opens the volume
+    faint = map_slice(attribution, (4, 4), z=0, depth=2)
+    top = overlay_top(attribution)
+    assert np.abs(overlay_rgb(grey * 0.5, faint, 1.0, top).astype(int) - plain).max() <= 1
+    assert not np.array_equal(overlay_rgb(grey * 0.5, faint, 1.0), plain)  # alone: full
 
 
 def test_a_note_longer_than_the_model_read_says_where_it_stopped():

@@ -247,6 +247,28 @@ def test_enhanced_multiframe_geometry_from_functional_groups(tmp_path):
                        PerFrameFunctionalGroupsSequence=per_frame)  # fmt: skip
     assert read_dicom(path).spacing == (1.5, 0.8, 0.9)
 
+    # frames stored out of position order, each with its own rescale: read along the normal,
+    # each frame in its own units (as a series folder of the same slices is read)
+    stored = np.stack([np.full((2, 2), v, np.uint16) for v in (30, 10, 20)])
+    for item, z, slope in zip(per_frame, (3.0, 0.0, 1.5), (1.0, 2.0, 4.0), strict=True):
+        item.PlanePositionSequence[0].ImagePositionPatient = [0, 0, z]
+        transform = Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept = slope, -1000
+        item.PixelValueTransformationSequence = [transform]
+    path = write_image(tmp_path / "shuffled.dcm", stored, NumberOfFrames=3,
+                       SharedFunctionalGroupsSequence=[shared],
+                       PerFrameFunctionalGroupsSequence=per_frame)  # fmt: skip
+    image = read_dicom(path)
+    values = image.pixels[0, :, 0, 0]  # z = 0, 1.5, 3: stored 10 x 2, 20 x 4, 30 x 1, - 1000
+    np.testing.assert_array_equal(values, [-980.0, -920.0, -970.0])
+    assert image.spacing == (1.5, 0.8, 0.9)
+    for item in per_frame:  # one position for every frame (cine): the file's own order
+        item.PlanePositionSequence[0].ImagePositionPatient = [0, 0, 0]
+    path = write_image(tmp_path / "cine.dcm", stored, NumberOfFrames=3,
+                       SharedFunctionalGroupsSequence=[shared],
+                       PerFrameFunctionalGroupsSequence=per_frame)  # fmt: skip
+    np.testing.assert_array_equal(read_dicom(path).pixels[0, :, 0, 0], [-970.0, -980.0, -920.0])
+
 
 def write_series(
     folder: Path, zs, orientation=(1, 0, 0, 0, 1, 0), shape=(3, 4), series=None, prefix="", **attrs
@@ -488,7 +510,9 @@ def test_a_damaged_header_is_never_quoted_in_an_error_or_a_warning(tmp_path, cap
                 told.append(str(exc))
         told += [str(w.message) for w in warned]
     told.append(caplog.text)
-    assert len(told) > 50  # the damage was seen
+    # the damage was seen: ~50-60 errors and warnings for the exports' reading (the count
+    # moves with the random UIDs' lengths; a bound of 50 failed one run in ten), more for read_dicom
+    assert len(told) > 25
     for value in IDENTIFIERS.values():
         assert not [t for t in told if value in t or value.replace("^", " ") in t], value
 

@@ -308,6 +308,9 @@ def _to_image(path: Path, ds: Dataset) -> DicomImage:
     if frames == 1:
         pixels = pixels[:, 0]  # (C, H, W)
     else:
+        order = _frame_order(ds, frames)  # along the slice normal, as a series folder's
+        if order != sorted(order):
+            pixels = np.ascontiguousarray(pixels[:, order])
         spacing = (_frame_spacing(ds), *spacing)
     meta = _meta(ds, photometric, frames)
     return DicomImage(pixels, spacing, window, meta, header_identifiers(ds))
@@ -348,17 +351,18 @@ def _to_modality_units(
         stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
     if "ModalityLUTSequence" in ds:
         values = apply_modality_lut(array, ds).astype(np.float32)
-        stored = apply_modality_lut(stored, ds)
+        stored = apply_modality_lut(stored, ds)[None]  # (1, 2)
     else:
-        slope, intercept = _rescale(ds)
-        values, stored = array.astype(np.float32), stored * slope + intercept
-        values *= slope  # in place: the image is held once as float32
-        values += intercept
+        slope, intercept = _frame_rescale(ds, len(array))  # (F,) each: per frame when given so
+        values = array.astype(np.float32)
+        stored = stored[None] * slope[:, None] + intercept[:, None]  # (F, 2)
+        values *= slope[:, None, None, None].astype(np.float32)  # in place: held once
+        values += intercept[:, None, None, None].astype(np.float32)
     window = _file_window(ds)
     if photometric == "MONOCHROME1":  # reflect about the middle of the representable range
-        pivot = float(np.min(stored) + np.max(stored))
-        np.subtract(pivot, values, out=values)
-        window = None if window is None else (pivot - window[0], window[1])
+        pivot = stored.min(axis=1) + stored.max(axis=1)  # (F,) or (1,)
+        np.subtract(pivot[:, None, None, None].astype(np.float32), values, out=values)
+        window = None if window is None else (float(pivot[0]) - window[0], window[1])
     return values, window
 
 
@@ -369,6 +373,24 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
         source = _functional_item(ds, "PixelValueTransformationSequence")
     slope, intercept = _floats(source, "RescaleSlope", 1), _floats(source, "RescaleIntercept", 1)
     return (slope[0] if slope else 1.0), (intercept[0] if intercept else 0.0)
+
+
+def _frame_rescale(ds: Dataset, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's rescale slope and intercept (F,): an enhanced multi-frame file may give
+    every frame its own (PerFrameFunctionalGroupsSequence); else the one of `_rescale`."""
+    slope, intercept = _rescale(ds)
+    slopes, intercepts = np.full(frames, slope), np.full(frames, intercept)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if "RescaleSlope" in ds or len(per_frame) != frames:
+        return slopes, intercepts
+    for f, item in enumerate(per_frame):
+        found = item.get("PixelValueTransformationSequence")
+        if found:
+            own_slope = _floats(found[0], "RescaleSlope", 1)
+            own_intercept = _floats(found[0], "RescaleIntercept", 1)
+            slopes[f] = own_slope[0] if own_slope else slope
+            intercepts[f] = own_intercept[0] if own_intercept else intercept
+    return slopes, intercepts
 
 
 def _file_window(ds: Dataset) -> tuple[float, float] | None:
@@ -407,15 +429,32 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def _frame_spacing(ds: Dataset) -> float:
-    """Distance between the frames of a multi-frame file in mm; 1.0 when unknown."""
+def _frame_positions(ds: Dataset) -> list[float] | None:
+    """Each frame's position along the slice normal (per-frame PlanePositionSequence), or None
+    when the file does not give every frame one."""
     normal = _normal(_functional_item(ds, "PlaneOrientationSequence") or ds)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     planes = [(item.get("PlanePositionSequence") or [None])[0] for item in per_frame]
     positions = [_floats(plane, "ImagePositionPatient", 3) for plane in planes]
-    gap = None
-    if normal is not None and len(positions) > 1 and all(positions):
-        gap = _median_gap([float(np.dot(p, normal)) for p in positions])
+    if normal is None or not positions or not all(positions):
+        return None
+    return [float(np.dot(p, normal)) for p in positions]
+
+
+def _frame_order(ds: Dataset, frames: int) -> list[int]:
+    """The frames' order along the slice normal, as a series folder's files are ordered; the
+    file's own order when the frames do not each have a position of their own (a cine or
+    dynamic series repeats one position: its order is time's)."""
+    offsets = _frame_positions(ds)
+    if offsets is None or len(offsets) != frames or len(set(offsets)) != frames:
+        return list(range(frames))
+    return sorted(range(frames), key=offsets.__getitem__)
+
+
+def _frame_spacing(ds: Dataset) -> float:
+    """Distance between the frames of a multi-frame file in mm; 1.0 when unknown."""
+    offsets = _frame_positions(ds)
+    gap = _median_gap(offsets) if offsets is not None and len(offsets) > 1 else None
     gap = gap or _median_gap(_floats(ds, "GridFrameOffsetVector") or [])  # RT dose
     return gap or _nominal_slice_spacing(_functional_item(ds, "PixelMeasuresSequence") or ds)
 

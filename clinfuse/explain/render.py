@@ -55,8 +55,13 @@ def _slice(pixels: np.ndarray, maps: Sequence[np.ndarray | None]) -> tuple[np.nd
     if pixels.ndim == 2:
         return pixels, list(maps), ""
     first = next((m for m in maps if m is not None), np.zeros_like(pixels))
-    z = int(np.argmax(np.clip(first, 0, None).reshape(len(first), -1).sum(1)))
-    return pixels[z], [None if m is None else m[z] for m in maps], f" (slice {z})"
+    z = peak_slice(first)
+    return pixels[z], [None if m is None else m[z] for m in maps], f" (slice {z + 1}/{len(pixels)})"
+
+
+def peak_slice(values: np.ndarray) -> int:
+    """(D, H, W) -> the slice holding the most positive attribution (0-based)."""
+    return int(np.argmax(np.clip(np.nan_to_num(values), 0, None).reshape(len(values), -1).sum(1)))
 
 
 def _for_display(
