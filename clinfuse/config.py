@@ -162,8 +162,8 @@ def parse_config(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
         hint = ""
         given = error.get("input")
         if error["type"] in ("tuple_type", "list_type") and isinstance(given, (str, int, float)):
-            hint = f"give a list in brackets: {key}=[{given}]"  # data.labels=copd
-        raise ConfigError(key, error["msg"], hint=hint) from exc
+            hint = f"give a list in brackets, [{given}]"  # data.labels=[copd], labels: [copd]
+        raise ConfigError(key, error["msg"].removeprefix("Value error, "), hint=hint) from exc
 
 
 # Keys added with a default that changes the result, and the value meaning "as before".

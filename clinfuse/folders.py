@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Literal
 
 from clinfuse.errors import ClinfuseError
-from clinfuse.store.store import STORE_FILE
+from clinfuse.store.migrations import FOLDER_RUNS_FILE, STORE_FILE
 
 Kind = Literal["model", "run", "report"]
-# the files that make each kind (all of them); a run folder on a shared store has no store file
+# the files that make each kind (all of one group): a run folder on a shared store has no store
+# file but its list of runs; an interrupted report, its metrics without its page
 SIGNS: dict[Kind, tuple[tuple[str, ...], ...]] = {
     "model": (("config.json", "model.safetensors"),),
-    "run": ((STORE_FILE,), ("predictions.parquet",)),
-    "report": (("metrics.json", "report.html"),),
+    "run": ((STORE_FILE,), ("predictions.parquet",), (FOLDER_RUNS_FILE,)),
+    "report": (("metrics.json",),),
 }
 WRITER = {"model": "clinfuse train", "run": "clinfuse infer", "report": "clinfuse evaluate"}
 OWN_FILES = {

@@ -214,8 +214,9 @@ def image_panel(
     where = f" · slice {z + 1}/{depth}" if depth > 1 else ""
     st.image(rgb, caption=f"window {center:g}/{width:g}{where}", width="stretch")
     if shown:
+        drawn = method if expl is not None and label in expl.labels else "integrated gradients"
         st.caption(
-            f"Overlay: where the image raises {label}'s score ({method}), dark purple to bright "
+            f"Overlay: where the image raises {label}'s score ({drawn}), dark purple to bright "
             "yellow and more opaque as it rises, scaled to this image's strongest 0.5 % (over "
             "all its slices); what lowers the score is not drawn."
         )

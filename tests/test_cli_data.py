@@ -182,7 +182,7 @@ def test_validate_refuses_shares_training_would_refuse_and_a_config_file_is_name
     args = ["validate", str(export / "manifest.csv"), "--out", str(tmp_path / "v.csv")]
     assert main([*args, "--val", "0.9"]) == 2  # with the default --test 0.15: nothing to train
     err = capsys.readouterr().err
-    assert "option --val/--test: 0.9 + 0.15 leave no patients to train on" in err
+    assert "option --val/--test: 0.9 and 0.15: val_fraction + test_fraction must leave" in err
     assert not (tmp_path / "v.csv").exists()
     typo = tmp_path / "train_tny.yaml"
     assert main(["train", "--manifest", str(export / "manifest.csv"), "--out", str(tmp_path / "m"),

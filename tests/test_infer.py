@@ -933,6 +933,15 @@ def test_on_a_shared_store_another_run_into_the_same_folder_is_told_and_refused_
         caplog.text
     )
     assert len(pd.read_csv(run / "predictions.csv")) == 2
+    from clinfuse.folders import folder_kind
+    from clinfuse.store import StoreError
+
+    bare = tmp_path / "bare"  # a run folder before its first exports: runs.json alone tells
+    bare.mkdir()
+    shutil.copy(run / "runs.json", bare / "runs.json")
+    assert folder_kind(bare) == "run" and folder_kind(run) == "run"
+    with pytest.raises(StoreError, match="written to a shared store"):  # `--store run`
+        Store(str(run), create=False)
     assert infer(tiny_model, other, run, "--explain", "all", "--store", url) == 2
     err = capsys.readouterr().err
     assert "the files in explanations/ belong to run 2, 3; this run's (--explain all)" in err

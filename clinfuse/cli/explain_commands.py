@@ -120,7 +120,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--truth", required=True, type=Path, help="ground_truth folder (sample-data)")
     p.add_argument("--out", required=True, type=Path, help="folder to write")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="the split whose true positives are explained",
+    )
     p.add_argument("--steps", type=at_least(1), default=32, help="integrated-gradients steps")
     p.add_argument("--max-studies", type=at_least(1), help="explain at most this many studies")
     p.add_argument("--no-sanity", action="store_true", help="skip the randomisation check")

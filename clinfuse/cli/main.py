@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import traceback
@@ -24,6 +25,7 @@ from clinfuse.allocator import reuse_freed_memory
 from clinfuse.cli import explain_commands, review_commands
 from clinfuse.cli.args import at_least, one_of_each, share
 from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
+from clinfuse.config import DataConfig, parse_config
 from clinfuse.errors import ClinfuseError, ConfigError
 
 Command = Callable[[argparse.Namespace], int]
@@ -43,12 +45,10 @@ def _validate(args: argparse.Namespace) -> int:
     from clinfuse.data.validate import validate_manifest
     from clinfuse.exports.files import check_writable_file
 
-    if args.val + args.test >= 1:  # as training refuses data.val_fraction + test_fraction
-        raise ConfigError(
-            "--val/--test",
-            f"{args.val} + {args.test} leave no patients to train on",
-            hint="give shares that add up to less than 1 (the defaults: 0.15 and 0.15)",
-        )
+    try:  # the shares training would refuse (data.val_fraction, data.test_fraction)
+        parse_config(DataConfig, {"val_fraction": args.val, "test_fraction": args.test})
+    except ConfigError as exc:
+        raise ConfigError("--val/--test", f"{args.val} and {args.test}: {exc.problem}") from None
     out = args.out or Path(args.manifest).with_name(Path(args.manifest).stem + ".verdicts.csv")
     if Path(args.manifest).is_file():  # else the manifest's own error comes first
         if out.resolve() == Path(args.manifest).resolve():
@@ -246,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model folder (repeat to compare several)",
     )
     p.add_argument("--manifest", required=True, type=Path)
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="the split to measure, as the model's training split the manifest",
+    )
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.add_argument(
@@ -365,11 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClinfuseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader of its output stopped (`| head`): end as tools do
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
-        return 128 + signal.SIGPIPE
     except OSError as exc:  # a folder that cannot be made, no permission, a full disk: named
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():  # `| head` stopped reading
+            return 128 + signal.SIGPIPE  # as Unix tools end then, without a message
         if args.verbose:
             raise
         in_the_way = _file_in_the_way(exc)
@@ -407,6 +410,22 @@ def _standards(text: str) -> tuple[str, ...]:
     from clinfuse.exports.files import FORMATS
 
     return one_of_each(FORMATS)(text)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (then it is pointed at
+    /dev/null, so the exit's flush is quiet); another broken pipe (to a worker) is not this."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a test's capture)
+        return False
+    if gone:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
 
 
 def _file_in_the_way(exc: OSError) -> Path | None:

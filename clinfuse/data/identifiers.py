@@ -44,8 +44,8 @@ PARTICLES = frozenset(
 # PS3.15 basic-profile attributes a note may repeat, by how their values are spelled: every
 # person name the standard defines (the patient's, the physicians', the operators', a
 # reviewer's, ...; the basic profile removes them all), the patient's ids and birth date
-NAME_KEYWORDS = tuple(
-    sorted(entry[4] for entry in DicomDictionary.values() if entry[0] == "PN" and not entry[3])
+NAME_KEYWORDS = tuple(  # retired ones too: old headers still carry InterpretationAuthor
+    sorted(entry[4] for entry in DicomDictionary.values() if entry[0] == "PN" and entry[4])
 )
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber")
 DATE_KEYWORDS = ("PatientBirthDate",)

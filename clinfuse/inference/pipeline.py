@@ -42,7 +42,7 @@ from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
 from clinfuse.exports.files import STUDY_FILES, new_folder, study_file
-from clinfuse.folders import refuse_foreign_folder
+from clinfuse.folders import FOLDER_RUNS_FILE, refuse_foreign_folder
 from clinfuse.inference.outputs import check_exports, write_exports
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint, model_version, read_checkpoint_config
 from clinfuse.model.model import FusionModel
@@ -251,8 +251,6 @@ def release_run_folder(lock: int | None) -> None:
 
 
 PER_STUDY_FOLDERS = tuple(sorted(folder for folder, _ in STUDY_FILES.values()))
-# in a run folder whose store is shared (`--store`): which of the store's runs wrote into it
-FOLDER_RUNS_FILE = "runs.json"
 
 
 def folder_runs(run_dir: Path, runs: list[dict[str, Any]], own_store: bool) -> list[dict[str, Any]]:
@@ -295,7 +293,7 @@ def differences(
     said = []
     if earlier["model_version"] != version:
         said.append(f"model {version}, not {earlier['model_version']}")
-    if earlier["manifest"] != str(manifest.absolute()):
+    if Path(earlier["manifest"]).resolve() != manifest.resolve():
         said.append(f"manifest {manifest}, not {earlier['manifest']}")
     elif earlier["manifest_sha256"] != sha:
         said.append("the manifest's bytes changed since (a cell, a row or a column)")

@@ -139,11 +139,14 @@ def told() -> Iterator[list[dict[str, str]]]:
     logger.addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
             yield said
     finally:
         logger.removeHandler(handler)
-    said += [{"warning": w.category.__name__, "message": str(w.message)} for w in caught]
+    said += [
+        {"warning": w.category.__name__, "message": str(w.message)}
+        for w in caught
+        if getattr(errors, w.category.__name__, None) is w.category  # clinfuse's own
+    ]
 
 
 def say_again(said: dict[str, str]) -> None:
@@ -151,10 +154,7 @@ def say_again(said: dict[str, str]) -> None:
     if "log" in said:
         logging.getLogger(said["log"]).warning("%s", said["message"])
         return
-    category = getattr(errors, said["warning"], None)
-    if not (isinstance(category, type) and issubclass(category, Warning)):
-        category = UserWarning
-    warnings.warn(said["message"], category, stacklevel=1)
+    warnings.warn(said["message"], getattr(errors, said["warning"]), stacklevel=1)
 
 
 def records(frame: pd.DataFrame) -> tuple[list, list, list]:

@@ -76,6 +76,9 @@ def verdict_form(
     # how many reviews the page showed when this form was first drawn: kept over reruns (a
     # refused save, a click on the overlay) until the reviewer is told of newer ones
     seen_key = f"sv_seen-{key}"
+    if st.session_state.get("sv_on") != view.study_id:  # opened now (from another study)
+        st.session_state[seen_key] = len(view.history)
+        st.session_state["sv_on"] = view.study_id
     seen = st.session_state.setdefault(seen_key, len(view.history))
     # Not cleared on submit: a refused submit keeps what the reviewer chose and typed.
     with st.form(key, enter_to_submit=True):
@@ -145,12 +148,12 @@ def main() -> None:
     failure = failure_message(view.failure)
     if view.source_error and view.source_error not in (failure or ""):
         st.warning(f"Inputs not shown: {view.source_error}")
-    if failure is not None:
-        st.error(failure)
-        if view.note:  # what could still be read: the reviewer may label from it
-            st.subheader("Note")
-            st.text(view.note)
-        st.caption("The model gave no answer for this study: you can still give its labels.")
+    if failure is not None:  # no input shown: an image that could not be read left the names
+        st.error(failure)  # its header gives unmasked in the note
+        st.caption(
+            "The model gave no answer for this study: you can still give its labels, from its "
+            "images and note in your hospital's systems."
+        )
     else:
         study_panels(view)
     run_labels = list(session.store.run(session.run_id)["labels"])

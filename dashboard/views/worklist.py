@@ -83,8 +83,8 @@ def filters(labels: list[str], run_id: int) -> WorklistQuery:
         "Label",
         [ANY, *labels],
         key="wl_label",
-        help="The label the probability range and the uncertainty margin apply to (alone it "
-        "filters nothing; sort by its column to rank the studies by it).",
+        help="The label the probability range, the uncertainty margin and 'Image and note "
+        "disagree' apply to (alone it filters nothing; sort by its column to rank by it).",
     )
     p_min, p_max = top[1].slider(
         "Probability (of the label, or the top label)", 0.0, 1.0, step=0.01, key="wl_prange"

@@ -35,6 +35,7 @@ _WRITE = "clinfuse_write"  # execution option: on SQLite, take the write lock at
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 STORE_FILE = "clinfuse.db"  # a run folder's own store
+FOLDER_RUNS_FILE = "runs.json"  # in a run folder on a shared store: the runs that wrote it
 
 
 def sqlite_url(path: Path) -> str:
@@ -62,6 +63,11 @@ def parse_url(url: str | Path) -> sa.URL:
     it is neither a database URL nor a SQLite file's path."""
     folder = Path(url).expanduser() if "://" not in str(url) else None  # a path, not a URL
     if folder is not None and folder.is_dir() and not (folder / STORE_FILE).is_file():
+        if (folder / FOLDER_RUNS_FILE).is_file():
+            raise StoreError(
+                f"no store at {url}: this run folder's runs were written to a shared store "
+                "(`clinfuse infer --store`); give that store's URL"
+            )
         raise StoreError(
             f"no store at {url}: a folder without a run's {STORE_FILE}; give the folder "
             "`clinfuse infer --out` wrote, or the store's URL"
