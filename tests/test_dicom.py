@@ -309,6 +309,10 @@ def test_series_without_positions_is_ordered_by_instance_number(tmp_path):
     image = read_dicom(tmp_path / "s")
     np.testing.assert_array_equal(image.pixels[0, :, 0, 0], [1, 2, 3])
     assert image.spacing == (4.0, 1.0, 1.0)
+    (tmp_path / "s" / "9.dcm").symlink_to(tmp_path / "unmounted" / "slice.dcm")
+    with pytest.raises(DicomError, match="entry 4 of 4 .in name order. links to no file") as lost:
+        read_dicom(tmp_path / "s")  # a slice on storage not mounted: not a shorter volume
+    assert lost.value.reason == "missing"
 
 
 def test_folder_with_one_file_is_still_a_volume(tmp_path):

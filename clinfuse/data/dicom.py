@@ -484,6 +484,10 @@ def _nominal_slice_spacing(ds: Dataset) -> float:
 def _read_series(folder: Path) -> DicomImage:
     """A folder of single-frame files of one series -> a volume ordered along the slice normal."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    dangling = [n for n, p in enumerate(entries, 1) if p.is_symlink() and not p.exists()]
+    if dangling:  # a slice on storage that is not mounted: the volume would lack it
+        detail = f"its entry {dangling[0]} of {len(entries)} (in name order) links to no file"
+        raise _error(folder, "missing", detail)
     slices: list[tuple[DicomImage, Dataset]] = []
     for entry in filter(Path.is_file, entries):
         try:
