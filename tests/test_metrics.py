@@ -4,7 +4,6 @@ cannot score, bootstrap CIs, temperature and threshold fitting, and the HTML rep
 import base64
 import json
 import re
-import time
 
 import numpy as np
 import pytest
@@ -46,8 +45,16 @@ def test_metrics_match_hand_counts():
     assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
     brier = (0.1**2 + 0.3**2 + 0.5**2 + 0.7**2 + 0.8**2 + 0.4**2 + 0.2**2 + 0.1**2) / 8
     assert m["brier"] == pytest.approx(brier)
-    assert (m["n_known"], m["n_positive"], m["prevalence"], m["note"]) == (8, 4, 0.5, None)
+    assert (m["n_known"], m["n_positive"], m["prevalence"]) == (8, 4, 0.5)
     assert m["threshold"] == 0.5
+    # 4 positives are too few for a bootstrap interval: said, not a narrow interval
+    assert m["auroc_ci"] is None and m["auprc_ci"] is None
+    assert m["note"] is None  # the metrics are there
+    assert m["ci_note"] == "no confidence interval: 4 case(s) of one class, fewer than 5"
+    one = evaluate(np.r_[1.0, np.zeros(24)][:, None], np.linspace(1, 0, 25)[:, None], ["a"])
+    assert one["labels"]["a"]["auroc"] == 1.0 and one["labels"]["a"]["auroc_ci"] is None
+    unbootstrapped = evaluate(HAND_Y[:, None], HAND_P[:, None], ["a"], n_bootstrap=0)
+    assert unbootstrapped["labels"]["a"]["ci_note"] is None
 
 
 def test_ece_on_two_bins_by_hand():
@@ -112,12 +119,10 @@ def synthetic_split(n=400, n_labels=6, seed=1):
     return y, probs
 
 
-def test_bootstrap_ci_contains_estimate_is_seeded_and_fast():
+def test_bootstrap_ci_contains_estimate_and_is_seeded():
     y, probs = synthetic_split()
     labels = [f"label{j}" for j in range(y.shape[1])]
-    start = time.perf_counter()
     first = evaluate(y, probs, labels, n_bootstrap=1000, seed=3)
-    assert time.perf_counter() - start < 5.0
     again = evaluate(y, probs, labels, n_bootstrap=1000, seed=3)
     other = evaluate(y, probs, labels, n_bootstrap=1000, seed=4)
     for name in labels:
@@ -189,6 +194,15 @@ def test_youden_threshold_separates_a_separable_label():
     (threshold,) = fit_thresholds(probs, y, rule="youden")
     assert threshold == pytest.approx(0.45)  # halfway between the classes, on no study's score
     assert ((probs[:6, 0] >= threshold) == (y[:6, 0] == 1)).all()
+
+
+def test_youden_ties_go_to_the_highest_cut_whatever_the_round_off():
+    # J is exactly 2/3 at the cut below .5 (tpr 2/3, fpr 0) and below .3 (tpr 1, fpr 1/3); in
+    # floats 1 - 1/3 is 2/3 + 1e-16, which made the lower cut win
+    probs = np.array([0.95, 0.5, 0.45, 0.3, 0.2, 0.15])[:, None]
+    y = np.array([1, 1, 0, 1, 0, 0], dtype=float)[:, None]
+    (threshold,) = fit_thresholds(probs, y, rule="youden")
+    assert threshold == pytest.approx(0.475)
 
 
 def test_sensitivity_rule_is_the_highest_threshold_reaching_the_target():

@@ -445,6 +445,19 @@ def test_a_damaged_model_folder_is_one_error_naming_the_part(tmp_path):
             load_checkpoint(tmp_path / "m")
 
 
+def test_calibration_no_training_writes_is_refused_when_loaded(tmp_path):
+    model = build()
+    for name, value in (("temperature", -1.0), ("offset", float("nan")), ("thresholds", 1.5)):
+        broken = build()
+        broken.load_state_dict(model.state_dict())
+        getattr(broken, name)[0] = value  # an edited file: a reversed or void label
+        save_checkpoint(broken, tmp_path / name)
+        with pytest.raises(ModelFolderError, match=f"calibration no training writes .{name}"):
+            load_checkpoint(tmp_path / name)
+    save_checkpoint(model, tmp_path / "fine")
+    assert load_checkpoint(tmp_path / "fine").temperature.gt(0).all()
+
+
 def test_weights_of_another_shape_are_one_error_naming_the_tensor(tmp_path):
     save_checkpoint(build(), tmp_path / "m")
     path = tmp_path / "m" / "config.json"

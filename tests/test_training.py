@@ -469,6 +469,10 @@ def test_evaluate_compares_model_folders_side_by_side(trained, export, tmp_path,
     assert main([*evaluate, "--model", str(trained), "--model", str(pair), "--out", str(out)]) == 0
     assert "pair and tiny were scored on different labels (copd, mass against" in caplog.text
     assert "and studies (" in caplog.text and "another split): their macro figures" in caplog.text
+    said = json.loads((out / "compare.json").read_text())["pair"]["not_comparable"]
+    assert said.startswith("pair and tiny were scored on different labels")  # in the files too
+    assert "pair and tiny were scored on different labels" in (out / "report.html").read_text()
+    assert "not_comparable" not in json.loads((out / "compare.json").read_text())["tiny"]
 
 
 def test_a_wrong_manifest_path_says_so_also_into_a_finished_model_folder(trained, capsys):
@@ -911,6 +915,5 @@ def test_the_model_card_gives_every_labels_validation_metrics(trained):
     card = (trained / "MODEL_CARD.md").read_text(encoding="utf-8")
     metrics = card.split("| label | AUROC [95% CI] |", 1)[1]
     for label in load_checkpoint(trained).labels:
-        assert re.search(
-            rf"^\| {label} \| (n/a|[0-9.]+ \[[0-9.]+, [0-9.]+\]) \|.* of \d+ \|$", metrics, re.M
-        )
+        auroc = r"(n/a|[0-9.]+ (\[[0-9.]+, [0-9.]+\]|\(too few cases for an interval\)))"
+        assert re.search(rf"^\| {label} \| {auroc} \|.* of \d+ \|$", metrics, re.M)

@@ -158,8 +158,11 @@ def fit_thresholds(
         fpr, tpr, candidates = roc_curve(t, p, drop_intermediate=False)
         # candidates[0] is +inf (nothing called positive); it is never a usable threshold.
         fpr, tpr, candidates = fpr[1:], tpr[1:], candidates[1:]
-        if rule == "youden":
-            best = int(np.argmax(tpr - fpr))
+        if rule == "youden":  # J = tp/P - fp/N, compared as whole counts tp*N - fp*P: in
+            # floats two cuts of equal J can differ by round-off and the lower one win the tie
+            positives, negatives = int(t.sum()), int(t.size - t.sum())
+            tp, fp = np.rint(tpr * positives), np.rint(fpr * negatives)
+            best = int(np.argmax(tp * negatives - fp * positives))  # first: the highest cut
         else:
             best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # first = highest threshold
         # Below the lowest score (every study called), halfway down to probability 0.

@@ -125,9 +125,14 @@ def write_evaluation(
     )
     write_atomic(out_dir / "predictions.csv", first_table.to_csv(index=False))
     write_failures(out_dir / "failures.csv", first_run.failures)  # the model of metrics.json
+    apart = not_comparable(runs)
+    for said in apart.values():
+        log.warning("%s", said)
     if len(names) > 1:
-        _warn_if_not_comparable(runs)
-        compare = {name: run.metrics for name, (run, _) in runs.items()}
+        compare = {  # a model scored on other labels or studies says so beside its figures
+            name: {**run.metrics, **({"not_comparable": apart[name]} if name in apart else {})}
+            for name, (run, _) in runs.items()
+        }
         write_atomic(
             out_dir / "compare.json",
             json.dumps(compare, indent=2, allow_nan=False),
@@ -135,7 +140,9 @@ def write_evaluation(
         for name, (run, table) in runs.items():
             write_atomic(out_dir / f"predictions_{name}.csv", table.to_csv(index=False))
             write_failures(out_dir / failures_file(names, name), run.failures)
-    return write_report(out_dir, {name: run for name, (run, _) in runs.items()})
+    return write_report(
+        out_dir, {name: run for name, (run, _) in runs.items()}, notes=list(apart.values())
+    )
 
 
 def write_failures(path: Path, failures: Iterable[tuple[str, str]]) -> None:
@@ -145,10 +152,12 @@ def write_failures(path: Path, failures: Iterable[tuple[str, str]]) -> None:
     write_atomic(path, table.to_csv(index=False))
 
 
-def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> None:
-    """Models side by side are scored alike only on the same labels and the same studies (a
-    model trained with another split seed or test share has another test split)."""
+def not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> dict[str, str]:
+    """Per model scored unlike the first, why: models side by side are scored alike only on the
+    same labels and the same studies (a model trained with another split seed or test share
+    has another test split). Logged, in compare.json and on the report."""
     (first, (run0, table0)), *others = runs.items()
+    apart = {}
     for name, (run, table) in others:
         differs = []
         if run.labels != run0.labels:
@@ -156,12 +165,11 @@ def _warn_if_not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]])
         if set(table["study_id"]) != set(table0["study_id"]):
             differs.append(f"studies ({len(table)} against {len(table0)}: another split)")
         if differs:
-            log.warning(
-                "%s and %s were scored on different %s: their macro figures do not compare",
-                name,
-                first,
-                " and ".join(differs),
+            apart[name] = (
+                f"{name} and {first} were scored on different {' and '.join(differs)}: their "
+                "macro figures do not compare"
             )
+    return apart
 
 
 def unique_names(model_dirs: list[Path]) -> list[str]:

@@ -26,6 +26,10 @@ from clinfuse.evaluation.calibration import check_scores
 
 METRICS = ("auroc", "auprc", "sensitivity", "specificity", "f1", "brier", "ece")
 CI_LEVEL = 0.95
+# a bootstrap interval needs this many known positives and negatives: with fewer, most
+# resamples repeat the same few cases and the interval is narrow for want of data (one
+# positive scored highest gives AUROC [1.0, 1.0])
+CI_MIN_CLASS = 5
 BOOTSTRAP_CELLS = 2_000_000  # resamples x studies drawn at once; bounds the bootstrap's memory
 
 
@@ -57,7 +61,9 @@ def evaluate_predictions(
     `{"macro": {metric: mean over labels where defined, or None}, "labels": {name: {...}},
     "n": N}`; each label holds the seven `METRICS`, its `threshold`, `n_known`, `n_positive`,
     `prevalence`, percentile bootstrap `auroc_ci` / `auprc_ci` ([lo, hi] or None) from
-    `n_bootstrap` resamples of studies, and a `note` saying why metrics are None (else None).
+    `n_bootstrap` resamples of studies (None, with a `ci_note` saying why, when a class has
+    fewer than `CI_MIN_CLASS` known cases), and a `note` saying why metrics are None (else
+    None).
     """
     probs, y = check_scores(probs, y, "probs")
     thresholds = np.asarray(thresholds, dtype=float)
@@ -76,6 +82,13 @@ def evaluate_predictions(
         per_label[name] = label_metrics(y[known, j], probs[known, j], float(thresholds[j]))
         per_label[name]["auroc_ci"], per_label[name]["auprc_ci"] = cis[j]
         per_label[name]["note"] = _note(y[known, j])
+        per_label[name]["ci_note"] = None
+        fewest = int(min((y[known, j] == 1).sum(), (y[known, j] == 0).sum()))
+        if n_bootstrap and 0 < fewest < CI_MIN_CLASS:
+            per_label[name]["auroc_ci"] = per_label[name]["auprc_ci"] = None
+            per_label[name]["ci_note"] = (
+                f"no confidence interval: {fewest} case(s) of one class, fewer than {CI_MIN_CLASS}"
+            )
     return {"macro": macro_average(per_label), "labels": per_label, "n": int(y.shape[0])}
 
 

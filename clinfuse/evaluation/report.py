@@ -59,9 +59,13 @@ class EvaluationRun:
 
 
 def write_report(
-    out_dir: str | Path, runs: dict[str, EvaluationRun], title: str = "clinfuse evaluation"
+    out_dir: str | Path,
+    runs: dict[str, EvaluationRun],
+    title: str = "clinfuse evaluation",
+    notes: Sequence[str] = (),
 ) -> Path:
-    """Write `out_dir/report.html` (self-contained, PNGs embedded) comparing `runs` by name."""
+    """Write `out_dir/report.html` (self-contained, PNGs embedded) comparing `runs` by name;
+    `notes` (models that do not compare) are shown above the figures."""
     if not runs:
         raise ValueError("write_report needs at least one run")
     out_dir = Path(out_dir)
@@ -71,6 +75,7 @@ def write_report(
         f"<h1>{_esc(title)}</h1>",
         f'<p class="notice">{_esc(NOTICE)}</p>',
         _runs_list(runs),
+        *(f'<p class="notice">{_esc(note)}</p>' for note in notes),
         "<h2>Metrics</h2>",
         _metrics_table(runs, labels),
         "<p>Sensitivity, specificity and F1 at each label's threshold (called at probability "
@@ -124,7 +129,7 @@ def _metrics_table(runs: dict[str, EvaluationRun], labels: Sequence[str]) -> str
     rows = []
     for label in labels:
         per_run = [run.metrics.get("labels", {}).get(label) for run in runs.values()]
-        notes = sorted({m["note"] for m in per_run if m and m.get("note")})
+        notes = sorted({m[k] for m in per_run if m for k in ("note", "ci_note") if m.get(k)})
         note_html = "".join(f'<br><span class="note">{_esc(n)}</span>' for n in notes)
         cells = [f'<td class="label">{_esc(label)}{note_html}</td>']
         for key, _, ci_key in TABLE_COLUMNS:

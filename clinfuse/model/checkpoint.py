@@ -175,9 +175,33 @@ def load_checkpoint(
             f"unexpected {sorted(unexpected)[:5]})",
             hint="the folder was edited or mixes two models; use the folder training wrote",
         )
+    _check_calibration(folder, model)
     if channels_last and model.image_encoder is not None:
         model.image_encoder.channels_last()
     return model.to(device).eval()
+
+
+def _check_calibration(folder: Path, model: FusionModel) -> None:
+    """The fitted temperatures (finite, > 0), offsets and evidence weights (finite) and
+    thresholds (in [0, 1]): an edited or damaged file would silently invert or void every
+    probability (a negative temperature reverses a label's ranking)."""
+    problems = [
+        name
+        for name, bad in (
+            ("temperature", ~torch.isfinite(model.temperature) | (model.temperature <= 0)),
+            ("offset", ~torch.isfinite(model.offset)),
+            ("thresholds", ~((model.thresholds >= 0) & (model.thresholds <= 1))),
+            ("evidence_weights", ~torch.isfinite(model.evidence_weights)),
+        )
+        if bool(bad.any())
+    ]
+    if problems:
+        raise ModelFolderError(
+            folder,
+            f"model.safetensors holds calibration no training writes ({', '.join(problems)}: "
+            "not finite, or out of range)",
+            hint="the file was edited or damaged; copy the model folder again from its source",
+        )
 
 
 def evidence_text(config: dict[str, Any]) -> str:
@@ -210,7 +234,8 @@ def metrics_table(name: str, metrics: dict[str, Any]) -> str:
 
     def row(label: str, m: dict[str, Any]) -> str:
         ci = m.get("auroc_ci")
-        auroc = number(m.get("auroc")) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        shown = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " (too few cases for an interval)"
+        auroc = number(m.get("auroc")) + (shown if ci or m.get("ci_note") else "")
         counts = f"{m['n_positive']} of {m['n_known']}" if "n_known" in m else ""
         cells = [
             label,
