@@ -7,7 +7,10 @@ autocast context (bfloat16/float16 on GPU when asked, nothing on CPU).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,3 +167,19 @@ def predict(
         note_used=np.concatenate(note_used),
         failures=failures,
     )
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent thread ends
+
+
+def die_with_parent(parent: int, _worker: int = 0) -> None:
+    """A DataLoader worker's `worker_init_fn` (with `functools.partial(die_with_parent,
+    os.getpid())`): on Linux the kernel kills the worker when the process that started it dies
+    (kill -9, the OOM killer), where it would stay blocked on a pipe nobody reads, holding its
+    memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)

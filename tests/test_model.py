@@ -456,6 +456,8 @@ def test_calibration_no_training_writes_is_refused_when_loaded(tmp_path):
             load_checkpoint(tmp_path / name)
     save_checkpoint(model, tmp_path / "fine")
     assert load_checkpoint(tmp_path / "fine").temperature.gt(0).all()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "fine").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]  # readable as the rest (umask)
 
 
 def test_weights_of_another_shape_are_one_error_naming_the_tensor(tmp_path):

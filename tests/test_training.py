@@ -1,5 +1,6 @@
 """`clinfuse train` and `clinfuse evaluate` end to end on a small synthetic export (tiny model)."""
 
+import contextlib
 import json
 import os
 import re
@@ -153,7 +154,7 @@ def test_training_is_seeded_and_reproducible_on_cpu(export, trained, tmp_path):
     ).read_bytes()
 
 
-def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
+def test_a_killed_run_resumes_with_the_same_command(export, tmp_path, capsys):
     out = tmp_path / "killed"
     args = [
         "train",
@@ -167,13 +168,26 @@ def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
         "train.checkpoint_every=2",
         "train.bootstrap=20",
     ]
-    run = clinfuse(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = clinfuse(*args, "train.workers=2", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(out.glob(".train_state/step-*/COMPLETE")) and time.time() < deadline:
         time.sleep(0.2)
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
     assert list(out.glob(".train_state/step-*/COMPLETE")), "no snapshot before the kill"
+
+    def left() -> list[str]:  # the killed run's DataLoader workers (forked: its command line)
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                if str(out).encode() in (proc / "cmdline").read_bytes():
+                    found.append(proc.name)
+        return found
+
+    deadline = time.time() + 20
+    while left() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left(), "workers outlived the killed run"
     assert not (out / "config.json").exists()
     edited = tmp_path / "edited.csv"  # the manifest changed since: not a resume of that run
     edited.write_bytes(export.read_bytes() + b"\n")
@@ -184,6 +198,15 @@ def test_a_killed_run_resumes_with_the_same_command(export, tmp_path):
     )
     assert refused.returncode == 2
     assert "holds an unfinished run with a different configuration or manifest" in refused.stderr
+    other = tmp_path / "other_count"  # the run as if torchrun had started it with 2 processes
+    shutil.copytree(out, other)
+    for state in other.glob(".train_state/step-*/state.json"):
+        saved = json.loads(state.read_text())
+        assert saved["settings"]["processes"] == 1
+        saved["settings"]["processes"] = 2
+        state.write_text(json.dumps(saved))
+    assert main([*args[:4], str(other), *args[5:]]) == 2  # its schedule is not one process's
+    assert "started by 2 training process(es), resumed here by 1" in capsys.readouterr().err
     resumed = subprocess.run(
         [sys.executable, "-m", "clinfuse", *args], capture_output=True, text=True, check=True
     )

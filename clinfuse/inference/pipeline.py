@@ -13,13 +13,11 @@ at the end, each atomically.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +37,13 @@ from clinfuse.data.batch import Batch, Collator, load_item
 from clinfuse.data.manifest import file_sha256, iter_manifest
 from clinfuse.data.study import modality_name
 from clinfuse.data.transforms import build_transforms
-from clinfuse.engine import available_cores, cpu_threads, iter_predictions, select_device
+from clinfuse.engine import (
+    available_cores,
+    cpu_threads,
+    die_with_parent,
+    iter_predictions,
+    select_device,
+)
 from clinfuse.errors import ClinfuseError, DicomError, ManifestError
 from clinfuse.exports.files import STUDY_FILES, new_folder, study_file
 from clinfuse.folders import FOLDER_RUNS_FILE, refuse_foreign_folder
@@ -590,22 +594,13 @@ def model_threads(settings: InferenceSettings, device: torch.device) -> int | No
     return None if device.type != "cpu" else max(1, available_cores() - settings.workers)
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent thread ends
-
-
-def start_worker(parent: int, lock: int | None, _worker: int) -> None:
+def start_worker(parent: int, lock: int | None, worker: int) -> None:
     """A DataLoader worker's start: it lets go of the run folder's lock (only the invocation
-    holds it) and, on Linux, the kernel kills it when the process that started it dies (kill
-    -9, the OOM killer), where it would stay blocked on a pipe nobody reads, holding its
-    memory, and go on writing explanations for a run that is over."""
+    holds it) and dies with the invocation (`die_with_parent`): it would go on writing
+    explanations for a run that is over."""
     if lock is not None:
         os.close(lock)
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
+    die_with_parent(parent, worker)
 
 
 def stream(run: OpenRun) -> float:

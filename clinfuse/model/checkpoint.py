@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ def save_checkpoint(
     }
     tmp = folder / "model.safetensors.tmp"
     save_model(model, str(tmp), force_contiguous=True)  # a loaded (channels-last) model too
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # safetensors makes it 0600; the folder's other files, umask
     tmp.replace(folder / "model.safetensors")  # atomic: a crash never leaves half a file
     model.note_tokenizer.tokenizer.save_pretrained(str(folder / "tokenizer"))
     write_atomic(folder / "MODEL_CARD.md", model_card(model, config))

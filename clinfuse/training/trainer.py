@@ -22,6 +22,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,14 @@ from clinfuse.data.manifest import (
     manifest_kind,
 )
 from clinfuse.data.study import study_note
-from clinfuse.engine import Predictions, autocast, evidence_terms, predict, select_device
+from clinfuse.engine import (
+    Predictions,
+    autocast,
+    die_with_parent,
+    evidence_terms,
+    predict,
+    select_device,
+)
 from clinfuse.errors import ClinfuseError, ConfigError, ManifestError, unreadable_split
 from clinfuse.evaluation.calibration import (
     apply_temperature,
@@ -404,12 +412,27 @@ def train(
         legacy_sha = hashlib.sha256((cfg.model_dump_json() + manifest_sha).encode()).hexdigest()
         if progress.config_sha256 not in (config_sha, legacy_sha):
             saved = progress.settings
-            changed = [d for k in saved for d in _differing(settings[k], saved[k], k)]
+            changed = [
+                d for k in settings if k in saved for d in _differing(settings[k], saved[k], k)
+            ]
             shown = f" (the run's -> this command's: {'; '.join(changed[:5])})" if changed else ""
             raise ClinfuseError(
                 f"{out_dir}: holds an unfinished run with a different configuration or "
                 f"manifest{shown}. Rerun the same command (same config, same manifest file), "
                 "or choose a new --out"
+            )
+        started_by = progress.settings.get("processes", workers.world)  # older: not recorded
+        if started_by != workers.world:  # its schedule and sample order are per process count
+            raise ClinfuseError(
+                f"{out_dir}: holds an unfinished run started by {started_by} training "
+                f"process(es), resumed here by {workers.world}: its learning-rate schedule and "
+                "study order depend on that count. Resume it as it was started "
+                + (
+                    f"(torchrun --nproc_per_node {started_by} ...)"
+                    if started_by > 1
+                    else "(one process, without torchrun)"
+                )
+                + ", or choose a new --out"
             )
         log.info(
             "resuming from %s (epoch %d, step %d)", snapshot.name, progress.epoch, progress.step
@@ -427,18 +450,23 @@ def train(
                 cfg.train.lr,
                 cfg.train.seed,
             )
-        states, progress = None, Progress(config_sha256=config_sha, settings=settings)
+        progress = Progress(
+            config_sha256=config_sha, settings={**settings, "processes": workers.world}
+        )
+        states = None
     model.to(torch_device).train()
 
     collate = Collator(model.note_tokenizer, cfg.model)
     train_set = StudyDataset(
         train_rows, cfg.model, train=cfg.train.augment, cache=cfg.train.cache, seed=cfg.train.seed
     )
+    dies_with_us = partial(die_with_parent, os.getpid())  # a killed run leaves no worker
     val_loader = DataLoader(
         StudyDataset(val_rows, cfg.model, cache=cfg.train.cache),
         batch_size=cfg.train.batch_size,
         collate_fn=collate,
         num_workers=cfg.train.workers,
+        worker_init_fn=dies_with_us,
     )
     pos_weight = class_weights(manifest, cfg.train).to(torch_device)
     side_weight = cfg.model.fusion.side_loss if model.side_heads is not None else 0.0
@@ -483,6 +511,7 @@ def train(
             sampler=order,
             collate_fn=collate,
             num_workers=cfg.train.workers,
+            worker_init_fn=dies_with_us,
         )
         bar = tqdm(
             loader,
