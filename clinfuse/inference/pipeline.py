@@ -446,14 +446,14 @@ def _start_run(
     runs = folder_runs(run_dir, store.runs(), own_store)  # those that wrote into run_dir
     differ = differences(runs[-1], version, manifest, sha, settings) if runs else ""
     refuse_replacing_files(run_dir, runs, key, settings, differ)
-    run_id, resumed = store.start_run(
+    record_folder_run(run_dir, key, own_store)  # before the run exists: a kill between the two
+    run_id, resumed = store.start_run(  # must not leave the run out of its folder's list
         key,
         version,
         str(manifest.absolute()),  # not resolved: its rows' paths are relative to this folder
         sha,
         {k: v for k, v in asdict(settings).items() if k != "device"},
     )
-    record_folder_run(run_dir, key, own_store)
     retried = store.forget_failures(run_id) if resumed and settings.retry_failed else 0
     if retried:
         log.info("run %d: scoring again the %d studies earlier invocations failed", run_id, retried)
