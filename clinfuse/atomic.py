@@ -77,3 +77,17 @@ def _writer_running(temporary: Path) -> bool:
     except PermissionError:  # it exists, run by another user
         return True
     return True
+
+
+def current_umask() -> int:
+    """The process's umask, read without setting it (`os.umask` would change it for every
+    thread meanwhile); from /proc on Linux, else read and put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -46,6 +46,12 @@ def grey_slice(image: DicomImage, center: float, width: float, z: int = 0) -> np
     return apply_window(pixels, center, width).mean(axis=0)
 
 
+def opening_slice(peak: int, map_depth: int, depth: int) -> int:
+    """The image slice (0-based, of `depth`) that `map_slice` shows map slice `peak` of
+    `map_depth` on: the first of them (a map may be coarser than the image, the store's)."""
+    return min(-(-peak * depth // map_depth), depth - 1)
+
+
 def map_slice(values: np.ndarray, shape: tuple[int, int], z: int = 0, depth: int = 1) -> np.ndarray:
     """One label's map, (H, W) or (D, H, W), as the (H, W) at slice `z` of `depth` resized
     to `shape` (a map smaller than the image, like the store's record, is stretched)."""
@@ -60,8 +66,12 @@ def map_slice(values: np.ndarray, shape: tuple[int, int], z: int = 0, depth: int
 
 def overlay_top(values: np.ndarray) -> float:
     """The value an overlay shows at full strength: the 99.5th percentile of the positive
-    attribution, over the whole map (every slice of a volume's)."""
-    return float(np.percentile(np.clip(np.nan_to_num(values), 0, None), 99.5))
+    attribution; for a volume the largest of its slices' (one slice's finding is drawn as on
+    a 2D image, the other slices on the same scale)."""
+    positive = np.clip(np.nan_to_num(values), 0, None)
+    if positive.ndim == 3:  # (D, H, W)
+        return float(np.percentile(positive.reshape(len(positive), -1), 99.5, axis=1).max())
+    return float(np.percentile(positive, 99.5))
 
 
 def overlay_rgb(

@@ -19,6 +19,7 @@ from imaging import (
     grey_slice,
     map_slice,
     n_slices,
+    opening_slice,
     overlay_rgb,
     overlay_top,
     window_presets,
@@ -182,7 +183,7 @@ def image_panel(
     if depth > 1:  # opens on the slice the explanation's PNG shows: its strongest
         start = depth // 2
         if values is not None and values.ndim == 3:
-            start = min(peak_slice(values) * depth // len(values), depth - 1)
+            start = opening_slice(peak_slice(values), len(values), depth)
         shown_as = hashlib.sha256(str(image_path).encode()).hexdigest()[:12]  # never the path
         z = st.slider("Slice", 1, depth, value=start + 1, key=f"sv_slice-{shown_as}") - 1
     grey = grey_slice(image, center, width, z)

@@ -216,7 +216,7 @@ def measure(
         "seconds": {"median": median, "min": min(times), "max": max(times)},
         "studies_per_s": batch / median,
         # each tower alone, timed like the whole; fusion + heads: the whole's median less theirs
-        "seconds_by_part": {**parts, "fusion_heads": median - sum(parts.values())},
+        "seconds_by_part": {**parts, "fusion_heads": max(median - sum(parts.values()), 0.0)},
         "achieved_gflops": flops["total"] / median / 1e9,
         "rss_mb": {"after_imports": after_imports, "model_built": built - after_imports},
         "peak_rss_mb": peak_rss,

@@ -617,6 +617,7 @@ def test_window_presets_slices_and_overlay():
             grey_slice,
             map_slice,
             n_slices,
+            opening_slice,
             overlay_rgb,
             overlay_top,
             window_presets,
@@ -647,10 +648,17 @@ def test_window_presets_slices_and_overlay():
     # a volume's slices share its scale: a slice holding a millionth of the peak stays grey
     attribution[0, 0, 0] = 1e-6
     assert peak_slice(attribution) == 1  # where the page (and the PNG) opens the volume
+    for map_depth, depth in ((2, 2), (32, 100), (3, 4), (5, 5)):  # the store's map is coarser
+        for peak in range(map_depth):
+            z = opening_slice(peak, map_depth, depth)
+            assert min(z * map_depth // depth, map_depth - 1) == peak  # map_slice's own rule
     faint = map_slice(attribution, (4, 4), z=0, depth=2)
     top = overlay_top(attribution)
     assert np.abs(overlay_rgb(grey * 0.5, faint, 1.0, top).astype(int) - plain).max() <= 1
     assert not np.array_equal(overlay_rgb(grey * 0.5, faint, 1.0), plain)  # alone: full
+    focal = np.zeros((40, 64, 64), np.float32)  # a finding in 2 slices of 40: drawn still
+    focal[20:22, 30:38, 30:38] = 1.0
+    assert overlay_top(focal) == pytest.approx(1.0)
 
 
 def test_a_note_longer_than_the_model_read_says_where_it_stopped():

@@ -48,7 +48,11 @@ def _validate(args: argparse.Namespace) -> int:
     try:  # the shares training would refuse (data.val_fraction, data.test_fraction)
         parse_config(DataConfig, {"val_fraction": args.val, "test_fraction": args.test})
     except ConfigError as exc:
-        raise ConfigError("--val/--test", f"{args.val} and {args.test}: {exc.problem}") from None
+        raise ConfigError(
+            "--val/--test",
+            f"{args.val} and {args.test}: {exc.problem}",
+            hint="give shares that add up to less than 1 (the defaults: 0.15 and 0.15)",
+        ) from None
     out = args.out or Path(args.manifest).with_name(Path(args.manifest).stem + ".verdicts.csv")
     if Path(args.manifest).is_file():  # else the manifest's own error comes first
         if out.resolve() == Path(args.manifest).resolve():
@@ -250,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         default="test",
         choices=["train", "val", "test", "all"],
-        help="the split to measure, as the model's training split the manifest",
+        help="the split to measure, the manifest split as the model's training split it",
     )
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
@@ -419,7 +423,7 @@ def _stdout_gone() -> bool:
         fd = sys.stdout.fileno()
         poll = select.poll()
         poll.register(fd, select.POLLOUT)
-        gone = any(events & select.POLLERR for _, events in poll.poll(0))
+        gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):  # no file descriptor (a test's capture)
         return False
     if gone:

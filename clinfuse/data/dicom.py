@@ -446,8 +446,10 @@ def _frame_order(ds: Dataset, frames: int) -> list[int]:
     file's own order when the frames do not each have a position of their own (a cine or
     dynamic series repeats one position: its order is time's)."""
     offsets = _frame_positions(ds)
-    if offsets is None or len(offsets) != frames or len(set(offsets)) != frames:
+    if offsets is None or len(offsets) != frames:
         return list(range(frames))
+    if len({round(o, 3) for o in offsets}) != frames:  # within 1e-3 mm: one position, as
+        return list(range(frames))  # a series folder's slices are told apart
     return sorted(range(frames), key=offsets.__getitem__)
 
 

@@ -139,6 +139,7 @@ def told() -> Iterator[list[dict[str, str]]]:
     logger.addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # each study's, as a local run's workers say them
             yield said
     finally:
         logger.removeHandler(handler)

@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from clinfuse import __version__
-from clinfuse.atomic import write_atomic
+from clinfuse.atomic import current_umask, write_atomic
 from clinfuse.config import ModelConfig, parse_config
 from clinfuse.errors import ConfigError, ModelFolderError
 from clinfuse.model.model import FusionModel
@@ -50,9 +50,7 @@ def save_checkpoint(
     }
     tmp = folder / "model.safetensors.tmp"
     save_model(model, str(tmp), force_contiguous=True)  # a loaded (channels-last) model too
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # safetensors makes it 0600; the folder's other files, umask
+    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors makes it 0600; the rest, umask
     tmp.replace(folder / "model.safetensors")  # atomic: a crash never leaves half a file
     model.note_tokenizer.tokenizer.save_pretrained(str(folder / "tokenizer"))
     write_atomic(folder / "MODEL_CARD.md", model_card(model, config))

@@ -154,6 +154,7 @@ def open_study(study_id: str, params: dict[str, str]) -> None:
 def main() -> None:
     """The worklist page."""
     session = current()
+    st.session_state.pop("sv_on", None)  # a study opened from here counts its reviews afresh
     query, page, size = initial_view(session.run_id, session.labels)
     seed_widgets(query, page, size)
     st.title("Worklist")
