@@ -308,10 +308,11 @@ def _to_image(path: Path, ds: Dataset) -> DicomImage:
     if frames == 1:
         pixels = pixels[:, 0]  # (C, H, W)
     else:
-        order = _frame_order(ds, frames)  # along the slice normal, as a series folder's
+        offsets = _frame_positions(ds)  # each frame's, read once for order and spacing
+        order = _frame_order(offsets, frames)  # along the slice normal, as a series folder's
         if order != sorted(order):
             pixels = np.ascontiguousarray(pixels[:, order])
-        spacing = (_frame_spacing(ds), *spacing)
+        spacing = (_frame_spacing(ds, offsets), *spacing)
     meta = _meta(ds, photometric, frames)
     return DicomImage(pixels, spacing, window, meta, header_identifiers(ds))
 
@@ -441,11 +442,10 @@ def _frame_positions(ds: Dataset) -> list[float] | None:
     return [float(np.dot(p, normal)) for p in positions]
 
 
-def _frame_order(ds: Dataset, frames: int) -> list[int]:
+def _frame_order(offsets: list[float] | None, frames: int) -> list[int]:
     """The frames' order along the slice normal, as a series folder's files are ordered; the
     file's own order when the frames do not each have a position of their own (a cine or
-    dynamic series repeats one position: its order is time's)."""
-    offsets = _frame_positions(ds)
+    dynamic series repeats one position: its order is time's). `offsets`: `_frame_positions`."""
     if offsets is None or len(offsets) != frames:
         return list(range(frames))
     if len({round(o, 3) for o in offsets}) != frames:  # within 1e-3 mm: one position, as
@@ -453,9 +453,8 @@ def _frame_order(ds: Dataset, frames: int) -> list[int]:
     return sorted(range(frames), key=offsets.__getitem__)
 
 
-def _frame_spacing(ds: Dataset) -> float:
+def _frame_spacing(ds: Dataset, offsets: list[float] | None) -> float:
     """Distance between the frames of a multi-frame file in mm; 1.0 when unknown."""
-    offsets = _frame_positions(ds)
     gap = _median_gap(offsets) if offsets is not None and len(offsets) > 1 else None
     gap = gap or _median_gap(_floats(ds, "GridFrameOffsetVector") or [])  # RT dose
     return gap or _nominal_slice_spacing(_functional_item(ds, "PixelMeasuresSequence") or ds)

@@ -298,6 +298,12 @@ class ExplainedStudy:
 STUDY_SUFFIXES = (".npz", ".png", ".html")  # what `clinfuse explain` writes per study
 
 
+def study_paths(out_dir: Path, study_id: str) -> list[Path]:
+    """The files `clinfuse explain` writes for a study, named by `file_stem` (which may hold
+    dots, "1.2.840...": never `with_suffix`)."""
+    return [out_dir / f"{file_stem(study_id)}{suffix}" for suffix in STUDY_SUFFIXES]
+
+
 def select_labels(
     model: FusionModel, probabilities: torch.Tensor, which: str, study: str = "this study"
 ) -> list[str]:
@@ -308,15 +314,15 @@ def select_labels(
     if which == "positive":
         called = model.decisions(probabilities).nonzero().flatten().tolist()
         if not called:
-            top = int(probabilities.argmax())
+            called = [int(probabilities.argmax())]
             log.warning(
                 "%s: no label is called positive at the saved thresholds; explaining its most "
                 "probable one, %s (p=%.3f)",
                 study,
-                model.labels[top],
-                float(probabilities[top]),
+                model.labels[called[0]],
+                float(probabilities[called[0]]),
             )
-        return [model.labels[k] for k in called or [int(probabilities.argmax())]]
+        return [model.labels[k] for k in called]
     return label_names(model, which)
 
 
@@ -373,8 +379,7 @@ def explain_studies(
         batch = study_batch(model, [rows[study_id]])
         if batch.failures:
             done.append(ExplainedStudy(study_id, failure=batch.failures[0][1]))
-            named = [f"{file_stem(study_id)}{suffix}" for suffix in STUDY_SUFFIXES]
-            earlier = [name for name in named if (out_dir / name).is_file()]
+            earlier = [path.name for path in study_paths(out_dir, study_id) if path.is_file()]
             if earlier:
                 log.warning(
                     "study %s: %s in %s are an earlier explanation's, of its files as they were",
@@ -415,8 +420,7 @@ def _explain_one(
     expl = explain(model, batch, names, steps=steps, model_version=version)[0]
     image = row.image  # read again for display: the DICOM's own pixel grid
     pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
-    stem = file_stem(row.study_id)  # may hold dots ("1.2.840..."): never `with_suffix`
-    paths = [out_dir / f"{stem}{suffix}" for suffix in STUDY_SUFFIXES]
+    paths = study_paths(out_dir, row.study_id)
     before = {path: path.stat().st_ino for path in paths if path.is_file()}
     try:
         files = [expl.save_npz(paths[0], sweep=False)]

@@ -257,24 +257,17 @@ def release_run_folder(lock: int | None) -> None:
 PER_STUDY_FOLDERS = tuple(sorted(folder for folder, _ in STUDY_FILES.values()))
 
 
-def folder_runs(run_dir: Path, runs: list[dict[str, Any]], own_store: bool) -> list[dict[str, Any]]:
-    """The store's `runs` that wrote into `run_dir`: every run of the folder's own store; of a
-    shared store, those the folder's `FOLDER_RUNS_FILE` names (other folders have the rest)."""
-    if own_store:
-        return runs
-    keys = _folder_run_keys(run_dir)
-    return [r for r in runs if r["run_key"] in keys]
-
-
-def record_folder_run(run_dir: Path, key: str, own_store: bool) -> None:
-    """Note in a shared store's run folder that the run `key` writes into it."""
-    keys = [] if own_store else _folder_run_keys(run_dir)
-    if not own_store and key not in keys:
+def record_folder_run(run_dir: Path, keys: list[str], key: str) -> None:
+    """Note in a shared store's run folder (whose `folder_run_keys` are `keys`) that the run
+    `key` writes into it."""
+    if key not in keys:
         text = json.dumps({"run_keys": [*keys, key]}, indent=1)
         write_atomic(run_dir / FOLDER_RUNS_FILE, text + "\n")
 
 
-def _folder_run_keys(run_dir: Path) -> list[str]:
+def folder_run_keys(run_dir: Path) -> list[str]:
+    """The keys of the runs of a shared store that wrote into `run_dir` (`FOLDER_RUNS_FILE`;
+    the store's other runs wrote other folders)."""
     path = run_dir / FOLDER_RUNS_FILE
     try:
         keys = json.loads(path.read_text(encoding="utf-8"))["run_keys"]
@@ -443,10 +436,14 @@ def _start_run(
     )
     sha = file_sha256(manifest)
     key = run_key(version, manifest, sha, settings, None if own_store else run_dir)
-    runs = folder_runs(run_dir, store.runs(), own_store)  # those that wrote into run_dir
+    runs = store.runs()  # those that wrote into run_dir: all of its own store's
+    keys = [] if own_store else folder_run_keys(run_dir)
+    if not own_store:
+        runs = [r for r in runs if r["run_key"] in keys]
     differ = differences(runs[-1], version, manifest, sha, settings) if runs else ""
     refuse_replacing_files(run_dir, runs, key, settings, differ)
-    record_folder_run(run_dir, key, own_store)  # before the run exists: a kill between the two
+    if not own_store:  # before the run exists: a kill between the two
+        record_folder_run(run_dir, keys, key)
     run_id, resumed = store.start_run(  # must not leave the run out of its folder's list
         key,
         version,

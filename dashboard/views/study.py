@@ -156,9 +156,8 @@ def main() -> None:
         )
     else:
         study_panels(view)
-    run_labels = list(session.store.run(session.run_id)["labels"])
     st.subheader("Your verdict")
-    submitted = verdict_form(view, session, run_labels)
+    submitted = verdict_form(view, session, session.labels)
     if submitted is not None:
         save_verdict(session, params, view, *submitted)
     st.subheader("Review history")
