@@ -78,6 +78,7 @@ class Predictions:
     """Model outputs for a set of studies, in the order they came."""
 
     study_ids: list[str] = field(default_factory=list)
+    patient_ids: list[str] = field(default_factory=list)  # each study's, as the manifest has it
     logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, L)
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, L)
     image_used: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,)
@@ -145,7 +146,7 @@ def predict(
     model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
 ) -> Predictions:
     """Run the model over every batch and gather logits, labels, sides used and failures."""
-    ids, logits, labels, image_used, note_used, failures = [], [], [], [], [], []
+    ids, patients, logits, labels, image_used, note_used, failures = [], [], [], [], [], [], []
     for batch, batch_logits, batch_image, batch_note in iter_predictions(
         model, batches, device, amp
     ):
@@ -153,6 +154,7 @@ def predict(
         if len(batch) == 0:
             continue
         ids += batch.study_ids
+        patients += [batch.patient_ids.get(s, s) for s in batch.study_ids]
         logits.append(batch_logits.numpy())
         labels.append(batch.labels.numpy())
         image_used.append(batch_image.numpy())
@@ -161,6 +163,7 @@ def predict(
         return Predictions(failures=failures)
     return Predictions(
         study_ids=ids,
+        patient_ids=patients,
         logits=np.concatenate(logits),
         labels=np.concatenate(labels),
         image_used=np.concatenate(image_used),

@@ -121,7 +121,9 @@ def score(
     probs = calibrated_probabilities(model, predictions.logits)
     thresholds = model.thresholds.cpu().numpy()
     y = measured_labels(predictions, model.labels, labels)
-    return evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
+    return evaluate_predictions(
+        y, probs, thresholds, model.labels, n_bootstrap=bootstrap, patients=predictions.patient_ids
+    )
 
 
 def peer_entry(args: argparse.Namespace, cfg: RunConfig, rows: list[StudyRow]) -> tuple:

@@ -50,7 +50,7 @@ def test_metrics_match_hand_counts():
     # 4 positives are too few for a bootstrap interval: said, not a narrow interval
     assert m["auroc_ci"] is None and m["auprc_ci"] is None
     assert m["note"] is None  # the metrics are there
-    assert m["ci_note"] == "no confidence interval: 4 case(s) of one class, fewer than 5"
+    assert m["ci_note"] == "no confidence interval: one class is in 4 studies, fewer than 5"
     one = evaluate(np.r_[1.0, np.zeros(24)][:, None], np.linspace(1, 0, 25)[:, None], ["a"])
     assert one["labels"]["a"]["auroc"] == 1.0 and one["labels"]["a"]["auroc_ci"] is None
     unbootstrapped = evaluate(HAND_Y[:, None], HAND_P[:, None], ["a"], n_bootstrap=0)
@@ -132,6 +132,37 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
             assert lo <= m[metric] <= hi and hi - lo < 0.3
         assert m["auroc_ci"] == again["labels"][name]["auroc_ci"]
         assert m["auroc_ci"] != other["labels"][name]["auroc_ci"]
+
+
+def test_bootstrap_draws_patients_so_repeated_studies_do_not_narrow_the_interval():
+    y, probs = synthetic_split(n=120, n_labels=2, seed=5)
+    labels = ["a", "b"]
+    alone = evaluate(y, probs, labels, n_bootstrap=400, seed=1)
+    # each patient had 4 studies scored the same: no more evidence than 120 studies
+    y4, p4 = np.repeat(y, 4, axis=0), np.repeat(probs, 4, axis=0)
+    patients = np.repeat([f"P{i:03d}" for i in range(120)], 4)  # numbered in row order
+    grouped = evaluate(y4, p4, labels, n_bootstrap=400, seed=1, patients=patients)
+    by_study = evaluate(y4, p4, labels, n_bootstrap=400, seed=1)
+    assert (grouped["resampled"], grouped["n_resampled"], grouped["n"]) == ("patients", 120, 480)
+    assert (by_study["resampled"], by_study["n_resampled"]) == ("studies", 480)
+    for name in labels:
+        # the same draws of patients as of the 120 studies themselves
+        for ci in ("auroc_ci", "auprc_ci"):
+            assert grouped["labels"][name][ci] == pytest.approx(alone["labels"][name][ci])
+        lo, hi = grouped["labels"][name]["auroc_ci"]
+        lo_s, hi_s = by_study["labels"][name]["auroc_ci"]
+        assert hi_s - lo_s < 0.7 * (hi - lo)  # studies drawn one by one: about half as wide
+
+
+def test_too_few_patients_of_a_class_give_no_interval_however_many_studies():
+    y = np.r_[np.ones(12), np.zeros(40)][:, None]  # 12 positive studies ...
+    probs = np.linspace(0.9, 0.1, 52)[:, None]
+    patients = [f"P{i % 3}" for i in range(12)] + [f"N{i}" for i in range(40)]  # ... of 3 patients
+    m = evaluate(y, probs, ["a"], patients=patients)["labels"]["a"]
+    assert m["auroc"] == 1.0 and m["auroc_ci"] is None and m["auprc_ci"] is None
+    assert m["ci_note"] == "no confidence interval: one class is in 3 patients, fewer than 5"
+    with pytest.raises(ValueError, match="each of the 52 studies"):
+        evaluate(y, probs, ["a"], patients=patients[:-1])
 
 
 def test_bootstrap_scores_each_resample_as_sklearn_with_counts_as_weights():

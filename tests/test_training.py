@@ -372,7 +372,15 @@ def test_evaluate_writes_metrics_predictions_and_a_report(trained, export, tmp_p
         entry = metrics["labels"][name]
         assert {"auroc", "auprc", "ece", "sensitivity", "specificity", "f1", "brier"} <= set(entry)
     assert metrics["split"] == "test" and metrics["model_version"].startswith("tiny@")
+    # the intervals resample the split's patients, each with all their studies
+    rows = pd.read_csv(export)
+    scored = set(pd.read_csv(out / "predictions.csv").study_id)
+    patients = rows[rows.study_id.isin(scored)].patient_id.nunique()
+    assert (metrics["resampled"], metrics["n_resampled"]) == ("patients", patients)
+    assert metrics["n"] > patients  # the sample data's patients have several studies
     html = (out / "report.html").read_text()
+    assert f"{metrics['n']} studies of {patients} patients" in html
+    assert "bootstrap percentiles over patients" in html
     assert all(name in html for name in labels) and "<img" in html
     assert (out / "predictions.csv").read_text().startswith("study_id,modalities,p_")
 
@@ -936,6 +944,8 @@ def test_a_mode_whose_only_side_no_row_has_is_refused(export, tmp_path, capsys, 
 
 def test_the_model_card_gives_every_labels_validation_metrics(trained):
     card = (trained / "MODEL_CARD.md").read_text(encoding="utf-8")
+    # the validation intervals resample patients, as evaluate's do
+    assert re.search(r"\(\d+ studies of \d+ patients, intervals by patient\):", card)
     metrics = card.split("| label | AUROC [95% CI] |", 1)[1]
     for label in load_checkpoint(trained).labels:
         auroc = r"(n/a|[0-9.]+ (\[[0-9.]+, [0-9.]+\]|\(too few cases for an interval\)))"

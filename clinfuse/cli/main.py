@@ -259,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="report folder to write")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when present)")
     p.add_argument(
-        "--bootstrap", type=at_least(0), default=1000, help="resamples for 95%% CIs (0: none)"
+        "--bootstrap",
+        type=at_least(0),
+        default=1000,
+        help="resamples of the patients for 95%% CIs (0: none)",
     )
     p.add_argument(
         "--labels",

@@ -80,7 +80,9 @@ def evaluate_model(
     thresholds = model.thresholds.cpu().numpy()
     probs = calibrated_probabilities(model, predictions.logits)
     y = measured_labels(predictions, model.labels, labels_path)  # (N, L)
-    metrics = evaluate_predictions(y, probs, thresholds, model.labels, n_bootstrap=bootstrap)
+    metrics = evaluate_predictions(
+        y, probs, thresholds, model.labels, n_bootstrap=bootstrap, patients=predictions.patient_ids
+    )
     metrics["split"] = split
     metrics["labels_from"] = str(labels_path) if labels_path is not None else "manifest"
     metrics["failed"] = len(predictions.failures)

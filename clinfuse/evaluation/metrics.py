@@ -9,7 +9,7 @@ The result is plain JSON: a metric that is undefined on this split is `None`, ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,15 +55,21 @@ def evaluate_predictions(
     labels: Sequence[str],
     n_bootstrap: int = 1000,
     seed: int = 0,
+    patients: Sequence[Hashable] | None = None,
 ) -> dict[str, Any]:
     """Metrics per label (on its known cells) and their macro means, as a JSON-able dict.
 
     `{"macro": {metric: mean over labels where defined, or None}, "labels": {name: {...}},
-    "n": N}`; each label holds the seven `METRICS`, its `threshold`, `n_known`, `n_positive`,
-    `prevalence`, percentile bootstrap `auroc_ci` / `auprc_ci` ([lo, hi] or None) from
-    `n_bootstrap` resamples of studies (None, with a `ci_note` saying why, when a class has
-    fewer than `CI_MIN_CLASS` known cases), and a `note` saying why metrics are None (else
-    None).
+    "n": N, "resampled": "patients" | "studies", "n_resampled": count}`; each label holds the
+    seven `METRICS`, its `threshold`, `n_known`, `n_positive`, `prevalence`, percentile
+    bootstrap `auroc_ci` / `auprc_ci` ([lo, hi] or None) from `n_bootstrap` resamples (None,
+    with a `ci_note` saying why, when a class has fewer than `CI_MIN_CLASS` known cases), and
+    a `note` saying why metrics are None (else None).
+
+    `patients` (N,), each study's patient: the bootstrap then resamples patients, every study
+    of a drawn patient with it, since one patient's studies are not independent (resampling
+    them one by one gives intervals too narrow when patients have several); a class's cases
+    are then counted in patients. Without it, each study is its own patient.
     """
     probs, y = check_scores(probs, y, "probs")
     thresholds = np.asarray(thresholds, dtype=float)
@@ -75,7 +81,9 @@ def evaluate_predictions(
     if ((probs < 0) | (probs > 1)).any():
         raise ValueError("probs must be probabilities in [0, 1]; apply the sigmoid first")
 
-    cis = bootstrap_ranking_cis(y, probs, n_bootstrap, seed)
+    groups = patient_groups(patients, y.shape[0])
+    unit = "patients" if patients is not None else "studies"
+    cis = bootstrap_ranking_cis(y, probs, n_bootstrap, seed, groups)
     per_label = {}
     for j, name in enumerate(labels):
         known = ~np.isnan(y[:, j])
@@ -83,13 +91,34 @@ def evaluate_predictions(
         per_label[name]["auroc_ci"], per_label[name]["auprc_ci"] = cis[j]
         per_label[name]["note"] = _note(y[known, j])
         per_label[name]["ci_note"] = None
-        fewest = int(min((y[known, j] == 1).sum(), (y[known, j] == 0).sum()))
+        fewest = min(
+            np.unique(groups[known & (y[:, j] == c)]).size for c in (0, 1)
+        )  # patients with a known case of the rarer class
         if n_bootstrap and 0 < fewest < CI_MIN_CLASS:
             per_label[name]["auroc_ci"] = per_label[name]["auprc_ci"] = None
+            counted = unit if fewest > 1 else {"patients": "patient", "studies": "study"}[unit]
             per_label[name]["ci_note"] = (
-                f"no confidence interval: {fewest} case(s) of one class, fewer than {CI_MIN_CLASS}"
+                f"no confidence interval: one class is in {fewest} {counted}, fewer than "
+                f"{CI_MIN_CLASS}"
             )
-    return {"macro": macro_average(per_label), "labels": per_label, "n": int(y.shape[0])}
+    return {
+        "macro": macro_average(per_label),
+        "labels": per_label,
+        "n": int(y.shape[0]),
+        "resampled": unit,  # what the bootstrap draws
+        "n_resampled": int(np.unique(groups).size),
+    }
+
+
+def patient_groups(patients: Sequence[Hashable] | None, n: int) -> np.ndarray:
+    """(N,) int: each study's group for the bootstrap, numbered from 0; each study its own
+    without `patients`."""
+    if patients is None:
+        return np.arange(n)
+    if len(patients) != n:
+        raise ValueError(f"patients must name the patient of each of the {n} studies")
+    _, codes = np.unique(np.asarray([str(p) for p in patients]), return_inverse=True)
+    return codes.reshape(-1)
 
 
 def label_metrics(t: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -130,24 +159,33 @@ def macro_average(per_label: dict[str, dict[str, Any]]) -> dict[str, float | Non
 
 
 def bootstrap_ranking_cis(
-    y: np.ndarray, probs: np.ndarray, n_bootstrap: int, seed: int
+    y: np.ndarray,
+    probs: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> list[tuple[list[float] | None, list[float] | None]]:
     """Per label, percentile CIs ([lo, hi] or None) for AUROC and AUPRC.
 
-    Each resample draws N studies (rows) with replacement from a `numpy.random.default_rng(seed)`,
-    shared by every label; resamples where a label has a single known class are skipped for it.
-    A resample is a count per row, which is the same as sklearn's metric with those counts as
-    `sample_weight`; that is how all resamples are scored in one pass per label.
+    Each resample draws G groups (`groups` (N,), numbered 0..G-1: patients; by default each
+    row its own) with replacement from a `numpy.random.default_rng(seed)`, shared by every
+    label, each drawn group bringing all its rows; resamples where a label has a single known
+    class are skipped for it. A resample is a count per row, which is the same as sklearn's
+    metric with those counts as `sample_weight`; that is how all resamples are scored in one
+    pass per label.
     """
     n, n_labels = y.shape
+    groups = np.arange(n) if groups is None else groups
+    g = int(groups.max()) + 1 if n else 0
     rng = np.random.default_rng(seed)
     scores: list[list[np.ndarray]] = [[] for _ in range(n_labels)]
-    chunk = max(1, BOOTSTRAP_CELLS // max(n, 1))
-    for start in range(0, n_bootstrap, chunk):
+    chunk = max(1, BOOTSTRAP_CELLS // max(n, g, 1))
+    for start in range(0, n_bootstrap if n else 0, chunk):
         b = min(chunk, n_bootstrap - start)
-        rows = rng.integers(0, n, size=(b, n))  # (b, N) row indices
-        offsets = (np.arange(b) * n)[:, None]
-        counts = np.bincount((rows + offsets).ravel(), minlength=b * n).reshape(b, n)
+        drawn = rng.integers(0, g, size=(b, g))  # (b, G) group indices
+        offsets = (np.arange(b) * g)[:, None]
+        counts = np.bincount((drawn + offsets).ravel(), minlength=b * g).reshape(b, g)
+        counts = counts[:, groups]  # (b, N): each row drawn as often as its group
         for j in range(n_labels):
             known = ~np.isnan(y[:, j])
             scores[j].append(

@@ -80,7 +80,7 @@ def write_report(
         _metrics_table(runs, labels),
         "<p>Sensitivity, specificity and F1 at each label's threshold (called at probability "
         "&ge; threshold); ECE over 10 equal-width bins; CIs are bootstrap percentiles over "
-        "studies. The macro row averages the labels where a metric is defined.</p>",
+        f"{_resampled(runs)}. The macro row averages the labels where a metric is defined.</p>",
         *(_label_section(name, runs) for name in labels),
         f"<p><small>clinfuse {_esc(__version__)}. {_esc(NOTICE)}</small></p>",
     ]
@@ -113,8 +113,21 @@ def _runs_list(runs: dict[str, EvaluationRun]) -> str:
             if run.failures
             else ""
         )
-        items.append(f"<li><b>{_esc(name)}</b>{version}: {n} studies{unread}</li>")
+        patients = (
+            f" of {run.metrics['n_resampled']} patients"
+            if run.metrics.get("resampled") == "patients"
+            else ""
+        )
+        items.append(f"<li><b>{_esc(name)}</b>{version}: {n} studies{patients}{unread}</li>")
     return "<h2>Runs</h2><ul>" + "".join(items) + "</ul>"
+
+
+def _resampled(runs: dict[str, EvaluationRun]) -> str:
+    """What the bootstrap drew, in words: patients (with all their studies) or studies."""
+    units = {run.metrics.get("resampled", "studies") for run in runs.values()}
+    if units == {"patients"}:
+        return "patients (a drawn patient brings all their studies)"
+    return "studies" if units == {"studies"} else "patients or studies (see each run's metrics)"
 
 
 def _metrics_table(runs: dict[str, EvaluationRun], labels: Sequence[str]) -> str:

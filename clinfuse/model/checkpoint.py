@@ -247,9 +247,14 @@ def metrics_table(name: str, metrics: dict[str, Any]) -> str:
         return "| " + " | ".join([*cells, counts]) + " |"
 
     labels = metrics.get("labels", {})
+    of_patients = (
+        f" of {metrics['n_resampled']} patients, intervals by patient"
+        if metrics.get("resampled") == "patients"
+        else ""
+    )
     return "\n".join(
         [
-            f"{name} ({metrics.get('n', '?')} studies):",
+            f"{name} ({metrics.get('n', '?')} studies{of_patients}):",
             "",
             "| label | AUROC [95% CI] | AUPRC | sensitivity | specificity | ECE | positives |",
             "|---|---|---|---|---|---|---|",

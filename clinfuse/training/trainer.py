@@ -756,6 +756,7 @@ def calibrate(
         model.labels,
         n_bootstrap=cfg.train.bootstrap,
         seed=cfg.train.seed,
+        patients=val.patient_ids,
     )
     before = evaluate_predictions(val.labels, raw, thresholds, model.labels, n_bootstrap=0)
     metrics["macro"]["ece_before_temperature"] = before["macro"]["ece"]
