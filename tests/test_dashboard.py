@@ -340,9 +340,9 @@ def test_verdict_is_saved_append_only_shown_in_history_and_save_and_next_moves_o
     assert verdict_form(at, study) != form  # a fresh form: nothing of the saved one is sent
     form = verdict_form(at, study)
     assert at.radio(key=f"{form}-verdict").value is None
-    assert at.selectbox(key=f"{form}-copd").value == (
-        "positive" if before["decision_copd"] else "negative"
-    )
+    # a revision starts from the labels as they stand: the correction, not the model's call
+    assert at.selectbox(key=f"{form}-copd").value == flipped
+    assert any("they start from the latest review" in c.value for c in at.caption)
     at.text_input(key=f"{form}-comment").input("second look: fine")
     at.button(key=f"{form}-save").click().run()  # no verdict chosen: nothing is saved
     assert "Choose a verdict first" in page_text(at)

@@ -685,6 +685,44 @@ def test_reviewed_manifest_keeps_the_notes_identifiers_masked_and_the_given_spli
         assert exported[study_id].note_path is None and exported[study_id].split == "val"
 
 
+def test_a_note_is_not_exported_where_its_image_header_cannot_be_read(tmp_path, caplog):
+    """A study whose image header cannot be read (its scoring failed) may have names in its
+    note that only that header gives: the export leaves an inline note out and keeps a note
+    file's path, and says so, rather than write the note with only the patient id masked."""
+    (tmp_path / "broken.dcm").write_bytes(b"not a DICOM file at all" * 10)
+    (tmp_path / "note.txt").write_text("Mr Paul Davis has a fever.")
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(
+        {
+            "study_id": ["A", "B"],
+            "patient_id": ["P1", "P1"],
+            "image": ["broken.dcm", "broken.dcm"],
+            "note": ["Mr Paul Davis (born 18/05/1947) has a fever.", ""],
+            "note_path": ["", "note.txt"],
+            "copd": ["1", "0"],
+        }
+    ).to_csv(manifest, index=False)
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        store.register_model("m-1", "tiny", ["copd"], {"copd": 0.5}, {}, {})
+        run_id, _ = store.start_run("r", "m-1", str(manifest), file_sha256(manifest), {})
+        pseudonym = store.pseudonym("P1")
+        failed = [FailureRecord(s, pseudonym, "image:not_dicom", "no preamble") for s in "AB"]
+        store.write_batch(run_id, [], failed)
+        for study_id in "AB":
+            save_review(store, run_id, study_id, "dr.a", "corrected", {"copd": 1}, "")
+        with caplog.at_level(logging.WARNING, logger="clinfuse.review.export"):
+            out = export_reviewed_manifest(store, run_id, tmp_path / "reviewed.csv")
+    assert "Davis" not in out.read_text() and "1947" not in out.read_text()
+    exported = pd.read_csv(out, keep_default_na=False).set_index("study_id")
+    assert exported.at["A", "note"] == "" and exported.at["A", "note_path"] == ""
+    assert exported.at["B", "note"] == "" and exported.at["B", "note_path"] == str(
+        tmp_path / "note.txt"
+    )
+    assert "study A: its image's header cannot be read" in caplog.text
+    assert "its inline note is left out (manifest row 1 holds it" in caplog.text
+    assert "study B: its image's header cannot be read" in caplog.text
+
+
 def test_export_command_writes_manifest_and_agreement(tmp_path, capsys):
     url = Store.default_url(tmp_path / "run")
     with Store(url) as store:
@@ -814,7 +852,11 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
     # a refused export (an unknown run, a mistyped store) leaves no folder behind
     never = tmp_path / "never"
     assert clinfuse_main([*export, "manifest", "--run", "99", "--out", str(never)]) == 2
-    assert "no run with id 99" in capsys.readouterr().err
+    assert "no run with id 99 in this store (its runs: 1, 2)" in capsys.readouterr().err
+    for mistyped in (tmp_path / "nope", tmp_path / "run" / "typo"):  # a path: said as one
+        args = ["export", "--store", str(mistyped), "--format", "agreement", "--out", "x.csv"]
+        assert clinfuse_main(args) == 2
+        assert f"no store at {mistyped}: no such file or folder" in capsys.readouterr().err
     typo = ["export", "--store", Store.default_url(tmp_path / "rnu"), "--format", "agreement"]
     assert clinfuse_main([*typo, "--out", f"{never}/"]) == 2
     with Store(url) as store:
@@ -847,6 +889,37 @@ def test_review_labels_mean_what_the_export_trains_on(store, tmp_path):
     with pytest.raises(ClinfuseError, match="is the manifest run .* scored"):
         export_reviewed_manifest(store, run_id, made["manifest"])
     assert "S000" in made["manifest"].read_text()
+    # a run whose every review leaves every label unknown has nothing to train on: an error,
+    # not a manifest of no rows
+    other = make_run(store, tmp_path / "data2", n=2, n_failed=0, seed=1)["run_id"]
+    save_review(store, other, "S000", "dr.a", "disagree", {x: None for x in LABELS})
+    with pytest.raises(StoreError, match="no reviewed study with a known label .*1 leave every"):
+        export_reviewed_manifest(store, other, tmp_path / "nothing.csv")
+    assert not (tmp_path / "nothing.csv").exists()
+
+
+def test_a_revision_keeps_the_corrections_made_before_it(store, tmp_path):
+    """A reviewer correcting one more label of a study someone already corrected keeps that
+    correction: a label left out of 'corrected' is the study's latest label, not the model's
+    call; 'agree' is the model's calls again."""
+    made = make_run(store, tmp_path / "data", n=3, n_failed=1)
+    run_id, study, failed = made["run_id"], "S001", made["failures"][0]
+    called = {x: int(v) for x, v in made["studies"][study]["decisions"].items()}
+    first, second = LABELS
+    save_review(store, run_id, study, "dr.a", "corrected", {first: 1 - called[first]})
+    save_review(store, run_id, study, "dr.b", "corrected", {second: 1 - called[second]})
+    latest = store.reviews(run_id, study)[-1]
+    assert latest["labels_after"] == {first: 1 - called[first], second: 1 - called[second]}
+    assert latest["labels_before"] == called  # what agreement is measured against
+    save_review(store, run_id, study, "dr.c", "agree", {})
+    assert store.reviews(run_id, study)[-1]["labels_after"] == called
+    # a failed study (no call): its labels given one at a time add up
+    save_review(store, run_id, failed, "dr.a", "corrected", {first: 1})
+    save_review(store, run_id, failed, "dr.b", "corrected", {second: 0})
+    assert store.reviews(run_id, failed)[-1]["labels_after"] == {first: 1, second: 0}
+    out = export_reviewed_manifest(store, run_id, tmp_path / "reviewed.csv")
+    exported = pd.read_csv(out).set_index("study_id")
+    assert (exported.at[failed, first], exported.at[failed, second]) == (1, 0)
 
 
 def test_an_empty_split_cell_is_exported_as_the_patients_split_not_the_pseudonyms(tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from clinfuse.data.dicom import DicomImage, read_dicom, read_header
 from clinfuse.data.identifiers import Identifiers, header_identifiers, redact
@@ -103,15 +105,28 @@ def study_identifiers(
     if isinstance(image, DicomImage):
         return found | image.identifiers
     if image is not None:
-        try:
-            files = [image]
-            if image.is_dir():
-                files = sorted(f for f in image.iterdir() if not f.name.startswith("."))
-        except OSError:
-            files = []
-        for file in files:
-            try:
-                found |= header_identifiers(read_header(file))
-            except (DicomError, OSError):
-                continue
+        for header in _image_headers(image):
+            found |= header_identifiers(header)
     return found
+
+
+def header_unreadable(image: Path | None) -> bool:
+    """True when a row names an image none of whose headers can be read: the names, ids and
+    birth date such a header may give cannot mask the study's note (`study_identifiers`)."""
+    return image is not None and next(_image_headers(image), None) is None
+
+
+def _image_headers(image: Path) -> Iterator[Dataset]:
+    """The readable headers of an image path's files (a series folder: every file but hidden
+    ones, as `read_dicom` reads them), read one at a time."""
+    try:
+        files = [image]
+        if image.is_dir():
+            files = sorted(f for f in image.iterdir() if not f.name.startswith("."))
+    except OSError:
+        files = []
+    for file in files:
+        try:
+            yield read_header(file)
+        except (DicomError, OSError):
+            continue

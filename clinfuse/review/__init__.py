@@ -13,6 +13,7 @@ from clinfuse.review.monitoring import score_distributions
 from clinfuse.review.study import (
     ManifestEntry,
     StudyView,
+    current_labels,
     manifest_index,
     save_review,
     study_view,
@@ -33,6 +34,7 @@ __all__ = [
     "ManifestEntry",
     "StudyView",
     "WorklistQuery",
+    "current_labels",
     "export_reviewed_manifest",
     "latest_reviews",
     "manifest_index",

@@ -15,6 +15,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from clinfuse.atomic import write_atomic
+from clinfuse.data.study import header_unreadable
 from clinfuse.errors import ClinfuseError, without_path
 from clinfuse.review.study import ManifestEntry, entry_note, run_manifest_index
 from clinfuse.store import Store, StoreError
@@ -112,6 +113,15 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
         log.warning("%d reviewed studies are no longer in %s: left out", missing, run["manifest"])
     if unknown:
         log.warning("%d reviewed studies leave every label unknown: left out", unknown)
+    if not rows:  # nothing to train on: an error, as a run without reviews is
+        why = [f"{unknown} leave every label unknown"] * bool(unknown) + [
+            f"{missing} are no longer in its manifest"
+        ] * bool(missing)
+        raise StoreError(
+            f"run {run_id} has no reviewed study with a known label to export "
+            f"({'; '.join(why) or 'none reviewed yet'}): give labels with 'corrected', or "
+            "agree with the model's calls"
+        )
     columns = ["study_id", "patient_id", "image", "note_path", "note", "split", *labels]
     return write_table(pd.DataFrame(rows, columns=columns), Path(out_path))
 
@@ -126,7 +136,20 @@ def write_table(frame: pd.DataFrame, out: Path) -> Path:
 
 
 def _note_cells(entry: ManifestEntry) -> dict[str, str]:
-    """The note and note_path cells: the masked note inline, or (unreadable) its path."""
+    """The note and note_path cells: the masked note inline, or (unreadable) its path; not
+    inline when the study's image header cannot be read, since the names it may give could
+    not be masked (a note file keeps its path, an inline note is left out, with a warning)."""
+    if header_unreadable(entry.image):
+        kept = "its note_path is exported" if entry.note_path else "its inline note is left out"
+        log.warning(
+            "study %s: its image's header cannot be read, so the names it may give cannot be "
+            "masked in its note: %s (manifest row %d holds it; export again once the image "
+            "reads)",
+            entry.study_id,
+            kept,
+            entry.row,
+        )
+        return {"note_path": str(entry.note_path or ""), "note": ""}
     try:
         note = entry_note(entry)
     except ClinfuseError as exc:

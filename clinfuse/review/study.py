@@ -225,11 +225,12 @@ def save_review(
     """Append a review event (never overwriting one); returns its id.
 
     labels_before = the model's decisions for the study. labels_after holds 1, 0 or None
-    (unknown) per model label; a label left out is the model's decision when the verdict is
-    'agree' or 'corrected' (the reviewer changed the labels given) and unknown with
-    'disagree'. 'agree' with labels that differ from the model's, or on a study the model did
-    not score (it failed), is refused, and so are 'corrected' and 'disagree' with none that
-    differ (unknown differs).
+    (unknown) per model label; a label left out is the model's decision with 'agree', the
+    study's current label with 'corrected' (the reviewer changed the labels given; current:
+    the latest review's, else the model's decision, so a revision keeps earlier corrections)
+    and unknown with 'disagree'. 'agree' with labels that differ from the model's, or on a
+    study the model did not score (it failed), is refused, and so are 'corrected' and
+    'disagree' with none that differ from the model's (unknown differs).
     """
     reviewer, comment = str(reviewer).strip(), str(comment or "").strip()
     ReviewEvent(run_id, study_id, reviewer, verdict, comment=comment).check()  # before any query
@@ -247,12 +248,14 @@ def save_review(
             ).all()
         )
     before = {name: int(bool(decisions[name])) for name in labels if name in decisions}
+    current = current_labels(store.reviews(run_id, study_id), before)
+    left_out = {"agree": before, "corrected": current}
     after = {}
     for name in labels:
         if name in labels_after:
             after[name] = _label_value(name, labels_after[name])
         else:
-            after[name] = before.get(name) if verdict in ("agree", "corrected") else None
+            after[name] = left_out.get(verdict, {}).get(name)
     changed = any(after[n] != before.get(n) for n in labels)
     if verdict == "agree" and not before:
         raise ValueError(
@@ -281,6 +284,15 @@ def save_review(
         model_version=run["model_version"],
     )
     return store.add_review(event)
+
+
+def current_labels(
+    history: list[dict[str, Any]], called: Mapping[str, int | None]
+) -> dict[str, int | None]:
+    """A study's labels as they stand: its latest review's `labels_after` (`history`: its
+    review events, oldest first), else the model's decisions `called`. What a revision starts
+    from."""
+    return dict(history[-1]["labels_after"]) if history else dict(called)
 
 
 def _label_value(name: str, value: Any) -> int | None:

@@ -244,7 +244,9 @@ class Store:
         """One run: id, run_key, model_version, labels, manifest, status, times, summary ..."""
         found = self._runs(run_id)
         if not found:
-            raise StoreError(f"no run with id {run_id} in this store")
+            ids = ", ".join(str(run["id"]) for run in self._runs(None))
+            held = f"its runs: {ids}" if ids else "it holds no run yet"
+            raise StoreError(f"no run with id {run_id} in this store ({held})")
         return found[0]
 
     def _runs(self, run_id: int | None) -> list[dict[str, Any]]:

@@ -24,7 +24,13 @@ from panels import (
 from session import ReviewSession, current, page_from_params, query_from_params
 
 from clinfuse.model.checkpoint import NOTICE
-from clinfuse.review import WorklistQuery, ordered_ids, save_review, study_view
+from clinfuse.review import (
+    WorklistQuery,
+    current_labels,
+    ordered_ids,
+    save_review,
+    study_view,
+)
 from clinfuse.store import StoreError
 
 WORKLIST_PAGE = Path(__file__).resolve().parent / "worklist.py"
@@ -71,6 +77,9 @@ def verdict_form(
     after the page was drawn: the reviewer reads their review before theirs replaces it."""
     called = {x["label"]: int(bool(x["decision"])) for x in view.labels}
     before = {label: called.get(label) for label in labels}  # None: the model gave no call
+    # the labels as they stand: a revision starts from the latest review's, not the model's
+    latest = current_labels(view.history, before)
+    current = {label: latest.get(label) for label in labels}
     verdicts = ["corrected"] if view.failure else list(VERDICTS)
     key = f"verdict-{view.study_id}-{st.session_state.setdefault('sv_form', 0)}"
     # how many reviews the page showed when this form was first drawn: kept over reruns (a
@@ -90,10 +99,13 @@ def verdict_form(
             horizontal=True,
             key=f"{key}-verdict",
         )
-        st.caption("Your labels (used when you disagree or correct):")
-        columns = st.columns(min(len(before), 6) or 1)
+        st.caption(
+            "Your labels (used when you disagree or correct"
+            + ("; they start from the latest review's):" if view.history else "):")
+        )
+        columns = st.columns(min(len(current), 6) or 1)
         edited: dict[str, int | None] = {}
-        for i, (label, call) in enumerate(before.items()):
+        for i, (label, call) in enumerate(current.items()):
             choice = columns[i % len(columns)].selectbox(
                 label, list(CALLS), index={1: 0, 0: 1, None: 2}[call], key=f"{key}-{label}"
             )
@@ -119,6 +131,8 @@ def verdict_form(
         )
         return None
     st.session_state["sv_go_next"] = bool(save_next)
+    if verdict == "agree" and edited == current:  # untouched: the model's calls, whatever the
+        edited = {}  # latest review said; edited ones are checked against the model's
     return verdict, edited, comment.strip()  # save_review refuses labels against the verdict
 
 

@@ -62,6 +62,16 @@ def parse_url(url: str | Path) -> sa.URL:
     """`store_url` parsed; a StoreError (never echoing the value: it may hold a password) when
     it is neither a database URL nor a SQLite file's path."""
     folder = Path(url).expanduser() if "://" not in str(url) else None  # a path, not a URL
+    if (
+        folder is not None
+        and "@" not in str(url)  # user:password@host without its scheme is not repeated
+        and folder.suffix.lower() not in _SQLITE_SUFFIXES  # a new store's file: `connect` says
+        and not folder.exists()
+    ):
+        raise StoreError(
+            f"no store at {url}: no such file or folder; give the folder `clinfuse infer --out` "
+            "wrote, a SQLite file (a new one named .db, .sqlite or .sqlite3) or a database URL"
+        )
     if folder is not None and folder.is_dir() and not (folder / STORE_FILE).is_file():
         if (folder / FOLDER_RUNS_FILE).is_file():
             raise StoreError(
