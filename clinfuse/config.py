@@ -10,10 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from clinfuse.errors import ConfigError
 
@@ -27,6 +36,21 @@ class Config(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """true/false is not a number: pydantic would read it as 1/0 (train.epochs=true)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) or {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"{str(value).lower()} is not a number")
+        return value
+
+
+# a network's stages: one or more positive counts (blocks, layers, channels)
+Stages = Annotated[tuple[PositiveInt, ...], Field(min_length=1)]
 
 
 def _check_heads(width_key: str, width: int, heads_key: str, heads: int) -> None:
@@ -44,10 +68,10 @@ class ImageConfig(Config):
     # densenet: init_features, growth_rate, block_config (DenseNet121 = 64, 32, (6, 12, 24, 16))
     init_features: int = Field(16, ge=1)
     growth_rate: int = Field(16, ge=1)
-    block_config: tuple[int, ...] = (2, 2, 2)
+    block_config: Stages = (2, 2, 2)
     # resnet: layers and block_inplanes (ResNet18 = (2, 2, 2, 2), (64, 128, 256, 512))
-    layers: tuple[int, ...] = (1, 1, 1, 1)
-    block_inplanes: tuple[int, ...] = (16, 32, 64, 128)
+    layers: Stages = (1, 1, 1, 1)
+    block_inplanes: Stages = (16, 32, 64, 128)
     # vit: patch size, width, depth, heads
     patch_size: int = Field(16, ge=1)
     vit_hidden: int = Field(128, ge=1)
@@ -66,7 +90,7 @@ class TextConfig(Config):
     """A transformers encoder: a local folder / hub name, or built in memory (the default)."""
 
     pretrained: str | None = None  # folder or hub name of a BERT-family encoder + tokenizer
-    vocab_size: int = 2000  # for the WordPiece tokenizer trained on the training notes
+    vocab_size: int = Field(2000, ge=1)  # for the WordPiece tokenizer trained on the notes
     # a whole word enters that vocabulary only when the notes of at least this many patients
     # hold it, so a name, record number or rare age stays out of the saved tokenizer (it is
     # still read, spelled in pieces); 1 = every word, as before
@@ -405,7 +429,9 @@ class TrainConfig(Config):
     # steps between resumable checkpoints (and at every epoch end)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
-    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    # mixed precision for training's steps on GPU (ignored on CPU); predictions, calibration
+    # and metrics are float32 on every device
+    amp: bool = True
     # resamples for the validation metrics' confidence intervals
     bootstrap: int = Field(1000, ge=0)
 
@@ -433,7 +459,15 @@ def resolve_run_config(path: str | Path | None = None, overrides: Iterable[str] 
 
     data: dict[str, Any] = {}
     if path is not None:  # checked once below, on top of its own architecture's settings
+        path = Path(path)
+        if path.is_dir() and (path / "config.json").is_file():
+            path = path / "config.json"  # a model folder: its own settings
         data = read_config_mapping(path)
+        if "format_version" in data:  # a model folder's config.json: the run's settings, the
+            # labels left to the manifest it is given now
+            data = {key: data[key] for key in ("model", "data", "train") if key in data}
+            if isinstance(data.get("model"), dict):
+                data["model"] = {k: v for k, v in data["model"].items() if k != "labels"}
     model = data.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError("model", "must be a section of keys (name, image, text, fusion, ...)")
@@ -442,6 +476,10 @@ def resolve_run_config(path: str | Path | None = None, overrides: Iterable[str] 
         key, _, value = item.partition("=")
         if key == "model.name":  # read as every override value is (model.name='tiny')
             model = {**model, "name": str(override_value(key, value))}
+        elif key == "model":  # a section given whole: model={name: tiny, ...}
+            section = override_value(key, value)
+            if isinstance(section, dict) and "name" in section:
+                model = {**model, "name": str(section["name"])}
     name = model.get("name", DEFAULT_MODEL)
     data["model"] = merge({**architecture(str(name)), "name": name}, model)
     return apply_overrides(parse_config(RunConfig, data), overrides)

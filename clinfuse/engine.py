@@ -1,7 +1,9 @@
 """Where device and precision are decided, once, and the one prediction loop.
 
 Modules are built on CPU in float32; the engine moves them to the device and picks the
-autocast context (bfloat16/float16 on GPU when asked, nothing on CPU).
+autocast context for training (bfloat16/float16 on GPU when asked, nothing on CPU).
+Predictions are always float32: calibration is fitted, metrics are measured and decisions are
+made on the same logits on every device (bfloat16 ties and shifts logits near a threshold).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ _DEVICE_HINT = "leave --device out to use a GPU when there is one, else the CPU;
 def select_device(requested: str | None = None) -> torch.device:
     """`requested`, else this process's GPU (LOCAL_RANK under torchrun) when there is one.
 
-    A device this machine does not have is a `ConfigError` naming what it has."""
+    Under torchrun with several processes, "cuda" is each process's own GPU (LOCAL_RANK) and
+    a GPU index is refused (every process would share it). A device this machine does not
+    have is a `ConfigError` naming what it has."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    shared = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if requested:
         try:
             device = torch.device(requested)
@@ -38,6 +44,11 @@ def select_device(requested: str | None = None) -> torch.device:
             raise ConfigError("--device", detail, hint=_DEVICE_HINT) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device", "no CUDA GPU is available here", hint=_DEVICE_HINT)
+        if device.type == "cuda" and shared and device.index is not None:
+            detail = f"{requested!r} under torchrun: every process would train on that one GPU"
+            raise ConfigError("--device", detail, hint="give cuda: each process takes its own")
+        if device.type == "cuda" and shared:
+            device = torch.device("cuda", local_rank)
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             detail = f"{requested!r}: this machine has {torch.cuda.device_count()} GPU(s)"
             raise ConfigError("--device", detail, hint=_DEVICE_HINT)
@@ -45,7 +56,13 @@ def select_device(requested: str | None = None) -> torch.device:
             raise ConfigError("--device", "Apple's MPS is not available here", hint=_DEVICE_HINT)
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if local_rank >= torch.cuda.device_count():
+            detail = (
+                f"process {local_rank} of torchrun has no GPU of its own: this machine has "
+                f"{torch.cuda.device_count()}"
+            )
+            raise ConfigError("--nproc_per_node", detail, hint="start one process per GPU")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -65,12 +82,18 @@ def cpu_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision on GPU (bfloat16 where supported, else float16); a no-op on CPU."""
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """Training's mixed precision on `device`: bfloat16 on a GPU that has it, else float16;
+    None (float32) on CPU or when not `enabled`."""
     if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on GPU (`amp_dtype`); a no-op on CPU."""
+    dtype = amp_dtype(device, enabled)
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 @dataclass
@@ -99,7 +122,7 @@ class Predictions:
 
 
 def iter_predictions(
-    model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
+    model: FusionModel, batches: Iterable[Batch], device: torch.device
 ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per batch: (batch, logits (B, L) float32 on CPU, image_used (B,), note_used (B,)).
 
@@ -112,7 +135,7 @@ def iter_predictions(
             none = torch.zeros(0, dtype=torch.bool)
             yield batch, torch.zeros(0, len(model.labels)), none, none
             continue
-        with torch.inference_mode(), autocast(device, amp):
+        with torch.inference_mode():
             out = model.forward_intermediates(*batch.to(device).model_inputs())
             logits = out.logits.float().cpu()
             image_used, note_used = out.image_used.cpu(), out.note_used.cpu()
@@ -120,7 +143,7 @@ def iter_predictions(
 
 
 def evidence_terms(
-    model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
+    model: FusionModel, batches: Iterable[Batch], device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
     """A naive-Bayes model's logit terms (N, 3, L) before their weights: the image's evidence
     (image head - prior), the note's and the fused correction; and the labels (N, L). Over the
@@ -132,7 +155,7 @@ def evidence_terms(
     for batch in batches:
         if len(batch) == 0:
             continue
-        with torch.inference_mode(), autocast(device, amp):
+        with torch.inference_mode():
             out = model.forward_intermediates(*batch.to(device).model_inputs())
             both = (out.image_used & out.note_used).cpu()  # (B,)
         terms.append(out.evidence.float().cpu()[both].numpy())  # (n, 3, L)
@@ -142,14 +165,10 @@ def evidence_terms(
     return np.concatenate(terms), np.concatenate(labels)
 
 
-def predict(
-    model: FusionModel, batches: Iterable[Batch], device: torch.device, amp: bool = True
-) -> Predictions:
+def predict(model: FusionModel, batches: Iterable[Batch], device: torch.device) -> Predictions:
     """Run the model over every batch and gather logits, labels, sides used and failures."""
     ids, patients, logits, labels, image_used, note_used, failures = [], [], [], [], [], [], []
-    for batch, batch_logits, batch_image, batch_note in iter_predictions(
-        model, batches, device, amp
-    ):
+    for batch, batch_logits, batch_image, batch_note in iter_predictions(model, batches, device):
         failures += batch.failures
         if len(batch) == 0:
             continue

@@ -19,6 +19,8 @@ import torch
 
 from clinfuse.cli import main
 from clinfuse.data.manifest import PatientSplit, load_manifest
+from clinfuse.engine import select_device
+from clinfuse.errors import ConfigError
 from clinfuse.evaluation.calibration import MIN_CLASS_CELLS
 from clinfuse.model import load_checkpoint
 from clinfuse.synthetic import make_sample_data
@@ -599,6 +601,12 @@ def test_ranks_see_disjoint_equal_shards_of_a_seeded_order():
         ("model.text.max_length=1", "'model.text.max_length': Input should be greater than or"),
         ("model.preprocess.normalize=[0.5,0]", "'model.preprocess': normalize is"),
         ("model.preprocess.spatial_size=[4,4]", "'model.preprocess': spatial_size"),
+        # true is not 1, and a network's stages are positive counts (they trained nothing, or
+        # failed in the first step as a clinfuse bug)
+        ("train.epochs=true", "'train.epochs': true is not a number"),
+        ("model.image.block_config=[-1,2]", "'model.image.block_config.0': Input should be"),
+        ("model.image.layers=[]", "'model.image.layers': Tuple should have at least 1 item"),
+        ("model.text.vocab_size=0", "'model.text.vocab_size': Input should be greater than"),
     ],
 )
 def test_a_value_out_of_range_is_an_error_before_any_data_is_read(tmp_path, capsys, override, says):
@@ -834,6 +842,28 @@ def test_a_device_the_machine_lacks_is_a_config_error(export, tmp_path, capsys, 
     assert f"option --device: {says}" in err and "leave --device out" in err
 
 
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Two GPUs, two processes: "cuda" (or no --device) is each process's own GPU, an index
+    is refused (both would train on it), a process beyond the GPUs is told. The machine has no
+    GPU, so torch is told it has two; the choice is what is tested, not a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert select_device("cuda") == select_device(None) == torch.device("cuda", 1)
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'cuda:0' under torchrun: every process would train"):
+        select_device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError, match="process 2 of torchrun has no GPU of its own"):
+        select_device(None)
+    with pytest.raises(ConfigError, match="this machine has 2 GPU"):
+        select_device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU it is given
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert select_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_a_label_validation_cannot_calibrate_is_a_warning_at_the_end(export, tmp_path, caplog):
     rows = pd.read_csv(export, dtype=str, keep_default_na=False)
     rows["copd"] = "0"  # nobody has it: no threshold can be fitted
@@ -876,6 +906,25 @@ def test_a_config_file_is_read_as_written_or_refused_naming_what_to_mend(tmp_pat
     assert (cfg.train.epochs, cfg.train.lr) == (2, 0.0003)
     cfg = resolve_run_config(None, ["model.name=tiny", "model.fusion={mode: late}"])
     assert (cfg.model.fusion.mode, cfg.model.fusion.width) == ("late", 32)
+    # the architecture named inside a whole section is the one built, not only its name
+    assert (
+        resolve_run_config(None, ["model={name: tiny}"]).model
+        == resolve_run_config(None, ["model.name=tiny"]).model
+    )
+
+
+def test_a_model_folder_given_as_config_reruns_its_settings(trained, export, tmp_path):
+    """`--config MODEL_DIR` (or its config.json) is the run that made it: its model, data and
+    train settings, the labels taken from the manifest given now."""
+    from clinfuse.config import RunConfig, parse_config, resolve_run_config
+
+    saved = json.loads((trained / "config.json").read_text())
+    for given in (trained, trained / "config.json"):
+        cfg = resolve_run_config(given, ["train.epochs=1"])
+        run = parse_config(RunConfig, {k: saved[k] for k in ("model", "data", "train")})
+        assert cfg.model == run.model.model_copy(update={"labels": ()})  # the manifest's, later
+        assert cfg.data == run.data and cfg.train.epochs == 1
+        assert cfg.train.model_copy(update={"epochs": run.train.epochs}) == run.train
 
 
 def test_an_override_yaml_cannot_read_or_would_cut_short_is_refused_naming_it():

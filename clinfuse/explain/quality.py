@@ -438,7 +438,8 @@ def true_positives(
     predictions.require_any(manifest, "explained")
     for study_id, reason in sorted(predictions.failures):
         log.warning("study %s could not be read, so it is not explained: %s", study_id, reason)
-    called = model.decisions(model.probabilities(torch.as_tensor(predictions.logits).float()))
+    logits = torch.as_tensor(predictions.logits, device=model.temperature.device).float()
+    called = model.decisions(model.probabilities(logits)).cpu()  # (N, L) bool
     found: dict[str, list[str]] = {}
     present = dict.fromkeys(model.labels, 0)
     for i, study_id in enumerate(predictions.study_ids):

@@ -201,7 +201,7 @@ def train_transchex(
             )
             scheduler.step()
             seen += len(batch)
-        val = predict(model, val_loader, torch_device, cfg.train.amp)
+        val = predict(model, val_loader, torch_device)
         auroc = validation_macro_auroc(val, model.labels)
         seconds = time.perf_counter() - epoch_started
         history.append(

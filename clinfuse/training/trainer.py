@@ -58,6 +58,7 @@ from clinfuse.data.manifest import (
 from clinfuse.data.study import study_note
 from clinfuse.engine import (
     Predictions,
+    amp_dtype,
     autocast,
     die_with_parent,
     evidence_terms,
@@ -109,6 +110,10 @@ class Workers:
     @classmethod
     def start(cls, device: torch.device) -> Workers:
         world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1 and device.type == "cuda":
+            # NCCL's collectives (the barrier, the object broadcasts) run on the current GPU:
+            # without this, GPU 0 for every rank ("duplicate GPU", or a hang)
+            torch.cuda.set_device(device)
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if world > 1 and dist.get_rank() != 0:  # rank 0 says it once; the others only fail
@@ -487,7 +492,9 @@ def train(
         if workers.world > 1
         else model
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=torch_device.type == "cuda" and cfg.train.amp)
+    # loss scaling keeps float16's small gradients from vanishing; bfloat16 has float32's range
+    fp16 = amp_dtype(torch_device, cfg.train.amp) == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     if states is not None and states.get("scaler"):  # {} on CPU, where it is off
         scaler.load_state_dict(states["scaler"])
     failures = progress.failures  # kept in the snapshots: a resumed run reports them all
@@ -533,7 +540,8 @@ def train(
             torch.manual_seed(derived_seed(cfg.train.seed, workers.rank, progress.step))
             with autocast(torch_device, cfg.train.amp):
                 loss = fusion_loss(ddp, batch, pos_weight, side_weight, cfg.train.label_smoothing)
-            broken = not scaler.is_enabled() and not bool(torch.isfinite(loss))  # AMP: skipped
+            broken = not bool(torch.isfinite(loss))  # the scaler only skips a step whose
+            # gradients overflow: a loss that is not finite is a diverged run on every device
             if workers.any(broken, torch_device):
                 raise diverged(progress, cfg.train.lr)
             optimizer.zero_grad(set_to_none=True)
@@ -553,7 +561,7 @@ def train(
 
         if progress.step == 0:  # a whole epoch and not one study read: stop now, say why
             raise unreadable_split(manifest_path, "training", len(train_rows), failures)
-        val = predict(model, val_loader, torch_device, cfg.train.amp)
+        val = predict(model, val_loader, torch_device)
         val.require_any(manifest_path, "validation")  # not one study read: stop now, say why
         unread = {k: v for k, v in val.failures if k not in failures}
         if unread and workers.main:
@@ -732,11 +740,11 @@ def calibrate(
     """Fit per-label evidence weights (naive-Bayes models), temperature, offset and thresholds
     on validation; return the validation metrics."""
     if cfg.train.evidence_ridge is not None and getattr(model, "weighs_evidence", False):
-        terms, labels = evidence_terms(model, val_loader, device, cfg.train.amp)
+        terms, labels = evidence_terms(model, val_loader, device)
         weights = fit_evidence_weights(terms, labels, cfg.train.evidence_ridge, model.labels)
         model.evidence_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
         warn_dropped_sides(terms, labels, weights, model.labels)
-    val = predict(model, val_loader, device, cfg.train.amp).require_any(manifest_path, "validation")
+    val = predict(model, val_loader, device).require_any(manifest_path, "validation")
     raw = 1 / (1 + np.exp(-val.logits))
     temperature, offset = fit_calibration(val.logits, val.labels)
     probs = apply_temperature(val.logits, temperature, offset)
