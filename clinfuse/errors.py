@@ -106,14 +106,21 @@ class ModelFolderError(ClinfuseError):
 
 
 class NoteError(ClinfuseError):
-    """A note file named in the manifest that cannot be opened (missing, a folder, unreadable)."""
+    """A note file named in the manifest that cannot be read as a note: missing, a folder,
+    unreadable ("note_unreadable"), or not text at all ("not_text": a document, an image)."""
 
-    def __init__(self, path: str | Path, detail: str) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        detail: str,
+        reason: str = "note_unreadable",
+        hint: str = "Fix the note_path, or leave it empty for a study without a note",
+    ) -> None:
         self.path = str(path)
-        self.reason = "note_unreadable"
+        self.reason = reason
         self.detail = detail
-        self.hint = "Fix the note_path, or leave it empty for a study without a note"
-        super().__init__(f"{self.path}: note_unreadable: {detail}. {self.hint}")
+        self.hint = hint
+        super().__init__(f"{self.path}: {reason}: {detail}. {self.hint}")
 
 
 def without_path(exc: ClinfuseError, what: str) -> str:

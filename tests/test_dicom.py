@@ -4,6 +4,7 @@ for every way a file can fail, measured over every DICOM file pydicom ships."""
 import logging
 import os
 import random
+import re
 import shutil
 import struct
 import warnings
@@ -433,6 +434,19 @@ def test_raw_data_set_without_preamble_is_read(tmp_path, little_endian):
 def test_missing_path(tmp_path):
     assert reason_of(tmp_path / "nowhere.dcm") == "missing"
     assert reason_of(tmp_path / "bad\0name.dcm") == "missing"  # a path no file system holds
+
+
+def test_a_path_that_names_nothing_says_why_where_it_can(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")  # a loop: not "no such file"
+    for path, says in (
+        (tmp_path / "a", "cannot be reached (Too many levels of symbolic links)"),
+        (tmp_path / "~" / "S1.dcm", "a path with ~ is not expanded here"),
+        (tmp_path / "images\\S1.dcm", "backslashes are not folder separators here"),
+    ):
+        with pytest.raises(DicomError, match=re.escape(says)) as caught:
+            read_dicom(path)
+        assert caught.value.reason == "missing"
 
 
 def test_text_file_and_named_pipe_are_not_dicom(tmp_path):

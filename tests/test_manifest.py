@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -297,7 +298,7 @@ def test_rows_cut_short_are_read_with_a_warning_naming_them_once(tmp_path, caplo
     ("body", "match"),
     [  # an unquoted comma in a note: in the first row pandas would shift every column
         ("S1,P1,,Fever, cough,1\nS2,P2,,ok,0\n", "row 1: has 6 cells where the header has 5"),
-        ("S1,P1,,ok,1\nS2,P2,,Fever, cough,0\n", "line 3 has 6 cells where the header has 5"),
+        ("S1,P1,,ok,1\nS2,P2,,Fever, cough,0\n", "row 2: has 6 cells where the header has 5"),
     ],
 )
 def test_a_row_with_more_cells_than_the_header_is_refused_not_shifted(tmp_path, body, match):
@@ -431,3 +432,91 @@ def test_scoring_reads_no_label_or_split_cell_whatever_the_chunks(tmp_path, chun
     scored = list(iter_manifest(path, ("flu", "copd"), chunk_rows=chunk_rows, read_labels=False))
     assert [r.study_id for r in scored] == ["S1", "S2", "S3"]
     assert all(np.isnan(r.labels).all() for r in scored)
+
+
+def test_a_stray_quote_that_swallows_the_rows_after_it_is_refused_naming_its_cell(tmp_path):
+    """A quote opened at the start of a note and never closed reads the next rows into that
+    note, until the next quote: those studies vanish, and the row takes a later row's labels."""
+    header = "study_id,patient_id,note,flu,copd\n"
+    rows = [f"S{i},P{i},plain note,1,0\n" for i in range(1, 9)]
+    rows[2] = 'S3,P3,"Query pneumonia per ED,1,0\n'
+    rows[6] = 'S7,P7,"Known COPD",0,1\n'
+    path = tmp_path / "m.csv"
+    path.write_text(header + "".join(rows), encoding="utf-8")
+    for read in (load_manifest, lambda p: list(iter_manifest(p, ["flu", "copd"]))):
+        with pytest.raises(ManifestError, match="row 3 column 'note': a quote opened") as caught:
+            read(path)
+        assert "4 line(s) later, and 3 of those lines read as rows" in str(caught.value)
+        assert 'write a quote inside a cell twice ("")' in str(caught.value)
+    # a note of several lines, commas and all, is a note
+    path.write_text(
+        header + 'S1,P1,"Vitals: BP 120/80, HR 88,\nRR 16, T 37.1, SpO2 96%\nplan: review",1,0\n',
+        encoding="utf-8",
+    )
+    assert load_manifest(path).table.at[0, "note"].count("\n") == 2
+
+
+def test_a_header_less_manifest_is_told_so_without_repeating_its_first_row(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "S1,MRN75483485,images/DOE_JOHN_19470621/S1.dcm,1,0\n"
+        "S2,MRN75483485,images/DOE_JOHN_19470621/S2.dcm,0,1\n",
+        encoding="utf-8",
+    )
+    for body in (path.read_text(), "S1,P1,a.dcm,1,1\nS2,P2,b.dcm,0,0\n"):  # 1 named twice
+        path.write_text(body, encoding="utf-8")
+        with pytest.raises(ManifestError, match="the header row seems to be missing") as caught:
+            load_manifest(path)
+        assert "MRN" not in str(caught.value) and "DOE" not in str(caught.value)
+        assert "add the header row first: study_id, patient_id" in str(caught.value)
+    renamed = tmp_path / "renamed.csv"  # a header of other names: listed, as they help
+    renamed.write_text("StudyID,PatientID,image,flu\nS1,P1,a.dcm,1\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="columns found: StudyID, PatientID, image, flu"):
+        load_manifest(renamed)
+    with pytest.raises(ManifestError, match="columns found: StudyID, PatientID, image, flu$"):
+        list(iter_manifest(renamed, ["flu", "copd"]))  # not the labels asked for
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("sep=,\nstudy_id,patient_id,note,flu\nS1,P1,a,1\n", "first line 'sep=,' is a spread"),
+        ("study_id,patient_id,note,flu\nS1,P1,a,1,,\n", "the row ends with separators the head"),
+        (
+            "study_id,patient_id,note,flu\nS1,P1,a,1\nstudy_id,patient_id,note,flu\nS2,P2,b,0\n",
+            "row 2 column 'study_id': the row repeats the header",
+        ),
+    ],
+)
+def test_spreadsheet_habits_are_named_with_what_to_do(tmp_path, text, says):
+    path = tmp_path / "m.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ManifestError, match=re.escape(says)):
+        load_manifest(path)
+
+
+def test_a_manifest_not_in_utf8_names_the_line_of_its_first_such_byte(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes("study_id,patient_id,note,flu\nS1,P1,ok,1\nS2,P2,fièvre,0\n".encode("cp1252"))
+    with pytest.raises(ManifestError, match=r"not UTF-8 text \(.*, first at line 3\)"):
+        load_manifest(path)
+
+
+def test_any_number_equal_to_one_or_zero_is_a_label_and_long_numbers_are_not_shown(tmp_path):
+    rows = [dict(ROWS[0], flu="1.00", copd="0.000"), dict(ROWS[2], flu="1,00", copd="+0")]
+    table = load_manifest(write(tmp_path, rows)).table
+    assert table.flu.tolist() == [1.0, 1.0] and table.copd.tolist() == [0.0, 0.0]
+    for value, shown in (("0.50", "'0.50'"), ("75483485", "(a text of 8 characters")):
+        with pytest.raises(ManifestError, match=re.escape(f"label value {shown}")):
+            load_manifest(write(tmp_path, [dict(ROWS[0], flu=value)]))
+
+
+def test_a_label_no_train_row_knows_is_refused_by_train_and_validate(tmp_path):
+    from clinfuse.data.manifest import label_problem
+
+    labels = np.array([[1, np.nan], [0, np.nan], [1, 0], [0, 1]], dtype=float)
+    splits = np.array(["train", "train", "val", "val"])
+    said = label_problem(labels, splits, ["flu", "sepsis"])
+    assert said.startswith("label 'sepsis' has no known value in the train split")
+    assert "data.labels=[...]" in said
+    assert label_problem(labels[:, :1], splits, ["flu"]) == ""

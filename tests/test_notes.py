@@ -1,5 +1,7 @@
 """Note ingestion: inline or file, repaired with a warning, never a crash; empty = no note."""
 
+import re
+
 import pytest
 
 from clinfuse.data.notes import read_note
@@ -91,3 +93,25 @@ def test_a_utf8_note_padded_with_nul_bytes_stays_utf8(tmp_path):
     path.write_bytes(b"Patient has fever" + b"\0" * 60)  # not UTF-16: NULs on both parities
     with pytest.warns(NoteWarning, match="60 control"):
         assert read_note(path=path).rstrip() == "Patient has fever"
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"PK\x03\x04" + bytes(range(256)) * 4, "a ZIP archive (a .docx"),
+        (b"%PDF-1.7\n" + bytes(range(256)), "a PDF document"),
+        (b"\0" * 128 + b"DICM" + bytes(range(256)), "a DICOM file"),
+        (bytes(range(256)) * 12, "binary data"),
+    ],
+)
+def test_a_document_or_binary_file_given_as_a_note_is_refused_as_not_text(tmp_path, content, says):
+    """Its bytes would be read as words (with a repair warning at most) and trained on."""
+    path = tmp_path / "note.txt"
+    path.write_bytes(content)
+    with pytest.raises(NoteError, match=re.escape(f"not_text: not text: {says}")) as caught:
+        read_note(path=path)
+    assert caught.value.reason == "not_text" and "as plain text" in caught.value.hint
+    damaged = tmp_path / "damaged.txt"  # a few stray control bytes: repaired, still a note
+    damaged.write_bytes(b"Fever since Monday,\x00 crackles at the left base.\x07")
+    with pytest.warns(NoteWarning, match="2 control"):
+        assert read_note(path=damaged).startswith("Fever since Monday,")

@@ -86,11 +86,12 @@ def read_dicom(path: str | Path) -> DicomImage:
     """
     path = Path(path)
     try:
-        exists = path.exists()
-    except (OSError, ValueError):  # unreadable parent, embedded NUL, ...
-        exists = False
-    if not exists:
-        raise _error(path, "missing", "no such file or folder")
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: an embedded NUL
+        raise _error(path, "missing", "no such file or folder", _path_hint(path)) from None
+    except OSError as exc:  # a link that loops, a folder it may not enter, ...
+        reached = exc.strerror or type(exc).__name__  # never str(exc): it quotes the path
+        raise _error(path, "missing", f"cannot be reached ({reached})") from None
     try:
         with _unchecked_values():
             return _read_series(path) if path.is_dir() else _read_file(path)[0]
@@ -100,6 +101,16 @@ def read_dicom(path: str | Path) -> DicomImage:
         raise _error(path, "missing", f"cannot be read ({_describe(exc)})") from exc
     except Exception as exc:  # the contract: a user's file never escapes as another error type
         raise _error(path, "decode_failed", _describe(exc)) from exc
+
+
+def _path_hint(path: Path) -> str | None:
+    """What may be wrong with a path that names nothing: a `~` no shell expanded, or Windows'
+    backslashes, which are part of a name here, not folder separators."""
+    if "~" in path.parts:
+        return "a path with ~ is not expanded here: give the folder in full"
+    if "\\" in str(path):
+        return "backslashes are not folder separators here: write the path with /"
+    return None
 
 
 def apply_window(pixels: np.ndarray, center: float, width: float) -> np.ndarray:

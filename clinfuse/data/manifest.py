@@ -117,6 +117,15 @@ def label_problem(labels: np.ndarray, splits: np.ndarray, names: Sequence[str]) 
     train, val = labels[splits == "train"], labels[splits == "val"]
     if not (~np.isnan(train)).any():
         return "no known label in the train split (every label cell of its rows is empty)"
+    untaught = [repr(n) for j, n in enumerate(names) if np.isnan(train[:, j]).all()]
+    if untaught:  # its head would be trained on nothing, then calibrated and called
+        many = len(untaught) > 1
+        return (
+            f"label{'s' * many} {', '.join(untaught)} {'have' if many else 'has'} no known value "
+            "in the train split, so a model could not learn "
+            f"{'them' if many else 'it'}: fill {'them' if many else 'it'} in, or choose the "
+            "labels to train on (data.labels=[...]; validate --labels)"
+        )
     both = [n for j, n in enumerate(names) if {0.0, 1.0} <= set(val[:, j][~np.isnan(val[:, j])])]
     if not both:
         return (
@@ -186,6 +195,8 @@ def _unique_columns(path: Path, names: Iterable[object]) -> list[str]:
         )
     seen: set[str] = set()
     for name in stripped:
+        if name in seen and name and _reads_as_data(stripped):
+            raise ManifestError(path, _NO_HEADER, hint=_HEADER_HINT)
         if name in seen and name:  # empty names (a trailing separator) are pandas' "Unnamed"
             raise ManifestError(
                 path,
@@ -195,6 +206,25 @@ def _unique_columns(path: Path, names: Iterable[object]) -> list[str]:
             )
         seen.add(name)
     return stripped
+
+
+_NO_HEADER = (
+    "its first line reads as a data row (a number or a path among its cells), so the header row "
+    "seems to be missing; its cells are not repeated here: they may identify a patient"
+)
+_HEADER_HINT = (
+    "add the header row first: study_id, patient_id, image, note or note_path, split, then one "
+    "column per label"
+)
+
+
+def _reads_as_data(names: Iterable[object]) -> bool:
+    """A header line none of whose cells is a reserved column name and some of whose cells are
+    numbers or paths: a data row where the header should be (a header-less export)."""
+    cells = [str(name).strip() for name in names]
+    if {c.lower() for c in cells} & set(RESERVED):
+        return False
+    return any(re.fullmatch(r"[-+.,0-9]+", c) or "/" in c or "\\" in c for c in cells)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -241,9 +271,12 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
             chunks = _json_chunks(path, chunk_rows)
         if chunk_rows is None:
             chunks = [chunks] if kind == "csv" else [pd.concat(list(chunks))]
-        empty = True
+        empty, first_row = True, 1
         for chunk in chunks:
             empty = False
+            if kind == "csv":
+                _check_swallowed_rows(path, chunk, sep, first_row)
+            first_row += len(chunk)
             yield _text_table(path, chunk)
         if empty:
             yield _text_table(
@@ -256,21 +289,70 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
         raise
     except UnicodeDecodeError as exc:
         raise ManifestError(
-            path, f"not UTF-8 text ({exc.reason})", hint="save it as UTF-8"
+            path,
+            f"not UTF-8 text ({exc.reason}{_first_non_utf8(path)})",
+            hint='save it as UTF-8 (a spreadsheet\'s "CSV UTF-8")',
         ) from exc
     except Exception as exc:  # pandas/pyarrow raise many types for a malformed file
         long = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if long:
             width, line, cells = long.groups()
-            raise ManifestError(
+            raise ManifestError(  # pandas counts the header as line 1
                 path,
-                f"line {line} has {cells} cells where the header has {width}",
+                f"has {cells} cells where the header has {width}",
+                row=int(line) - 1,
                 hint=_QUOTE_HINT,
             ) from exc
         raise ManifestError(path, f"cannot parse as {kind}: {exc}") from exc
 
 
+def _first_non_utf8(path: Path) -> str:
+    """Where a file's first byte that is not UTF-8 is: ", first at line N" (the file's own
+    line count, from 1), or "" when it cannot be found."""
+    with path.open("rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return f", first at line {number}"
+    return ""
+
+
 _QUOTE_HINT = 'a cell that holds the separator must be quoted ("Fever, cough"), as CSV writers do'
+
+
+def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: int) -> None:
+    """Refuse a cell whose quote opened and did not close where the cell ends: the rows after
+    it are read into it as lines of text, until the next quote (a stray `"` at the start of a
+    note). Such a cell holds lines that read as rows of their own: the study_id and patient_id
+    places filled with one word each, and about as many cells as the header."""
+    columns = [str(name).strip() for name in table.columns]
+    if "study_id" not in columns or "patient_id" not in columns:
+        return  # refused by the column checks
+    ids = columns.index("study_id"), columns.index("patient_id")
+
+    def reads_as_row(line: str) -> bool:
+        cells = next(csv.reader([line], delimiter=sep), [])
+        if not len(columns) - 1 <= len(cells) <= len(columns) + 1:
+            return False
+        return all(i < len(cells) and re.fullmatch(r"[^\s\"]+", cells[i].strip()) for i in ids)
+
+    for place, column in enumerate(columns):
+        cells = table.iloc[:, place].astype(str)
+        for position in np.flatnonzero(cells.str.contains("\n", regex=False).to_numpy()):
+            lines = cells.iloc[position].splitlines()[1:]
+            rows = sum(map(reads_as_row, lines))
+            if rows:
+                raise ManifestError(
+                    path,
+                    f"a quote opened in this cell closes only {len(lines)} line(s) later, and "
+                    f"{rows} of those lines read as rows of their own: they were taken into "
+                    "this cell",
+                    row=first_row + int(position),
+                    column=str(column),
+                    hint="close the quote where the cell ends, or write a quote inside a cell "
+                    'twice ("")',
+                )
 
 
 def _check_first_row(path: Path, sep: str) -> None:
@@ -279,8 +361,15 @@ def _check_first_row(path: Path, sep: str) -> None:
     width, first = len(next(records, [])), next(records, [])
     records.close()
     if len(first) > width:
+        extra_empty = not any(cell.strip() for cell in first[width:])
         raise ManifestError(
-            path, f"has {len(first)} cells where the header has {width}", row=1, hint=_QUOTE_HINT
+            path,
+            f"has {len(first)} cells where the header has {width}",
+            row=1,
+            hint="the row ends with separators the header lacks: remove them, or end the "
+            "header likewise"
+            if extra_empty
+            else _QUOTE_HINT,
         )
 
 
@@ -370,6 +459,13 @@ def _csv_header(path: Path) -> tuple[str, list[str]]:
     one ("mass.1")."""
     with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
         header = file.readline()
+    if re.fullmatch(r"sep=.?\s*", header):
+        raise ManifestError(
+            path,
+            f"its first line {header.strip()!r} is a spreadsheet's separator hint, not the header",
+            row=0,
+            hint="remove that line, so the header comes first",
+        )
     sep = next((sep for sep in (",", ";", "\t") if sep in header), ",")
     names = next(csv.reader([header], delimiter=sep), [])
     _unique_columns(path, names)
@@ -443,7 +539,9 @@ def _shown(value: str) -> str:
     """A cell for an error message: a number of at most 3 characters or a word of `_LABEL_WORDS`
     as written; other text only by its length (a column taken for a label may hold a patient's
     name, record number or birth date)."""
-    if re.fullmatch(r"[-+.,0-9eE]{1,3}", value) or value.lower() in _LABEL_WORDS:
+    if re.fullmatch(r"[-+.,0-9eE]{1,3}|[-+]?[0-9][.,][0-9]{1,4}", value) or (
+        value.lower() in _LABEL_WORDS
+    ):
         return repr(value)
     return f"(a text of {len(value)} characters, not shown: it may identify a patient)"
 
@@ -546,6 +644,7 @@ def iter_manifest(
     first_rows: dict[str, int] = {}
     offset = 0
     for chunk in read_chunks(path, chunk_rows):
+        _check_columns(path, chunk)  # before label columns are added: a hint names the file's
         for name in labels:
             if name not in chunk.columns or not read_labels:
                 chunk[name] = ""
@@ -575,17 +674,7 @@ def check_table(
     first_row: int = 1,
 ) -> Manifest:
     """Check a text table against the contract and normalise it into a `Manifest`."""
-    for column in ("study_id", "patient_id"):
-        if column not in table.columns:
-            raise ManifestError(
-                path, "missing required column", column=column, hint=_columns_hint(table)
-            )
-    if not any(c in table.columns for c in INPUT_COLUMNS):
-        raise ManifestError(
-            path,
-            "no input column: a manifest needs 'image', 'note' or 'note_path'",
-            hint=_columns_hint(table),
-        )
+    _check_columns(path, table)
     label_names = _label_columns(path, table, labels)
     table = table.copy()
     for column in INPUT_COLUMNS + ("split",):
@@ -601,7 +690,25 @@ def check_table(
     return Manifest(path=path, labels=label_names, table=table[columns].reset_index(drop=True))
 
 
+def _check_columns(path: Path, table: pd.DataFrame) -> None:
+    """The required columns and an input column are there; else a ManifestError naming the
+    columns found (or saying the header seems missing)."""
+    for column in ("study_id", "patient_id"):
+        if column not in table.columns:
+            raise ManifestError(
+                path, "missing required column", column=column, hint=_columns_hint(table)
+            )
+    if not any(c in table.columns for c in INPUT_COLUMNS):
+        raise ManifestError(
+            path,
+            "no input column: a manifest needs 'image', 'note' or 'note_path'",
+            hint=_columns_hint(table),
+        )
+
+
 def _columns_hint(table: pd.DataFrame) -> str:
+    if _reads_as_data(table.columns):  # never lists a data row's cells
+        return f"{_NO_HEADER}; {_HEADER_HINT}"
     found = f"columns found: {', '.join(map(str, table.columns)) or 'none'}"
     if len(table.columns) == 1 and any(sep in str(table.columns[0]) for sep in "|:^"):
         found += " (the header reads as one column: separate columns by commas, semicolons or tabs)"
@@ -637,6 +744,12 @@ def _label_columns(
 
 
 _VALUE_CHECKS = (  # (columns, the cells that are wrong, the problem, what to do)
+    (
+        ("study_id",),
+        lambda cells: cells.str.lower() == "study_id",
+        "the row repeats the header (two exports joined into one file?)",
+        "remove it",
+    ),
     (
         ("study_id", "patient_id"),
         lambda cells: cells == "",
@@ -688,7 +801,9 @@ def _parse_labels(
     parsed = {}
     for name in names:
         values = table[name].str.lower()
-        bad = ~(values.isin(_TRUE) | values.isin(_FALSE) | (values == ""))
+        number = pd.to_numeric(values.str.replace(",", ".", regex=False), errors="coerce")
+        true, false = values.isin(_TRUE) | (number == 1), values.isin(_FALSE) | (number == 0)
+        bad = ~(true | false | (values == ""))
         if bad.any():
             first = bad.idxmax()
             raise ManifestError(
@@ -705,7 +820,7 @@ def _parse_labels(
                     "for validate"
                 ),
             )
-        parsed[name] = np.where(values.isin(_TRUE), 1.0, np.where(values == "", np.nan, 0.0))
+        parsed[name] = np.where(true, 1.0, np.where(values == "", np.nan, 0.0))
     return pd.DataFrame(parsed, index=table.index).astype(np.float32)
 
 

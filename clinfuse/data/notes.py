@@ -100,7 +100,36 @@ def read_note_file(path: str | Path, source: str | None = None) -> str | None:
         raw = path.read_bytes()
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise NoteError(path, getattr(exc, "strerror", None) or str(exc)) from exc
-    return clean_note(decode_note(raw, source), source=source)
+    kind = next((name for magic, at, name in _BINARY if raw[at : at + len(magic)] == magic), None)
+    text = decode_note(raw, source) if kind is None else ""
+    body = text.rstrip("\x00")  # NUL padding after the text is a fixed-size export's
+    controls = len(_CONTROL.findall(body))
+    if kind is None and controls > max(2, BINARY_SHARE * len(body)):
+        kind = f"binary data ({controls} control characters in {len(body)})"
+    if kind is not None:  # a document, an image: its bytes would be read as words
+        raise NoteError(
+            path,
+            f"not text: {kind}",
+            reason="not_text",
+            hint="Export the note as plain text (UTF-8), or leave note_path empty",
+        )
+    return clean_note(text, source=source)
+
+
+# A note file is refused as not text when it starts as these formats do, or when more than
+# BINARY_SHARE of its characters (before any NUL padding at its end) are control characters;
+# a text export damaged by a few, or padded with NUL bytes, is repaired with a warning
+# (`clean_note`).
+_BINARY = (  # (magic bytes, their offset, what the file is)
+    (b"PK\x03\x04", 0, "a ZIP archive (a .docx, .xlsx or .odt document?)"),
+    (b"%PDF", 0, "a PDF document"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", 0, "an OLE document (a .doc or .xls file?)"),
+    (b"DICM", 128, "a DICOM file"),
+    (b"\x89PNG", 0, "a PNG image"),
+    (b"\xff\xd8\xff", 0, "a JPEG image"),
+    (b"\x1f\x8b", 0, "a gzip archive"),
+)
+BINARY_SHARE = 0.05
 
 
 def read_note(
