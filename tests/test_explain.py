@@ -194,6 +194,60 @@ def test_word_attributions_sum_to_the_logit_change_from_the_reference_note(chunk
         np.testing.assert_allclose(expl.words.sum(1), scores[b].sum(-1).numpy(), atol=1e-5)
 
 
+def roberta_folder(folder) -> str:
+    """A RoBERTa-family encoder as a team would bring one, built offline: byte-level BPE with
+    <s>/</s>, padding id 1, positions numbered from it (66, so 64 usable)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(NOTES * 5, vocab_size=400, min_frequency=1, special_tokens=specials)
+    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_roberta_encoders_words_add_up_to_the_logit_change(tmp_path):
+    """Its positions come from the padding id: the reference note ([PAD] for every word) must
+    be read at the note's positions, and its space and line-break tokens belong to a word."""
+    model = build(text={"pretrained": roberta_folder(tmp_path / "roberta"), "max_length": 64})
+    note = "Fever  and productive cough;\n\ncrackles at the   left base.  "
+    batch = make_batch(model, [(pixels((64, 64)), note), (None, NOTES[1])])
+    scores, delta = note_integrated_gradients(
+        model, batch.model_inputs(), range(len(LABELS)), steps=32
+    )
+    assert delta.abs().max() < 1e-3  # it was up to 0.07: more than any one word's score
+    for b, expl in enumerate(explain(model, batch, methods=("ig",), steps=32)):
+        np.testing.assert_allclose(expl.words.sum(1), scores[b].sum(-1).numpy(), atol=1e-5)
+    with pytest.raises(ConfigError, match="66 tokens exceed the 64 positions the encoder has"):
+        build(text={"pretrained": str(tmp_path / "roberta"), "max_length": 66})
+
+
 # -- words and spans ------------------------------------------------------------------------
 def test_words_are_spans_of_the_note_as_written_including_unicode(model):
     spans = note_words(UNICODE_NOTE)

@@ -530,8 +530,19 @@ def test_pretrained_image_weights_load_from_a_local_safetensors_file(tmp_path):
     )
     (tmp_path / "other.safetensors").write_bytes(b"")
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(ConfigError, match="shares no parameter names"):
+    with pytest.raises(ConfigError, match="other.safetensors lacks 34 of the 34 weights"):
         build(image={"pretrained": str(tmp_path / "other.safetensors")})
+    # under another library's names most weights would stay random: refused, not half-loaded
+    renamed = {k.replace(".layers.", "."): v for k, v in monai_net.state_dict().items()}
+    save_file(renamed, tmp_path / "renamed.safetensors")
+    first = "first: features.denseblock1.denselayer1.layers"
+    with pytest.raises(ConfigError, match=f"lacks 20 of the 34 weights .*{first}"):
+        build(image={"pretrained": str(tmp_path / "renamed.safetensors")})
+    wider = DenseNet(2, 1, 4, init_features=8, growth_rate=16, block_config=(1, 1))
+    save_file(wider.state_dict(), tmp_path / "wider.safetensors")  # another shape: named
+    shapes = r"conv1.weight is \(64, 8, 1, 1\) where this backbone's is \(32"
+    with pytest.raises(ConfigError, match=shapes):
+        build(image={"pretrained": str(tmp_path / "wider.safetensors")})
     torch.save(monai_net.state_dict(), tmp_path / "densenet.pt")
     with pytest.raises(ConfigError, match="not a .safetensors file"):  # never unpickled
         build(image={"pretrained": str(tmp_path / "densenet.pt")})
@@ -578,6 +589,23 @@ def test_pretrained_text_encoder_and_tokenizer_load_from_a_local_folder(tmp_path
     torch.save(bert.state_dict(), tmp_path / "bert" / "pytorch_model.bin")
     with pytest.raises(ConfigError, match="model.text.pretrained.*safetensors"):
         build(text={"pretrained": str(tmp_path / "bert")})  # a pickled folder is refused
+    # without its tokenizer, transformers would build an empty one: every note [UNK]
+    bert.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ConfigError, match="bare holds no tokenizer"):
+        build(text={"pretrained": str(tmp_path / "bare")})
+    with pytest.raises(ConfigError, match="nowhere: no such folder"):
+        build(text={"pretrained": str(tmp_path / "nowhere")})
+    small = BertModel(BertConfig(**{**bert.config.to_dict(), "vocab_size": len(tokenizer) - 10}))
+    small.save_pretrained(tmp_path / "small")
+    tokenizer.save_pretrained(tmp_path / "small")  # 10 ids past its embedding table
+    with pytest.raises(ConfigError, match="tokenizer has .* tokens but the encoder embeds"):
+        build(text={"pretrained": str(tmp_path / "small")})
+
+
+def test_a_note_length_not_a_multiple_of_8_is_read():
+    model = build(text={"max_length": 100})
+    enc = model.note_tokenizer([" ".join(NOTES * 10), NOTES[0]])
+    assert enc.input_ids.shape[1] == 100 and bool(enc.truncated[0])
 
 
 def test_calibrated_probabilities_and_decisions_use_saved_buffers():

@@ -160,7 +160,8 @@ def _study_explanation(
     if note is not None:
         spans = note_words(note)  # (N, 2)
         offsets, mask = batch.offsets[b].cpu(), batch.attention_mask[b].cpu()
-        weights = token_word_weights(offsets, mask, spans)
+        special = torch.isin(batch.input_ids[b].cpu(), frame_ids(model))  # (Nt,) bool
+        weights = token_word_weights(offsets, mask, spans, special)
         note_read = int(offsets[mask.bool(), 1].max()) if mask.any() else 0
         # a word the token limit cut in two counts as read (it is scored by the pieces read)
         cut = (spans[:, 0] < note_read) & (spans[:, 1] > note_read)
@@ -313,13 +314,19 @@ def gradcam_maps(model: FusionModel, inputs: Inputs, targets: Sequence[int]) -> 
 
 
 # -- note -----------------------------------------------------------------------------------
+def frame_ids(model: FusionModel) -> torch.Tensor:
+    """The ids of the tokens that frame a note rather than read it: [CLS], [SEP] (<s>, </s>)
+    and padding. Not [UNK]: it stands for a word of the note."""
+    tokenizer = model.note_tokenizer.tokenizer
+    names = ("cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+    return torch.tensor(sorted({i for n in names if (i := getattr(tokenizer, n)) is not None}))
+
+
 def reference_ids(model: FusionModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, Nt) ids -> the reference note: [CLS] and [SEP] kept in place, every other token [PAD]."""
-    tokenizer = model.note_tokenizer.tokenizer
-    names = ("cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id")
-    special = [i for i in (getattr(tokenizer, name) for name in names) if i is not None]
-    keep = (mask == 0) | torch.isin(ids, torch.tensor(special, dtype=ids.dtype, device=ids.device))
-    return torch.where(keep, ids, torch.full_like(ids, tokenizer.pad_token_id))
+    pad = model.note_tokenizer.tokenizer.pad_token_id
+    keep = (mask == 0) | torch.isin(ids, frame_ids(model).to(ids.device))
+    return torch.where(keep, ids, torch.full_like(ids, pad))
 
 
 def note_integrated_gradients(
@@ -399,14 +406,19 @@ def note_words(note: str) -> np.ndarray:
 
 
 def token_word_weights(
-    offsets: torch.Tensor, mask: torch.Tensor, spans: np.ndarray
+    offsets: torch.Tensor,
+    mask: torch.Tensor,
+    spans: np.ndarray,
+    special: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(Nt, N): the share of each token's characters falling in each word.
 
-    `offsets` (Nt, 2) are the tokenizer's character spans in the original note; special and
-    padding tokens (empty span or masked) get a zero row. A token inside one word gives it all
-    its score; one spanning two words (e.g. "°c") splits it by characters. Words the truncation
-    cut away have a zero column.
+    `offsets` (Nt, 2) are the tokenizer's character spans in the original note; special
+    tokens (`special` (Nt,) bool) and padding (masked) get a zero row. A token inside one word
+    gives it all its score; one spanning two words (e.g. "°c") splits it by characters; a read
+    token on no word's characters (a byte-level BPE tokenizer's space or line-break token)
+    gives it to the next word (the last one, at the note's end), so the words' scores add up
+    to the tokens'. Words the truncation cut away have a zero column.
     """
     size = max(int(spans[:, 1].max(initial=0)), int(offsets[:, 1].max()) if len(offsets) else 0)
     char_word = np.full(size, -1)
@@ -414,12 +426,14 @@ def token_word_weights(
         char_word[start:end] = i  # (chars,) word index of each character, -1 = space
     weights = np.zeros((offsets.shape[0], len(spans)), np.float32)
     for t, (start, end) in enumerate(offsets.tolist()):
-        if end <= start or not mask[t]:
+        if not mask[t] or (special is not None and bool(special[t])):
             continue
-        hit = char_word[start:end]
+        hit = char_word[start:end] if end > start else char_word[:0]
         hit = hit[hit >= 0]
         if hit.size:
             weights[t] = np.bincount(hit, minlength=len(spans)) / hit.size
+        elif special is not None and len(spans):  # spaces alone: the next word's
+            weights[t, min(int(np.searchsorted(spans[:, 0], start)), len(spans) - 1)] = 1.0
     return torch.from_numpy(weights)
 
 

@@ -207,10 +207,25 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     # own state_dict loads as is; its classifier keys are ignored.
     if isinstance(backbone, _ViTTrunk) and not any(k.startswith("vit.") for k in state):
         state = {f"vit.{k}": v for k, v in state.items()}
-    if not set(state) & set(backbone.state_dict()):
+    own = backbone.state_dict()
+    needed = [key for key in own if not key.endswith("num_batches_tracked")]  # a counter
+    missing = [key for key in needed if key not in state]
+    if missing:  # strict=False below would leave them as initialised, without a word
         raise ConfigError(
             "model.image.pretrained",
-            f"{path} shares no parameter names with the {type(backbone).__name__} backbone",
-            hint="save the backbone's own state_dict (the encoder's `backbone` module)",
+            f"{path} lacks {len(missing)} of the {len(needed)} weights of the "
+            f"{type(backbone).__name__} backbone (first: {', '.join(missing[:3])})",
+            hint="save a MONAI network of this architecture's own state_dict (its names: "
+            "features.* for DenseNet, conv1/layer1.* for ResNet, vit.* for ViT) with the "
+            "model.image settings that built it",
         )
+    for key, value in own.items():
+        if key in state and state[key].shape != value.shape:
+            raise ConfigError(
+                "model.image.pretrained",
+                f"{path}: {key} is {tuple(state[key].shape)} where this backbone's is "
+                f"{tuple(value.shape)}",
+                hint="set model.image (block_config, growth_rate, init_features, layers, "
+                "in_channels, ...) to the network the file was saved from",
+            )
     backbone.load_state_dict(state, strict=False)  # the classifier's keys are left out

@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,11 +83,48 @@ def train_tokenizer(
     )
 
 
+# the files a tokenizer is saved in: a folder without any holds none (transformers would build an
+# empty one from config.json alone, and every note would be read as [UNK])
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a folder or hub name (fast: character offsets are required)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    """A fast tokenizer from a folder or hub name (fast: character offsets are required); a
+    `ConfigError` for a folder that holds none, or one with no word beyond its special tokens."""
+    folder = Path(name_or_path).expanduser()
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or folder.exists()
+    if looks_like_path and not folder.is_dir():
+        raise ConfigError("model.text.pretrained", f"{name_or_path}: no such folder")
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            "model.text.pretrained",
+            f"{name_or_path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
+            hint="save the encoder's tokenizer into the folder: tokenizer.save_pretrained(folder)",
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name_or_path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            "model.text.pretrained",
+            f"cannot load a tokenizer from {name_or_path!r} ({str(error).splitlines()[0]})",
+            hint="give a local folder holding the encoder and its tokenizer, or a hub name in "
+            "the local cache",
+        ) from error
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{name_or_path}: clinfuse needs a fast tokenizer (tokenizer.json)")
+        raise ConfigError(
+            "model.text.pretrained",
+            f"{name_or_path}: clinfuse needs a fast tokenizer (tokenizer.json): character "
+            "offsets map its tokens back to the note",
+        )
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ConfigError(
+            "model.text.pretrained",
+            f"{name_or_path}: its tokenizer knows no word beyond its {len(tokenizer)} special "
+            "tokens, so every note would be read as unknown tokens",
+        )
     return tokenizer
 
 
@@ -122,7 +160,8 @@ class NoteTokenizer:
             max_length=self.max_length,
             truncation=True,
             padding="longest",  # to the longest window in the batch, not to max_length
-            pad_to_multiple_of=8,
+            # (a multiple of 8 where max_length is one: the tokenizer refuses it otherwise)
+            pad_to_multiple_of=8 if self.max_length % 8 == 0 else None,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
         )  # lists of W windows over all notes, each padded to T; overflow_to_sample_mapping
@@ -220,9 +259,24 @@ class TextEncoder(nn.Module):
             persistent=False,
         )
         self.model = build_text_model(cfg, vocab_size, saved)
+        embeddings = getattr(self.model, "embeddings", None)
+        # RoBERTa's family numbers positions from its padding id on: that many fewer are usable
+        self.padding_idx = getattr(embeddings, "padding_idx", None)
         limit = getattr(self.model.config, "max_position_embeddings", cfg.max_length)
+        limit -= 0 if self.padding_idx is None else self.padding_idx + 1
         if cfg.max_length > limit:
-            raise ValueError(f"text.max_length {cfg.max_length} exceeds the encoder's {limit}")
+            raise ConfigError(
+                "model.text.max_length",
+                f"{cfg.max_length} tokens exceed the {limit} positions the encoder has",
+                hint=f"give model.text.max_length={limit} or less",
+            )
+        if vocab_size > self.model.config.vocab_size:  # an id past its embedding table
+            raise ConfigError(
+                "model.text.pretrained",
+                f"the tokenizer has {vocab_size} tokens but the encoder embeds "
+                f"{self.model.config.vocab_size}: they are not one pair",
+                hint="give the folder the encoder was saved in with its own tokenizer",
+            )
         self.project = nn.Linear(self.model.config.hidden_size, width)
 
     @property
@@ -247,5 +301,12 @@ class TextEncoder(nn.Module):
         T = L // self.windows
         windows_ids = input_ids.reshape(B * self.windows, T)  # (B*K, T): each window alone
         windows_mask = attention_mask.reshape(B * self.windows, T)
-        hidden = self.model(input_ids=windows_ids, attention_mask=windows_mask).last_hidden_state
+        positions = {}
+        if self.padding_idx is not None:  # numbered from the mask, as the model would from the
+            # ids: a note and its reference ([PAD] in place of words) read at the same positions
+            mask = windows_mask.long()
+            positions["position_ids"] = mask.cumsum(1) * mask + self.padding_idx  # (B*K, T)
+        hidden = self.model(
+            input_ids=windows_ids, attention_mask=windows_mask, **positions
+        ).last_hidden_state
         return self.project(hidden.reshape(B, L, -1))  # (B, K*T, D)
