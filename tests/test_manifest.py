@@ -520,3 +520,14 @@ def test_a_label_no_train_row_knows_is_refused_by_train_and_validate(tmp_path):
     assert said.startswith("label 'sepsis' has no known value in the train split")
     assert "data.labels=[...]" in said
     assert label_problem(labels[:, :1], splits, ["flu"]) == ""
+
+
+def test_a_manifest_without_rows_is_one_error_for_every_command(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("study_id,patient_id,note,flu\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="m.csv: no study rows below the header"):
+        load_manifest(path)
+    path.write_text("", encoding="utf-8")
+    for read in (load_manifest, lambda p: list(iter_manifest(p, ["flu"]))):
+        with pytest.raises(ManifestError, match="m.csv: is empty: no header and no rows"):
+            read(path)

@@ -287,6 +287,10 @@ def read_chunks(path: str | Path, chunk_rows: int | None = 4096) -> Iterator[pd.
             )
     except ManifestError:
         raise
+    except pd.errors.EmptyDataError:
+        raise ManifestError(
+            path, "is empty: no header and no rows", hint='README, "The manifest"'
+        ) from None
     except UnicodeDecodeError as exc:
         raise ManifestError(
             path,
@@ -594,9 +598,21 @@ def load_manifest(
     if not read_labels and labels is not None:
         table = table.assign(**{name: "" for name in labels if name not in RESERVED})
     manifest = check_table(path, table, labels, split or PatientSplit())
+    if not len(manifest):
+        raise no_rows(path)
     if warn_short_rows:
         report_short_rows(path)
     return manifest
+
+
+def no_rows(path: Path) -> ManifestError:
+    """The error for a manifest with a header and no study row: every command refuses it (a
+    run of nothing would look like success)."""
+    return ManifestError(
+        path,
+        "no study rows below the header",
+        hint='add one row per study (README, "The manifest")',
+    )
 
 
 def reference_labels(

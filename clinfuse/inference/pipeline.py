@@ -34,7 +34,7 @@ from tqdm import tqdm
 from clinfuse.allocator import reuse_freed_memory
 from clinfuse.atomic import sweep_temporaries, write_atomic
 from clinfuse.data.batch import Batch, Collator, load_item
-from clinfuse.data.manifest import file_sha256, iter_manifest
+from clinfuse.data.manifest import file_sha256, iter_manifest, no_rows
 from clinfuse.data.study import modality_name
 from clinfuse.data.transforms import build_transforms
 from clinfuse.engine import (
@@ -44,7 +44,7 @@ from clinfuse.engine import (
     iter_predictions,
     select_device,
 )
-from clinfuse.errors import ClinfuseError, DicomError, ManifestError
+from clinfuse.errors import ClinfuseError, DicomError
 from clinfuse.exports.files import STUDY_FILES, new_folder, study_file
 from clinfuse.folders import FOLDER_RUNS_FILE, refuse_foreign_folder
 from clinfuse.inference.outputs import check_exports, write_exports
@@ -167,11 +167,7 @@ def count_rows(manifest: Path, labels: tuple[str, ...], chunk_rows: int) -> int:
     manifest with no study row is an error (a run of nothing would look like success)."""
     total = sum(1 for _ in iter_manifest(manifest, labels, chunk_rows, read_labels=False))
     if not total:
-        raise ManifestError(
-            manifest,
-            "no study rows below the header",
-            hint='add one row per study (README, "The manifest")',
-        )
+        raise no_rows(manifest)
     return total
 
 
