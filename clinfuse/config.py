@@ -17,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -50,7 +49,7 @@ class Config(BaseModel):
 
 
 # a network's stages: one or more positive counts (blocks, layers, channels)
-Stages = Annotated[tuple[PositiveInt, ...], Field(min_length=1)]
+Stages = Annotated[tuple[Annotated[int, Field(strict=True, gt=0)], ...], Field(min_length=1)]
 
 
 def _check_heads(width_key: str, width: int, heads_key: str, heads: int) -> None:

@@ -448,12 +448,17 @@ def test_a_stray_quote_that_swallows_the_rows_after_it_is_refused_naming_its_cel
             read(path)
         assert "4 line(s) later, and 3 of those lines read as rows" in str(caught.value)
         assert 'write a quote inside a cell twice ("")' in str(caught.value)
-    # a note of several lines, commas and all, is a note
-    path.write_text(
-        header + 'S1,P1,"Vitals: BP 120/80, HR 88,\nRR 16, T 37.1, SpO2 96%\nplan: review",1,0\n',
-        encoding="utf-8",
-    )
-    assert load_manifest(path).table.at[0, "note"].count("\n") == 2
+    # a note of several lines, commas and all, is a note: a lab panel, a list of drugs
+    notes = [
+        "Vitals: BP 120/80, HR 88,\nRR 16, T 37.1, SpO2 96%\nplan: review",
+        "Labs today:\nNa,K,Cl,HCO3,BUN\n140,4.1,102,24,18\nImpression: stable.",
+        "Meds:\naspirin,metoprolol,lisinopril,atorvastatin,insulin",
+    ]
+    pd.DataFrame(
+        {"study_id": ["S1", "S2", "S3"], "patient_id": ["P1", "P2", "P3"], "note": notes}
+        | {"flu": ["1", "0", "1"], "copd": ["0", "0", "1"]}
+    ).to_csv(path, index=False)
+    assert load_manifest(path).table["note"].tolist() == notes
 
 
 def test_a_header_less_manifest_is_told_so_without_repeating_its_first_row(tmp_path):
@@ -506,7 +511,12 @@ def test_any_number_equal_to_one_or_zero_is_a_label_and_long_numbers_are_not_sho
     rows = [dict(ROWS[0], flu="1.00", copd="0.000"), dict(ROWS[2], flu="1,00", copd="+0")]
     table = load_manifest(write(tmp_path, rows)).table
     assert table.flu.tolist() == [1.0, 1.0] and table.copd.tolist() == [0.0, 0.0]
-    for value, shown in (("0.50", "'0.50'"), ("75483485", "(a text of 8 characters")):
+    for value, shown in (
+        ("0.50", "'0.50'"),
+        ("1e0", "'1e0'"),  # not as spreadsheets write 1
+        ("1,000", "'1,000'"),  # a thousand, where the comma groups digits
+        ("75483485", "(a text of 8 characters"),
+    ):
         with pytest.raises(ManifestError, match=re.escape(f"label value {shown}")):
             load_manifest(write(tmp_path, [dict(ROWS[0], flu=value)]))
 

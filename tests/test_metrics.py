@@ -3,6 +3,7 @@ cannot score, bootstrap CIs, temperature and threshold fitting, and the HTML rep
 
 import base64
 import json
+import logging
 import re
 
 import numpy as np
@@ -216,7 +217,39 @@ def test_offset_removes_the_shift_class_weighting_puts_into_the_logits():
     both = apply_temperature(weighted, temperature, offset)
     assert expected_calibration_error(y[:, 0], both[:, 0]) < 0.02
     assert expected_calibration_error(y[:, 0], only_t[:, 0]) > 0.05
-    assert (np.argsort(both[:, 0]) == np.argsort(weighted[:, 0])).all()
+    ranked = both[np.argsort(weighted[:, 0]), 0]  # the same order (float32 may tie neighbours)
+    assert (np.diff(ranked) >= 0).all()
+
+
+def test_a_label_with_few_positives_gets_its_offset_alone_and_a_failed_fit_is_said(caplog):
+    """One positive among ten would make the label a step function (T ~0.06, b at -20)."""
+    z = np.array([-3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5])[:, None]
+    y = np.zeros((10, 1))
+    y[-1] = 1
+    with caplog.at_level(logging.WARNING, logger="clinfuse.evaluation.calibration"):
+        (temperature,), (offset,) = fit_calibration(z, y, names=["rare"])
+    assert temperature == 1.0 and -5 < offset < 0  # the mean probability ~ 1 in 10
+    assert "label 'rare': 1 positive and 9 negative validation studies" in caplog.text
+    probs = apply_temperature(np.array([[0.5], [1.0], [1.4]]), [temperature], [offset])
+    assert np.all(np.diff(probs[:, 0]) > 0) and probs.min() > 0.01  # not a step
+    caplog.clear()
+    backwards = np.linspace(3, -3, 40)[:, None]  # the validation scores rank it backwards
+    y = np.r_[np.zeros(20), np.ones(20)][:, None]
+    with caplog.at_level(logging.WARNING, logger="clinfuse.evaluation.calibration"):
+        fit_calibration(backwards, y, names=["inverted"])
+    assert "label 'inverted': its calibration ended at a bound (temperature" in caplog.text
+
+
+def test_a_threshold_saved_in_float32_makes_the_fitted_calls():
+    """Two validation scores a float32 step apart: the halfway threshold would round onto the
+    lower one and call it too."""
+    low = np.float32(0.3)
+    high = np.nextafter(low, np.float32(1))
+    probs = np.array([[0.1], [low], [high], [0.9]], dtype=np.float32)
+    y = np.array([[0.0], [0.0], [1.0], [1.0]])
+    (threshold,) = fit_thresholds(probs, y)
+    saved = np.float32(threshold)
+    assert (probs[:, 0] >= saved).tolist() == [False, False, True, True]
 
 
 def test_youden_threshold_separates_a_separable_label():

@@ -600,6 +600,10 @@ def test_pretrained_text_encoder_and_tokenizer_load_from_a_local_folder(tmp_path
     tokenizer.save_pretrained(tmp_path / "small")  # 10 ids past its embedding table
     with pytest.raises(ConfigError, match="tokenizer has .* tokens but the encoder embeds"):
         build(text={"pretrained": str(tmp_path / "small")})
+    tokenizer.pad_token = None  # a note batch is padded, the explanations' reference too
+    tokenizer.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ConfigError, match="its tokenizer has no padding token"):
+        build(text={"pretrained": str(tmp_path / "bare")})
 
 
 def test_a_note_length_not_a_multiple_of_8_is_read():

@@ -853,6 +853,11 @@ def test_export_writes_into_a_folder_or_parquet_and_points_at_the_runs_with_revi
     never = tmp_path / "never"
     assert clinfuse_main([*export, "manifest", "--run", "99", "--out", str(never)]) == 2
     assert "no run with id 99 in this store (its runs: 1, 2)" in capsys.readouterr().err
+    secret = "host=db user=clin password=S3cret dbname=x"  # a connection string: not repeated
+    args = ["export", "--store", secret, "--format", "agreement", "--out", str(never / "x.csv")]
+    assert clinfuse_main(args) == 2
+    err = capsys.readouterr().err
+    assert "not a database URL (not repeated here" in err and "S3cret" not in err
     for mistyped in (tmp_path / "nope", tmp_path / "run" / "typo"):  # a path: said as one
         args = ["export", "--store", str(mistyped), "--format", "agreement", "--out", "x.csv"]
         assert clinfuse_main(args) == 2

@@ -591,7 +591,7 @@ def test_a_sqlite_store_is_also_opened_by_its_path(tmp_path, monkeypatch):
         assert store_url(url) == url
     with pytest.raises(StoreError, match="no store at .*other.db: check the path"):
         Store("other.db", create=False)
-    with pytest.raises(StoreError, match="is not a database URL"):
+    with pytest.raises(StoreError, match="no store at run/notes.txt: no such file or folder"):
         Store("run/notes.txt")  # neither a URL nor a database file: not made into one
     (tmp_path / "predictions.db").write_text("study_id,status\n")
     with pytest.raises(StoreError, match=r"cannot open the store .* \(file is not a database\)"):

@@ -605,6 +605,7 @@ def test_ranks_see_disjoint_equal_shards_of_a_seeded_order():
         # failed in the first step as a clinfuse bug)
         ("train.epochs=true", "'train.epochs': true is not a number"),
         ("model.image.block_config=[-1,2]", "'model.image.block_config.0': Input should be"),
+        ("model.image.block_config=[true,2]", "'model.image.block_config.0': Input should be"),
         ("model.image.layers=[]", "'model.image.layers': Tuple should have at least 1 item"),
         ("model.text.vocab_size=0", "'model.text.vocab_size': Input should be greater than"),
     ],

@@ -108,7 +108,7 @@ def _path_hint(path: Path) -> str | None:
     backslashes, which are part of a name here, not folder separators."""
     if "~" in path.parts:
         return "a path with ~ is not expanded here: give the folder in full"
-    if "\\" in str(path):
+    if os.sep == "/" and "\\" in str(path):
         return "backslashes are not folder separators here: write the path with /"
     return None
 

@@ -31,6 +31,9 @@ SPLITS = ("train", "val", "test")
 INPUT_COLUMNS = ("image", "note", "note_path")
 _TRUE = {"1", "1.0", "1,0", "true"}  # "1,0": a decimal-comma locale's spreadsheet
 _FALSE = {"0", "0.0", "0,0", "false"}
+# 1 or 0 as spreadsheets write them: any zeros after a decimal point, one or two after a
+# decimal comma ("1,000" is a thousand where the comma groups digits)
+_ONE, _ZERO = r"\+?1(?:\.0*|,0{1,2})?", r"[+-]?0(?:\.0*|,0{1,2})?"
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
 log = logging.getLogger(__name__)
 
@@ -334,12 +337,22 @@ def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: 
     if "study_id" not in columns or "patient_id" not in columns:
         return  # refused by the column checks
     ids = columns.index("study_id"), columns.index("patient_id")
+    labels = [i for i, name in enumerate(columns) if name not in RESERVED]
+    split = columns.index("split") if "split" in columns else None
 
     def reads_as_row(line: str) -> bool:
-        cells = next(csv.reader([line], delimiter=sep), [])
+        """One word in each id's place, a label value in each label's (a lab panel or a list
+        of drugs pasted into a note has about as many cells, but not those), a split or none
+        in the split's."""
+        cells = [c.strip() for c in next(csv.reader([line], delimiter=sep), [])]
         if not len(columns) - 1 <= len(cells) <= len(columns) + 1:
             return False
-        return all(i < len(cells) and re.fullmatch(r"[^\s\"]+", cells[i].strip()) for i in ids)
+        cells += [""] * (len(columns) - len(cells))
+        return (
+            all(re.fullmatch(r"[^\s\"]+", cells[i]) for i in ids)
+            and all(_is_label_value(cells[i]) for i in labels)
+            and (split is None or cells[split].lower() in ("", *SPLITS))
+        )
 
     for place, column in enumerate(columns):
         cells = table.iloc[:, place].astype(str)
@@ -537,6 +550,13 @@ _LABEL_WORDS = {  # what a spreadsheet holds where a label was meant: safe to qu
     "yes", "no", "y", "n", "pos", "neg", "positive", "negative", "present", "absent", "t", "f",
     "na", "n/a", "nan", "null", "none", "unknown", "?", "x", "-",
 }  # fmt: skip
+
+
+def _is_label_value(cell: str) -> bool:
+    """A cell a label column may hold: 1, 0 (as `_ONE` / `_ZERO` write them), true, false or
+    empty."""
+    value = cell.strip().lower()
+    return value in ("", *_TRUE, *_FALSE) or bool(re.fullmatch(f"{_ONE}|{_ZERO}", value))
 
 
 def _shown(value: str) -> str:
@@ -817,8 +837,8 @@ def _parse_labels(
     parsed = {}
     for name in names:
         values = table[name].str.lower()
-        number = pd.to_numeric(values.str.replace(",", ".", regex=False), errors="coerce")
-        true, false = values.isin(_TRUE) | (number == 1), values.isin(_FALSE) | (number == 0)
+        true = values.isin(_TRUE) | values.str.fullmatch(_ONE)
+        false = values.isin(_FALSE) | values.str.fullmatch(_ZERO)
         bad = ~(true | false | (values == ""))
         if bad.any():
             first = bad.idxmax()

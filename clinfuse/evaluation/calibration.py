@@ -12,16 +12,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.optimize import minimize
-from scipy.special import expit
 from sklearn.metrics import roc_curve
 
-TEMPERATURE_BOUNDS = (1e-2, 1e2)  # searched over log T; a separable label ends at the low bound
+TEMPERATURE_BOUNDS = (1e-2, 1e2)  # searched over log T
 OFFSET_BOUND = 20.0  # |b| on the logit scale
 WEIGHT_BOUND = 4.0  # an evidence weight's upper end (a separable label would push it to inf)
 DEFAULT_THRESHOLD = 0.5  # for a label with no positives or no negatives to fit on
 THRESHOLD_RULES = ("youden", "sensitivity")
-MIN_CLASS_CELLS = 5  # positives and negatives a label needs before its evidence is weighed
+# positives and negatives a label needs before its evidence is weighed, or its temperature
+# fitted (below it, the offset alone: one positive made the label a step function)
+MIN_CLASS_CELLS = 5
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +31,25 @@ log = logging.getLogger(__name__)
 def apply_temperature(
     logits: np.ndarray, temperatures: np.ndarray, offsets: np.ndarray | None = None
 ) -> np.ndarray:
-    """Calibrated probabilities (N, L): sigmoid(logits / T + b) with one T (and b) a label."""
-    scaled = np.asarray(logits, dtype=float) / np.asarray(temperatures, dtype=float)
-    return expit(scaled if offsets is None else scaled + np.asarray(offsets, dtype=float))
+    """Calibrated probabilities (N, L): sigmoid(logits / T + b) with one T (and b) a label,
+    computed as `FusionModel.probabilities` computes them (float32, in torch), so thresholds
+    fitted on them make the same calls at inference and in `evaluate`."""
+    as32 = {"dtype": torch.float32}
+    scaled = torch.as_tensor(np.asarray(logits), **as32) / torch.as_tensor(temperatures, **as32)
+    if offsets is not None:
+        scaled = scaled + torch.as_tensor(offsets, **as32)
+    return torch.sigmoid(scaled).numpy()
 
 
 def calibrated_probabilities(model: Any, logits: np.ndarray) -> np.ndarray:
     """(N, L) probabilities at a model's saved calibration (its `temperature` and `offset`
-    buffers), in float64: the numpy twin of `FusionModel.probabilities` for any model that
-    carries the buffers (the Transchex peer too)."""
+    buffers): `FusionModel.probabilities` on numpy logits, for any model that carries the
+    buffers (the Transchex peer too)."""
     return apply_temperature(logits, model.temperature.cpu().numpy(), model.offset.cpu().numpy())
 
 
 def fit_calibration(
-    logits: np.ndarray, y: np.ndarray, offset: bool = True
+    logits: np.ndarray, y: np.ndarray, offset: bool = True, names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(L,) temperatures T > 0 and (L,) offsets b minimising the NLL of sigmoid(logit / T + b)
     on each label's known cells (b stays 0 with `offset=False`: plain temperature scaling).
@@ -51,17 +58,30 @@ def fit_calibration(
     weight w moves the loss's optimum by log w, which a temperature alone cannot remove); it
     moves every score of a label alike, so the ranking (AUROC) is unchanged. A bounded search
     (L-BFGS-B) over log T in `TEMPERATURE_BOUNDS` and b in +-`OFFSET_BOUND`. A label with fewer
-    than two known cells, or only one class among them, keeps T = 1, b = 0.
+    than two known cells, or only one class among them, keeps T = 1, b = 0; one with fewer than
+    `MIN_CLASS_CELLS` positives or negatives gets its offset alone (T = 1), with a warning naming
+    it (`names`, else its column); so does a fit that did not converge or ended at a bound (a
+    label the validation scores rank backwards is flattened at the high T; a separable one is
+    sharpened wherever the search stops).
     """
     logits, y = check_scores(logits, y, "logits")
     temperatures, offsets = np.ones(y.shape[1]), np.zeros(y.shape[1])
     offset_bounds = (-OFFSET_BOUND, OFFSET_BOUND) if offset else (0.0, 0.0)
-    bounds = [tuple(np.log(TEMPERATURE_BOUNDS)), offset_bounds]
     for j in range(y.shape[1]):
+        name = names[j] if names is not None else f"column {j}"
         known = ~np.isnan(y[:, j])
         z, t = logits[known, j], y[known, j]
         if t.size < 2 or t.min() == t.max():
             continue
+        fewest = int(min(t.sum(), t.size - t.sum()))
+        few = fewest < MIN_CLASS_CELLS
+        if few:
+            log.warning(
+                "label %r: %d positive and %d negative validation studies, fewer than %d of "
+                "either, so only its offset is fitted (temperature 1)",
+                name, int(t.sum()), int(t.size - t.sum()), MIN_CLASS_CELLS,
+            )  # fmt: skip
+        bounds = [(0.0, 0.0) if few else tuple(np.log(TEMPERATURE_BOUNDS)), offset_bounds]
 
         def nll(params: np.ndarray, z: np.ndarray = z, t: np.ndarray = t) -> float:
             # Binary cross-entropy on logits, log(1 + e^s) - t*s: stable where sigmoid saturates.
@@ -70,6 +90,20 @@ def fit_calibration(
 
         result = minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=bounds)
         temperatures[j], offsets[j] = float(np.exp(result.x[0])), float(result.x[1])
+        at_bound = [
+            f"{what} {value:.3g}"
+            for what, value, (low, high) in (("temperature", result.x[0], bounds[0]),
+                                             ("offset", result.x[1], bounds[1]))
+            if high > low and min(value - low, high - value) < 1e-3 * (high - low)
+        ]  # fmt: skip
+        if at_bound or not result.success:
+            log.warning(
+                "label %r: its calibration %s (%s): its probabilities may be badly calibrated; "
+                "look at its validation AUROC and give the validation split more studies",
+                name,
+                "ended at a bound" if at_bound else "did not converge",
+                ", ".join(at_bound) or result.message,
+            )
     return temperatures, offsets
 
 
@@ -167,7 +201,10 @@ def fit_thresholds(
             best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # first = highest threshold
         # Below the lowest score (every study called), halfway down to probability 0.
         below = candidates[best + 1] if best + 1 < len(candidates) else 0.0
-        thresholds[j] = float((candidates[best] + below) / 2)
+        # saved (and compared) in float32: halfway, unless that rounds onto the score below
+        # (neighbours a float32 step apart), then the chosen score itself, still called
+        halfway = np.float32((candidates[best] + below) / 2)
+        thresholds[j] = float(halfway if halfway > below else np.float32(candidates[best]))
     return thresholds
 
 

@@ -86,15 +86,22 @@ def train_tokenizer(
 # the files a tokenizer is saved in: a folder without any holds none (transformers would build an
 # empty one from config.json alone, and every note would be read as [UNK])
 TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "spm.model", "tokenizer.model",
     "sentencepiece.bpe.model",
 )  # fmt: skip
+
+
+def pretrained_source(name_or_path: str) -> str:
+    """A `text.pretrained` value as transformers should be given it: a local folder's path
+    with `~` expanded, else the value (a hub name)."""
+    folder = Path(name_or_path).expanduser()
+    return str(folder) if name_or_path.startswith("~") or folder.exists() else name_or_path
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a folder or hub name (fast: character offsets are required); a
     `ConfigError` for a folder that holds none, or one with no word beyond its special tokens."""
-    folder = Path(name_or_path).expanduser()
+    folder = Path(pretrained_source(name_or_path))
     looks_like_path = name_or_path.startswith((".", "/", "~")) or folder.exists()
     if looks_like_path and not folder.is_dir():
         raise ConfigError("model.text.pretrained", f"{name_or_path}: no such folder")
@@ -118,6 +125,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
             "model.text.pretrained",
             f"{name_or_path}: clinfuse needs a fast tokenizer (tokenizer.json): character "
             "offsets map its tokens back to the note",
+        )
+    if tokenizer.pad_token_id is None:  # notes are padded to a batch, and the explanations'
+        # reference note is made of it
+        raise ConfigError(
+            "model.text.pretrained",
+            f"{name_or_path}: its tokenizer has no padding token",
+            hint="give it one and save it again: tokenizer.pad_token = '[PAD]' (a token of its "
+            "vocabulary); tokenizer.save_pretrained(folder)",
         )
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         raise ConfigError(
@@ -211,7 +226,9 @@ def build_text_model(cfg: TextConfig, vocab_size: int, saved: dict[str, Any] | N
         model = AutoModel.from_config(AutoConfig.for_model(**saved))
     elif cfg.pretrained:
         try:  # safetensors only: a pickled pytorch_model.bin is never unpickled
-            model = AutoModel.from_pretrained(cfg.pretrained, use_safetensors=True)
+            model = AutoModel.from_pretrained(
+                pretrained_source(cfg.pretrained), use_safetensors=True
+            )
         except (OSError, ValueError) as error:
             raise ConfigError(
                 "model.text.pretrained",

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -677,7 +678,7 @@ def validation_macro_auroc(predictions: Predictions, labels: tuple[str, ...]) ->
     """Macro AUROC of raw (uncalibrated) scores: what early stopping watches; None if empty."""
     if not predictions.study_ids:
         return None
-    probs = 1 / (1 + np.exp(-predictions.logits))
+    probs = expit(predictions.logits)
     metrics = evaluate_predictions(
         predictions.labels, probs, np.full(len(labels), 0.5), labels, n_bootstrap=0
     )
@@ -745,8 +746,8 @@ def calibrate(
         model.evidence_weights.copy_(torch.as_tensor(weights, dtype=torch.float32))
         warn_dropped_sides(terms, labels, weights, model.labels)
     val = predict(model, val_loader, device).require_any(manifest_path, "validation")
-    raw = 1 / (1 + np.exp(-val.logits))
-    temperature, offset = fit_calibration(val.logits, val.labels)
+    raw = expit(val.logits)
+    temperature, offset = fit_calibration(val.logits, val.labels, names=model.labels)
     probs = apply_temperature(val.logits, temperature, offset)
     thresholds = fit_thresholds(
         probs,

@@ -10,6 +10,7 @@ that open a new store at the same moment.
 from __future__ import annotations
 
 import functools
+import re
 import sqlite3
 import threading
 import time
@@ -64,7 +65,9 @@ def parse_url(url: str | Path) -> sa.URL:
     folder = Path(url).expanduser() if "://" not in str(url) else None  # a path, not a URL
     if (
         folder is not None
-        and "@" not in str(url)  # user:password@host without its scheme is not repeated
+        # repeated only when it reads as a path: "user:pw@host", "password=...", a URL
+        # missing a slash ("postgresql:/db?password=...") are not repeated
+        and not re.search(r"[@=?]|:/", str(url))
         and folder.suffix.lower() not in _SQLITE_SUFFIXES  # a new store's file: `connect` says
         and not folder.exists()
     ):
