@@ -19,6 +19,7 @@ from clinfuse.exports import DISCLAIMER, diagnostic_report, write_study_exports
 from clinfuse.exports import files as export_files
 
 hd = pytest.importorskip("highdicom")
+STUDY = pytest.importorskip("clinfuse.exports.sr").STUDY  # the SR's study id item
 fhir_report = pytest.importorskip("fhir.resources.R4B.diagnosticreport")
 from highdicom.sr.utils import find_content_items  # noqa: E402
 from pydicom.sr.codedict import codes  # noqa: E402
@@ -79,6 +80,20 @@ def test_fhir_report_validates_and_carries_every_label(tmp_path):
     assert report.imagingStudy[0].identifier.value == f"urn:oid:{uid}"
     assert DISCLAIMER in report.conclusion and MODEL in report.conclusion
     assert report.text.div.count(DISCLAIMER) == 1  # said once in the narrative
+    # its own identifier, the same from any run or store (a pseudonym is a store's own), so a
+    # report ingested again updates the first; the study it answers is what it is based on
+    other_store = write_study_exports(
+        tmp_path / "b", replace(record(), patient_pseudonym="PSN-fedcba9876543210"), LABELS, source,
+        {"fhir"}, issued=ISSUED,
+    )[0]  # fmt: skip
+    assert json.loads(other_store.read_text())["id"] == report.id
+    assert report.identifier[0].value == f"urn:uuid:{report.id}"
+    assert report.basedOn[0].identifier.value == "S00001"
+    newer = write_study_exports(
+        tmp_path / "c", record(model_version="tiny@0000000000ff"), LABELS, source, {"fhir"},
+        issued=ISSUED,
+    )[0]  # fmt: skip
+    assert json.loads(newer.read_text())["identifier"][0]["value"] != report.identifier[0].value
 
     device, *observations = report.contained
     assert device.version[0].value == MODEL
@@ -105,19 +120,27 @@ def test_fhir_report_without_image_or_patient_leaves_them_out():
     fhir_report.DiagnosticReport.model_validate(anonymous)
 
 
-def test_sr_rereads_in_the_source_study_with_every_label(tmp_path):
+def test_sr_is_a_pseudonymised_study_of_its_own_that_references_the_source(tmp_path):
+    """Filed into the source study under the pseudonym, a PACS would see one study with two
+    patients; its own study references the source's images by their UIDs instead."""
     source = IMAGES / "S00001.dcm"
     (path,) = write_study_exports(tmp_path, record(), LABELS, source, {"sr"}, issued=ISSUED)
     assert path == tmp_path / "sr" / "S00001.dcm"
     original = pydicom.dcmread(source, stop_before_pixels=True)
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
-    assert ds.StudyInstanceUID == original.StudyInstanceUID
-    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert ds.StudyInstanceUID != original.StudyInstanceUID
+    assert "CurrentRequestedProcedureEvidenceSequence" not in ds
+    (other,) = ds.PertinentOtherEvidenceSequence
+    assert other.StudyInstanceUID == original.StudyInstanceUID
+    evidence = other.ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == original.SeriesInstanceUID
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
     assert ds.PatientID == "PSN-0123456789abcdef" and str(ds.PatientName) == ""
-    assert not ds.get("PatientBirthDate")
+    assert not ds.get("PatientBirthDate") and not ds.get("AccessionNumber")
+    assert ds.PatientIdentityRemoved == "YES" and "pseudonym" in ds.DeidentificationMethod
     assert (ds.PreliminaryFlag, ds.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
+    assert ds.SeriesDescription.startswith(DISCLAIMER)  # what a worklist shows first
 
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.ComprehensiveSR)
@@ -125,6 +148,8 @@ def test_sr_rereads_in_the_source_study_with_every_label(tmp_path):
     assert DISCLAIMER in comment.TextValue and MODEL in comment.TextValue
     (version,) = find_content_items(sr, name=codes.DCM.AlgorithmVersion, recursive=True)
     assert version.TextValue == MODEL
+    (study,) = find_content_items(sr, name=STUDY)  # which study of the manifest it reports on
+    assert study.TextValue == "S00001"
     found = find_content_items(sr, name=codes.DCM.Finding, recursive=True)
     pred = record()
     assert [item.ConceptCodeSequence[0].CodeValue for item in found] == LABELS
@@ -256,7 +281,8 @@ def test_study_ids_that_are_not_file_names_stay_inside_the_folder(tmp_path):
     pred = record(study_id="../../etc/passwd")
     (path,) = write_study_exports(tmp_path, pred, LABELS, None, {"fhir"}, issued=ISSUED)
     assert path.parent == tmp_path / "fhir" and path.name.startswith("etc_passwd-")
-    assert json.loads(path.read_text())["identifier"][0]["value"] == "../../etc/passwd"
+    based_on = json.loads(path.read_text())["basedOn"][0]["identifier"]
+    assert based_on == {"system": "urn:clinfuse:study", "value": "../../etc/passwd"}
 
 
 def test_bad_requests_say_what_is_wrong(tmp_path):
@@ -282,6 +308,6 @@ def test_series_folder_source_references_every_instance(tmp_path):
         uids.append(ds.SOPInstanceUID)
     (series / "README.txt").write_text("not DICOM")  # a stray file in the folder is skipped
     (path,) = write_study_exports(tmp_path / "out", record(), LABELS, series, {"sr"}, issued=ISSUED)
-    evidence = pydicom.dcmread(path).CurrentRequestedProcedureEvidenceSequence[0]
+    evidence = pydicom.dcmread(path).PertinentOtherEvidenceSequence[0]
     referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert sorted(item.ReferencedSOPInstanceUID for item in referenced) == sorted(uids)

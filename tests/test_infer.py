@@ -518,7 +518,8 @@ def test_exports_validate_as_fhir_and_dicom_sr(tiny_model, small_export, tmp_pat
     assert len(srs) == 64 and pydicom.dcmread(srs[0]).Modality == "SR"
     study_id = rows.at[native, "study_id"]
     sr = pydicom.dcmread(tmp_path / "run" / "sr" / f"{study_id}.dcm")
-    assert sr.StudyInstanceUID == pydicom.dcmread(raw, force=True).StudyInstanceUID
+    source = pydicom.dcmread(raw, force=True).StudyInstanceUID  # referenced, not joined
+    assert sr.PertinentOtherEvidenceSequence[0].StudyInstanceUID == source != sr.StudyInstanceUID
 
 
 def test_postgresql_store_gives_the_same_predictions(

@@ -181,8 +181,10 @@ def _narrative(pred: PredictionRecord, rows: Sequence[Finding]) -> dict:
 
 
 def report_id(pred: PredictionRecord) -> str:
-    """A stable resource id for this study's report from this model version."""
-    key = f"clinfuse:{pred.model_version}:{pred.patient_pseudonym}:{pred.study_id}"
+    """A stable resource id for this study's report from this model version: the same
+    whichever run or store scored it (a pseudonym is a store's own), so a report ingested
+    again updates the one ingested before."""
+    key = f"clinfuse:{pred.model_version}:{pred.study_id}"
     return str(uuid.uuid5(uuid.NAMESPACE_URL, key))
 
 
@@ -198,13 +200,17 @@ def diagnostic_report(
     """
     rows = findings(pred, labels)
     when = instant(issued)
+    study = {"system": STUDY_SYSTEM, "value": pred.study_id}
     observations = [_observation(pred, row, i, when) for i, row in enumerate(rows, start=1)]
     report: dict = {
         "resourceType": "DiagnosticReport",
         "id": report_id(pred),
         "text": _narrative(pred, rows),
         "contained": [_device(pred), *observations],
-        "identifier": [{"system": STUDY_SYSTEM, "value": pred.study_id}],
+        # the report's own identifier (one per model version and study); the study it reports
+        # on is the order it answers, so a conditional update never matches another model's
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{report_id(pred)}"}],
+        "basedOn": [{"type": "ServiceRequest", "identifier": study}],
         "status": "preliminary",
         "code": {
             "coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}],

@@ -1,10 +1,13 @@
-"""DICOM Comprehensive SR export: one de-identified structured report per study (highdicom).
+"""DICOM Comprehensive SR export: one pseudonymised structured report per study (highdicom).
 
-The report joins the source study (same StudyInstanceUID) when a source image is given, so a
-PACS files it next to the images. Its patient module carries only the pseudonym: the source's
-name, id, birth date, sex, accession number and dates are never copied. UIDs derive from the
-model version, pseudonym, study id and source study, and all timestamps are passed in, so a rerun
-writes byte-identical files.
+The report is a study of its own: its patient module carries only the pseudonym (the source's
+name, id, birth date, sex, accession number and dates are never copied; Patient Identity
+Removed is YES), so it can never be filed into the source study under another patient id, which
+a PACS refuses, reconciles by hand or splits into a phantom patient. The source images are
+referenced by their UIDs as other pertinent evidence (PS3.15's Retain UIDs option), which is
+how the hospital's own systems find the study it reports on. UIDs derive from the model version,
+pseudonym, study id and source study, and all timestamps are passed in, so a rerun writes
+byte-identical files.
 
 Content tree::
 
@@ -12,6 +15,7 @@ Content tree::
       HAS OBS CONTEXT  device observer: clinfuse, model version
       CONTAINS  Comment (TEXT): "Decision support, not a diagnosis: ..."
       CONTAINS  Algorithm Name / Algorithm Version (TEXT)
+      CONTAINS  Study (TEXT): the manifest's study_id
       CONTAINS  Findings (CONTAINER)
         CONTAINS  Finding (CODE) = <label>
           HAS PROPERTIES  Probability (NUM), Threshold Value (NUM), Decision (CODE)
@@ -51,11 +55,17 @@ if TYPE_CHECKING:
 SERIES_NUMBER = 990  # high, so the SR series sorts after the images in a viewer
 LABEL_SCHEME = "99CLINFUSE"  # private coding scheme ("99" prefix) for label names
 DECISION = CodedConcept("decision", LABEL_SCHEME, "Decision at operating threshold")
+STUDY = CodedConcept("study", LABEL_SCHEME, "clinfuse study id")
+DEIDENTIFIED = "clinfuse pseudonym; source image UIDs kept as evidence"  # LO: 64 at most
 
 
 def _lo(text: str) -> str:
-    """Fit a free text into a DICOM LO value (64 characters)."""
-    return text if len(text) <= 64 else text[:63] + "~"
+    """Fit a free text into a DICOM LO value (64 characters): cut in the middle, so a model
+    version's closing @hash is kept."""
+    if len(text) <= 64:
+        return text
+    tail = text[text.rfind("@") :] if "@" in text[-20:] else ""
+    return text[: 63 - len(tail)] + "~" + tail
 
 
 def _uid(kind: str, pred: PredictionRecord, study_uid: str, issued: str = "") -> str:
@@ -94,7 +104,8 @@ def _placeholder(pred: PredictionRecord, study_uid: str) -> Dataset:
 
 
 def _deidentify(item: Dataset, pred: PredictionRecord) -> Dataset:
-    """Give an evidence item the patient and study module the SR inherits: pseudonym only."""
+    """Give the evidence item the SR inherits its patient and study modules from the
+    pseudonym and nothing else of the patient's."""
     item.PatientName = ""
     item.PatientID = pred.patient_pseudonym
     item.PatientBirthDate = ""
@@ -166,6 +177,7 @@ def _content(pred: PredictionRecord, rows: Sequence[Finding]) -> ContainerConten
                 value=pred.model_version,
                 relationship_type="CONTAINS",
             ),
+            TextContentItem(name=STUDY, value=pred.study_id, relationship_type="CONTAINS"),
             found,
         ]
     )
@@ -186,20 +198,20 @@ def comprehensive_sr(
     *,
     issued: datetime | None = None,
 ) -> ComprehensiveSR:
-    """A de-identified Comprehensive SR of one study's prediction, in the source's study.
+    """A pseudonymised Comprehensive SR of one study's prediction, in a study of its own.
 
-    `source` is the image (or every instance of the series) the prediction was made from;
-    without one the SR gets a study of its own. `issued` (naive = UTC) stamps every date and time;
-    pass it (e.g. the run's start) for byte-identical reruns, as None means now.
+    `source` is the image (or every instance of the series) the prediction was made from,
+    referenced as other pertinent evidence (its study's UID seeds the SR's). `issued` (naive =
+    UTC) stamps every date and time; pass it (e.g. the run's start) for byte-identical reruns,
+    as None means now.
     """
     rows = findings(pred, labels)
     when = _utc(issued or datetime.now(timezone.utc))
     sources = [source] if isinstance(source, Dataset) else list(source or [])
-    evidence = _evidence(sources, pred)
-    study_uid = evidence[0].StudyInstanceUID if evidence else _uid("study", pred, "")
-    if not evidence:
-        evidence = [_placeholder(pred, study_uid)]
-    _deidentify(evidence[0], pred)
+    references = _evidence(sources, pred)
+    source_study = references[0].StudyInstanceUID if references else ""
+    study_uid = _uid("study", pred, source_study)
+    evidence = [_deidentify(_placeholder(pred, study_uid), pred), *references]
     scheme = hd.coding_schemes.CodingSchemeIdentificationItem(
         designator=LABEL_SCHEME, name="clinfuse label names"
     )
@@ -213,7 +225,7 @@ def comprehensive_sr(
         manufacturer="clinfuse",
         manufacturer_model_name=_lo(model_name(pred)),
         software_versions=f"clinfuse {__version__}",
-        series_description=_lo(f"{model_name(pred)}: {DISCLAIMER}"),
+        series_description=_lo(f"{DISCLAIMER}: {model_name(pred)}"),  # read first in a list
         is_complete=True,
         is_final=False,
         is_verified=False,
@@ -224,8 +236,9 @@ def comprehensive_sr(
         series_time=when.time(),
         specific_character_set="ISO_IR 192",
     )
-    if not sources:
-        del sr.CurrentRequestedProcedureEvidenceSequence
+    del sr.CurrentRequestedProcedureEvidenceSequence  # the placeholder alone
+    sr.PatientIdentityRemoved = "YES"
+    sr.DeidentificationMethod = DEIDENTIFIED
     # highdicom stamps these from the clock; the passed-in time keeps reruns byte-identical
     sr.InstanceCreationDate = DA(when.date())
     sr.InstanceCreationTime = TM(when.time())
