@@ -311,3 +311,14 @@ def test_series_folder_source_references_every_instance(tmp_path):
     evidence = pydicom.dcmread(path).PertinentOtherEvidenceSequence[0]
     referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert sorted(item.ReferencedSOPInstanceUID for item in referenced) == sorted(uids)
+
+
+def test_a_long_model_name_keeps_its_version_hash_in_the_sr_header(tmp_path):
+    long = "Modèle_pneumonie_Hôpital_Saint-Éloi_version_2025_final@5f92afa01d02"
+    (path,) = write_study_exports(
+        tmp_path, record(model_version=long), LABELS, None, {"sr"}, issued=ISSUED
+    )
+    ds = pydicom.dcmread(path)
+    for value in (ds.ManufacturerModelName, ds.SeriesDescription):
+        assert len(value) <= 64 and value.endswith("~@5f92afa01d02")
+    assert ds.SeriesDescription.startswith(DISCLAIMER)
