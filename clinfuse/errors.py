@@ -139,6 +139,10 @@ class NoteWarning(UserWarning):
     """A note was readable but had to be repaired (invalid UTF-8 bytes, control characters)."""
 
 
+class ImageWarning(UserWarning):
+    """An image was read, but not as a reader of standard views expects it (stored mirrored)."""
+
+
 def unreadable_split(
     manifest: str | Path, split: str, rows: int, failures: dict[str, str]
 ) -> ClinfuseError:

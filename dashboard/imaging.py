@@ -11,6 +11,7 @@ import matplotlib
 import numpy as np
 
 from clinfuse.data.dicom import DicomImage, apply_window, percentile_window
+from clinfuse.explain.explanation import overlay_scale
 
 # Common CT windows (center, width) in Hounsfield units; offered for CT only.
 CT_PRESETS: dict[str, tuple[float, float]] = {
@@ -64,26 +65,16 @@ def map_slice(values: np.ndarray, shape: tuple[int, int], z: int = 0, depth: int
     return values.astype(np.float32)
 
 
-def overlay_top(values: np.ndarray) -> float:
-    """The value an overlay shows at full strength: the 99.5th percentile of the positive
-    attribution; for a volume the largest of its slices' (one slice's finding is drawn as on
-    a 2D image, the other slices on the same scale)."""
-    positive = np.clip(np.nan_to_num(values), 0, None)
-    if positive.ndim == 3:  # (D, H, W)
-        return float(np.percentile(positive.reshape(len(positive), -1), 99.5, axis=1).max())
-    return float(np.percentile(positive, 99.5))
-
-
 def overlay_rgb(
     grey: np.ndarray, values: np.ndarray | None, opacity: float, top: float | None = None
 ) -> np.ndarray:
     """(H, W, 3) uint8: the grey image with the positive attribution blended in (inferno),
-    each pixel's opacity growing with its attribution up to `top` (default: `overlay_top` of
+    each pixel's opacity growing with its attribution up to `top` (default: `overlay_scale` of
     `values`; a volume's slice gives its whole map's); enlarged for display."""
     rgb = np.repeat(grey[..., None], 3, axis=2)
     if values is not None and opacity > 0:
         positive = np.clip(np.nan_to_num(values), 0, None)
-        top = overlay_top(values) if top is None else top
+        top = overlay_scale(values) if top is None else top
         if top > 0:
             scaled = np.clip(positive / top, 0, 1)
             heat = matplotlib.colormaps["inferno"](scaled)[..., :3]  # (H, W, 3)

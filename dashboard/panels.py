@@ -21,14 +21,13 @@ from imaging import (
     n_slices,
     opening_slice,
     overlay_rgb,
-    overlay_top,
     window_presets,
 )
 
 from clinfuse.data.dicom import DicomImage, read_dicom
 from clinfuse.errors import DicomError, without_path
 from clinfuse.explain import Explanation
-from clinfuse.explain.explanation import decode_map, note_fingerprint
+from clinfuse.explain.explanation import decode_map, note_fingerprint, overlay_scale
 from clinfuse.explain.render import note_html, peak_slice, read_part, unread_notice
 
 # overlay name -> the Explanation attribute holding its (L, *spatial) maps; the first is shown
@@ -209,7 +208,7 @@ def image_panel(
         )
     top = None
     if values is not None:
-        top = overlay_top(values)  # a volume's slices share one scale
+        top = overlay_scale(values)  # a volume's slices share one scale
         values = map_slice(values, grey.shape, z, depth)
     rgb = overlay_rgb(grey, values if shown else None, opacity, top)
     where = f" · slice {z + 1}/{depth}" if depth > 1 else ""

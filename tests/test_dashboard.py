@@ -619,12 +619,12 @@ def test_window_presets_slices_and_overlay():
             n_slices,
             opening_slice,
             overlay_rgb,
-            overlay_top,
             window_presets,
         )
     finally:
         sys.path.remove(str(DASHBOARD))
     from clinfuse.data.dicom import DicomImage
+    from clinfuse.explain.explanation import overlay_scale
     from clinfuse.explain.render import peak_slice
 
     volume = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4) * 10
@@ -653,12 +653,20 @@ def test_window_presets_slices_and_overlay():
             z = opening_slice(peak, map_depth, depth)
             assert min(z * map_depth // depth, map_depth - 1) == peak  # map_slice's own rule
     faint = map_slice(attribution, (4, 4), z=0, depth=2)
-    top = overlay_top(attribution)
+    top = overlay_scale(attribution)
     assert np.abs(overlay_rgb(grey * 0.5, faint, 1.0, top).astype(int) - plain).max() <= 1
     assert not np.array_equal(overlay_rgb(grey * 0.5, faint, 1.0), plain)  # alone: full
     focal = np.zeros((40, 64, 64), np.float32)  # a finding in 2 slices of 40: drawn still
     focal[20:22, 30:38, 30:38] = 1.0
-    assert overlay_top(focal) == pytest.approx(1.0)
+    assert overlay_scale(focal) == pytest.approx(1.0)
+    # evidence on under 0.5 % of the pixels (a small lesion) is drawn at full strength
+    small = np.zeros((200, 120), np.float32)
+    small[50:55, 60:67] = 0.3  # 35 pixels: the 99.5th percentile is 0
+    assert overlay_scale(small) == pytest.approx(0.3)
+    assert not np.array_equal(
+        overlay_rgb(np.zeros((200, 120)), small, 1.0), overlay_rgb(np.zeros((200, 120)), None, 1.0)
+    )
+    assert overlay_scale(-small) == 0.0  # nothing raises the score: nothing to draw
 
 
 def test_a_note_longer_than_the_model_read_says_where_it_stopped():

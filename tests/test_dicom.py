@@ -757,3 +757,34 @@ def test_the_model_input_is_what_monai_resize_and_pad_make(original, target, fit
     got = fit_to_input(pixels, spec)
     assert got.shape == (2, *target) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_an_image_stored_mirrored_is_read_as_stored_with_a_warning_naming_its_row(tmp_path):
+    """A side the note names would disagree with the image's: said, study by study, by the
+    manifest row (a folder name may hold the patient's name), never silently."""
+    from clinfuse.data.manifest import StudyRow
+    from clinfuse.data.study import load_study
+    from clinfuse.errors import ImageWarning
+
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "images" / "S00001.dcm"
+    standard = pydicom.dcmread(sample)
+    assert list(standard.PatientOrientation) == ["L", "F"]  # the sample data's standard view
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImageWarning)  # a standard view: no warning
+        stored = read_dicom(sample)
+    folder = tmp_path / "DOE_JOHN"
+    folder.mkdir()
+    for name, orientation, says in (
+        ("r.dcm", ["R", "F"], "mirrored"),
+        ("h.dcm", ["L", "H"], "upside down"),
+    ):
+        standard.PatientOrientation = orientation
+        standard.save_as(folder / name)
+        with pytest.warns(ImageWarning, match=f"stored {says} \\(PatientOrientation"):
+            image = read_dicom(folder / name)
+        assert np.array_equal(image.pixels, stored.pixels)  # as stored
+        assert image.meta["patient_orientation"] == "\\".join(orientation)
+    row = StudyRow(4, "S1", "P1", folder / "r.dcm", None, None, "train", np.zeros(1, np.float32))
+    with pytest.warns(ImageWarning, match="manifest row 4's image: stored mirrored") as said:
+        load_study(row)
+    assert all("DOE" not in str(w.message) for w in said)

@@ -540,6 +540,16 @@ def test_npz_round_trip_without_pickle(explained, tmp_path):
         assert all(getattr(back, key) is None for key in missing)
 
 
+def test_a_nan_pixel_does_not_wipe_a_saved_map(tmp_path):
+    """Tiny values (as on a large DICOM) are saved over their peak: a NaN made the peak 1."""
+    from clinfuse.explain.explanation import peak_scaled
+
+    values = np.full((1, 40, 30), 1e-8, np.float32)
+    values[0, 5:8] = np.nan
+    scaled, peak = peak_scaled(values)
+    assert peak[0] == pytest.approx(1e-8) and np.nanmax(scaled.astype(np.float16)) == 1.0
+
+
 def test_record_is_compact_json(explained):
     record = explained[0].to_record()
     text = json.dumps(record, allow_nan=False)

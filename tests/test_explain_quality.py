@@ -44,6 +44,7 @@ from clinfuse.explain.randomization import cascading_randomization
 from clinfuse.explain.render import (
     DISPLAY_SIDE,
     _for_display,
+    _overlay,
     note_html,
     overlay_png,
     quality_markdown,
@@ -189,6 +190,15 @@ def test_overlay_png_writes_2d_and_3d(tmp_path):
     shown, (values,) = _for_display(big, [big])
     assert shown.shape == (DISPLAY_SIDE, round(DISPLAY_SIDE / 1.25))  # the aspect kept
     assert values[: shown.shape[0] // 2].min() == 1 and values[shown.shape[0] // 2 :].max() == 0
+    # a small lesion's evidence (under 0.5 % of the pixels) is drawn, not left out
+    from clinfuse.explain.render import plt
+
+    figure, axis = plt.subplots()
+    lesion = np.zeros((200, 120), np.float32)
+    lesion[50:55, 60:67] = 0.3
+    assert _overlay(axis, lesion, lesion, 0.6) and len(axis.images) == 2
+    assert not _overlay(axis, lesion, -lesion, 0.6)  # nothing raises it: said in the title
+    plt.close(figure)
 
 
 # A page written under a file-size limit (a full disk): the write fails, and the page written

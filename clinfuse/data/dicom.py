@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from clinfuse.data.identifiers import Identifiers, header_identifiers
-from clinfuse.errors import DicomError
+from clinfuse.errors import DicomError, ImageWarning
 
 __all__ = ["DicomImage", "apply_window", "default_window", "read_dicom"]
 
@@ -325,7 +326,26 @@ def _to_image(path: Path, ds: Dataset) -> DicomImage:
             pixels = np.ascontiguousarray(pixels[:, order])
         spacing = (_frame_spacing(ds, offsets), *spacing)
     meta = _meta(ds, photometric, frames)
+    _warn_if_mirrored(path, meta)
     return DicomImage(pixels, spacing, window, meta, header_identifiers(ds))
+
+
+def _warn_if_mirrored(path: Path, meta: dict[str, object]) -> None:
+    """An `ImageWarning` for a projection image stored mirrored or upside down (its
+    PatientOrientation rows run to the patient's right, or its columns to the head): it is read
+    and shown as stored, so a side the note names and the image shows would disagree."""
+    orientation = str(meta.get("patient_orientation") or "").upper().split("\\")
+    if len(orientation) != 2 or not all(orientation):
+        return
+    across, down = orientation[0][0], orientation[1][0]
+    if across in "LR" and down in "FH" and (across, down) != ("L", "F"):
+        warnings.warn(
+            f"{path}: stored {'mirrored' if across == 'R' else 'upside down'} "
+            f"(PatientOrientation {meta['patient_orientation']}, a standard view is L\\F): it "
+            "is read and shown as stored, so a model of standard views reads it mirrored",
+            ImageWarning,
+            stacklevel=2,
+        )
 
 
 def _decode(path: Path, ds: Dataset) -> tuple[np.ndarray, str]:
@@ -582,8 +602,20 @@ def _meta(ds: Dataset, photometric: str, frames: int) -> dict[str, object]:
         "rescale_intercept": intercept,
         "body_part": _text(ds, "BodyPartExamined"),
         "view_position": _text(ds, "ViewPosition"),
+        "patient_orientation": _joined(ds, "PatientOrientation"),
         "sop_class": _text(ds, "SOPClassUID", uid=True),
     }
+
+
+def _joined(ds: Dataset, keyword: str) -> str | None:
+    """A multi-valued text (PatientOrientation "L\\F") as DICOM writes it, None if absent."""
+    try:
+        value = ds.get(keyword)
+        values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+        text = "\\".join(str(v).strip() for v in values if v is not None)
+        return text or None
+    except Exception:
+        return None
 
 
 def _text(ds: Dataset, keyword: str, uid: bool = False) -> str | None:

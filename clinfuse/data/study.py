@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from clinfuse.data.dicom import DicomImage, read_dicom, read_header
 from clinfuse.data.identifiers import Identifiers, header_identifiers, redact
 from clinfuse.data.manifest import StudyRow
 from clinfuse.data.notes import read_note
-from clinfuse.errors import ClinfuseError, DicomError, without_path
+from clinfuse.errors import ClinfuseError, DicomError, ImageWarning, without_path
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -55,7 +56,14 @@ class Sample:
 def load_study(row: StudyRow) -> Sample:
     """Read a row's image and note, the note with the study's own identifiers masked
     (`study_identifiers`); raises `DicomError` or `NoteError` naming the file."""
-    image = read_dicom(row.image) if row.image is not None else None
+    image = None
+    if row.image is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ImageWarning)  # each study's, not once a process
+            image = read_dicom(row.image)
+        for said in caught:  # named by the row: a folder name may hold the patient's name
+            text = str(said.message).replace(str(row.image), f"manifest row {row.row}'s image")
+            warnings.warn(text, said.category, stacklevel=2)
     note = study_note(row, image)
     return Sample(study_id=row.study_id, image=image, note=note, labels=row.labels, split=row.split)
 

@@ -209,9 +209,23 @@ def peak_scaled(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     DICOM (~1e-7 on 3000x2500): float16 would round them to zero, but not their share of the
     peak. A saved map is the first times the second, label by label."""
     flat = np.abs(np.asarray(values, dtype=np.float32)).reshape(len(values), -1)
+    flat = np.where(np.isnan(flat), 0.0, flat)  # a NaN pixel would make the peak NaN, then 1
     peak = flat.max(1) if flat.size else np.ones(len(values), np.float32)
     peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0).astype(np.float32)
     return values / per_label(peak, values.ndim), peak
+
+
+def overlay_scale(values: np.ndarray) -> float:
+    """The attribution an overlay draws at full strength: the 99.5th percentile of the positive
+    values, for a volume (D, H, W) the largest of its slices' (one slice's finding is drawn as on
+    a 2D image, the other slices on the same scale); where that is 0 (evidence on under 0.5 % of
+    the pixels: a small lesion), the largest positive value. 0: no positive evidence at all."""
+    positive = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0, None)
+    if positive.size == 0:
+        return 0.0
+    rows = positive.reshape(len(positive), -1) if positive.ndim == 3 else positive.reshape(1, -1)
+    top = float(np.percentile(rows, 99.5, axis=1).max())
+    return top if top > 0 else float(positive.max())
 
 
 def per_label(vector: np.ndarray, ndim: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from clinfuse.data.study import file_stem  # noqa: E402
 from clinfuse.engine import select_device  # noqa: E402
 from clinfuse.errors import ClinfuseError, ConfigError, DicomError, ManifestError  # noqa: E402
 from clinfuse.explain.attribution import explain  # noqa: E402
-from clinfuse.explain.explanation import Explanation  # noqa: E402
+from clinfuse.explain.explanation import Explanation, overlay_scale  # noqa: E402
 from clinfuse.explain.metrics import POINTING_TOLERANCE  # noqa: E402
 from clinfuse.explain.quality import study_batch  # noqa: E402
 from clinfuse.model.checkpoint import NOTICE, load_checkpoint  # noqa: E402
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 POSITIVE, NEGATIVE = (214, 39, 40), (31, 119, 180)  # red: for the label, blue: against it
 AS_WRITTEN = "white-space: pre-wrap"  # a note's line breaks and indents, as its author wrote them
 DISPLAY_SIDE = 384  # pixels of a figure panel's longer side at most (it shows ~300)
+OVERLAY_LEGEND = (
+    "Colour marks what raises the label's score, brightest where it raises it most; what "
+    "lowers it is not drawn."
+)
 
 
 # -- pixels and maps ------------------------------------------------------------------------
@@ -93,20 +97,22 @@ def _save_figure(figure: plt.Figure, path: Path, sweep: bool = True, **options: 
     return path
 
 
-def _overlay(axis: plt.Axes, pixels: np.ndarray, values: np.ndarray | None, opacity: float):
-    """Grey image, then the positive attribution as a heat map whose opacity grows with it."""
+def _overlay(axis: plt.Axes, pixels: np.ndarray, values: np.ndarray | None, opacity: float) -> bool:
+    """Grey image, then the positive attribution as a heat map whose opacity grows with it;
+    False when `values` hold no positive evidence (nothing drawn)."""
     axis.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     axis.set_axis_off()
     if values is None:
-        return
+        return True
     positive = np.clip(np.nan_to_num(values), 0, None)
-    top = np.percentile(positive, 99.5)
+    top = overlay_scale(values)
     if top <= 0:
-        return
+        return False
     scaled = np.clip(positive / top, 0, 1).astype(np.float32)
     colours = plt.get_cmap("inferno")(scaled).astype(np.float32)  # (H, W, 4)
     colours[..., 3] = opacity * scaled
     axis.imshow(colours, interpolation="nearest")
+    return True
 
 
 def overlay_png(
@@ -141,9 +147,11 @@ def explanation_png(
             ("Grad-CAM", cam),
         )
         for axis, (title, values) in zip(axes[j], panels, strict=True):
-            _overlay(axis, shown, values, opacity=0.6)
+            drawn = _overlay(axis, shown, values, opacity=0.6)
+            title += "" if drawn else " (no positive evidence)"
             axis.set_title(f"{label} {expl.probabilities[j]:.2f}: {title}{where}", fontsize=8)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.text(0.5, 0.005, OVERLAY_LEGEND, ha="center", va="bottom", fontsize=8)
     return _save_figure(figure, Path(path), sweep)
 
 
@@ -242,7 +250,7 @@ def explanation_html(expl: Explanation, image_file: str | None = None) -> str:
     else:
         note = "<p>This study has no note.</p>"
     image = (
-        f'<img src="{html.escape(image_file)}" alt="attribution maps">'
+        f'<img src="{html.escape(image_file)}" alt="attribution maps"><p>{OVERLAY_LEGEND}</p>'
         if image_file
         else "<p>No image attribution: the study has no image or the model reads none.</p>"
     )
