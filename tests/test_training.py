@@ -349,6 +349,39 @@ def test_two_process_ddp_on_cpu(export, tmp_path):
     assert load_checkpoint(out).labels == tuple(config["model"]["labels"])
 
 
+def test_ddp_says_how_many_readable_studies_sat_out_a_step_another_rank_could_not_load(
+    export, tmp_path
+):
+    """A rank whose whole batch failed makes every rank skip that step (they step together):
+    the other rank's readable studies of it are counted in a warning, never dropped silently."""
+    data = tmp_path / "data"
+    shutil.copytree(export.parent, data)
+    rows = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    for image in rows["image"][rows["image"] != ""][:12]:
+        (data / image).write_bytes(b"not a DICOM file")
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29533", "-m", "clinfuse", "train", "--manifest",
+            str(data / "manifest.csv"), "--out", str(out), *FAST, "train.batch_size=1",
+            "train.epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = re.findall(r"epoch 1: (\d+) readable training studies were left out", done.stderr)
+    assert len(said) == 1 and int(said[0]) > 0  # rank 0 says it once, for every rank
+    history = json.loads((out / "config.json").read_text())["training"]["history"]
+    train = set(load_manifest(data / "manifest.csv").table.query("split == 'train'").study_id)
+    failed = train & set(pd.read_csv(out / "failures.csv").study_id)
+    # every study either trained, failed, sat out, or repeated to even the shards (at most 1)
+    trained_on = history[0]["studies_per_s"] * history[0]["seconds"]
+    assert abs(trained_on + int(said[0]) - (len(train) - len(failed))) <= 1 + 1e-6
+
+
 def test_evaluate_writes_metrics_predictions_and_a_report(trained, export, tmp_path, capsys):
     out = tmp_path / "report"
     assert (

@@ -137,6 +137,14 @@ class Workers:
         dist.all_gather_object(boxes, found)
         return {key: value for box in boxes for key, value in sorted(box.items())}
 
+    def gathered(self, values: list[float]) -> list[float]:
+        """Every rank's `values`, rank after rank, on every rank."""
+        if self.world == 1:
+            return list(values)
+        boxes: list[Any] = [None] * self.world
+        dist.all_gather_object(boxes, list(values))
+        return [value for box in boxes for value in box]
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when `flag` is True on any rank."""
         if self.world == 1:
@@ -499,17 +507,19 @@ def train(
     if states is not None and states.get("scaler"):  # {} on CPU, where it is off
         scaler.load_state_dict(states["scaler"])
     failures = progress.failures  # kept in the snapshots: a resumed run reports them all
+    losses: list[float] = []  # this rank's since the last snapshot (before it: the progress's)
 
     def snapshot_now() -> None:
         failures.update(workers.merged(failures))  # each rank reads its own rows: keep them all
+        progress.epoch_losses += workers.gathered(losses)  # every rank's: the epoch's mean
+        losses.clear()
         if workers.main:
             save_snapshot(state_dir, model, best, optimizer, scheduler, progress, scaler)
         if workers.world > 1:
             dist.barrier()
 
     while not progress.stopped and progress.epoch < cfg.train.epochs:
-        epoch_started, seen = time.perf_counter(), 0
-        losses = progress.epoch_losses  # with those before a resume: the epoch's mean is exact
+        epoch_started, seen, skipped = time.perf_counter(), 0, 0
         order = epoch_order(len(train_rows), progress.epoch, cfg.train.seed, workers)
         order = order[progress.batch_in_epoch * cfg.train.batch_size :]
         train_set.epoch = progress.epoch  # its augmentation: from (seed, epoch, study) alone
@@ -535,6 +545,7 @@ def train(
             # every row of a batch failed to load (here or on another rank): no step anywhere
             # (DDP needs every rank in each step); the rows are in failures.csv
             if workers.any(len(batch) == 0, torch_device):
+                skipped += len(batch)  # readable rows of this rank, in a step another skips
                 continue
             batch = batch.to(torch_device)
             # dropout's draws: from (seed, rank, step) alone, so a resumed run is the same run
@@ -553,9 +564,9 @@ def train(
             scaler.update()
             scheduler.step()
             progress.step += 1
-            seen += len(batch) * workers.world
+            seen += len(batch)
             losses.append(loss.item())
-            rate = seen / (time.perf_counter() - epoch_started)
+            rate = seen * workers.world / (time.perf_counter() - epoch_started)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", studies_per_s=f"{rate:.1f}")
             if progress.step % cfg.train.checkpoint_every == 0:
                 snapshot_now()
@@ -584,6 +595,18 @@ def train(
                 "or move labelled patients into the val split with a split column",
             )
         seconds = time.perf_counter() - epoch_started
+        epoch_losses = progress.epoch_losses + workers.gathered(losses)  # every rank's steps
+        losses.clear()
+        seen, skipped = (sum(workers.gathered([n])) for n in (seen, skipped))
+        if skipped and workers.main:
+            log.warning(
+                "epoch %d: %d readable training studies were left out of it: each shared a "
+                "step with another process's batch whose every row failed to load, and "
+                "DistributedDataParallel steps all processes together; the failed rows are in "
+                "failures.csv",
+                progress.epoch + 1,
+                skipped,
+            )
         improved = auroc is not None and auroc > progress.best_auroc
         if improved:
             progress.best_auroc, progress.best_epoch = auroc, progress.epoch
@@ -594,7 +617,7 @@ def train(
         progress.history.append(
             {
                 "epoch": progress.epoch + 1,
-                "train_loss": float(np.mean(losses)) if losses else None,
+                "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
                 "val_macro_auroc": auroc,
                 "lr": scheduler.get_last_lr()[0],
                 "studies_per_s": seen / seconds,
@@ -606,7 +629,7 @@ def train(
                 "epoch %d/%d loss %.4f val macro AUROC %s (best %.4f at epoch %d) %.1f studies/s",
                 progress.epoch + 1,
                 cfg.train.epochs,
-                progress.history[-1]["train_loss"] if losses else float("nan"),
+                progress.history[-1]["train_loss"] if epoch_losses else float("nan"),
                 "n/a" if auroc is None else f"{auroc:.4f}",
                 progress.best_auroc,
                 progress.best_epoch + 1,
