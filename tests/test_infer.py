@@ -334,8 +334,8 @@ def test_a_path_naming_the_patient_stays_out_of_failures_the_store_and_the_log(
 def test_an_image_a_report_cannot_reference_never_stops_a_standards_run(
     tiny_model, small_export, tmp_path, caplog
 ):
-    """highdicom refuses a vendor's private SOP class: the study's SR then stands without the
-    reference, with a warning; before, every rerun stopped at that study."""
+    """A vendor's private SOP class: the SR references it as other evidence (highdicom refused
+    it as the SR's own study's evidence, and every rerun stopped at that study)."""
     pytest.importorskip("highdicom")
     rows = absolute_rows(small_export).head(2).copy()
     ds = pydicom.dcmread(rows["image"].iloc[0])
@@ -347,7 +347,10 @@ def test_an_image_a_report_cannot_reference_never_stops_a_standards_run(
     assert infer(tiny_model, tmp_path / "m.csv", run, "--standards", "fhir,sr") == 0
     assert len(list((run / "sr").glob("*.dcm"))) == 2
     study = rows["study_id"].iloc[0]
-    assert f"study {study}: its DICOM SR does not reference its image" in caplog.text
+    sr = pydicom.dcmread(run / "sr" / f"{study}.dcm")
+    referenced = sr.PertinentOtherEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPClassUID == ds.SOPClassUID
+    assert "its DICOM SR does not reference its image" not in caplog.text
     report = json.loads((run / "fhir" / f"{study}.json").read_text())  # FHIR has no such rule:
     assert "imagingStudy" in report and "FHIR report does not" not in caplog.text  # kept whole
 

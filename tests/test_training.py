@@ -81,9 +81,8 @@ def test_train_writes_a_calibrated_model_folder(trained, export):
     assert set(validation["labels"]) == set(config["model"]["labels"])
     assert "ece_before_temperature" in validation["macro"]
     model = load_checkpoint(trained)
-    assert model.temperature.gt(0).all() and not torch.equal(
-        model.temperature, torch.ones(len(model.labels))
-    )
+    assert model.temperature.gt(0).all()  # fitted, or 1 where validation has < 5 of a class
+    assert not torch.equal(model.offset, torch.zeros(len(model.labels)))  # fitted either way
     assert model.thresholds.gt(0).all() and model.thresholds.lt(1).all()
     assert [c["threshold"] for c in config["calibration"].values()] == pytest.approx(
         model.thresholds.tolist()
@@ -908,7 +907,7 @@ def test_a_label_validation_cannot_calibrate_is_a_warning_at_the_end(export, tmp
     fast = [*FAST[:1], "train.epochs=1", *FAST[2:]]
     assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "m"), *fast]) == 0
     assert "label 'copd': no positives (validation): its threshold and calibration" in caplog.text
-    assert "label 'effusion'" not in caplog.text
+    assert "label 'effusion': no positives" not in caplog.text  # it has some: not said so
     assert "studies: early stopping, calibration and thresholds are fitted on them" in caplog.text
 
 
