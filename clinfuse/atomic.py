@@ -8,6 +8,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 
 def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
@@ -21,9 +22,9 @@ def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
         sweep_temporaries(path.parent, path.name)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{_writer(os.getpid())}.{threading.get_ident()}.tmp")
+    tmp, handle = open_temporary(path)
     try:
-        with open(tmp, "wb") as handle:
+        with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -33,6 +34,15 @@ def write_atomic(path: Path, data: bytes | str, sweep: bool = True) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def open_temporary(path: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary beside `path`, named for this writer (see `sweep_temporaries`) and
+    open for binary writing: always a file created now, never an existing one or the target of
+    a link planted under its name (O_EXCL, O_NOFOLLOW), with the umask's mode."""
+    tmp = path.with_name(f".{path.name}.{_writer(os.getpid())}.{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    return tmp, os.fdopen(os.open(tmp, flags, 0o666), "wb")
 
 
 def sweep_temporaries(folder: Path, name: str = "*") -> None:

@@ -20,6 +20,24 @@ def test_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["predictions.csv"]
 
 
+def test_a_link_planted_under_a_temporarys_name_is_never_written_through(tmp_path):
+    """Anyone who can write a shared run folder could plant links where the temporaries go:
+    the write refuses them instead of overwriting the file they aim at."""
+    import threading
+
+    from clinfuse.atomic import _writer
+
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("keep")
+    target = tmp_path / "run" / "predictions.csv"
+    target.parent.mkdir()
+    planted = target.with_name(f".{target.name}.{_writer(os.getpid())}.{threading.get_ident()}.tmp")
+    planted.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        write_atomic(target, "a,b\n", sweep=False)
+    assert victim.read_text() == "keep" and not target.exists()
+
+
 def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     target = tmp_path / "metrics.json"
     target.write_text("old")

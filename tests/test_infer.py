@@ -276,6 +276,30 @@ def test_an_export_that_cannot_be_written_is_an_error_before_any_study_is_scored
     assert sorted(p.name for p in run.iterdir()) == ["predictions.csv"]  # nothing scored
 
 
+def test_links_planted_where_the_exports_were_written_are_not_followed(
+    tiny_model, small_export, tmp_path
+):
+    """The tables went through fixed temporary names: links planted there made a run overwrite
+    the files they aimed at, then put the links in the tables' place."""
+    run = tmp_path / "run"
+    run.mkdir()
+    victims = []
+    for name in ("predictions.csv", "predictions.parquet", "failures.csv"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("keep")
+        (run / f".{name}.tmp").symlink_to(victim)
+        victims.append(victim)
+    rows = absolute_rows(small_export).head(4).copy()
+    rows.loc[rows.index[0], "study_id"] = '=HYPERLINK("http://x.example","open")'
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    assert infer(tiny_model, tmp_path / "m.csv", run) == 0
+    assert all(victim.read_text() == "keep" for victim in victims)
+    assert not any((run / name).is_symlink() for name in ("predictions.csv", "failures.csv"))
+    # the CSV people open in a spreadsheet runs no study id; the Parquet file keeps it as given
+    assert "'=HYPERLINK" in set(pd.read_csv(run / "predictions.csv").study_id.str[:11])
+    assert rows.study_id.iloc[0] in set(pd.read_parquet(run / "predictions.parquet").study_id)
+
+
 def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export, tmp_path):
     assert infer(tiny_model, small_export, tmp_path / "run", "--standards", "fhir,sr") == 0
     root = small_export.parent

@@ -27,6 +27,7 @@ from clinfuse.cli.args import at_least, one_of_each, share
 from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
 from clinfuse.config import DataConfig, parse_config
 from clinfuse.errors import ClinfuseError, ConfigError
+from clinfuse.spreadsheet import formula_safe
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -65,7 +66,7 @@ def _validate(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(report.format_summary())
-    write_atomic(out, report.verdicts.to_csv(index=False))
+    write_atomic(out, formula_safe(report.verdicts).to_csv(index=False))
     print(f"per-row verdicts: {out}")
     if args.json:
         print(json.dumps(report.summary(), indent=2))

@@ -145,7 +145,7 @@ def _export(args: argparse.Namespace) -> int:
         else:
             table = review_agreement(store, run_id)
             other_reviewed_runs(store, run_id, reviewed=len(table) > 0)  # none: as the manifest
-            write_table(table, out)
+            write_table(table, out, for_people=True)
             print(table.to_string(index=False))
             print(f"agreement of run {run_id}: {out}")
     return 0

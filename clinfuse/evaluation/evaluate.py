@@ -25,6 +25,7 @@ from clinfuse.evaluation.metrics import evaluate_predictions
 from clinfuse.evaluation.report import EvaluationRun, failures_file, write_report
 from clinfuse.folders import refuse_foreign_folder
 from clinfuse.model.checkpoint import load_checkpoint, model_version, read_checkpoint_config
+from clinfuse.spreadsheet import formula_safe
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def write_evaluation(
         out_dir / "metrics.json",
         json.dumps(first_run.metrics, indent=2, allow_nan=False),
     )
-    write_atomic(out_dir / "predictions.csv", first_table.to_csv(index=False))
+    write_atomic(out_dir / "predictions.csv", formula_safe(first_table).to_csv(index=False))
     write_failures(out_dir / "failures.csv", first_run.failures)  # the model of metrics.json
     apart = not_comparable(runs)
     for said in apart.values():
@@ -140,7 +141,8 @@ def write_evaluation(
             json.dumps(compare, indent=2, allow_nan=False),
         )
         for name, (run, table) in runs.items():
-            write_atomic(out_dir / f"predictions_{name}.csv", table.to_csv(index=False))
+            csv = formula_safe(table).to_csv(index=False)
+            write_atomic(out_dir / f"predictions_{name}.csv", csv)
             write_failures(out_dir / failures_file(names, name), run.failures)
     return write_report(
         out_dir, {name: run for name, (run, _) in runs.items()}, notes=list(apart.values())
@@ -151,7 +153,7 @@ def write_failures(path: Path, failures: Iterable[tuple[str, str]]) -> None:
     """failures.csv: the studies that could not be read, with why (study_id, reason), sorted;
     `clinfuse train` and `clinfuse evaluate` both write it."""
     table = pd.DataFrame(sorted(failures), columns=["study_id", "reason"])
-    write_atomic(path, table.to_csv(index=False))
+    write_atomic(path, formula_safe(table).to_csv(index=False))
 
 
 def not_comparable(runs: dict[str, tuple[EvaluationRun, pd.DataFrame]]) -> dict[str, str]:

@@ -9,6 +9,8 @@ row names its model version.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -16,8 +18,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clinfuse.atomic import open_temporary
 from clinfuse.exports.files import check_writable_file
 from clinfuse.model.checkpoint import NOTICE
+from clinfuse.spreadsheet import formula_safe
 from clinfuse.store import Store
 
 EXPORTS = ("predictions.parquet", "predictions.csv", "failures.csv")
@@ -43,42 +47,49 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    """Flush `tmp` to disk, then rename it over `path`: after a crash or a power cut the reader
-    finds the old file or the whole new one, never a renamed file whose data was not written."""
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
 def write_exports(store: Store, run_id: int, run_dir: Path) -> list[Path]:
-    """Write the run's tables into `run_dir`; returns the paths written."""
+    """Write the run's tables into `run_dir`; returns the paths written. Each goes to a
+    temporary created for it (`open_temporary`: never a file or link already there, which a
+    fixed name would have let anyone who can write the folder aim elsewhere), is flushed to
+    disk, and only then renamed into place: after a crash the reader finds the old file or the
+    whole new one."""
     paths = [run_dir / name for name in EXPORTS]
-    temporaries = [path.with_name(f".{path.name}.tmp") for path in paths]
-    parquet_tmp, csv_tmp, failures_tmp = temporaries
+    temporaries, handles = zip(*(open_temporary(path) for path in paths), strict=True)
+    parquet_file, csv_file, failures_file = handles
+    csv_text = io.TextIOWrapper(csv_file, encoding="utf-8", newline="")
     writer = None
     try:
         for i, chunk in enumerate(store.iter_predictions(run_id)):
             chunk = _typed(chunk)
             table = pa.Table.from_pandas(chunk, preserve_index=False)
             if writer is None:
-                writer = pq.ParquetWriter(parquet_tmp, _described(table.schema))
+                writer = pq.ParquetWriter(parquet_file, _described(table.schema))
             writer.write_table(table.cast(writer.schema))
-            chunk.to_csv(csv_tmp, mode="w" if i == 0 else "a", header=i == 0, index=False)
+            formula_safe(chunk).to_csv(csv_text, header=i == 0, index=False)
         if writer is None:  # an empty run still gets (empty) files
             empty = pd.DataFrame(columns=["study_id", "status"])
             table = pa.Table.from_pandas(empty, preserve_index=False)
-            pq.write_table(table.cast(_described(table.schema)), parquet_tmp)
-            empty.to_csv(csv_tmp, index=False)
+            pq.write_table(table.cast(_described(table.schema)), parquet_file)
+            empty.to_csv(csv_text, index=False)
         else:
             writer.close()
             writer = None
-        store.failures(run_id).to_csv(failures_tmp, index=False)
+        csv_text.detach()  # flushed; the handle is closed below, with the others
+        failures = formula_safe(store.failures(run_id)).to_csv(index=False)
+        failures_file.write(failures.encode("utf-8"))
+        for handle in handles:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
         for tmp, path in zip(temporaries, paths, strict=True):
-            _commit(tmp, path)
+            tmp.replace(path)
     finally:
         if writer is not None:
             writer.close()
+        with contextlib.suppress(ValueError):  # detached already
+            csv_text.detach()
+        for handle in handles:
+            handle.close()
         for tmp in temporaries:
             tmp.unlink(missing_ok=True)
     return paths

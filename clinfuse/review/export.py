@@ -18,6 +18,7 @@ from clinfuse.atomic import write_atomic
 from clinfuse.data.study import header_unreadable
 from clinfuse.errors import ClinfuseError, without_path
 from clinfuse.review.study import ManifestEntry, entry_note, run_manifest_index
+from clinfuse.spreadsheet import formula_safe
 from clinfuse.store import Store, StoreError
 from clinfuse.store.schema import Review, Study
 
@@ -126,11 +127,13 @@ def export_reviewed_manifest(store: Store, run_id: int, out_path: str | Path) ->
     return write_table(pd.DataFrame(rows, columns=columns), Path(out_path))
 
 
-def write_table(frame: pd.DataFrame, out: Path) -> Path:
+def write_table(frame: pd.DataFrame, out: Path, for_people: bool = False) -> Path:
     """Write `frame` to `out` with `write_atomic` (no half-written file): Parquet for a
-    .parquet name, else CSV; returns `out`."""
+    .parquet name, else CSV (`for_people`: no cell a spreadsheet would run, `formula_safe`);
+    returns `out`."""
     parquet = out.suffix.lower() == ".parquet"
-    data = frame.to_parquet(index=False) if parquet else frame.to_csv(index=False).encode()
+    table = formula_safe(frame) if for_people and not parquet else frame
+    data = frame.to_parquet(index=False) if parquet else table.to_csv(index=False).encode()
     write_atomic(out, data)
     return out
 
