@@ -7,7 +7,6 @@ file is there) and lays it out; none of them queries the store.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,6 @@ METHODS = {
     "integrated gradients": "image",
     "Grad-CAM": "gradcam",
 }
-
-
-def as_written(text: str) -> str:
-    """`text` for Streamlit's Markdown (titles, captions, messages) shown as it is written: a
-    study id such as `S$1$ **b** [l](http://e.x)` is not maths, bold or a link."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!$~|<>&])", r"\\\1", text)
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)

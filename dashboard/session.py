@@ -21,6 +21,16 @@ import streamlit as st
 from clinfuse.review import WorklistQuery
 from clinfuse.store import Store
 
+
+def as_written(text: str) -> str:
+    """`text` for Streamlit's Markdown (titles, captions, messages, widget labels) shown as it
+    is written: a study id, a label name or a link's parameter such as `S$1$ **b**
+    [l](http://e.x)` is not maths, bold or a link (a link someone sends a clinician must not
+    put a sign-in link of theirs on the page)."""
+    escaped = re.sub(r"([\\`*_{}\[\]()#+\-.!$~|<>&])", r"\\\1", text)
+    return re.sub(r":(?=//)", r"\\:", escaped)  # http://... is not made a link either
+
+
 STORE_ENV = "CLINFUSE_STORE"
 SESSION_KEY = "review_session"
 QUERY_FIELDS = frozenset(f.name for f in dataclasses.fields(WorklistQuery)) - {"run_id"}
@@ -73,7 +83,8 @@ def choose_run(store: Store) -> dict[str, Any] | None:
             st.session_state["run_choice"] = ids[0]
         if wanted is not None:  # a link to a run this store does not hold: say so
             shown = st.session_state["run_choice"]
-            st.warning(f"This store has no run {wanted!r}; showing run {shown} instead.")
+            asked = as_written(repr(wanted))
+            st.warning(f"This store has no run {asked}; showing run {shown} instead.")
     by_id = {int(r["id"]): r for r in runs}
     run_id = st.sidebar.selectbox(
         "Run",

@@ -261,7 +261,7 @@ def test_the_sort_survives_showing_failures_and_an_unknown_one_is_named(review_r
     at.toggle(key="wl_failures").set_value(True).run()
     assert at.selectbox(key="wl_sort").value == "reviews"
     at = new_app(monkeypatch, review_run, sort="p_gout").run()  # a link made for another model
-    assert "This list has no column 'p_gout' to sort by." in [w.value for w in at.warning]
+    assert "This list has no column 'p\\_gout' to sort by." in [w.value for w in at.warning]
     assert at.selectbox(key="wl_sort").value == "top_probability" and not at.exception
 
 
@@ -602,12 +602,20 @@ def test_a_study_id_in_a_title_or_message_reads_as_written():
 
     sys.path.insert(0, str(DASHBOARD))
     try:
-        from panels import as_written
+        from session import as_written
     finally:
         sys.path.remove(str(DASHBOARD))
     markdown = pytest.importorskip("markdown_it").MarkdownIt()
-    for study_id in ("S$1$ **b** [l](http://e.x) a&amp;b", "1.2.840_x-1", "<b>x</b> # h"):
+    for study_id in (
+        "S$1$ **b** [l](http://e.x) a&amp;b",
+        "1.2.840_x-1",
+        "<b>x</b> # h",
+        "[Session expired: sign in](https://evil.example/login) ![t](https://evil.example/b.png)",
+        "see https://evil.example/login",
+    ):
         assert markdown.renderInline(as_written(study_id)) == html.escape(study_id, quote=False)
+    # a bare address is broken where GitHub-flavoured Markdown (Streamlit's) would link it
+    assert "https\\://evil" in as_written("see https://evil.example/login")
 
 
 def test_window_presets_slices_and_overlay():

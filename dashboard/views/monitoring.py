@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-from session import current
+from session import as_written, current
 
 from clinfuse.review import review_agreement, score_distributions
 
@@ -69,12 +69,12 @@ def main() -> None:
     )
     shifted = summary[summary["shift"] == "major"]["label"].tolist()
     if shifted:
-        st.warning(f"Score distribution shifted for: {', '.join(shifted)}.")
+        st.warning(f"Score distribution shifted for: {as_written(', '.join(shifted))}.")
     edges = list(found.get("bins", [i / 20 for i in range(21)]))
     columns = st.columns(2)
     for i, (label, entry) in enumerate(labels.items()):
         with columns[i % 2]:
-            st.markdown(f"**{label}**")
+            st.markdown(f"**{as_written(label)}**")
             st.bar_chart(histogram_frame(entry, edges), stack=False, height=180, y_label="fraction")
 
     st.subheader("Reviewer agreement with the model")

@@ -11,7 +11,6 @@ from typing import Any
 
 import streamlit as st
 from panels import (
-    as_written,
     explanation_of,
     failure_message,
     history_panel,
@@ -21,7 +20,13 @@ from panels import (
     note_panel,
     scores_panel,
 )
-from session import ReviewSession, current, page_from_params, query_from_params
+from session import (
+    ReviewSession,
+    as_written,
+    current,
+    page_from_params,
+    query_from_params,
+)
 
 from clinfuse.model.checkpoint import NOTICE
 from clinfuse.review import (
@@ -107,7 +112,10 @@ def verdict_form(
         edited: dict[str, int | None] = {}
         for i, (label, call) in enumerate(current.items()):
             choice = columns[i % len(columns)].selectbox(
-                label, list(CALLS), index={1: 0, 0: 1, None: 2}[call], key=f"{key}-{label}"
+                as_written(label),
+                list(CALLS),
+                index={1: 0, 0: 1, None: 2}[call],
+                key=f"{key}-{label}",
             )
             edited[label] = CALLS[choice]
         comment = st.text_input(

@@ -16,6 +16,7 @@ import streamlit as st
 from session import (
     PAGE_SIZES,
     QUERY_FIELDS,
+    as_written,
     current,
     link_params,
     page_from_params,
@@ -54,9 +55,11 @@ def initial_view(run_id: int, labels: list[str]) -> tuple[WorklistQuery, int, in
         params = {**st.session_state.get("worklist_params", {}), **params}
     query, problem = query_from_params(run_id, params)
     if problem:
-        st.warning(problem)
+        st.warning(as_written(problem))
     if query.label is not None and query.label not in labels:  # e.g. another model's link
-        st.warning(f"This run has no label {query.label!r}: its filter is left out.")
+        st.warning(
+            f"This run has no label {as_written(repr(query.label))}: its filter is left out."
+        )
         query = dataclasses.replace(query, label=None)
     return (query, *page_from_params(params))
 
@@ -75,7 +78,8 @@ def filters(labels: list[str], run_id: int) -> WorklistQuery:
         kept = current if chosen and current in sort_options else last
         st.session_state["wl_sort"] = st.session_state["wl_sort_set"] = kept
     elif st.session_state["wl_sort"] not in sort_options:  # a link made for another model
-        st.warning(f"This list has no column {st.session_state['wl_sort']!r} to sort by.")
+        wanted = as_written(repr(st.session_state["wl_sort"]))
+        st.warning(f"This list has no column {wanted} to sort by.")
         st.session_state["wl_sort"] = default
     st.session_state["wl_failures_before"] = failures
     top = st.columns([2, 3, 2, 2])
