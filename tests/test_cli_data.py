@@ -284,6 +284,14 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
     assert main(["validate", str(tmp_path / "kept.csv"), "--out", str(tmp_path / "kept.csv")]) == 2
     assert "--out names the manifest itself" in capsys.readouterr().err
     assert (tmp_path / "kept.csv").read_bytes() == before
+    model = tmp_path / "model"  # a model folder's own files are not the verdicts' to replace
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).write_text("{}")
+    args = ["validate", str(tmp_path / "kept.csv"), "--out", str(model / "config.json")]
+    assert main(args) == 2
+    assert "is inside a `clinfuse train` model folder" in capsys.readouterr().err
+    assert (model / "config.json").read_text() == "{}"
 
     unlabeled = manifest.copy()
     for label in ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"):

@@ -788,3 +788,27 @@ def test_an_image_stored_mirrored_is_read_as_stored_with_a_warning_naming_its_ro
     with pytest.warns(ImageWarning, match="manifest row 4's image: stored mirrored") as said:
         load_study(row)
     assert all("DOE" not in str(w.message) for w in said)
+
+
+def test_a_header_declaring_gigabytes_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A few MB of compressed data can declare a 46,000-pixel square: a decompression bomb
+    that took a worker's memory. A series is bounded as a whole too."""
+    from clinfuse.data import dicom
+
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "images" / "S00001.dcm"
+    ds = pydicom.dcmread(sample)
+    ds.Rows = ds.Columns = 20000  # 400 M values: over the limit, and never decoded
+    ds.save_as(tmp_path / "bomb.dcm")
+    with pytest.raises(DicomError, match="1 frames of 20000x20000x1 exceed 268435456") as caught:
+        read_dicom(tmp_path / "bomb.dcm")
+    assert caught.value.reason == "decode_failed" and "downsample" in caught.value.hint
+    series = tmp_path / "series"
+    series.mkdir()
+    for number in range(3):
+        slice_ = pydicom.dcmread(sample)
+        slice_.InstanceNumber = number + 1
+        slice_.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["bomb", str(number)])
+        slice_.save_as(series / f"{number}.dcm")
+    monkeypatch.setattr(dicom, "_MAX_SERIES_VALUES", 2 * 96 * 96)  # 2 slices of 96x96 at most
+    with pytest.raises(DicomError, match="its first 3 slices hold more than 18432 values"):
+        read_dicom(series)

@@ -300,6 +300,16 @@ def test_links_planted_where_the_exports_were_written_are_not_followed(
     assert rows.study_id.iloc[0] in set(pd.read_parquet(run / "predictions.parquet").study_id)
 
 
+def test_a_per_study_folder_that_is_a_link_is_refused(tiny_model, small_export, tmp_path, capsys):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    (run / "fhir").symlink_to(elsewhere)
+    assert infer(tiny_model, small_export, run, "--standards", "fhir") == 2
+    assert f"{run / 'fhir'}: is a link; a run writes its per-study files" in capsys.readouterr().err
+    assert not any(elsewhere.iterdir())
+
+
 def test_no_patient_name_id_or_birth_date_in_any_output(tiny_model, small_export, tmp_path):
     assert infer(tiny_model, small_export, tmp_path / "run", "--standards", "fhir,sr") == 0
     root = small_export.parent

@@ -630,3 +630,16 @@ def test_a_training_saved_before_evidence_weights_reads_as_trained_without_them(
     # weights, so it must not compare equal to today's default (0.01) and count as done
     assert as_current(TrainConfig, {"epochs": 36})["evidence_ridge"] is None
     assert as_current(TrainConfig, {"evidence_ridge": 0.01})["evidence_ridge"] == 0.01
+
+
+def test_the_model_card_shows_a_label_name_as_written():
+    """A manifest's header names the labels: one must not run in a viewer or split a table."""
+    from markdown_it import MarkdownIt
+
+    from clinfuse.model.checkpoint import as_markdown
+
+    for name in ("<img src=x onerror=alert(3)>", "[copd](https://evil.example)", "a|b"):
+        rendered = MarkdownIt().renderInline(as_markdown(name))
+        assert "<img" not in rendered and "<a " not in rendered
+        assert "|" not in as_markdown(name).replace("\\|", "")  # a table row stays one row
+    assert as_markdown("copd") == "copd"

@@ -115,3 +115,12 @@ def test_a_document_or_binary_file_given_as_a_note_is_refused_as_not_text(tmp_pa
     damaged.write_bytes(b"Fever since Monday,\x00 crackles at the left base.\x07")
     with pytest.warns(NoteWarning, match="2 control"):
         assert read_note(path=damaged).startswith("Fever since Monday,")
+
+
+def test_a_note_file_too_large_to_be_a_note_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "export.log"
+    with path.open("wb") as f:  # sparse: 5 MB that take no disk
+        f.truncate(5 * 2**20)
+    with pytest.raises(NoteError, match="too_large: 5,242,880 bytes, more than a note's") as caught:
+        read_note(path=path)
+    assert caught.value.reason == "too_large"

@@ -596,3 +596,14 @@ def test_a_sqlite_store_is_also_opened_by_its_path(tmp_path, monkeypatch):
     (tmp_path / "predictions.db").write_text("study_id,status\n")
     with pytest.raises(StoreError, match=r"cannot open the store .* \(file is not a database\)"):
         Store("predictions.db", create=False)
+
+
+def test_a_new_sqlite_store_is_readable_by_its_owner_alone(tmp_path):
+    """It holds the key its pseudonyms are made with: whoever reads the file can re-identify
+    them by trying ids (a hospital's ids are few), so it is not made world-readable."""
+    import stat
+
+    with Store(Store.default_url(tmp_path / "run")) as store:
+        store.pseudonym("P1")
+    mode = stat.S_IMODE((tmp_path / "run" / "clinfuse.db").stat().st_mode)
+    assert mode & 0o077 == 0, oct(mode)

@@ -27,6 +27,7 @@ from clinfuse.cli.args import at_least, one_of_each, share
 from clinfuse.cli.stopping import StopSignals, Terminated, not_a_stop
 from clinfuse.config import DataConfig, parse_config
 from clinfuse.errors import ClinfuseError, ConfigError
+from clinfuse.folders import WRITER, folder_kind
 from clinfuse.spreadsheet import formula_safe
 
 Command = Callable[[argparse.Namespace], int]
@@ -58,6 +59,12 @@ def _validate(args: argparse.Namespace) -> int:
     if Path(args.manifest).is_file():  # else the manifest's own error comes first
         if out.resolve() == Path(args.manifest).resolve():
             raise ClinfuseError(f"{out}: --out names the manifest itself; give another file")
+        kind = folder_kind(out.parent)
+        if kind is not None:  # its config.json, failures.csv or metrics.json would be replaced
+            raise ClinfuseError(
+                f"{out}: --out is inside a `{WRITER[kind]}` {kind} folder, whose files it could "
+                "replace; give a file elsewhere"
+            )
         check_writable_file(out)  # before the rows are read, not after
     report = validate_manifest(
         args.manifest,

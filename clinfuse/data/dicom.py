@@ -38,7 +38,12 @@ _CODE = re.compile(r"[A-Z0-9_ ]{1,16}")  # a Code String (CS) value, e.g. a Moda
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 # Colour spaces pydicom's decoders hand back as RGB (YBR_FULL*, and YBR_ICT/RCT inside JPEG 2000).
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
-_MAX_VALUES = 2**31  # refuse headers that would need more than 8 GB as float32
+# an image a header says needs more values than this is refused before it is decoded (1 GB
+# as float32: a mammogram is ~14 M values, an enhanced CT of 1,000 slices of 512x512 262 M; a
+# few MB of compressed data can declare gigabytes), and a series folder once its slices
+# hold more than the second (2 GB)
+_MAX_VALUES = 2**28
+_MAX_SERIES_VALUES = 2**29
 _EOF_ERRORS = (EOFError, struct.error, OSError, zlib.error)  # how pydicom fails on a short file
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -521,12 +526,18 @@ def _read_series(folder: Path) -> DicomImage:
         detail = f"its entry {dangling[0]} of {len(entries)} (in name order) links to no file"
         raise _error(folder, "missing", detail)
     slices: list[tuple[DicomImage, Dataset]] = []
+    values = 0
     for entry in filter(Path.is_file, entries):
         try:
             slices.append(_read_file(entry))
         except DicomError as err:
             if err.reason not in ("not_dicom", "no_pixel_data"):  # a README, DICOMDIR, SR: skip
                 raise
+            continue
+        values += slices[-1][0].pixels.size
+        if values > _MAX_SERIES_VALUES:  # each slice is below the file limit; all together not
+            detail = f"its first {len(slices)} slices hold more than {_MAX_SERIES_VALUES} values"
+            raise _error(folder, "decode_failed", detail, "downsample the series or split it")
     if not slices:
         raise _error(folder, "empty_series", f"no DICOM image among its {len(entries)} entries")
     if len(slices) == 1 and slices[0][0].spatial_dims == 3:

@@ -97,6 +97,14 @@ def read_note_file(path: str | Path, source: str | None = None) -> str | None:
     try:
         if path.exists() and not path.is_file():  # a folder; a FIFO or device would block
             raise NoteError(path, "not a regular file (a folder, a device or a pipe)")
+        size = path.stat().st_size
+        if size > MAX_NOTE_BYTES:  # a log or an export given by mistake: read whole, it took
+            raise NoteError(  # ~20x its size in memory, per worker
+                path,
+                f"{size:,} bytes, more than a note's {MAX_NOTE_BYTES:,}",
+                reason="too_large",
+                hint="Point note_path at the study's note, or cut the file to the note",
+            )
         raw = path.read_bytes()
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise NoteError(path, getattr(exc, "strerror", None) or str(exc)) from exc
@@ -130,6 +138,7 @@ _BINARY = (  # (magic bytes, their offset, what the file is)
     (b"\x1f\x8b", 0, "a gzip archive"),
 )
 BINARY_SHARE = 0.05
+MAX_NOTE_BYTES = 4 * 2**20  # 4 MB: a long note is tens of kB
 
 
 def read_note(

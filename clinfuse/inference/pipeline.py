@@ -466,6 +466,12 @@ def _start_run(
             run_id,
             f" while {', '.join(kept)} may still hold the earlier run's files" if kept else "",
         )
+    linked = [str(run_dir / name) for name in PER_STUDY_FOLDERS if (run_dir / name).is_symlink()]
+    if linked:  # the files named by study would be written, and stale ones removed, through it
+        raise ClinfuseError(
+            f"{linked[0]}: is a link; a run writes its per-study files in folders of its own "
+            "inside --out, never through a link (it could aim them at any folder): remove it"
+        )
     for name in PER_STUDY_FOLDERS:  # what a killed earlier invocation was writing
         sweep_temporaries(run_dir / name)
     issued = store.run(run_id)["started_at"]

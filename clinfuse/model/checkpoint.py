@@ -10,9 +10,11 @@ MODEL_CARD.md      generated: what the model is for, its labels, calibration and
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -206,13 +208,20 @@ def _check_calibration(folder: Path, model: FusionModel) -> None:
         )
 
 
+def as_markdown(text: str) -> str:
+    """A label name in the model card's Markdown as written: HTML escaped (a viewer that
+    renders it would run `<img onerror=...>`), Markdown's marks backslashed (a `|` splits a
+    table row, `[x](url)` is a link)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|])", r"\\\1", html.escape(text, quote=False))
+
+
 def evidence_text(config: dict[str, Any]) -> str:
     """The model card's table of evidence weights ("" for a model without them)."""
     weights = config.get("evidence_weights")
     if not weights:
         return ""
     rows = "\n".join(
-        f"| {name} | {w['image']:.2f} | {w['note']:.2f} | {w['correction']:.2f} |"
+        f"| {as_markdown(name)} | {w['image']:.2f} | {w['note']:.2f} | {w['correction']:.2f} |"
         for name, w in weights.items()
     )
     return f"""A study with both sides is scored `prior + w_image * (image head - prior) + w_note *
@@ -240,7 +249,7 @@ def metrics_table(name: str, metrics: dict[str, Any]) -> str:
         auroc = number(m.get("auroc")) + (shown if ci or m.get("ci_note") else "")
         counts = f"{m['n_positive']} of {m['n_known']}" if "n_known" in m else ""
         cells = [
-            label,
+            as_markdown(label),
             auroc,
             *(number(m.get(k)) for k in ("auprc", "sensitivity", "specificity", "ece")),
         ]
@@ -269,7 +278,8 @@ def model_card(model: FusionModel, config: dict[str, Any]) -> str:
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     rows = "\n".join(
-        f"| {name} | {c['temperature']:.3f} | {c.get('offset', 0.0):+.3f} | {c['threshold']:.3f} |"
+        f"| {as_markdown(name)} | {c['temperature']:.3f} | {c.get('offset', 0.0):+.3f} | "
+        f"{c['threshold']:.3f} |"
         for name, c in config["calibration"].items()
     )
     metrics = config.get("metrics")

@@ -9,7 +9,9 @@ that open a new store at the same moment.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import re
 import sqlite3
 import threading
@@ -125,7 +127,12 @@ def connect(url: str, create: bool = True) -> sa.Engine:
             "store, RUN_DIR/clinfuse.db)"
         )
     if not memory:
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        database = Path(parsed.database).expanduser()
+        database.parent.mkdir(parents=True, exist_ok=True)
+        if create and not database.exists():  # it holds the key the pseudonyms are made with:
+            # whoever reads it can re-identify them by trying ids, so its owner's alone
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     engine = sa.create_engine(
         parsed,
         json_serializer=dumps_json,
