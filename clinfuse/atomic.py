@@ -42,6 +42,7 @@ def open_temporary(path: Path) -> tuple[Path, BinaryIO]:
     a link planted under its name (O_EXCL, O_NOFOLLOW), with the umask's mode."""
     tmp = path.with_name(f".{path.name}.{_writer(os.getpid())}.{threading.get_ident()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_BINARY", 0)  # Windows: no \n -> \r\n in a binary file
     return tmp, os.fdopen(os.open(tmp, flags, 0o666), "wb")
 
 

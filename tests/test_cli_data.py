@@ -290,7 +290,9 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
         (model / name).write_text("{}")
     args = ["validate", str(tmp_path / "kept.csv"), "--out", str(model / "config.json")]
     assert main(args) == 2
-    assert "is inside a `clinfuse train` model folder" in capsys.readouterr().err
+    assert "--out would replace a file of a `clinfuse train` model folder" in (
+        capsys.readouterr().err
+    )
     assert (model / "config.json").read_text() == "{}"
 
     unlabeled = manifest.copy()

@@ -86,7 +86,13 @@ def test_fhir_report_validates_and_carries_every_label(tmp_path):
         tmp_path / "b", replace(record(), patient_pseudonym="PSN-fedcba9876543210"), LABELS, source,
         {"fhir"}, issued=ISSUED,
     )[0]  # fmt: skip
-    assert json.loads(other_store.read_text())["id"] == report.id
+    assert json.loads(other_store.read_text())["id"] == report.id  # one StudyInstanceUID
+    # without an image, a study id is unique within a manifest only: two sites' S00001 differ
+    no_image = [
+        diagnostic_report(replace(record(), patient_pseudonym=p), LABELS, ISSUED, None)["id"]
+        for p in ("PSN-0123456789abcdef", "PSN-fedcba9876543210")
+    ]
+    assert no_image[0] != no_image[1]
     assert report.identifier[0].value == f"urn:uuid:{report.id}"
     assert report.basedOn[0].identifier.value == "S00001"
     newer = write_study_exports(

@@ -300,6 +300,36 @@ def test_links_planted_where_the_exports_were_written_are_not_followed(
     assert rows.study_id.iloc[0] in set(pd.read_parquet(run / "predictions.parquet").study_id)
 
 
+def test_an_export_that_fails_midway_leaves_no_temporary_to_block_the_next(
+    tiny_model, small_export, tmp_path, monkeypatch
+):
+    """One table's temporary could not be made (a full disk): the ones made before it are
+    removed, and the next export in the same process writes all three."""
+    from clinfuse.inference import outputs
+    from clinfuse.store import Store
+
+    rows = absolute_rows(small_export).head(4)
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    run = tmp_path / "run"
+    assert infer(tiny_model, tmp_path / "m.csv", run) == 0
+    real, calls = outputs.open_temporary, []
+
+    def full_disk_at_the_second(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(outputs, "open_temporary", full_disk_at_the_second)
+    with Store(Store.default_url(run)) as store, pytest.raises(OSError, match="No space"):
+        outputs.write_exports(store, 1, run)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(outputs, "open_temporary", real)
+    with Store(Store.default_url(run)) as store:
+        written = outputs.write_exports(store, 1, run)
+    assert [p.name for p in written] == list(outputs.EXPORTS)
+
+
 def test_a_per_study_folder_that_is_a_link_is_refused(tiny_model, small_export, tmp_path, capsys):
     run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     run.mkdir()

@@ -448,6 +448,12 @@ def test_a_stray_quote_that_swallows_the_rows_after_it_is_refused_naming_its_cel
             read(path)
         assert "4 line(s) later, and 3 of those lines read as rows" in str(caught.value)
         assert 'write a quote inside a cell twice ("")' in str(caught.value)
+    # a column that is neither reserved nor a label (an age) does not hide the swallowed rows
+    aged = ["study_id,patient_id,note,age,flu", 'S1,P1,"opened,61,1']
+    aged += [f"S{i},P{i},plain,{60 + i},1" for i in range(2, 6)] + ['S6,P6,"closed",66,0']
+    path.write_text("\n".join(aged) + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="row 1 column 'note': a quote opened"):
+        load_manifest(path, labels=["flu"])
     # a note of several lines, commas and all, is a note: a lab panel, a list of drugs
     notes = [
         "Vitals: BP 120/80, HR 88,\nRR 16, T 37.1, SpO2 96%\nplan: review",

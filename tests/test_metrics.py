@@ -237,7 +237,7 @@ def test_a_label_with_few_positives_gets_its_offset_alone_and_a_failed_fit_is_sa
     y = np.r_[np.zeros(20), np.ones(20)][:, None]
     with caplog.at_level(logging.WARNING, logger="clinfuse.evaluation.calibration"):
         fit_calibration(backwards, y, names=["inverted"])
-    assert "label 'inverted': its calibration ended at a bound (temperature" in caplog.text
+    assert "label 'inverted': its calibration ended at a bound (temperature 100" in caplog.text
 
 
 def test_a_threshold_saved_in_float32_makes_the_fitted_calls():

@@ -60,10 +60,10 @@ def _validate(args: argparse.Namespace) -> int:
         if out.resolve() == Path(args.manifest).resolve():
             raise ClinfuseError(f"{out}: --out names the manifest itself; give another file")
         kind = folder_kind(out.parent)
-        if kind is not None:  # its config.json, failures.csv or metrics.json would be replaced
-            raise ClinfuseError(
-                f"{out}: --out is inside a `{WRITER[kind]}` {kind} folder, whose files it could "
-                "replace; give a file elsewhere"
+        if kind is not None and out.exists() and not out.name.endswith(".verdicts.csv"):
+            raise ClinfuseError(  # its config.json, failures.csv or metrics.json, say
+                f"{out}: --out would replace a file of a `{WRITER[kind]}` {kind} folder; give "
+                "a new file, or one named *.verdicts.csv"
             )
         check_writable_file(out)  # before the rows are read, not after
     report = validate_manifest(

@@ -38,12 +38,11 @@ _CODE = re.compile(r"[A-Z0-9_ ]{1,16}")  # a Code String (CS) value, e.g. a Moda
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 # Colour spaces pydicom's decoders hand back as RGB (YBR_FULL*, and YBR_ICT/RCT inside JPEG 2000).
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
-# an image a header says needs more values than this is refused before it is decoded (1 GB
-# as float32: a mammogram is ~14 M values, an enhanced CT of 1,000 slices of 512x512 262 M; a
-# few MB of compressed data can declare gigabytes), and a series folder once its slices
-# hold more than the second (2 GB)
-_MAX_VALUES = 2**28
-_MAX_SERIES_VALUES = 2**29
+# an image a header says needs more values than this is refused before it is decoded, and a
+# series folder once its slices hold more (2 GB as float32: a mammogram is ~14 M values, a
+# breast tomosynthesis ~270 M, a CT of 2,000 slices of 512x512 524 M; a few MB of compressed
+# data can declare gigabytes)
+_MAX_VALUES = _MAX_SERIES_VALUES = 2**29
 _EOF_ERRORS = (EOFError, struct.error, OSError, zlib.error)  # how pydicom fails on a short file
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -331,11 +330,11 @@ def _to_image(path: Path, ds: Dataset) -> DicomImage:
             pixels = np.ascontiguousarray(pixels[:, order])
         spacing = (_frame_spacing(ds, offsets), *spacing)
     meta = _meta(ds, photometric, frames)
-    _warn_if_mirrored(path, meta)
+    _warn_if_mirrored(meta)
     return DicomImage(pixels, spacing, window, meta, header_identifiers(ds))
 
 
-def _warn_if_mirrored(path: Path, meta: dict[str, object]) -> None:
+def _warn_if_mirrored(meta: dict[str, object]) -> None:
     """An `ImageWarning` for a projection image stored mirrored or upside down (its
     PatientOrientation rows run to the patient's right, or its columns to the head): it is read
     and shown as stored, so a side the note names and the image shows would disagree."""
@@ -344,8 +343,8 @@ def _warn_if_mirrored(path: Path, meta: dict[str, object]) -> None:
         return
     across, down = orientation[0][0], orientation[1][0]
     if across in "LR" and down in "FH" and (across, down) != ("L", "F"):
-        warnings.warn(
-            f"{path}: stored {'mirrored' if across == 'R' else 'upside down'} "
+        warnings.warn(  # without its path: a folder name may hold the patient's name
+            f"stored {'mirrored' if across == 'R' else 'upside down'} "
             f"(PatientOrientation {meta['patient_orientation']}, a standard view is L\\F): it "
             "is read and shown as stored, so a model of standard views reads it mirrored",
             ImageWarning,

@@ -337,7 +337,14 @@ def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: 
     if "study_id" not in columns or "patient_id" not in columns:
         return  # refused by the column checks
     ids = columns.index("study_id"), columns.index("patient_id")
-    labels = [i for i, name in enumerate(columns) if name not in RESERVED]
+    # the columns that hold label values in nearly every row (an age or an accession column
+    # does not): the lines a stray quote swallowed are told by what they hold there
+    labels = [
+        i
+        for i, name in enumerate(columns)
+        if name not in RESERVED
+        and sum(map(_is_label_value, table.iloc[:, i].astype(str))) >= 0.9 * len(table)
+    ]
     split = columns.index("split") if "split" in columns else None
 
     def reads_as_row(line: str) -> bool:

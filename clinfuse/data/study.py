@@ -63,6 +63,8 @@ def load_study(row: StudyRow) -> Sample:
             image = read_dicom(row.image)
         for said in caught:  # named by the row: a folder name may hold the patient's name
             text = str(said.message).replace(str(row.image), f"manifest row {row.row}'s image")
+            if said.category is ImageWarning:
+                text = f"manifest row {row.row}'s image: {text}"
             warnings.warn(text, said.category, stacklevel=2)
     note = study_note(row, image)
     return Sample(study_id=row.study_id, image=image, note=note, labels=row.labels, split=row.split)

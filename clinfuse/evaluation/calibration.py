@@ -35,7 +35,8 @@ def apply_temperature(
     computed as `FusionModel.probabilities` computes them (float32, in torch), so thresholds
     fitted on them make the same calls at inference and in `evaluate`."""
     as32 = {"dtype": torch.float32}
-    scaled = torch.as_tensor(np.asarray(logits), **as32) / torch.as_tensor(temperatures, **as32)
+    values = np.ascontiguousarray(logits)  # a reversed view has negative strides torch refuses
+    scaled = torch.as_tensor(values, **as32) / torch.as_tensor(np.asarray(temperatures), **as32)
     if offsets is not None:
         scaled = scaled + torch.as_tensor(offsets, **as32)
     return torch.sigmoid(scaled).numpy()
@@ -78,9 +79,13 @@ def fit_calibration(
         if few:
             log.warning(
                 "label %r: %d positive and %d negative validation studies, fewer than %d of "
-                "either, so only its offset is fitted (temperature 1)",
+                "either, so %s",
                 name, int(t.sum()), int(t.size - t.sum()), MIN_CLASS_CELLS,
+                "only its offset is fitted (temperature 1)" if offset else "its temperature "
+                "stays 1",
             )  # fmt: skip
+            if not offset:
+                continue
         bounds = [(0.0, 0.0) if few else tuple(np.log(TEMPERATURE_BOUNDS)), offset_bounds]
 
         def nll(params: np.ndarray, z: np.ndarray = z, t: np.ndarray = t) -> float:
@@ -91,9 +96,11 @@ def fit_calibration(
         result = minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=bounds)
         temperatures[j], offsets[j] = float(np.exp(result.x[0])), float(result.x[1])
         at_bound = [
-            f"{what} {value:.3g}"
-            for what, value, (low, high) in (("temperature", result.x[0], bounds[0]),
-                                             ("offset", result.x[1], bounds[1]))
+            f"{what} {shown(value):.3g}"
+            for what, shown, value, (low, high) in (
+                ("temperature", np.exp, result.x[0], bounds[0]),  # searched as log T
+                ("offset", float, result.x[1], bounds[1]),
+            )
             if high > low and min(value - low, high - value) < 1e-3 * (high - low)
         ]  # fmt: skip
         if at_bound or not result.success:

@@ -180,12 +180,14 @@ def _narrative(pred: PredictionRecord, rows: Sequence[Finding]) -> dict:
     return {"status": "generated", "div": div}
 
 
-def report_id(pred: PredictionRecord) -> str:
-    """A stable resource id for this study's report from this model version: the same
-    whichever run or store scored it (a pseudonym is a store's own), so a report ingested
-    again updates the one ingested before."""
-    key = f"clinfuse:{pred.model_version}:{pred.study_id}"
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, key))
+def report_id(pred: PredictionRecord, study_instance_uid: str | None = None) -> str:
+    """A stable resource id for this study's report from this model version. With the source
+    image's StudyInstanceUID (unique the world over) it is the same whichever run or store
+    scored the study, so a report ingested again updates the one ingested before; without
+    one, the study id (unique within a manifest only) with the patient's pseudonym, so two
+    sites' `S00001` never share a report id."""
+    study = study_instance_uid or f"{pred.patient_pseudonym}:{pred.study_id}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"clinfuse:{pred.model_version}:{study}"))
 
 
 def diagnostic_report(
@@ -201,15 +203,16 @@ def diagnostic_report(
     rows = findings(pred, labels)
     when = instant(issued)
     study = {"system": STUDY_SYSTEM, "value": pred.study_id}
+    identity = report_id(pred, study_instance_uid)
     observations = [_observation(pred, row, i, when) for i, row in enumerate(rows, start=1)]
     report: dict = {
         "resourceType": "DiagnosticReport",
-        "id": report_id(pred),
+        "id": identity,
         "text": _narrative(pred, rows),
         "contained": [_device(pred), *observations],
         # the report's own identifier (one per model version and study); the study it reports
         # on is the order it answers, so a conditional update never matches another model's
-        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{report_id(pred)}"}],
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{identity}"}],
         "basedOn": [{"type": "ServiceRequest", "identifier": study}],
         "status": "preliminary",
         "code": {

@@ -13,12 +13,13 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clinfuse.atomic import open_temporary
+from clinfuse.atomic import open_temporary, sweep_temporaries
 from clinfuse.exports.files import check_writable_file
 from clinfuse.model.checkpoint import NOTICE
 from clinfuse.spreadsheet import formula_safe
@@ -54,11 +55,18 @@ def write_exports(store: Store, run_id: int, run_dir: Path) -> list[Path]:
     disk, and only then renamed into place: after a crash the reader finds the old file or the
     whole new one."""
     paths = [run_dir / name for name in EXPORTS]
-    temporaries, handles = zip(*(open_temporary(path) for path in paths), strict=True)
-    parquet_file, csv_file, failures_file = handles
-    csv_text = io.TextIOWrapper(csv_file, encoding="utf-8", newline="")
-    writer = None
+    for name in EXPORTS:  # what a killed earlier run was writing
+        sweep_temporaries(run_dir, name)
+    temporaries: list[Path] = []
+    handles: list[BinaryIO] = []
+    csv_text, writer = None, None
     try:
+        for path in paths:  # each opened inside the try: one that fails leaves none behind
+            tmp, handle = open_temporary(path)
+            temporaries.append(tmp)
+            handles.append(handle)
+        parquet_file, csv_file, failures_file = handles
+        csv_text = io.TextIOWrapper(csv_file, encoding="utf-8", newline="")
         for i, chunk in enumerate(store.iter_predictions(run_id)):
             chunk = _typed(chunk)
             table = pa.Table.from_pandas(chunk, preserve_index=False)
@@ -86,7 +94,7 @@ def write_exports(store: Store, run_id: int, run_dir: Path) -> list[Path]:
     finally:
         if writer is not None:
             writer.close()
-        with contextlib.suppress(ValueError):  # detached already
+        with contextlib.suppress(ValueError, AttributeError):  # detached already, or never made
             csv_text.detach()
         for handle in handles:
             handle.close()
