@@ -336,6 +336,13 @@ def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: 
     columns = [str(name).strip() for name in table.columns]
     if "study_id" not in columns or "patient_id" not in columns:
         return  # refused by the column checks
+    broken = {  # column place -> rows of its cells holding a line break (most chunks: none)
+        place: rows
+        for place in range(len(columns))
+        if len(rows := np.flatnonzero(table.iloc[:, place].astype(str).str.contains("\n")))
+    }
+    if not broken:
+        return
     ids = columns.index("study_id"), columns.index("patient_id")
     # the columns that hold label values in nearly every row (an age or an accession column
     # does not): the lines a stray quote swallowed are told by what they hold there
@@ -361,9 +368,9 @@ def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: 
             and (split is None or cells[split].lower() in ("", *SPLITS))
         )
 
-    for place, column in enumerate(columns):
-        cells = table.iloc[:, place].astype(str)
-        for position in np.flatnonzero(cells.str.contains("\n", regex=False).to_numpy()):
+    for place, positions in broken.items():
+        column, cells = columns[place], table.iloc[:, place].astype(str)
+        for position in positions:
             lines = cells.iloc[position].splitlines()[1:]
             rows = sum(map(reads_as_row, lines))
             if rows:
