@@ -336,6 +336,30 @@ def identifiers(export) -> set[str]:
     return {value for value in found if value}
 
 
+def test_explain_says_an_image_is_stored_mirrored_once_by_its_row(trained, export, tmp_path):
+    """It read the image twice (to explain, to draw), and said it twice, once without the row."""
+    import warnings
+
+    import pydicom
+
+    from clinfuse.errors import ImageWarning
+
+    table = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
+    row = table[table.image != ""].iloc[0]
+    ds = pydicom.dcmread(export / row.image)
+    ds.PatientOrientation = ["R", "F"]
+    ds.save_as(tmp_path / "mirrored.dcm")
+    table.loc[row.name, "image"] = str(tmp_path / "mirrored.dcm")
+    table.loc[row.name, "note_path"] = str(export / row.note_path) if row.note_path else ""
+    table.head(row.name + 1).to_csv(tmp_path / "m.csv", index=False)
+    args = ["explain", "--model", str(trained), "--manifest", str(tmp_path / "m.csv")]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert clinfuse(*args, "--out", str(tmp_path / "out"), "--study-id", row.study_id) == 0
+    mirrored = [str(w.message) for w in said if w.category is ImageWarning]
+    assert len(mirrored) == 1 and mirrored[0].startswith(f"manifest row {row.name + 1}'s image")
+
+
 def test_explain_writes_npz_png_html_without_identifiers(trained, export, tmp_path, capsys):
     table = pd.read_csv(export / "manifest.csv", dtype=str, keep_default_na=False)
     both = table[(table.image != "") & (table.note_path != "")].study_id.iloc[0]

@@ -93,6 +93,9 @@ def test_fhir_report_validates_and_carries_every_label(tmp_path):
         for p in ("PSN-0123456789abcdef", "PSN-fedcba9876543210")
     ]
     assert no_image[0] != no_image[1]
+    # two rows of one DICOM study (its PA and lateral images) are two reports, not one
+    lateral = diagnostic_report(replace(record(), study_id="S00001-LAT"), LABELS, ISSUED, "1.2.3")
+    assert lateral["id"] != diagnostic_report(record(), LABELS, ISSUED, "1.2.3")["id"]
     assert report.identifier[0].value == f"urn:uuid:{report.id}"
     assert report.basedOn[0].identifier.value == "S00001"
     newer = write_study_exports(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import io
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,13 @@ from clinfuse.data.dicom import DicomImage, apply_window, default_window, read_d
 from clinfuse.data.manifest import StudyRow, iter_manifest  # noqa: E402
 from clinfuse.data.study import file_stem  # noqa: E402
 from clinfuse.engine import select_device  # noqa: E402
-from clinfuse.errors import ClinfuseError, ConfigError, DicomError, ManifestError  # noqa: E402
+from clinfuse.errors import (  # noqa: E402
+    ClinfuseError,
+    ConfigError,
+    DicomError,
+    ImageWarning,
+    ManifestError,
+)
 from clinfuse.explain.attribution import explain  # noqa: E402
 from clinfuse.explain.explanation import Explanation, overlay_scale  # noqa: E402
 from clinfuse.explain.metrics import POINTING_TOLERANCE  # noqa: E402
@@ -427,7 +434,11 @@ def _explain_one(
     )
     expl = explain(model, batch, names, steps=steps, model_version=version)[0]
     image = row.image  # read again for display: the DICOM's own pixel grid
-    pixels = display_pixels(read_dicom(image)) if image and model.uses_image else None
+    pixels = None
+    if image and model.uses_image:
+        with warnings.catch_warnings():  # said when the study was read, with its row
+            warnings.simplefilter("ignore", ImageWarning)
+            pixels = display_pixels(read_dicom(image))
     paths = study_paths(out_dir, row.study_id)
     before = {path: path.stat().st_ino for path in paths if path.is_file()}
     try:

@@ -182,12 +182,14 @@ def _narrative(pred: PredictionRecord, rows: Sequence[Finding]) -> dict:
 
 def report_id(pred: PredictionRecord, study_instance_uid: str | None = None) -> str:
     """A stable resource id for this study's report from this model version. With the source
-    image's StudyInstanceUID (unique the world over) it is the same whichever run or store
-    scored the study, so a report ingested again updates the one ingested before; without
-    one, the study id (unique within a manifest only) with the patient's pseudonym, so two
-    sites' `S00001` never share a report id."""
-    study = study_instance_uid or f"{pred.patient_pseudonym}:{pred.study_id}"
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"clinfuse:{pred.model_version}:{study}"))
+    image's StudyInstanceUID (unique the world over) and the manifest's study id (two rows may
+    hold a study's PA and lateral images) it is the same whichever run or store scored it, so
+    a report ingested again updates the one ingested before; without an image, the study id
+    (unique within a manifest only) with the patient's pseudonym, so two sites' `S00001` never
+    share a report id."""
+    where = study_instance_uid or pred.patient_pseudonym
+    key = f"clinfuse:{pred.model_version}:{where}:{pred.study_id}"
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, key))
 
 
 def diagnostic_report(
