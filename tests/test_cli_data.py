@@ -294,6 +294,10 @@ def test_validate_exit_status_gates_a_pipeline(export, tmp_path, capsys):
         capsys.readouterr().err
     )
     assert (model / "config.json").read_text() == "{}"
+    (model / "tokenizer").mkdir()  # nor are the files of its subfolders
+    (model / "tokenizer" / "tokenizer.json").write_text("{}")
+    args[-1] = str(model / "tokenizer" / "tokenizer.json")
+    assert main(args) == 2 and (model / "tokenizer" / "tokenizer.json").read_text() == "{}"
 
     unlabeled = manifest.copy()
     for label in ("cardiomegaly", "effusion", "copd", "diabetes", "pneumonia", "mass"):

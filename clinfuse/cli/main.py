@@ -59,7 +59,9 @@ def _validate(args: argparse.Namespace) -> int:
     if Path(args.manifest).is_file():  # else the manifest's own error comes first
         if out.resolve() == Path(args.manifest).resolve():
             raise ClinfuseError(f"{out}: --out names the manifest itself; give another file")
-        kind = folder_kind(out.parent)
+        kind = next(  # the folder, or one it is inside (a run's fhir/, a model's tokenizer/)
+            (k for folder in out.resolve().parents if (k := folder_kind(folder))), None
+        )
         if kind is not None and out.exists() and not out.name.endswith(".verdicts.csv"):
             raise ClinfuseError(  # its config.json, failures.csv or metrics.json, say
                 f"{out}: --out would replace a file of a `{WRITER[kind]}` {kind} folder; give "

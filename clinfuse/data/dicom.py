@@ -346,7 +346,8 @@ def _warn_if_mirrored(meta: dict[str, object]) -> None:
         warnings.warn(  # without its path: a folder name may hold the patient's name
             f"stored {'mirrored' if across == 'R' else 'upside down'} "
             f"(PatientOrientation {meta['patient_orientation']}, a standard view is L\\F): it "
-            "is read and shown as stored, so a model of standard views reads it mirrored",
+            f"is read and shown as stored, so a model of standard views reads it "
+            f"{'mirrored' if across == 'R' else 'upside down'}",
             ImageWarning,
             stacklevel=2,
         )
