@@ -59,8 +59,8 @@ def _validate(args: argparse.Namespace) -> int:
     if Path(args.manifest).is_file():  # else the manifest's own error comes first
         if out.resolve() == Path(args.manifest).resolve():
             raise ClinfuseError(f"{out}: --out names the manifest itself; give another file")
-        kind = next(  # the folder, or one it is inside (a run's fhir/, a model's tokenizer/)
-            (k for folder in out.resolve().parents if (k := folder_kind(folder))), None
+        kind = next(  # the folder, or the one it is in (a run's fhir/, a model's tokenizer/)
+            (k for folder in out.resolve().parents[:2] if (k := folder_kind(folder))), None
         )
         if kind is not None and out.exists() and not out.name.endswith(".verdicts.csv"):
             raise ClinfuseError(  # its config.json, failures.csv or metrics.json, say
