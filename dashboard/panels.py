@@ -7,6 +7,7 @@ file is there) and lays it out; none of them queries the store.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from imaging import (
     overlay_rgb,
     window_presets,
 )
+from session import as_written
 
-from clinfuse.data.dicom import DicomImage, read_dicom
-from clinfuse.errors import DicomError, without_path
+from clinfuse.data.dicom import DicomImage, read_dicom, stored_flipped
+from clinfuse.errors import DicomError, ImageWarning, without_path
 from clinfuse.explain import Explanation
 from clinfuse.explain.explanation import decode_map, note_fingerprint, overlay_scale
 from clinfuse.explain.render import note_html, peak_slice, read_part, unread_notice
@@ -147,7 +149,9 @@ def image_panel(
         st.info("This study has no image.")
         return
     try:
-        image = load_image(str(image_path), Path(image_path).stat().st_mtime)
+        with warnings.catch_warnings():  # said on the page below (the server's log has no row)
+            warnings.simplefilter("ignore", ImageWarning)
+            image = load_image(str(image_path), Path(image_path).stat().st_mtime)
     except DicomError as exc:  # never the path: it may hold a patient's name
         shown = without_path(exc, "this study's image")
         st.error(f"The image cannot be shown: {shown}")
@@ -155,6 +159,12 @@ def image_panel(
     except OSError as exc:
         st.error(f"The image cannot be shown: {exc.strerror or type(exc).__name__}")
         return
+    if flipped := stored_flipped(image.meta):
+        st.warning(
+            f"This image is stored {flipped} (PatientOrientation "
+            f"{as_written(str(image.meta['patient_orientation']))}; a standard view is L\\F). "
+            f"It is shown, and was scored, as stored: the model read it {flipped}."
+        )
     presets = window_presets(image)
     names = [*presets, "custom"]
     _keep_valid("sv_window", names)
@@ -193,7 +203,9 @@ def image_panel(
         )
     elif values is None:
         shown = False
-        st.caption(f"No image attribution for {label}: explanations cover the positive labels.")
+        st.caption(
+            f"No image attribution for {as_written(label)}: explanations cover the positive labels."
+        )
     elif (expl is None or label not in expl.labels) and METHODS[method] != "image":
         st.caption(
             "The explanation file is not there: the overlay is the store's small "
@@ -203,13 +215,20 @@ def image_panel(
     if values is not None:
         top = overlay_scale(values)  # a volume's slices share one scale
         values = map_slice(values, grey.shape, z, depth)
+        if top <= 0 and shown:
+            shown = False
+            st.caption(
+                f"No positive image evidence for {as_written(label)} in this map: nothing in "
+                "the image raises its score (what lowers it is not drawn)."
+            )
     rgb = overlay_rgb(grey, values if shown else None, opacity, top)
     where = f" · slice {z + 1}/{depth}" if depth > 1 else ""
     st.image(rgb, caption=f"window {center:g}/{width:g}{where}", width="stretch")
     if shown:
         drawn = method if expl is not None and label in expl.labels else "integrated gradients"
         st.caption(
-            f"Overlay: where the image raises {label}'s score ({drawn}), dark purple to bright "
+            f"Overlay: where the image raises {as_written(label)}'s score ({drawn}), dark "
+            "purple to bright "
             "yellow and more opaque as it rises, scaled to this image's strongest 0.5 % (over "
             "all its slices); what lowers the score is not drawn."
         )

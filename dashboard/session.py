@@ -27,8 +27,10 @@ def as_written(text: str) -> str:
     is written: a study id, a label name or a link's parameter such as `S$1$ **b**
     [l](http://e.x)` is not maths, bold or a link (a link someone sends a clinician must not
     put a sign-in link of theirs on the page)."""
-    escaped = re.sub(r"([\\`*_{}\[\]()#+\-.!$~|<>&])", r"\\\1", text)
-    return re.sub(r":(?=//)", r"\\:", escaped)  # http://... is not made a link either
+    # an address is broken by an invisible zero-width space, which GitHub-flavoured Markdown's
+    # autolinks (Streamlit's) do not cross: backslashes do not stop them
+    broken = re.sub(r"(?i)(://|www\.|@)", lambda m: m[0][0] + "\u200b" + m[0][1:], text)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!$~|<>&])", r"\\\1", broken)
 
 
 STORE_ENV = "CLINFUSE_STORE"

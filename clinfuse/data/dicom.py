@@ -334,20 +334,28 @@ def _to_image(path: Path, ds: Dataset) -> DicomImage:
     return DicomImage(pixels, spacing, window, meta, header_identifiers(ds))
 
 
-def _warn_if_mirrored(meta: dict[str, object]) -> None:
-    """An `ImageWarning` for a projection image stored mirrored or upside down (its
-    PatientOrientation rows run to the patient's right, or its columns to the head): it is read
-    and shown as stored, so a side the note names and the image shows would disagree."""
+def stored_flipped(meta: dict[str, object]) -> str | None:
+    """ "mirrored" or "upside down" for a projection image stored so (its PatientOrientation
+    rows run to the patient's right, or its columns to the head; a standard view is L\\F),
+    else None."""
     orientation = str(meta.get("patient_orientation") or "").upper().split("\\")
     if len(orientation) != 2 or not all(orientation):
-        return
+        return None
     across, down = orientation[0][0], orientation[1][0]
-    if across in "LR" and down in "FH" and (across, down) != ("L", "F"):
+    if across not in "LR" or down not in "FH" or (across, down) == ("L", "F"):
+        return None
+    return "mirrored" if across == "R" else "upside down"
+
+
+def _warn_if_mirrored(meta: dict[str, object]) -> None:
+    """An `ImageWarning` for an image `stored_flipped`: it is read and shown as stored, so a
+    side the note names and the image shows would disagree."""
+    flipped = stored_flipped(meta)
+    if flipped:
         warnings.warn(  # without its path: a folder name may hold the patient's name
-            f"stored {'mirrored' if across == 'R' else 'upside down'} "
-            f"(PatientOrientation {meta['patient_orientation']}, a standard view is L\\F): it "
-            f"is read and shown as stored, so a model of standard views reads it "
-            f"{'mirrored' if across == 'R' else 'upside down'}",
+            f"stored {flipped} (PatientOrientation {meta['patient_orientation']}, a standard "
+            f"view is L\\F): it is read and shown as stored, so a model of standard views "
+            f"reads it {flipped}",
             ImageWarning,
             stacklevel=2,
         )

@@ -79,7 +79,9 @@ def verdict_form(
     Each save gives the next form a new key (`sv_form`): a browser sends a form's last values
     back with its next submit, so reusing the key would record the same verdict again on a
     second click. A submit is refused, with nothing saved, when someone else reviewed the study
-    after the page was drawn: the reviewer reads their review before theirs replaces it."""
+    after the page was drawn: the reviewer reads their review before theirs replaces it, and
+    the form's labels are set to that latest review's (the verdict and comment are kept), so
+    a save after it never reverts the colleague's correction."""
     called = {x["label"]: int(bool(x["decision"])) for x in view.labels}
     before = {label: called.get(label) for label in labels}  # None: the model gave no call
     # the labels as they stand: a revision starts from the latest review's, not the model's
@@ -87,6 +89,10 @@ def verdict_form(
     current = {label: latest.get(label) for label in labels}
     verdicts = ["corrected"] if view.failure else list(VERDICTS)
     key = f"verdict-{view.study_id}-{st.session_state.setdefault('sv_form', 0)}"
+    if st.session_state.pop("sv_reset_labels", None) == key:  # before the widgets are drawn
+        names = {value: name for name, value in CALLS.items()}
+        for label, value in current.items():
+            st.session_state[f"{key}-{label}"] = names[value]
     # how many reviews the page showed when this form was first drawn: kept over reruns (a
     # refused save, a click on the overlay) until the reviewer is told of newer ones
     seen_key = f"sv_seen-{key}"
@@ -133,11 +139,13 @@ def verdict_form(
         return None
     if len(view.history) > seen:
         st.session_state[seen_key] = len(view.history)  # told now: the next submit saves
-        st.warning(
+        st.session_state["sv_reset_labels"] = key
+        st.session_state["sv_flash_warning"] = (
             f"{len(view.history) - seen} review(s) of this study were saved while you had it "
-            "open (see the review history): nothing was saved. Save again to record yours."
+            "open (see the review history): nothing was saved. The labels below now show the "
+            "latest review's: make your changes again, then save."
         )
-        return None
+        st.rerun()
     st.session_state["sv_go_next"] = bool(save_next)
     if verdict == "agree" and edited == current:  # untouched: the model's calls, whatever the
         edited = {}  # latest review said; edited ones are checked against the model's
@@ -161,6 +169,8 @@ def main() -> None:
         return
     if flash := st.session_state.pop("sv_flash", None):
         st.success(flash)
+    if told := st.session_state.pop("sv_flash_warning", None):
+        st.warning(told)
     st.title(f"Study {as_written(view.study_id)}")
     st.warning(NOTICE, icon="⚕️")
     st.caption(
