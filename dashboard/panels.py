@@ -333,26 +333,36 @@ CALLED = {1: "positive", 0: "negative", None: "unknown"}  # a review's label val
 
 
 def history_panel(history: list[dict[str, Any]]) -> None:
-    """The study's review events, oldest first; nothing is ever overwritten."""
+    """The study's review events, oldest first; nothing is ever overwritten. Each says how its
+    labels differ from the model's calls and from the review before it (where a later review
+    undid an earlier one's correction, that shows)."""
     if not history:
         st.caption("No review yet.")
         return
-    rows = []
-    for event in history:
-        before, after = event.get("labels_before") or {}, event.get("labels_after") or {}
+
+    def differences(before: dict[str, Any], after: dict[str, Any]) -> str:
         changed = [
             f"{k}: {CALLED.get(before.get(k), before.get(k))} → {CALLED.get(v, v)}"
             for k, v in after.items()
             if before.get(k) != v
         ]
+        return ", ".join(changed) or "none"
+
+    rows, previous = [], None
+    for event in history:
+        before, after = event.get("labels_before") or {}, event.get("labels_after") or {}
         rows.append(
             {
                 "time (UTC)": str(event["created_at"])[:19],
                 "reviewer": event["reviewer"],
                 "verdict": event["verdict"],
-                "label changes": ", ".join(changed) or "none",
+                "label changes": differences(before, after),  # against the model's calls
+                "since the review before": "—"
+                if previous is None
+                else differences(previous, after),
                 "comment": event.get("comment") or "",
                 "model": event.get("model_version") or "",
             }
         )
+        previous = after
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")

@@ -480,14 +480,22 @@ def test_each_study_opens_on_its_own_explained_label_and_history_says_unknown(
                     "verdict": "corrected",
                     "labels_before": {"copd": 0, "mass": 1},
                     "labels_after": {"copd": None, "mass": 0},
-                }
+                },
+                {  # a later review that undoes Dr A's mass correction shows it
+                    "created_at": "2026-01-02 04:05:06",
+                    "reviewer": "Dr B",
+                    "verdict": "corrected",
+                    "labels_before": {"copd": 0, "mass": 1},
+                    "labels_after": {"copd": None, "mass": 1},
+                },
             ]
         )
         st.error(failure_message(("image:truncated", "image:truncated: manifest row 3's image")))
 
     shown = AppTest.from_function(page, args=(str(DASHBOARD),)).run()
-    changes = shown.dataframe[0].value["label changes"].iloc[0]
-    assert changes == "copd: negative → unknown, mass: positive → negative"
+    history = shown.dataframe[0].value
+    assert history["label changes"].iloc[0] == "copd: negative → unknown, mass: positive → negative"
+    assert history["since the review before"].tolist() == ["—", "mass: negative → positive"]
     assert shown.error[0].value.count("image:truncated") == 1
 
 
