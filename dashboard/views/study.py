@@ -117,11 +117,10 @@ def verdict_form(
         columns = st.columns(min(len(current), 6) or 1)
         edited: dict[str, int | None] = {}
         for i, (label, call) in enumerate(current.items()):
+            widget = f"{key}-{label}"  # set above after a colleague's review: no index then
+            start = {} if widget in st.session_state else {"index": {1: 0, 0: 1, None: 2}[call]}
             choice = columns[i % len(columns)].selectbox(
-                as_written(label),
-                list(CALLS),
-                index={1: 0, 0: 1, None: 2}[call],
-                key=f"{key}-{label}",
+                as_written(label), list(CALLS), key=widget, **start
             )
             edited[label] = CALLS[choice]
         comment = st.text_input(
