@@ -336,10 +336,11 @@ def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: 
     columns = [str(name).strip() for name in table.columns]
     if "study_id" not in columns or "patient_id" not in columns:
         return  # refused by the column checks
+    texts = [table.iloc[:, place].astype(str) for place in range(len(columns))]
     broken = {  # column place -> rows of its cells holding a line break (most chunks: none)
         place: rows
-        for place in range(len(columns))
-        if len(rows := np.flatnonzero(table.iloc[:, place].astype(str).str.contains("\n")))
+        for place, cells in enumerate(texts)
+        if len(rows := np.flatnonzero(cells.str.contains("\n")))
     }
     if not broken:
         return
@@ -349,8 +350,7 @@ def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: 
     labels = [
         i
         for i, name in enumerate(columns)
-        if name not in RESERVED
-        and sum(map(_is_label_value, table.iloc[:, i].astype(str))) >= 0.9 * len(table)
+        if name not in RESERVED and sum(map(_is_label_value, texts[i])) >= 0.9 * len(table)
     ]
     split = columns.index("split") if "split" in columns else None
 
@@ -369,7 +369,7 @@ def _check_swallowed_rows(path: Path, table: pd.DataFrame, sep: str, first_row: 
         )
 
     for place, positions in broken.items():
-        column, cells = columns[place], table.iloc[:, place].astype(str)
+        column, cells = columns[place], texts[place]
         for position in positions:
             lines = cells.iloc[position].splitlines()[1:]
             rows = sum(map(reads_as_row, lines))

@@ -89,6 +89,23 @@ def _warn(message: str) -> None:
     warnings.warn(message, NoteWarning, stacklevel=4)
 
 
+# A note file is refused as not text when it starts as these formats do, or when more than
+# BINARY_SHARE of its characters (before any NUL padding at its end) are control characters;
+# a text export damaged by a few, or padded with NUL bytes, is repaired with a warning
+# (`clean_note`).
+_BINARY = (  # (magic bytes, their offset, what the file is)
+    (b"PK\x03\x04", 0, "a ZIP archive (a .docx, .xlsx or .odt document?)"),
+    (b"%PDF", 0, "a PDF document"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", 0, "an OLE document (a .doc or .xls file?)"),
+    (b"DICM", 128, "a DICOM file"),
+    (b"\x89PNG", 0, "a PNG image"),
+    (b"\xff\xd8\xff", 0, "a JPEG image"),
+    (b"\x1f\x8b", 0, "a gzip archive"),
+)
+BINARY_SHARE = 0.05
+MAX_NOTE_BYTES = 4 * 2**20  # 4 MB: a long note is tens of kB
+
+
 def read_note_file(path: str | Path, source: str | None = None) -> str | None:
     """Read a note file (see `decode_note` for its encodings); a typed error if unreadable.
     Warnings name `source` (default: the path)."""
@@ -122,23 +139,6 @@ def read_note_file(path: str | Path, source: str | None = None) -> str | None:
             hint="Export the note as plain text (UTF-8), or leave note_path empty",
         )
     return clean_note(text, source=source)
-
-
-# A note file is refused as not text when it starts as these formats do, or when more than
-# BINARY_SHARE of its characters (before any NUL padding at its end) are control characters;
-# a text export damaged by a few, or padded with NUL bytes, is repaired with a warning
-# (`clean_note`).
-_BINARY = (  # (magic bytes, their offset, what the file is)
-    (b"PK\x03\x04", 0, "a ZIP archive (a .docx, .xlsx or .odt document?)"),
-    (b"%PDF", 0, "a PDF document"),
-    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", 0, "an OLE document (a .doc or .xls file?)"),
-    (b"DICM", 128, "a DICOM file"),
-    (b"\x89PNG", 0, "a PNG image"),
-    (b"\xff\xd8\xff", 0, "a JPEG image"),
-    (b"\x1f\x8b", 0, "a gzip archive"),
-)
-BINARY_SHARE = 0.05
-MAX_NOTE_BYTES = 4 * 2**20  # 4 MB: a long note is tens of kB
 
 
 def read_note(

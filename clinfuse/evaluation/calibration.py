@@ -49,6 +49,21 @@ def calibrated_probabilities(model: Any, logits: np.ndarray) -> np.ndarray:
     return apply_temperature(logits, model.temperature.cpu().numpy(), model.offset.cpu().numpy())
 
 
+def too_few_cases(name: str, t: np.ndarray, where: str, then: str) -> bool:
+    """Whether known labels `t` hold fewer than `MIN_CLASS_CELLS` positives or negatives, said
+    in a warning naming the label, the validation studies `where` they were counted, and what
+    `then` happens."""
+    positives = int(t.sum())
+    if min(positives, t.size - positives) >= MIN_CLASS_CELLS:
+        return False
+    log.warning(
+        "label %r: %d positive and %d negative validation studies%s fewer than %d of either, "
+        "so %s",
+        name, positives, t.size - positives, where, MIN_CLASS_CELLS, then,
+    )  # fmt: skip
+    return True
+
+
 def fit_calibration(
     logits: np.ndarray, y: np.ndarray, offset: bool = True, names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -74,18 +89,10 @@ def fit_calibration(
         z, t = logits[known, j], y[known, j]
         if t.size < 2 or t.min() == t.max():
             continue
-        fewest = int(min(t.sum(), t.size - t.sum()))
-        few = fewest < MIN_CLASS_CELLS
-        if few:
-            log.warning(
-                "label %r: %d positive and %d negative validation studies, fewer than %d of "
-                "either, so %s",
-                name, int(t.sum()), int(t.size - t.sum()), MIN_CLASS_CELLS,
-                "only its offset is fitted (temperature 1)" if offset else "its temperature "
-                "stays 1",
-            )  # fmt: skip
-            if not offset:
-                continue
+        then = "only its offset is fitted (temperature 1)" if offset else "its temperature stays 1"
+        few = too_few_cases(name, t, ",", then)
+        if few and not offset:
+            continue
         bounds = [(0.0, 0.0) if few else tuple(np.log(TEMPERATURE_BOUNDS)), offset_bounds]
 
         def nll(params: np.ndarray, z: np.ndarray = z, t: np.ndarray = t) -> float:
@@ -136,13 +143,8 @@ def fit_evidence_weights(
         name = names[j] if names is not None else f"column {j}"
         known = ~np.isnan(y[:, j])
         x, t = terms[known, :, j], y[known, j]  # (n, 3), (n,)
-        positives = int(t.sum())
-        if min(positives, t.size - positives) < MIN_CLASS_CELLS:
-            log.warning(
-                "label %r: %d positive and %d negative validation studies with both sides; "
-                "fewer than %d of either, so its evidence keeps the trained weights (1, 1, 1)",
-                name, positives, t.size - positives, MIN_CLASS_CELLS,
-            )  # fmt: skip
+        kept = "its evidence keeps the trained weights (1, 1, 1)"
+        if too_few_cases(name, t, " with both sides;", kept):
             continue
         if not np.isfinite(x).all():
             log.warning(

@@ -101,7 +101,8 @@ def pretrained_source(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a folder or hub name (fast: character offsets are required); a
     `ConfigError` for a folder that holds none, or one with no word beyond its special tokens."""
-    folder = Path(pretrained_source(name_or_path))
+    source = pretrained_source(name_or_path)
+    folder = Path(source)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or folder.exists()
     if looks_like_path and not folder.is_dir():
         raise ConfigError("model.text.pretrained", f"{name_or_path}: no such folder")
@@ -112,7 +113,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
             hint="save the encoder's tokenizer into the folder: tokenizer.save_pretrained(folder)",
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ConfigError(
             "model.text.pretrained",

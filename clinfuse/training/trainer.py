@@ -133,17 +133,19 @@ class Workers:
         """Every rank's `found` in one dict, on every rank (each rank reads its own rows)."""
         if self.world == 1:
             return found
-        boxes: list[Any] = [None] * self.world
-        dist.all_gather_object(boxes, found)
-        return {key: value for box in boxes for key, value in sorted(box.items())}
+        return {key: value for box in self._everyones(found) for key, value in sorted(box.items())}
 
     def gathered(self, values: list[float]) -> list[float]:
         """Every rank's `values`, rank after rank, on every rank."""
         if self.world == 1:
             return list(values)
+        return [value for box in self._everyones(list(values)) for value in box]
+
+    def _everyones(self, value: Any) -> list[Any]:
+        """Each rank's `value`, rank after rank, on every rank."""
         boxes: list[Any] = [None] * self.world
-        dist.all_gather_object(boxes, list(values))
-        return [value for box in boxes for value in box]
+        dist.all_gather_object(boxes, value)
+        return boxes
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when `flag` is True on any rank."""
