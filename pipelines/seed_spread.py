@@ -31,6 +31,7 @@ from clinfuse.machine import describe_machine
 OPTIONAL = (
     ("ECE, export's labels", "macro_ece_export_labels"),
     ("side matching", "side_matching_auroc"),
+    ("side matching, training studies", "side_matching_train"),
 )
 
 
