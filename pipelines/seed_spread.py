@@ -11,8 +11,9 @@ table.
 The split (`data.split_seed`) stays fixed; the training seed changes the initial weights, the
 order of the studies and the augmentation. Per mode: macro AUROC, ECE and the chosen labels'
 AUROC for each run (and, when the runs have them, ECE against the export's own labels and the
-side-matching AUROC), then their mean and range. With `--heldout`, the same from the scores on
-the second export (runs made with `ablation.py --heldout`). Writes `<out>.json` and `<out>.md`.
+side-matching AUROC, also on each model's own training studies), then their mean and range.
+With `--heldout`, the same from the scores on the second export (runs made with
+`ablation.py --heldout`). Writes `<out>.json` and `<out>.md`.
 """
 
 from __future__ import annotations
