@@ -92,7 +92,7 @@ def train_and_evaluate(
         "train_seconds": seconds,
         "epochs": trained.epochs,
         **scored_entry(evaluation, table, manifest, labels),
-        "side_matching_train": training_side_matching(folder, manifest, labels),
+        "side_matching_train": training_side_matching(folder, manifest, cfg, labels),
         "val_ece_before_temperature": validation.get("ece_before_temperature"),
         "val_ece": validation["ece"],
         "n_test": evaluation.metrics["n"],
@@ -143,11 +143,9 @@ def side_matching_auroc(table: pd.DataFrame, truth: Path | None) -> float | None
     other side (not). Neither side alone, nor any sum of one score a side, tells them apart, so
     0.5 here means the model combines the sides additively. None without the sample data's
     latent columns (opacity_side, infection_side) in `truth`."""
-    if truth is None or "p_pneumonia" not in table:
+    if not has_sides(truth) or "p_pneumonia" not in table:
         return None
     latent = pd.read_csv(truth, dtype=str, keep_default_na=False)
-    if not {"opacity_side", "infection_side"} <= set(latent.columns):
-        return None
     rows = table.merge(latent, on="study_id")
     rows = rows[(rows.opacity_side != "") & (rows.infection_side != "")]
     rows = rows[rows.modalities.str.contains("image") & rows.modalities.str.contains("note")]
@@ -157,14 +155,26 @@ def side_matching_auroc(table: pd.DataFrame, truth: Path | None) -> float | None
     return float(roc_auc_score(same, rows.p_pneumonia))
 
 
-def training_side_matching(folder: Path, manifest: Path, labels: Path | None) -> float | None:
+def training_side_matching(
+    folder: Path, manifest: Path, cfg: RunConfig, truth: Path | None
+) -> float | None:
     """Side matching on the model's own training studies. Near 1 there and near 0.5 on studies
     it never saw: it fitted the informative training studies one by one (each note and image
-    is its own), not by the same-side rule."""
-    if labels is None:
+    is its own), not by the same-side rule. None for a model of one side or without the
+    sample data's latent side columns in `truth` (the training split is scored against the
+    manifest's own labels: `truth` may hold the test studies only)."""
+    if cfg.model.fusion.mode in ("image_only", "text_only") or not has_sides(truth):
         return None
-    _, table = evaluate_model(folder, manifest, split="train", bootstrap=0, labels_path=labels)
-    return side_matching_auroc(table, labels)
+    _, table = evaluate_model(folder, manifest, split="train", bootstrap=0)
+    return side_matching_auroc(table, truth)
+
+
+def has_sides(truth: Path | None) -> bool:
+    """Whether `truth` has the sample data's latent columns (opacity_side, infection_side)."""
+    if truth is None:
+        return False
+    columns = pd.read_csv(truth, dtype=str, keep_default_na=False, nrows=0).columns
+    return {"opacity_side", "infection_side"} <= set(columns)
 
 
 def check_bar(modes: dict, both: list[str]) -> dict:
