@@ -228,9 +228,8 @@ def image_panel(
         drawn = method if expl is not None and label in expl.labels else "integrated gradients"
         st.caption(
             f"Overlay: where the image raises {as_written(label)}'s score ({drawn}), dark "
-            "purple to bright "
-            "yellow and more opaque as it rises, scaled to this image's strongest 0.5 % (over "
-            "all its slices); what lowers the score is not drawn."
+            "purple to bright yellow and more opaque as it rises, scaled to this image's "
+            "strongest 0.5 % (over all its slices); what lowers the score is not drawn."
         )
 
 

@@ -49,17 +49,17 @@ def calibrated_probabilities(model: Any, logits: np.ndarray) -> np.ndarray:
     return apply_temperature(logits, model.temperature.cpu().numpy(), model.offset.cpu().numpy())
 
 
-def too_few_cases(name: str, t: np.ndarray, where: str, then: str) -> bool:
+def too_few_cases(name: str, t: np.ndarray, then: str, counted: str = "") -> bool:
     """Whether known labels `t` hold fewer than `MIN_CLASS_CELLS` positives or negatives, said
-    in a warning naming the label, the validation studies `where` they were counted, and what
-    `then` happens."""
+    in a warning naming the label, which validation studies were `counted` (all of them by
+    default) and what `then` happens."""
     positives = int(t.sum())
     if min(positives, t.size - positives) >= MIN_CLASS_CELLS:
         return False
     log.warning(
-        "label %r: %d positive and %d negative validation studies%s fewer than %d of either, "
+        "label %r: %d positive and %d negative validation studies%s, fewer than %d of either, "
         "so %s",
-        name, positives, t.size - positives, where, MIN_CLASS_CELLS, then,
+        name, positives, t.size - positives, counted, MIN_CLASS_CELLS, then,
     )  # fmt: skip
     return True
 
@@ -90,7 +90,7 @@ def fit_calibration(
         if t.size < 2 or t.min() == t.max():
             continue
         then = "only its offset is fitted (temperature 1)" if offset else "its temperature stays 1"
-        few = too_few_cases(name, t, ",", then)
+        few = too_few_cases(name, t, then)
         if few and not offset:
             continue
         bounds = [(0.0, 0.0) if few else tuple(np.log(TEMPERATURE_BOUNDS)), offset_bounds]
@@ -144,7 +144,7 @@ def fit_evidence_weights(
         known = ~np.isnan(y[:, j])
         x, t = terms[known, :, j], y[known, j]  # (n, 3), (n,)
         kept = "its evidence keeps the trained weights (1, 1, 1)"
-        if too_few_cases(name, t, " with both sides;", kept):
+        if too_few_cases(name, t, kept, counted=" with both sides"):
             continue
         if not np.isfinite(x).all():
             log.warning(
